@@ -1,0 +1,497 @@
+//! The chat actor: owns one chat's live state and drives its turns.
+//!
+//! The actor is a serial state machine: every handler that changes the chat commits before the
+//! next message is handled (`ctx.wait`). The one thing that runs beside it is the current step,
+//! spawned as its own task on the actor's arbiter; it reports back with [`StepDone`]. An
+//! interrupt cancels the step's token; the step stores what it has and returns.
+
+pub mod messages;
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use agentplane_schema::api::{BusyBehavior, Chat, ChatError, ChatErrorKind, ChatStatus, SendOutcome};
+use agentplane_schema::event::EventBody;
+use agentplane_schema::message::{Message, Part, QueuedMessage, Role};
+use agentplane_schema::new_id;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::deps::Deps;
+use crate::error::ChatOpError;
+use crate::ports::{ChatState, Op, StoreError, ToolCallStatus};
+use crate::shared::ChatShared;
+use crate::step::{self, StepInput, StepOutcome, StepResult};
+use messages::{Close, DeleteQueued, Interrupt, UserInput};
+
+pub struct ChatActor {
+    chat_id: String,
+    deps: Arc<Deps>,
+    live: Option<Live>,
+}
+
+struct Live {
+    shared: Arc<ChatShared>,
+    chat: Chat,
+    history: Vec<Message>,
+    queue: Vec<QueuedMessage>,
+    last_queue_position: i64,
+    turn: Option<Turn>,
+}
+
+struct Turn {
+    user_id: String,
+    steps: u32,
+    cancel: CancellationToken,
+    /// An interrupt came with a message: deliver the queue once the step has stopped.
+    deliver_on_interrupt: bool,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Turn {
+    fn new(user_id: String) -> Self {
+        Turn { user_id, steps: 0, cancel: CancellationToken::new(), deliver_on_interrupt: false, task: None }
+    }
+}
+
+/// From the running step's task: the step has ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct StepDone(StepResult);
+
+impl ChatActor {
+    pub fn new(chat_id: String, deps: Arc<Deps>) -> Self {
+        ChatActor { chat_id, deps, live: None }
+    }
+
+    fn on_loaded(&mut self, state: ChatState, ctx: &mut Context<Self>) {
+        let shared = Arc::new(ChatShared::new(
+            state.chat.id.clone(),
+            state.chat.owner_id.clone(),
+            self.deps.store.clone(),
+            self.deps.bus.clone(),
+            state.last_seq,
+            state.last_position,
+            state.chat.workspace_id.clone(),
+        ));
+        let was_running = matches!(state.chat.status, ChatStatus::Running | ChatStatus::Interrupting);
+        self.live = Some(Live {
+            shared,
+            chat: state.chat,
+            history: state.messages,
+            last_queue_position: state.queued.len() as i64,
+            queue: state.queued,
+            turn: None,
+        });
+        // Recover from a stop in the middle of a step: tool calls without results get an
+        // "outcome unknown" result (never re-run), then the turn continues where it stood.
+        let fut = self.recover(was_running);
+        ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
+            Ok((recovered, resume)) => {
+                let Some(live) = act.live.as_mut() else { return };
+                live.history.extend(recovered);
+                if resume {
+                    let user = live.chat.owner_id.clone();
+                    live.turn = Some(Turn::new(user));
+                    act.start_step(ctx);
+                }
+            }
+            Err(e) => {
+                tracing::error!(chat = %act.chat_id, error = %e, "recovering the chat failed");
+                ctx.stop();
+            }
+        }));
+    }
+
+    /// Returns the messages it committed and whether the turn should go on.
+    fn recover(&self, was_running: bool) -> impl Future<Output = Result<(Vec<Message>, bool), StoreError>> + use<> {
+        let live = self.live.as_ref().expect("loaded");
+        let shared = live.shared.clone();
+        let last = live.history.last().cloned();
+        let owner = live.chat.owner_id.clone();
+        async move {
+            let mut committed = Vec::new();
+            if let Some(last) = last.as_ref().filter(|m| m.role == Role::Assistant && m.tool_calls().next().is_some()) {
+                let mut ops = Vec::new();
+                let mut parts = Vec::new();
+                for (call_id, name, _) in last.tool_calls() {
+                    let result = "interrupted, outcome unknown: the orchestrator stopped while this tool call ran";
+                    ops.push(Op::FinishToolCall {
+                        call_id: call_id.to_string(),
+                        status: ToolCallStatus::Interrupted,
+                        result: result.into(),
+                        is_error: true,
+                        exit_code: None,
+                        duration_ms: None,
+                        workspace_id: None,
+                    });
+                    parts.push(Part::ToolResult {
+                        call_id: call_id.to_string(),
+                        name: name.to_string(),
+                        result: result.into(),
+                        is_error: true,
+                    });
+                }
+                let message = Message {
+                    id: new_id(),
+                    chat_id: shared.chat_id.clone(),
+                    position: shared.next_position(),
+                    role: Role::Tool,
+                    parts,
+                    interrupted: true,
+                    user_id: Some(owner),
+                    model_id: None,
+                    created_at: chrono::Utc::now(),
+                };
+                ops.push(Op::InsertMessage(message.clone()));
+                shared.commit(ops, vec![EventBody::Message { message: message.clone() }]).await?;
+                committed.push(message);
+            }
+            let last_role = committed.last().or(last.as_ref()).map(|m| m.role);
+            let resume = was_running && matches!(last_role, Some(Role::User) | Some(Role::Tool));
+            if was_running && !resume {
+                shared
+                    .commit(
+                        vec![Op::SetStatus { status: ChatStatus::Idle, error: None }],
+                        vec![EventBody::Status { status: ChatStatus::Idle, error: None }],
+                    )
+                    .await?;
+            }
+            Ok((committed, resume))
+        }
+    }
+
+    fn start_step(&mut self, ctx: &mut Context<Self>) {
+        let max_steps = self.deps.settings.agent.max_steps;
+        let Some(live) = self.live.as_mut() else { return };
+        let Some(turn) = live.turn.as_mut() else { return };
+        turn.steps += 1;
+        if turn.steps > max_steps {
+            let error = ChatError {
+                kind: ChatErrorKind::Internal,
+                message: format!("the turn reached the step limit ({max_steps} steps) and was stopped"),
+            };
+            self.end_turn(Some(error), ctx);
+            return;
+        }
+        let input = StepInput {
+            deps: self.deps.clone(),
+            shared: live.shared.clone(),
+            history: live.history.clone(),
+            model_id: live.chat.model_id.clone(),
+            user_id: turn.user_id.clone(),
+            cancel: turn.cancel.clone(),
+        };
+        let addr = ctx.address();
+        // Its own task, not an actor future: `ctx.wait` in handlers must never pause a step that
+        // holds the chat's commit lock.
+        turn.task = Some(actix::spawn(async move {
+            let result = step::run_step(input).await;
+            addr.do_send(StepDone(result));
+        }));
+    }
+
+    /// Ends the turn: `idle`, or `error` with the error kept on the chat.
+    fn end_turn(&mut self, error: Option<ChatError>, ctx: &mut Context<Self>) {
+        let Some(live) = self.live.as_mut() else { return };
+        live.turn = None;
+        let status = if error.is_some() { ChatStatus::Error } else { ChatStatus::Idle };
+        let mut events = Vec::new();
+        if let Some(e) = &error {
+            events.push(EventBody::Error { error: e.clone() });
+        }
+        events.push(EventBody::Status { status, error: error.clone() });
+        live.chat.status = status;
+        live.chat.error = error.clone();
+        let shared = live.shared.clone();
+        let fut = async move { shared.commit(vec![Op::SetStatus { status, error }], events).await };
+        ctx.wait(fut.into_actor(self).map(|res, act, _| {
+            if let Err(e) = res {
+                tracing::error!(chat = %act.chat_id, error = %e, "could not store the end of the turn");
+            }
+        }));
+    }
+
+    /// Moves the queued messages into the history and starts a step for them.
+    fn deliver_queue(&mut self, ctx: &mut Context<Self>) {
+        let Some(live) = self.live.as_mut() else { return };
+        let queued = std::mem::take(&mut live.queue);
+        let shared = live.shared.clone();
+        let mut ops = Vec::new();
+        let mut events = vec![EventBody::QueueUpdate { queued_messages: vec![] }];
+        let mut delivered = Vec::new();
+        for q in queued {
+            let message = user_message(&shared, q.user_id.clone(), q.content.clone());
+            ops.push(Op::DeleteQueued { id: q.id });
+            ops.push(Op::InsertMessage(message.clone()));
+            events.push(EventBody::Message { message: message.clone() });
+            delivered.push(message);
+        }
+        if let Some(turn) = live.turn.as_mut() {
+            turn.steps = 0;
+            if let Some(last) = delivered.last() {
+                turn.user_id = last.user_id.clone().unwrap_or_else(|| turn.user_id.clone());
+            }
+            if turn.cancel.is_cancelled() {
+                turn.cancel = CancellationToken::new();
+                turn.deliver_on_interrupt = false;
+            }
+        }
+        let fut = async move { shared.commit(ops, events).await };
+        ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(()) => {
+                if let Some(live) = act.live.as_mut() {
+                    live.history.extend(delivered);
+                }
+                act.start_step(ctx);
+            }
+            Err(e) => act.end_turn(Some(ChatError { kind: ChatErrorKind::Internal, message: e.to_string() }), ctx),
+        }));
+    }
+
+    fn next_queue_position(live: &mut Live) -> i64 {
+        live.last_queue_position += 1;
+        live.last_queue_position
+    }
+}
+
+fn user_message(shared: &ChatShared, user_id: String, content: Vec<Part>) -> Message {
+    Message {
+        id: new_id(),
+        chat_id: shared.chat_id.clone(),
+        position: shared.next_position(),
+        role: Role::User,
+        parts: content,
+        interrupted: false,
+        user_id: Some(user_id),
+        model_id: None,
+        created_at: chrono::Utc::now(),
+    }
+}
+
+impl Actor for ChatActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(256);
+        let store = self.deps.store.clone();
+        let id = self.chat_id.clone();
+        ctx.wait(async move { store.load_chat(&id).await }.into_actor(self).map(|res, act, ctx| match res {
+            Ok(state) => act.on_loaded(state, ctx),
+            Err(e) => {
+                tracing::warn!(chat = %act.chat_id, error = %e, "could not load chat");
+                ctx.stop();
+            }
+        }));
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        if let Some(turn) = self.live.as_mut().and_then(|l| l.turn.as_mut()) {
+            turn.cancel.cancel();
+            if let Some(task) = turn.task.take() {
+                task.abort();
+            }
+        }
+    }
+}
+
+type Reply<T> = AtomicResponse<ChatActor, Result<T, ChatOpError>>;
+
+fn reply<T: 'static>(value: Result<T, ChatOpError>) -> Reply<T> {
+    AtomicResponse::new(Box::pin(actix::fut::ready(value)))
+}
+
+impl Handler<UserInput> for ChatActor {
+    type Result = Reply<SendOutcome>;
+
+    fn handle(&mut self, msg: UserInput, _: &mut Context<Self>) -> Self::Result {
+        if msg.content.is_empty() {
+            return reply(Err(ChatOpError::invalid("a message needs at least one part")));
+        }
+        let Some(live) = self.live.as_mut() else {
+            return reply(Err(ChatOpError::unavailable("the chat is not loaded")));
+        };
+        let shared = live.shared.clone();
+        let audit = Op::Audit {
+            user_id: Some(msg.user_id.clone()),
+            action: "message.sent".into(),
+            target_type: "chat".into(),
+            target_id: Some(shared.chat_id.clone()),
+            details: json!({"busy_behavior": msg.busy}),
+        };
+        if live.turn.is_none() {
+            // Idle: messages left queued by an earlier interrupt go first, then this one.
+            let mut ops = Vec::new();
+            let mut events = Vec::new();
+            let mut delivered = Vec::new();
+            let queued = std::mem::take(&mut live.queue);
+            if !queued.is_empty() {
+                events.push(EventBody::QueueUpdate { queued_messages: vec![] });
+            }
+            for q in &queued {
+                let m = user_message(&shared, q.user_id.clone(), q.content.clone());
+                ops.push(Op::DeleteQueued { id: q.id.clone() });
+                ops.push(Op::InsertMessage(m.clone()));
+                events.push(EventBody::Message { message: m.clone() });
+                delivered.push(m);
+            }
+            let message = user_message(&shared, msg.user_id.clone(), msg.content);
+            ops.push(Op::InsertMessage(message.clone()));
+            ops.push(Op::SetStatus { status: ChatStatus::Running, error: None });
+            ops.push(audit);
+            events.push(EventBody::Message { message: message.clone() });
+            events.push(EventBody::Status { status: ChatStatus::Running, error: None });
+            delivered.push(message.clone());
+            live.turn = Some(Turn::new(msg.user_id));
+            let fut = async move { shared.commit(ops, events).await };
+            return AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, ctx| {
+                let live = act.live.as_mut().ok_or_else(|| ChatOpError::unavailable("the chat is not loaded"))?;
+                match res {
+                    Ok(()) => {
+                        live.chat.status = ChatStatus::Running;
+                        live.chat.error = None;
+                        live.history.extend(delivered);
+                        act.start_step(ctx);
+                        Ok(SendOutcome { queued: false, message: Some(message), queued_message: None })
+                    }
+                    Err(e) => {
+                        live.turn = None;
+                        live.queue = queued;
+                        Err(ChatOpError::store(e))
+                    }
+                }
+            })));
+        }
+        let queued = QueuedMessage {
+            id: new_id(),
+            chat_id: shared.chat_id.clone(),
+            content: msg.content,
+            user_id: msg.user_id,
+            created_at: chrono::Utc::now(),
+        };
+        let position = Self::next_queue_position(live);
+        live.queue.push(queued.clone());
+        let snapshot = live.queue.clone();
+        let interrupt = msg.busy == BusyBehavior::Interrupt;
+        let ops = vec![Op::InsertQueued { message: queued.clone(), position }, audit];
+        let events = vec![EventBody::QueueUpdate { queued_messages: snapshot }];
+        let fut = async move { shared.commit(ops, events).await };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(()) => {
+                if interrupt {
+                    if let Some(turn) = act.live.as_mut().and_then(|l| l.turn.as_mut()) {
+                        turn.deliver_on_interrupt = true;
+                    }
+                    act.interrupt(ctx);
+                }
+                Ok(SendOutcome { queued: true, message: None, queued_message: Some(queued) })
+            }
+            Err(e) => {
+                if let Some(live) = act.live.as_mut() {
+                    live.queue.retain(|q| q.id != queued.id);
+                }
+                Err(ChatOpError::store(e))
+            }
+        })))
+    }
+}
+
+impl ChatActor {
+    /// Cancels the running step (if any) and records `interrupting`.
+    fn interrupt(&mut self, ctx: &mut Context<Self>) {
+        let Some(live) = self.live.as_mut() else { return };
+        let Some(turn) = live.turn.as_mut() else { return };
+        if turn.cancel.is_cancelled() {
+            return;
+        }
+        turn.cancel.cancel();
+        live.chat.status = ChatStatus::Interrupting;
+        let shared = live.shared.clone();
+        let fut = async move {
+            shared
+                .commit(
+                    vec![Op::SetStatus { status: ChatStatus::Interrupting, error: None }],
+                    vec![EventBody::Status { status: ChatStatus::Interrupting, error: None }],
+                )
+                .await
+        };
+        ctx.wait(fut.into_actor(self).map(|res, act, _| {
+            if let Err(e) = res {
+                tracing::error!(chat = %act.chat_id, error = %e, "could not store an interrupt");
+            }
+        }));
+    }
+}
+
+impl Handler<Interrupt> for ChatActor {
+    type Result = Result<(), ChatOpError>;
+
+    fn handle(&mut self, _: Interrupt, ctx: &mut Context<Self>) -> Self::Result {
+        if self.live.is_none() {
+            return Err(ChatOpError::unavailable("the chat is not loaded"));
+        }
+        self.interrupt(ctx);
+        Ok(())
+    }
+}
+
+impl Handler<DeleteQueued> for ChatActor {
+    type Result = Reply<bool>;
+
+    fn handle(&mut self, msg: DeleteQueued, _: &mut Context<Self>) -> Self::Result {
+        let Some(live) = self.live.as_mut() else {
+            return reply(Err(ChatOpError::unavailable("the chat is not loaded")));
+        };
+        let Some(index) = live.queue.iter().position(|q| q.id == msg.queued_id) else {
+            return reply(Ok(false));
+        };
+        let removed = live.queue.remove(index);
+        let snapshot = live.queue.clone();
+        let shared = live.shared.clone();
+        let fut = async move {
+            shared
+                .commit(
+                    vec![Op::DeleteQueued { id: msg.queued_id }],
+                    vec![EventBody::QueueUpdate { queued_messages: snapshot }],
+                )
+                .await
+        };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, _| match res {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                if let Some(live) = act.live.as_mut() {
+                    live.queue.insert(index.min(live.queue.len()), removed);
+                }
+                Err(ChatOpError::store(e))
+            }
+        })))
+    }
+}
+
+impl Handler<Close> for ChatActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Close, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl Handler<StepDone> for ChatActor {
+    type Result = ();
+
+    fn handle(&mut self, StepDone(result): StepDone, ctx: &mut Context<Self>) {
+        let Some(live) = self.live.as_mut() else { return };
+        live.history.extend(result.committed);
+        let Some(turn) = live.turn.as_mut() else { return };
+        turn.task = None;
+        let has_queue = !live.queue.is_empty();
+        match result.outcome {
+            StepOutcome::Continue | StepOutcome::Done if has_queue => self.deliver_queue(ctx),
+            StepOutcome::Continue => self.start_step(ctx),
+            StepOutcome::Done => self.end_turn(None, ctx),
+            StepOutcome::Interrupted if turn.deliver_on_interrupt && has_queue => self.deliver_queue(ctx),
+            StepOutcome::Interrupted => self.end_turn(None, ctx),
+            StepOutcome::Failed(error) => self.end_turn(Some(error), ctx),
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The directory: one per replica, `chat id → ChatHandle`. It starts a chat's actor on first use,
+//! on an arbiter picked by hashing the chat id, and replaces actors that have died.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+use actix::{Actor, Arbiter};
+
+use crate::chat::ChatActor;
+use crate::deps::Deps;
+use crate::handle::ChatHandle;
+
+#[derive(Clone)]
+pub struct Directory {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    deps: Arc<Deps>,
+    arbiters: Vec<Arbiter>,
+    chats: Mutex<HashMap<String, ChatHandle>>,
+}
+
+impl Directory {
+    /// Starts `threads` arbiters (at least one). Must run inside an actix system.
+    pub fn new(deps: Deps, threads: usize) -> Self {
+        let arbiters = (0..threads.max(1)).map(|_| Arbiter::new()).collect();
+        Directory { inner: Arc::new(Inner { deps: Arc::new(deps), arbiters, chats: Mutex::new(HashMap::new()) }) }
+    }
+
+    pub fn deps(&self) -> &Arc<Deps> {
+        &self.inner.deps
+    }
+
+    /// The chat's handle, starting its actor if none is alive. The actor loads the chat from the
+    /// database before it handles anything; a chat that does not exist stops it again.
+    pub fn chat(&self, chat_id: &str) -> ChatHandle {
+        let mut chats = self.inner.chats.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(handle) = chats.get(chat_id).filter(|h| h.is_alive()) {
+            return handle.clone();
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        chat_id.hash(&mut hasher);
+        let arbiter = &self.inner.arbiters[(hasher.finish() as usize) % self.inner.arbiters.len()];
+        let deps = self.inner.deps.clone();
+        let id = chat_id.to_string();
+        let addr = ChatActor::start_in_arbiter(&arbiter.handle(), move |_| ChatActor::new(id, deps));
+        let handle = ChatHandle::new(addr);
+        chats.insert(chat_id.to_string(), handle.clone());
+        handle
+    }
+
+    /// Stops and forgets a chat's actor (e.g. the chat was deleted).
+    pub async fn evict(&self, chat_id: &str) {
+        let handle = self.inner.chats.lock().unwrap_or_else(|p| p.into_inner()).remove(chat_id);
+        if let Some(handle) = handle {
+            handle.close().await;
+        }
+    }
+
+    /// Number of live chat actors.
+    pub fn len(&self) -> usize {
+        self.inner.chats.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|h| h.is_alive()).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stops every actor and the arbiters.
+    pub async fn shutdown(&self) {
+        let handles: Vec<ChatHandle> =
+            self.inner.chats.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, h)| h).collect();
+        for h in handles {
+            h.close().await;
+        }
+        for a in &self.inner.arbiters {
+            a.stop();
+        }
+    }
+}

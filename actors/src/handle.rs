@@ -1,0 +1,51 @@
+//! [`ChatHandle`]: how the API, the CLI and tests talk to a chat actor without naming actix.
+
+use actix::Addr;
+use agentplane_schema::api::{BusyBehavior, SendOutcome};
+use agentplane_schema::message::Part;
+
+use crate::chat::ChatActor;
+use crate::chat::messages::{Close, DeleteQueued, Interrupt, UserInput};
+use crate::error::ChatOpError;
+
+#[derive(Clone)]
+pub struct ChatHandle {
+    addr: Addr<ChatActor>,
+}
+
+fn unreachable_actor(e: actix::MailboxError) -> ChatOpError {
+    ChatOpError::unavailable(format!("the chat could not be reached: {e}"))
+}
+
+impl ChatHandle {
+    pub(crate) fn new(addr: Addr<ChatActor>) -> Self {
+        ChatHandle { addr }
+    }
+
+    pub(crate) fn is_alive(&self) -> bool {
+        self.addr.connected()
+    }
+
+    /// Sends a user message: it starts a turn, or is queued while one runs.
+    pub async fn send(&self, user_id: &str, content: Vec<Part>, busy: BusyBehavior) -> Result<SendOutcome, ChatOpError> {
+        self.addr
+            .send(UserInput { user_id: user_id.to_string(), content, busy })
+            .await
+            .map_err(unreachable_actor)?
+    }
+
+    /// Stops the running turn; the partial answer is kept.
+    pub async fn interrupt(&self) -> Result<(), ChatOpError> {
+        self.addr.send(Interrupt).await.map_err(unreachable_actor)?
+    }
+
+    /// Removes a queued message; `false` when it was not (or no longer) queued.
+    pub async fn delete_queued(&self, queued_id: &str) -> Result<bool, ChatOpError> {
+        self.addr.send(DeleteQueued { queued_id: queued_id.to_string() }).await.map_err(unreachable_actor)?
+    }
+
+    /// Stops the actor after cancelling its step; the chat stays in the database.
+    pub async fn close(&self) {
+        let _ = self.addr.send(Close).await;
+    }
+}

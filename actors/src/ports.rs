@@ -1,0 +1,277 @@
+//! The ports through which the actor tree reaches the world. The orchestrator plugs in the real
+//! adapters (database, provider clients, NATS or in-process transport, provisioners); the actors
+//! never name a concrete one.
+
+use std::time::Duration;
+
+use agentplane_schema::api::{ChatErrorKind, ProviderType};
+use agentplane_schema::message::{Part, Role};
+use agentplane_schema::tool::{ToolRequest, ToolResult};
+use futures::stream::BoxStream;
+use tokio::sync::mpsc;
+
+// ---------------------------------------------------------------------------------------------
+// Model
+
+/// Where a model call goes: the provider's dialect, endpoint and key, and the model name.
+#[derive(Clone)]
+pub struct ModelTarget {
+    pub provider_type: ProviderType,
+    pub base_url: String,
+    /// Decrypted only for the call; never logged (see the manual Debug below).
+    pub api_key: Option<String>,
+    pub model: String,
+    pub max_output_tokens: Option<i64>,
+    pub settings: serde_json::Value,
+}
+
+impl std::fmt::Debug for ModelTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelTarget")
+            .field("provider_type", &self.provider_type)
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("model", &self.model)
+            .finish()
+    }
+}
+
+/// One message of the prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptMessage {
+    pub role: Role,
+    pub parts: Vec<Part>,
+}
+
+/// A tool the model may call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    /// JSON schema of the arguments object.
+    pub parameters: serde_json::Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelRequest {
+    pub target: ModelTarget,
+    pub system: String,
+    pub messages: Vec<PromptMessage>,
+    pub tools: Vec<ToolSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    EndTurn,
+    ToolUse,
+    MaxTokens,
+    ContentFilter,
+    Other,
+}
+
+/// What a streaming model call yields, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelEvent {
+    TextDelta(String),
+    ReasoningDelta { text: String, signature: Option<String> },
+    /// A tool call begins; `index` identifies it in later `ToolCallArgs` pieces.
+    ToolCallStart { index: usize, call_id: String, name: String },
+    ToolCallArgs { index: usize, piece: String },
+    Usage(Usage),
+    Finish(StopReason),
+}
+
+/// A failed model call, typed so the loop knows whether and when to retry.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct ModelError {
+    pub kind: ChatErrorKind,
+    pub message: String,
+    pub retryable: bool,
+    /// The provider's `retry-after`, when it sent one.
+    pub retry_after: Option<Duration>,
+}
+
+impl ModelError {
+    pub fn new(kind: ChatErrorKind, message: impl Into<String>) -> Self {
+        let retryable = matches!(
+            kind,
+            ChatErrorKind::RateLimit | ChatErrorKind::Overloaded | ChatErrorKind::Provider | ChatErrorKind::Timeout
+        );
+        ModelError { kind, message: message.into(), retryable, retry_after: None }
+    }
+}
+
+pub type ModelStream = BoxStream<'static, Result<ModelEvent, ModelError>>;
+
+/// Streams one model answer. Errors before the first event come from the outer `Result`;
+/// errors mid-stream as an item.
+#[async_trait::async_trait]
+pub trait ModelClient: Send + Sync + 'static {
+    async fn stream(&self, request: ModelRequest) -> Result<ModelStream, ModelError>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tools
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportErrorKind {
+    /// Nobody serves the workspace (no relay, or the workspace is stopped or deleted).
+    Offline,
+    Timeout,
+    Other,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct TransportError {
+    pub kind: TransportErrorKind,
+    pub message: String,
+}
+
+/// Carries tool requests to the relay serving a workspace.
+#[async_trait::async_trait]
+pub trait ToolTransport: Send + Sync + 'static {
+    /// Runs one tool call; output pieces of `execute` go to `output` as they appear.
+    async fn call(
+        &self,
+        workspace_id: &str,
+        request: ToolRequest,
+        output: Option<mpsc::UnboundedSender<String>>,
+    ) -> Result<ToolResult, TransportError>;
+
+    /// Stops a running call (kills its process group); a no-op for a call that is not running.
+    async fn cancel(&self, workspace_id: &str, call_id: &str);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Store
+
+use agentplane_schema::api::{Chat, ChatError, ChatStatus, Template, Workspace};
+use agentplane_schema::event::StreamEvent;
+use agentplane_schema::message::{Message, QueuedMessage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The chat is owned by another replica now (lease epoch moved on).
+    #[error("chat ownership lost")]
+    Fenced,
+    #[error("database: {0}")]
+    Database(String),
+}
+
+/// Everything an actor needs to (re)build a chat's live state.
+#[derive(Debug, Clone)]
+pub struct ChatState {
+    pub chat: Chat,
+    /// Live (not soft-deleted) messages in position order.
+    pub messages: Vec<Message>,
+    pub queued: Vec<QueuedMessage>,
+    pub last_seq: i64,
+    /// Highest position ever used, deleted messages included.
+    pub last_position: i64,
+}
+
+/// A model as the loop uses it: where to call and how large its context is.
+#[derive(Debug, Clone)]
+pub struct ResolvedModel {
+    pub id: String,
+    pub target: ModelTarget,
+    pub context_window: i64,
+}
+
+/// One state change of a chat. A [`Batch`] of them is committed in one transaction together with
+/// the durable events that announce them.
+#[derive(Debug, Clone)]
+pub enum Op {
+    InsertMessage(Message),
+    SetStatus { status: ChatStatus, error: Option<ChatError> },
+    SetWorkspace(Option<String>),
+    InsertQueued { message: QueuedMessage, position: i64 },
+    DeleteQueued { id: String },
+    InsertToolCall { call_id: String, message_id: String, name: String, args: serde_json::Value, user_id: String, workspace_id: Option<String> },
+    FinishToolCall { call_id: String, status: ToolCallStatus, result: String, is_error: bool, exit_code: Option<i32>, duration_ms: Option<u64>, workspace_id: Option<String> },
+    RecordUsage { message_id: String, model_id: String, usage: Usage },
+    Audit { user_id: Option<String>, action: String, target_type: String, target_id: Option<String>, details: serde_json::Value },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolCallStatus {
+    Dispatched,
+    Done,
+    Interrupted,
+}
+
+impl ToolCallStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ToolCallStatus::Dispatched => "dispatched",
+            ToolCallStatus::Done => "done",
+            ToolCallStatus::Interrupted => "interrupted",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub ops: Vec<Op>,
+    /// Durable events with their `seq` assigned; stored, and `chats.last_seq` advanced.
+    pub events: Vec<StreamEvent>,
+}
+
+/// The database as the actors see it.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn load_chat(&self, chat_id: &str) -> Result<ChatState, StoreError>;
+    /// The chat's model, or the default model when `model_id` is `None`.
+    async fn resolve_model(&self, model_id: Option<&str>) -> Result<ResolvedModel, StoreError>;
+    /// Applies `batch` atomically.
+    async fn commit(&self, chat_id: &str, batch: Batch) -> Result<(), StoreError>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events
+
+/// Fans chat events out to the sessions watching them.
+pub trait EventBus: Send + Sync + 'static {
+    fn publish(&self, event: StreamEvent);
+    fn subscribe(&self, chat_id: &str) -> tokio::sync::broadcast::Receiver<StreamEvent>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workspaces
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ProvisionError {
+    /// Safe to show to the model: says what to change.
+    pub message: String,
+}
+
+/// Templates and workspace lifecycle, as the platform tools need them.
+#[async_trait::async_trait]
+pub trait Provisioner: Send + Sync + 'static {
+    async fn list_templates(&self, user_id: &str) -> Result<Vec<Template>, ProvisionError>;
+    /// By id or by name.
+    async fn get_template(&self, template: &str) -> Result<Option<Template>, ProvisionError>;
+    /// Validates the parameters, provisions, and returns once the workspace is ready.
+    async fn create_workspace(
+        &self,
+        user_id: &str,
+        chat_id: &str,
+        template: &Template,
+        name: Option<String>,
+        parameters: serde_json::Value,
+    ) -> Result<Workspace, ProvisionError>;
+    async fn get_workspace(&self, workspace_id: &str) -> Result<Option<Workspace>, ProvisionError>;
+}

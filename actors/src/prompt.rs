@@ -1,0 +1,56 @@
+//! The system prompt and the prompt built from a chat's history.
+
+use agentplane_schema::message::{Message, Role};
+
+use crate::ports::PromptMessage;
+
+/// agentplane's own instructions; the operator's deployment prompt is layered after them.
+pub const DEFAULT_SYSTEM_PROMPT: &str = "\
+You are a coding agent working for the user through agentplane.
+
+Tools:
+- list_templates / read_template: the workspace templates you may use, with their parameters.
+- create_workspace: provisions a workspace from a template and binds it to this chat (one per chat; \
+calling it again returns the bound workspace).
+- read_file, write_file, edit_files: files inside the workspace. Paths are relative to the workspace root.
+- execute: runs a shell command in the workspace (non-interactive; output is capped, so prefer \
+commands with concise output). background=true starts a long-running process; follow it with \
+process_output and stop it with process_kill.
+
+A workspace costs real infrastructure: create one only when the work needs files or commands. Answer \
+questions, plan and discuss design without one. When a workspace tool says the workspace is gone, \
+create a new one from the same template and continue.
+
+Be direct. When the work is done, say what you did and what is left.";
+
+/// The default prompt with the deployment prompt below it.
+pub fn system_prompt(deployment_prompt: &str) -> String {
+    let deployment_prompt = deployment_prompt.trim();
+    if deployment_prompt.is_empty() {
+        DEFAULT_SYSTEM_PROMPT.to_string()
+    } else {
+        format!("{DEFAULT_SYSTEM_PROMPT}\n\n# Deployment instructions\n{deployment_prompt}")
+    }
+}
+
+/// The history as the model reads it.
+pub fn prompt_messages(history: &[Message]) -> Vec<PromptMessage> {
+    history
+        .iter()
+        .filter(|m| !m.parts.is_empty() || m.role == Role::User)
+        .map(|m| PromptMessage { role: m.role, parts: m.parts.clone() })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deployment_prompt_is_layered_below() {
+        assert_eq!(system_prompt("  "), DEFAULT_SYSTEM_PROMPT);
+        let p = system_prompt("Use the staging cluster.");
+        assert!(p.starts_with(DEFAULT_SYSTEM_PROMPT));
+        assert!(p.ends_with("Use the staging cluster."));
+    }
+}

@@ -1,0 +1,412 @@
+//! One step of the agent loop: stream the model's answer (retrying what can be retried), commit
+//! it with its tool calls, run the tool calls in parallel, commit their results.
+//!
+//! A step runs as a future spawned on its chat actor, so the actor's mailbox stays responsive; an
+//! interrupt cancels the step's token and the step itself stores what it has (the partial answer,
+//! "interrupted" results for open tool calls) before it returns.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentplane_schema::api::{ChatError, ChatErrorKind};
+use agentplane_schema::event::{DeltaKind, EventBody, ToolPhase};
+use agentplane_schema::message::{Message, Part, Role};
+use agentplane_schema::new_id;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::deps::Deps;
+use crate::ports::{ModelError, ModelEvent, ModelRequest, Op, ResolvedModel, StopReason, StoreError, ToolCallStatus, Usage};
+use crate::shared::ChatShared;
+use crate::tools::{self, ToolContext, ToolOutcome};
+use crate::prompt;
+
+pub struct StepInput {
+    pub deps: Arc<Deps>,
+    pub shared: Arc<ChatShared>,
+    pub history: Vec<Message>,
+    pub model_id: Option<String>,
+    pub user_id: String,
+    pub cancel: CancellationToken,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutcome {
+    /// The model called tools: another step follows.
+    Continue,
+    /// The model answered without tool calls.
+    Done,
+    Interrupted,
+    Failed(ChatError),
+}
+
+pub struct StepResult {
+    pub outcome: StepOutcome,
+    /// Messages this step committed, in order.
+    pub committed: Vec<Message>,
+}
+
+/// The answer as it streams in.
+#[derive(Default)]
+struct Draft {
+    reasoning: String,
+    reasoning_signature: Option<String>,
+    text: String,
+    calls: Vec<DraftCall>,
+    usage: Usage,
+    stop: Option<StopReason>,
+    /// Whether any delta reached the clients (a retry must then reset their view).
+    emitted: bool,
+}
+
+struct DraftCall {
+    index: usize,
+    call_id: String,
+    name: String,
+    args: String,
+}
+
+enum Streamed {
+    Complete,
+    Interrupted,
+}
+
+pub async fn run_step(input: StepInput) -> StepResult {
+    let mut committed = Vec::new();
+    let outcome = match step(&input, &mut committed).await {
+        Ok(outcome) => outcome,
+        Err(e) => StepOutcome::Failed(ChatError { kind: ChatErrorKind::Internal, message: e.to_string() }),
+    };
+    StepResult { outcome, committed }
+}
+
+async fn step(input: &StepInput, committed: &mut Vec<Message>) -> Result<StepOutcome, StoreError> {
+    let model = match input.deps.store.resolve_model(input.model_id.as_deref()).await {
+        Ok(m) => m,
+        Err(StoreError::NotFound(what)) => {
+            return Ok(StepOutcome::Failed(ChatError {
+                kind: ChatErrorKind::Config,
+                message: format!("no usable model: {what}; an administrator must add a provider and a model"),
+            }));
+        }
+        Err(e) => return Err(e),
+    };
+    let request = ModelRequest {
+        target: model.target.clone(),
+        system: prompt::system_prompt(&input.deps.settings.agent.system_prompt),
+        messages: prompt::prompt_messages(&input.history),
+        tools: tools::specs(),
+    };
+
+    let mut draft = Draft::default();
+    let streamed = match stream_with_retries(input, &request, &mut draft).await? {
+        Ok(s) => s,
+        Err(e) => return Ok(StepOutcome::Failed(ChatError { kind: e.kind, message: e.message })),
+    };
+
+    if let Streamed::Interrupted = streamed {
+        // Keep what the user saw; tool calls still being written are dropped, never run.
+        let mut parts = Vec::new();
+        push_text_parts(&mut parts, &draft);
+        if !parts.is_empty() {
+            let message = new_message(input, Role::Assistant, parts, true, Some(&model));
+            input.shared.commit(vec![Op::InsertMessage(message.clone())], vec![EventBody::Message { message: message.clone() }]).await?;
+            committed.push(message);
+        }
+        return Ok(StepOutcome::Interrupted);
+    }
+
+    let mut parts = Vec::new();
+    push_text_parts(&mut parts, &draft);
+    let calls: Vec<(String, String, Value)> = draft
+        .calls
+        .iter()
+        .map(|c| {
+            let call_id = if c.call_id.is_empty() { format!("call_{}", new_id()) } else { c.call_id.clone() };
+            (call_id, c.name.clone(), parse_args(&c.args))
+        })
+        .collect();
+    for (call_id, name, args) in &calls {
+        parts.push(Part::ToolCall { call_id: call_id.clone(), name: name.clone(), args: args.clone() });
+    }
+    let assistant = new_message(input, Role::Assistant, parts, false, Some(&model));
+    let workspace_id = input.shared.workspace_id();
+    let mut ops = vec![Op::InsertMessage(assistant.clone())];
+    let mut events = vec![EventBody::Message { message: assistant.clone() }];
+    for (call_id, name, args) in &calls {
+        ops.push(Op::InsertToolCall {
+            call_id: call_id.clone(),
+            message_id: assistant.id.clone(),
+            name: name.clone(),
+            args: args.clone(),
+            user_id: input.user_id.clone(),
+            workspace_id: workspace_id.clone(),
+        });
+        events.push(EventBody::ToolCall {
+            phase: ToolPhase::Started,
+            call_id: call_id.clone(),
+            name: name.clone(),
+            args: Some(args.clone()),
+            output: None,
+            is_error: None,
+            workspace_id: workspace_id.clone(),
+        });
+    }
+    ops.push(Op::RecordUsage { message_id: assistant.id.clone(), model_id: model.id.clone(), usage: draft.usage });
+    input.shared.commit(ops, events).await?;
+    committed.push(assistant);
+
+    if calls.is_empty() {
+        return Ok(match draft.stop {
+            Some(StopReason::ContentFilter) => StepOutcome::Failed(ChatError {
+                kind: ChatErrorKind::ContentFilter,
+                message: "the provider's content filter stopped the answer".into(),
+            }),
+            _ => StepOutcome::Done,
+        });
+    }
+
+    let ctx = ToolContext {
+        deps: input.deps.clone(),
+        shared: input.shared.clone(),
+        user_id: input.user_id.clone(),
+        cancel: input.cancel.clone(),
+    };
+    let runs = calls.iter().map(|(call_id, name, args)| run_and_record(&ctx, call_id, name, args));
+    let outcomes = futures::future::join_all(runs).await;
+    let mut result_parts = Vec::with_capacity(calls.len());
+    let mut interrupted = false;
+    for ((call_id, name, _), outcome) in calls.iter().zip(outcomes) {
+        let outcome = outcome?;
+        interrupted |= outcome.interrupted;
+        result_parts.push(Part::ToolResult {
+            call_id: call_id.clone(),
+            name: name.clone(),
+            result: outcome.output,
+            is_error: outcome.is_error,
+        });
+    }
+    let results = new_message(input, Role::Tool, result_parts, interrupted, None);
+    input
+        .shared
+        .commit(vec![Op::InsertMessage(results.clone())], vec![EventBody::Message { message: results.clone() }])
+        .await?;
+    committed.push(results);
+    Ok(if interrupted || input.cancel.is_cancelled() { StepOutcome::Interrupted } else { StepOutcome::Continue })
+}
+
+async fn run_and_record(ctx: &ToolContext, call_id: &str, name: &str, args: &Value) -> Result<ToolOutcome, StoreError> {
+    let outcome = if args.is_object() {
+        tools::run(ctx, call_id, name, args).await
+    } else {
+        ToolOutcome {
+            output: format!("the arguments of `{name}` must be a JSON object, got: {args}"),
+            is_error: true,
+            interrupted: false,
+            exit_code: None,
+            duration_ms: None,
+            workspace_id: None,
+        }
+    };
+    let status = if outcome.interrupted { ToolCallStatus::Interrupted } else { ToolCallStatus::Done };
+    ctx.shared
+        .commit(
+            vec![
+                Op::FinishToolCall {
+                    call_id: call_id.to_string(),
+                    status,
+                    result: outcome.output.clone(),
+                    is_error: outcome.is_error,
+                    exit_code: outcome.exit_code,
+                    duration_ms: outcome.duration_ms,
+                    workspace_id: outcome.workspace_id.clone(),
+                },
+                Op::Audit {
+                    user_id: Some(ctx.user_id.clone()),
+                    action: "tool.executed".into(),
+                    target_type: "tool_call".into(),
+                    target_id: Some(call_id.to_string()),
+                    details: json!({
+                        "chat_id": ctx.shared.chat_id,
+                        "tool": name,
+                        "workspace_id": outcome.workspace_id,
+                        "is_error": outcome.is_error,
+                        "status": status.as_str(),
+                    }),
+                },
+            ],
+            vec![EventBody::ToolCall {
+                phase: ToolPhase::Finished,
+                call_id: call_id.to_string(),
+                name: name.to_string(),
+                args: None,
+                output: Some(outcome.output.clone()),
+                is_error: Some(outcome.is_error),
+                workspace_id: outcome.workspace_id.clone(),
+            }],
+        )
+        .await?;
+    Ok(outcome)
+}
+
+/// Streams the answer into `draft`, retrying retryable failures with exponential backoff and
+/// jitter (a provider's `retry-after` sets the delay). The outer error is a store failure; the
+/// inner one the model error that ended the step.
+async fn stream_with_retries(
+    input: &StepInput,
+    request: &ModelRequest,
+    draft: &mut Draft,
+) -> Result<Result<Streamed, ModelError>, StoreError> {
+    let retry = &input.deps.settings.llm.retry;
+    let max_delay = Duration::from_millis(retry.max_delay_ms);
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(retry.initial_delay_ms))
+        .with_max_delay(max_delay)
+        .with_max_times(retry.max_attempts.saturating_sub(1))
+        .with_jitter()
+        .build();
+    let mut attempt = 1u32;
+    loop {
+        *draft = Draft::default();
+        let error = match stream_once(input, request, draft).await {
+            Ok(streamed) => return Ok(Ok(streamed)),
+            Err(e) => e,
+        };
+        if draft.emitted {
+            input.shared.publish(EventBody::StreamReset);
+        }
+        let delay = match delays.next() {
+            Some(d) if error.retryable => error.retry_after.map(|r| r.min(max_delay)).unwrap_or(d),
+            _ => return Ok(Err(error)),
+        };
+        tracing::info!(chat = %input.shared.chat_id, attempt, ?delay, error = %error, "model call failed, retrying");
+        input
+            .shared
+            .commit(
+                vec![],
+                vec![EventBody::Retry {
+                    attempt,
+                    delay_ms: delay.as_millis() as u64,
+                    error: ChatError { kind: error.kind, message: error.message.clone() },
+                }],
+            )
+            .await?;
+        tokio::select! {
+            _ = input.cancel.cancelled() => {
+                *draft = Draft::default();
+                return Ok(Ok(Streamed::Interrupted));
+            }
+            _ = tokio::time::sleep(delay) => {}
+        }
+        attempt += 1;
+    }
+}
+
+async fn stream_once(input: &StepInput, request: &ModelRequest, draft: &mut Draft) -> Result<Streamed, ModelError> {
+    let mut stream = tokio::select! {
+        biased;
+        _ = input.cancel.cancelled() => return Ok(Streamed::Interrupted),
+        s = input.deps.model.stream(request.clone()) => s?,
+    };
+    loop {
+        let event = tokio::select! {
+            biased;
+            _ = input.cancel.cancelled() => return Ok(Streamed::Interrupted),
+            e = stream.next() => e,
+        };
+        match event {
+            None => return Ok(Streamed::Complete),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(event)) => apply(input, draft, event),
+        }
+    }
+}
+
+fn apply(input: &StepInput, draft: &mut Draft, event: ModelEvent) {
+    let delta = |kind, text: String, call_id: Option<String>, name: Option<String>| EventBody::MessageDelta {
+        kind,
+        text,
+        call_id,
+        name,
+    };
+    match event {
+        ModelEvent::TextDelta(text) => {
+            if text.is_empty() {
+                return;
+            }
+            draft.text.push_str(&text);
+            draft.emitted = true;
+            input.shared.publish(delta(DeltaKind::Text, text, None, None));
+        }
+        ModelEvent::ReasoningDelta { text, signature } => {
+            if signature.is_some() {
+                draft.reasoning_signature = signature;
+            }
+            if text.is_empty() {
+                return;
+            }
+            draft.reasoning.push_str(&text);
+            draft.emitted = true;
+            input.shared.publish(delta(DeltaKind::Reasoning, text, None, None));
+        }
+        ModelEvent::ToolCallStart { index, call_id, name } => {
+            draft.emitted = true;
+            input.shared.publish(delta(DeltaKind::ToolArgs, String::new(), Some(call_id.clone()), Some(name.clone())));
+            draft.calls.push(DraftCall { index, call_id, name, args: String::new() });
+        }
+        ModelEvent::ToolCallArgs { index, piece } => {
+            if let Some(call) = draft.calls.iter_mut().rev().find(|c| c.index == index) {
+                call.args.push_str(&piece);
+                draft.emitted = true;
+                input.shared.publish(delta(DeltaKind::ToolArgs, piece, Some(call.call_id.clone()), None));
+            }
+        }
+        ModelEvent::Usage(usage) => draft.usage = usage,
+        ModelEvent::Finish(reason) => draft.stop = Some(reason),
+    }
+}
+
+fn push_text_parts(parts: &mut Vec<Part>, draft: &Draft) {
+    if !draft.reasoning.is_empty() || draft.reasoning_signature.is_some() {
+        parts.push(Part::Reasoning { text: draft.reasoning.clone(), signature: draft.reasoning_signature.clone() });
+    }
+    if !draft.text.is_empty() {
+        parts.push(Part::text(draft.text.clone()));
+    }
+}
+
+/// Arguments as the model wrote them; an empty string means no arguments.
+fn parse_args(raw: &str) -> Value {
+    if raw.trim().is_empty() {
+        return json!({});
+    }
+    serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()))
+}
+
+fn new_message(input: &StepInput, role: Role, parts: Vec<Part>, interrupted: bool, model: Option<&ResolvedModel>) -> Message {
+    Message {
+        id: new_id(),
+        chat_id: input.shared.chat_id.clone(),
+        position: input.shared.next_position(),
+        role,
+        parts,
+        interrupted,
+        user_id: Some(input.user_id.clone()),
+        model_id: model.map(|m| m.id.clone()),
+        created_at: chrono::Utc::now(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_parse_leniently() {
+        assert_eq!(parse_args(""), json!({}));
+        assert_eq!(parse_args("{\"a\":1}"), json!({"a":1}));
+        assert_eq!(parse_args("{\"a\":"), Value::String("{\"a\":".into()));
+    }
+}

@@ -1,0 +1,418 @@
+//! REST bodies under `/api/v1`, and the error body every failing request returns.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::message::{Message, Part, QueuedMessage};
+
+/// `{"error": {"kind", "message"}}`, the body of every 4xx/5xx answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub kind: String,
+    pub message: String,
+}
+
+/// Why a chat's last turn failed (SPEC §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatErrorKind {
+    RateLimit,
+    Overloaded,
+    Auth,
+    Config,
+    ContextOverflow,
+    Timeout,
+    ContentFilter,
+    Provider,
+    Tool,
+    Internal,
+}
+
+/// A typed chat error, kept on the chat and sent as an `error` event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatError {
+    pub kind: ChatErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatStatus {
+    Idle,
+    Running,
+    Interrupting,
+    Error,
+}
+
+impl ChatStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChatStatus::Idle => "idle",
+            ChatStatus::Running => "running",
+            ChatStatus::Interrupting => "interrupting",
+            ChatStatus::Error => "error",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "idle" => Some(ChatStatus::Idle),
+            "running" => Some(ChatStatus::Running),
+            "interrupting" => Some(ChatStatus::Interrupting),
+            "error" => Some(ChatStatus::Error),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForkRef {
+    pub chat_id: String,
+    pub message_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chat {
+    pub id: String,
+    pub owner_id: String,
+    pub title: Option<String>,
+    pub status: ChatStatus,
+    pub model_id: Option<String>,
+    pub workspace_id: Option<String>,
+    pub parent_id: Option<String>,
+    pub forked_from: Option<ForkRef>,
+    pub archived: bool,
+    /// The error of the last failed turn, while `status` is `error`.
+    pub error: Option<ChatError>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `POST /chats`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateChat {
+    pub content: Vec<Part>,
+    #[serde(default)]
+    pub model_id: Option<String>,
+    #[serde(default)]
+    pub workspace_id: Option<String>,
+    #[serde(default)]
+    pub title: Option<String>,
+}
+
+/// `PATCH /chats/{id}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchChat {
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub archived: Option<bool>,
+}
+
+/// What to do with a message sent while the agent runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BusyBehavior {
+    /// Deliver at the next step boundary.
+    #[default]
+    Queue,
+    /// Stop the current step, then deliver.
+    Interrupt,
+}
+
+/// `POST /chats/{id}/messages`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendMessage {
+    pub content: Vec<Part>,
+    #[serde(default)]
+    pub busy_behavior: BusyBehavior,
+}
+
+/// Answer to `POST /chats/{id}/messages`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SendOutcome {
+    pub queued: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<Message>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_message: Option<QueuedMessage>,
+}
+
+/// `GET /chats/{id}/messages?before=POS&limit=N`: newest page first in time order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MessagePage {
+    pub messages: Vec<Message>,
+    pub queued_messages: Vec<QueuedMessage>,
+    /// Pass as `before` to get the page of older messages; absent on the first page of the chat.
+    pub next_cursor: Option<i64>,
+}
+
+/// Answer to `GET /chats/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatDetail {
+    #[serde(flatten)]
+    pub chat: Chat,
+    pub children: Vec<Chat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderType {
+    OpenaiCompatible,
+}
+
+impl ProviderType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderType::OpenaiCompatible => "openai_compatible",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "openai_compatible" => Some(ProviderType::OpenaiCompatible),
+            _ => None,
+        }
+    }
+}
+
+/// `POST /providers` (admin). The key is write-only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProvider {
+    #[serde(rename = "type")]
+    pub provider_type: ProviderType,
+    pub name: String,
+    pub base_url: String,
+    #[serde(default)]
+    pub api_key: Option<String>,
+    #[serde(default)]
+    pub settings: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Provider {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub provider_type: ProviderType,
+    pub name: String,
+    pub base_url: String,
+    pub has_api_key: bool,
+    pub settings: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `POST /models` (admin).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateModel {
+    pub provider_id: String,
+    pub model: String,
+    #[serde(default)]
+    pub display_name: Option<String>,
+    pub context_window: i64,
+    #[serde(default)]
+    pub max_output_tokens: Option<i64>,
+    #[serde(default)]
+    pub vision: bool,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub is_default: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Model {
+    pub id: String,
+    pub provider_id: String,
+    pub model: String,
+    pub display_name: String,
+    pub context_window: i64,
+    pub max_output_tokens: Option<i64>,
+    pub vision: bool,
+    pub enabled: bool,
+    pub is_default: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamType {
+    String,
+    Number,
+    Bool,
+    Enum,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamValidation {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_length: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateParameter {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub param_type: ParamType,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<serde_json::Value>,
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<ParamValidation>,
+}
+
+/// How a template's workspaces come into being.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ProvisionerSpec {
+    /// A directory under the orchestrator's workspace root, served by an in-process relay.
+    Local,
+}
+
+/// `POST /templates` (admin).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTemplate {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub parameters: Vec<TemplateParameter>,
+    pub provisioner: ProvisionerSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Template {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub parameters: Vec<TemplateParameter>,
+    pub provisioner: ProvisionerSpec,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkspaceStatus {
+    Provisioning,
+    Ready,
+    Stopped,
+    Failed,
+    Deleted,
+}
+
+impl WorkspaceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkspaceStatus::Provisioning => "provisioning",
+            WorkspaceStatus::Ready => "ready",
+            WorkspaceStatus::Stopped => "stopped",
+            WorkspaceStatus::Failed => "failed",
+            WorkspaceStatus::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "provisioning" => Some(WorkspaceStatus::Provisioning),
+            "ready" => Some(WorkspaceStatus::Ready),
+            "stopped" => Some(WorkspaceStatus::Stopped),
+            "failed" => Some(WorkspaceStatus::Failed),
+            "deleted" => Some(WorkspaceStatus::Deleted),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Workspace {
+    pub id: String,
+    pub name: String,
+    pub template_id: String,
+    pub owner_id: String,
+    pub status: WorkspaceStatus,
+    pub parameters: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UserRole {
+    Admin,
+    Member,
+}
+
+impl UserRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UserRole::Admin => "admin",
+            UserRole::Member => "member",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "admin" => Some(UserRole::Admin),
+            "member" => Some(UserRole::Member),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct User {
+    pub id: String,
+    pub name: String,
+    pub role: UserRole,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `POST /users` (admin).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    pub name: String,
+    #[serde(default = "member")]
+    pub role: UserRole,
+}
+
+fn member() -> UserRole {
+    UserRole::Member
+}
+
+/// A freshly minted API token; the secret is shown once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IssuedToken {
+    pub user: User,
+    pub token_id: String,
+    pub token: String,
+}

@@ -1,0 +1,166 @@
+//! Events on a chat's WebSocket stream (`GET /api/v1/chats/{id}/stream?after_seq=N`).
+//!
+//! Durable events carry a per-chat `seq` and are stored before they are published, so a client
+//! that reconnects with the last `seq` it saw gets every later durable event exactly once.
+//! Ephemeral events (deltas, tool output pieces, stream resets) carry no `seq`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::{BusyBehavior, Chat, ChatError, ChatStatus};
+use crate::message::{Message, Part, QueuedMessage};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamEvent {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<i64>,
+    pub chat_id: String,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeltaKind {
+    Text,
+    Reasoning,
+    /// A piece of a tool call's JSON arguments.
+    ToolArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolPhase {
+    Started,
+    Output,
+    Finished,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventBody {
+    /// First frame of every connection: the chat as it is now. `seq` is the last durable seq
+    /// the snapshot includes.
+    Snapshot {
+        chat: Chat,
+        messages: Vec<Message>,
+        queued_messages: Vec<QueuedMessage>,
+        last_seq: i64,
+    },
+    Status {
+        status: ChatStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<ChatError>,
+    },
+    MessageDelta {
+        kind: DeltaKind,
+        text: String,
+        /// The tool call the piece belongs to (for `tool_args`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        call_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    Message {
+        message: Message,
+    },
+    ToolCall {
+        phase: ToolPhase,
+        call_id: String,
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        args: Option<serde_json::Value>,
+        /// Output piece (`output`) or final result text (`finished`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        is_error: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workspace_id: Option<String>,
+    },
+    QueueUpdate {
+        queued_messages: Vec<QueuedMessage>,
+    },
+    Retry {
+        attempt: u32,
+        delay_ms: u64,
+        error: ChatError,
+    },
+    Error {
+        error: ChatError,
+    },
+    /// Drop the deltas of the answer being streamed: it is being produced again.
+    StreamReset,
+}
+
+impl EventBody {
+    /// Durable events are stored with a `seq` and replayed on reconnect.
+    pub fn is_durable(&self) -> bool {
+        match self {
+            EventBody::MessageDelta { .. } | EventBody::StreamReset | EventBody::Snapshot { .. } => false,
+            EventBody::ToolCall { phase, .. } => *phase != ToolPhase::Output,
+            _ => true,
+        }
+    }
+
+    /// The `type` tag, as stored.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EventBody::Snapshot { .. } => "snapshot",
+            EventBody::Status { .. } => "status",
+            EventBody::MessageDelta { .. } => "message_delta",
+            EventBody::Message { .. } => "message",
+            EventBody::ToolCall { .. } => "tool_call",
+            EventBody::QueueUpdate { .. } => "queue_update",
+            EventBody::Retry { .. } => "retry",
+            EventBody::Error { .. } => "error",
+            EventBody::StreamReset => "stream_reset",
+        }
+    }
+}
+
+/// Frames a client may send on the stream socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    Send {
+        content: Vec<Part>,
+        #[serde(default)]
+        busy_behavior: BusyBehavior,
+    },
+    Interrupt,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_serialize_flat_with_type_tag() {
+        let ev = StreamEvent {
+            seq: Some(3),
+            chat_id: "c".into(),
+            body: EventBody::Status { status: ChatStatus::Running, error: None },
+        };
+        let v = serde_json::to_value(&ev).expect("json");
+        assert_eq!(v, serde_json::json!({"seq": 3, "chat_id": "c", "type": "status", "status": "running"}));
+        let back: StreamEvent = serde_json::from_value(v).expect("parse");
+        assert_eq!(back, ev);
+        let delta = StreamEvent {
+            seq: None,
+            chat_id: "c".into(),
+            body: EventBody::MessageDelta { kind: DeltaKind::Text, text: "hi".into(), call_id: None, name: None },
+        };
+        assert!(!delta.body.is_durable());
+        let v = serde_json::to_value(&delta).expect("json");
+        assert!(v.get("seq").is_none());
+    }
+
+    #[test]
+    fn client_frames_parse() {
+        let f: ClientFrame =
+            serde_json::from_str(r#"{"type":"send","content":[{"type":"text","text":"x"}]}"#).expect("send");
+        assert!(matches!(f, ClientFrame::Send { busy_behavior: BusyBehavior::Queue, .. }));
+        let f: ClientFrame = serde_json::from_str(r#"{"type":"interrupt"}"#).expect("interrupt");
+        assert!(matches!(f, ClientFrame::Interrupt));
+    }
+}
