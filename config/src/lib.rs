@@ -45,6 +45,8 @@ pub struct ServerSettings {
     pub data_dir: PathBuf,
     /// Arbiter threads for chat actors; 0 = one per core. Default 0.
     pub actor_threads: usize,
+    /// HTTP worker threads; 0 = one per core. Default 0.
+    pub http_workers: usize,
     /// Log as JSON lines instead of text. Default false.
     pub log_json: bool,
     /// tracing-subscriber filter. Default `info`.

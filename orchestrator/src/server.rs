@@ -1,0 +1,219 @@
+//! Assembling and running one replica: database, bootstrap, adapters, actors, HTTP.
+//!
+//! [`run`] serves until stopped (what `agentplane serve` calls); [`spawn`] starts a server on its
+//! own thread with its own actix system and returns once it listens (tests and benchmarks).
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{App, HttpServer, web};
+use agentplane_actors::bus::LocalEventBus;
+use agentplane_actors::ports::{EventBus, ModelClient};
+use agentplane_actors::{Deps, Directory};
+use agentplane_config::Settings;
+use agentplane_schema::api::{CreateTemplate, ProvisionerSpec, UserRole};
+use agentplane_schema::tool::ToolLimits;
+use anyhow::Context as _;
+
+use crate::providers::Providers;
+use crate::provisioners::Workspaces;
+use crate::state::AppState;
+use crate::store::DbStore;
+use crate::transport::inprocess::InProcessTransport;
+
+/// Environment variable that sets the first admin's token.
+pub const BOOTSTRAP_TOKEN_ENV: &str = "AGENTPLANE_BOOTSTRAP_TOKEN";
+
+/// The replica, ready to serve.
+pub struct Prepared {
+    pub state: web::Data<AppState>,
+    /// The admin token created on first start (shown once).
+    pub admin_token: Option<String>,
+}
+
+fn tool_limits(settings: &Settings) -> ToolLimits {
+    let t = &settings.tools;
+    ToolLimits {
+        execute_default_timeout_seconds: t.execute_default_timeout_seconds,
+        execute_max_timeout_seconds: t.execute_max_timeout_seconds,
+        output_cap_bytes: t.output_cap_bytes,
+        read_default_limit_lines: t.read_default_limit_lines,
+        read_max_line_chars: t.read_max_line_chars,
+    }
+}
+
+/// Opens the database, bootstraps it, builds the adapters and the directory, and resumes chats
+/// that were running. Must run inside an actix system.
+pub async fn prepare(settings: Settings) -> anyhow::Result<Prepared> {
+    let settings = Arc::new(settings);
+    std::fs::create_dir_all(&settings.server.data_dir)
+        .with_context(|| format!("creating data dir {}", settings.server.data_dir.display()))?;
+    let workspace_root = settings.workspace_root();
+    std::fs::create_dir_all(&workspace_root)
+        .with_context(|| format!("creating workspace root {}", workspace_root.display()))?;
+    let db = agentplane_schema::db::connect_and_migrate(&settings.database_url(), settings.database.max_connections)
+        .await
+        .context("opening the database")?;
+    let store = DbStore::new(db);
+    let admin_token = bootstrap(&store, &settings).await?;
+
+    let transport = Arc::new(InProcessTransport::new(tool_limits(&settings)));
+    let workspaces = Arc::new(Workspaces::new(store.clone(), transport.clone(), workspace_root));
+    let restored = workspaces.restore().await.map_err(|e| anyhow::anyhow!(e.message))?;
+    let bus: Arc<dyn EventBus> = Arc::new(LocalEventBus::new());
+    let model: Arc<dyn ModelClient> = Arc::new(Providers::new(
+        Duration::from_millis(settings.llm.connect_timeout_ms),
+        Duration::from_millis(settings.llm.read_timeout_ms),
+    )?);
+    let deps = Deps {
+        store: Arc::new(store.clone()),
+        model,
+        transport,
+        provisioner: workspaces.clone(),
+        bus: bus.clone(),
+        settings: settings.clone(),
+    };
+    let threads = match settings.server.actor_threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        n => n,
+    };
+    let directory = Directory::new(deps, threads);
+    let running = store.running_chat_ids().await?;
+    for id in &running {
+        directory.chat(id);
+    }
+    tracing::info!(restored_workspaces = restored, resumed_chats = running.len(), "replica ready");
+    let state = web::Data::new(AppState { settings, store, directory, bus, workspaces });
+    Ok(Prepared { state, admin_token })
+}
+
+/// First start: an admin with a one-time token (or the configured one), and a `local` template
+/// so the agent can work out of the box.
+async fn bootstrap(store: &DbStore, settings: &Settings) -> anyhow::Result<Option<String>> {
+    let mut token = None;
+    if store.count_users().await? == 0 {
+        let configured = Some(settings.auth.bootstrap_token.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .or_else(|| std::env::var(BOOTSTRAP_TOKEN_ENV).ok().filter(|t| !t.trim().is_empty()));
+        let (_, _, t) = store.create_user_with_token("admin", UserRole::Admin, configured).await?;
+        token = Some(t);
+    }
+    if store.count_templates().await? == 0 {
+        store
+            .create_template(&CreateTemplate {
+                name: "local".into(),
+                description: "A directory on the agentplane host with a POSIX shell and the host's tools \
+                              (git, compilers and interpreters as installed). For editing files and running \
+                              commands when no other template fits."
+                    .into(),
+                parameters: vec![],
+                provisioner: ProvisionerSpec::Local,
+            })
+            .await?;
+    }
+    Ok(token)
+}
+
+/// Serves on `listener` until the server is stopped (SIGINT/SIGTERM).
+pub async fn run(settings: Settings, listener: TcpListener) -> anyhow::Result<()> {
+    let workers = settings.server.http_workers;
+    let prepared = prepare(settings).await?;
+    if let Some(token) = &prepared.admin_token {
+        println!("agentplane: created the admin user. Admin token (shown once): {token}");
+    }
+    let addr = listener.local_addr()?;
+    println!("agentplane: listening on http://{addr}");
+    let directory = prepared.state.directory.clone();
+    http_server(prepared.state, listener, workers)?.await?;
+    directory.shutdown().await;
+    Ok(())
+}
+
+fn http_server(
+    state: web::Data<AppState>,
+    listener: TcpListener,
+    workers: usize,
+) -> anyhow::Result<actix_web::dev::Server> {
+    let mut server = HttpServer::new(move || {
+        App::new().app_data(state.clone()).wrap(tracing_actix()).configure(crate::api::configure)
+    })
+    .listen(listener)?
+    .shutdown_timeout(10);
+    if workers > 0 {
+        server = server.workers(workers);
+    }
+    Ok(server.run())
+}
+
+fn tracing_actix() -> actix_web::middleware::Logger {
+    actix_web::middleware::Logger::new("%r %s %Dms")
+}
+
+/// A server running on its own thread.
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    pub admin_token: Option<String>,
+    handle: actix_web::dev::ServerHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, lets requests finish, stops the actors; returns when the thread ended.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let handle = self.handle.clone();
+            // The stop future must be driven by some runtime; a small one of our own will do.
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(handle.stop(true));
+            }
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+/// Starts a server for `settings` on `listener` in a thread of its own.
+pub fn spawn(settings: Settings, listener: TcpListener) -> anyhow::Result<ServerHandle> {
+    let addr = listener.local_addr()?;
+    let workers = settings.server.http_workers;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new().name("agentplane-server".into()).spawn(move || {
+        let system = actix_rt::System::new();
+        system.block_on(async move {
+            let prepared = match prepare(settings).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let directory = prepared.state.directory.clone();
+            let server = match http_server(prepared.state, listener, workers) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = tx.send(Ok((server.handle(), prepared.admin_token)));
+            let _ = server.await;
+            directory.shutdown().await;
+        });
+    })?;
+    let (handle, admin_token) = rx.recv().context("server thread ended before it was ready")??;
+    Ok(ServerHandle { addr, admin_token, handle, thread: Some(thread) })
+}

@@ -1,0 +1,324 @@
+//! Users, tokens, providers, models, templates, workspaces and the audit log.
+
+use agentplane_actors::ports::StoreError;
+use agentplane_schema::api::{
+    CreateModel, CreateProvider, CreateTemplate, Model, Provider, ProviderType, ProvisionerSpec, Template, User,
+    UserRole, Workspace, WorkspaceStatus,
+};
+use agentplane_schema::db::entities::{api_tokens, audit_events, models, providers, templates, users, workspaces};
+use agentplane_schema::new_id;
+use chrono::Utc;
+use sea_orm::ActiveValue::Set;
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, TransactionTrait};
+use sha2::{Digest, Sha256};
+
+use super::convert::from_json;
+use super::{DbStore, db_err};
+
+/// SHA-256 of a token, hex: what the database keeps instead of the token.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A new random API token.
+pub fn new_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!("ap_{}", hex::encode(bytes))
+}
+
+fn user_from_row(r: users::Model) -> User {
+    User { id: r.id, name: r.name, role: UserRole::parse(&r.role).unwrap_or(UserRole::Member), created_at: r.created_at }
+}
+
+fn provider_from_row(r: providers::Model) -> Option<Provider> {
+    Some(Provider {
+        provider_type: ProviderType::parse(&r.provider_type)?,
+        id: r.id,
+        name: r.name,
+        base_url: r.base_url,
+        has_api_key: r.api_key.is_some(),
+        settings: r.settings,
+        created_at: r.created_at,
+    })
+}
+
+fn model_from_row(r: models::Model) -> Model {
+    Model {
+        id: r.id,
+        provider_id: r.provider_id,
+        model: r.model,
+        display_name: r.display_name,
+        context_window: r.context_window,
+        max_output_tokens: r.max_output_tokens,
+        vision: r.vision,
+        enabled: r.enabled,
+        is_default: r.is_default,
+        created_at: r.created_at,
+    }
+}
+
+fn template_from_row(r: templates::Model) -> Result<Template, StoreError> {
+    Ok(Template {
+        parameters: from_json(r.parameters, "template parameters")?,
+        provisioner: from_json::<ProvisionerSpec>(r.provisioner, "template provisioner")?,
+        id: r.id,
+        name: r.name,
+        description: r.description,
+        created_at: r.created_at,
+    })
+}
+
+pub fn workspace_from_row(r: workspaces::Model) -> Workspace {
+    Workspace {
+        id: r.id,
+        name: r.name,
+        template_id: r.template_id,
+        owner_id: r.owner_id,
+        status: WorkspaceStatus::parse(&r.status).unwrap_or(WorkspaceStatus::Failed),
+        parameters: r.parameters,
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+    }
+}
+
+impl DbStore {
+    pub async fn count_users(&self) -> Result<u64, StoreError> {
+        users::Entity::find().count(&self.db).await.map_err(db_err)
+    }
+
+    /// Creates a user with one API token; returns the user, the token id and the token.
+    pub async fn create_user_with_token(
+        &self,
+        name: &str,
+        role: UserRole,
+        token: Option<String>,
+    ) -> Result<(User, String, String), StoreError> {
+        let now = Utc::now();
+        let user = users::Model { id: new_id(), name: name.to_string(), role: role.as_str().into(), created_at: now };
+        let token = token.unwrap_or_else(new_token);
+        let token_id = new_id();
+        let txn = self.db.begin().await.map_err(db_err)?;
+        users::Entity::insert(users::ActiveModel::from(user.clone())).exec_without_returning(&txn).await.map_err(db_err)?;
+        api_tokens::Entity::insert(api_tokens::ActiveModel {
+            id: Set(token_id.clone()),
+            user_id: Set(user.id.clone()),
+            name: Set("default".into()),
+            token_hash: Set(token_hash(&token)),
+            created_at: Set(now),
+            last_used_at: Set(None),
+            revoked: Set(false),
+        })
+        .exec_without_returning(&txn)
+        .await
+        .map_err(db_err)?;
+        txn.commit().await.map_err(db_err)?;
+        Ok((user_from_row(user), token_id, token))
+    }
+
+    pub async fn user_by_name(&self, name: &str) -> Result<Option<User>, StoreError> {
+        Ok(users::Entity::find().filter(users::Column::Name.eq(name)).one(&self.db).await.map_err(db_err)?.map(user_from_row))
+    }
+
+    /// The user a (not revoked) token belongs to.
+    pub async fn user_by_token(&self, token: &str) -> Result<Option<User>, StoreError> {
+        let Some(t) = api_tokens::Entity::find()
+            .filter(api_tokens::Column::TokenHash.eq(token_hash(token)))
+            .filter(api_tokens::Column::Revoked.eq(false))
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+        else {
+            return Ok(None);
+        };
+        Ok(users::Entity::find_by_id(t.user_id).one(&self.db).await.map_err(db_err)?.map(user_from_row))
+    }
+
+    pub async fn create_provider(&self, p: &CreateProvider) -> Result<Provider, StoreError> {
+        let now = Utc::now();
+        let row = providers::Model {
+            id: new_id(),
+            provider_type: p.provider_type.as_str().into(),
+            name: p.name.clone(),
+            base_url: p.base_url.clone(),
+            api_key: p.api_key.clone().filter(|k| !k.is_empty()),
+            settings: if p.settings.is_null() { serde_json::json!({}) } else { p.settings.clone() },
+            created_at: now,
+            updated_at: now,
+        };
+        providers::Entity::insert(providers::ActiveModel::from(row.clone()))
+            .exec_without_returning(&self.db)
+            .await
+            .map_err(db_err)?;
+        provider_from_row(row).ok_or_else(|| StoreError::Database("unknown provider type".into()))
+    }
+
+    pub async fn list_providers(&self) -> Result<Vec<Provider>, StoreError> {
+        let rows = providers::Entity::find().order_by_asc(providers::Column::Name).all(&self.db).await.map_err(db_err)?;
+        Ok(rows.into_iter().filter_map(provider_from_row).collect())
+    }
+
+    pub async fn provider_exists(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(providers::Entity::find_by_id(id).one(&self.db).await.map_err(db_err)?.is_some())
+    }
+
+    /// Adds a model; a new default takes the flag from the previous one.
+    pub async fn create_model(&self, m: &CreateModel) -> Result<Model, StoreError> {
+        let row = models::Model {
+            id: new_id(),
+            provider_id: m.provider_id.clone(),
+            model: m.model.clone(),
+            display_name: m.display_name.clone().unwrap_or_else(|| m.model.clone()),
+            context_window: m.context_window,
+            max_output_tokens: m.max_output_tokens,
+            vision: m.vision,
+            enabled: m.enabled,
+            is_default: m.is_default,
+            compaction_threshold: None,
+            input_price_per_mtok: None,
+            output_price_per_mtok: None,
+            created_at: Utc::now(),
+        };
+        let txn = self.db.begin().await.map_err(db_err)?;
+        if m.is_default {
+            models::Entity::update_many()
+                .col_expr(models::Column::IsDefault, Expr::value(false))
+                .filter(models::Column::IsDefault.eq(true))
+                .exec(&txn)
+                .await
+                .map_err(db_err)?;
+        }
+        models::Entity::insert(models::ActiveModel::from(row.clone())).exec_without_returning(&txn).await.map_err(db_err)?;
+        txn.commit().await.map_err(db_err)?;
+        Ok(model_from_row(row))
+    }
+
+    pub async fn list_models(&self, enabled_only: bool) -> Result<Vec<Model>, StoreError> {
+        let mut q = models::Entity::find();
+        if enabled_only {
+            q = q.filter(models::Column::Enabled.eq(true));
+        }
+        let rows = q.order_by_asc(models::Column::DisplayName).all(&self.db).await.map_err(db_err)?;
+        Ok(rows.into_iter().map(model_from_row).collect())
+    }
+
+    pub async fn get_model(&self, id: &str) -> Result<Option<Model>, StoreError> {
+        Ok(models::Entity::find_by_id(id).one(&self.db).await.map_err(db_err)?.map(model_from_row))
+    }
+
+    pub async fn create_template(&self, t: &CreateTemplate) -> Result<Template, StoreError> {
+        let now = Utc::now();
+        let row = templates::Model {
+            id: new_id(),
+            name: t.name.clone(),
+            description: t.description.clone(),
+            parameters: super::convert::to_json(&t.parameters)?,
+            provisioner: super::convert::to_json(&t.provisioner)?,
+            created_at: now,
+            updated_at: now,
+        };
+        templates::Entity::insert(templates::ActiveModel::from(row.clone()))
+            .exec_without_returning(&self.db)
+            .await
+            .map_err(db_err)?;
+        template_from_row(row)
+    }
+
+    pub async fn list_templates(&self) -> Result<Vec<Template>, StoreError> {
+        let rows = templates::Entity::find().order_by_asc(templates::Column::Name).all(&self.db).await.map_err(db_err)?;
+        rows.into_iter().map(template_from_row).collect()
+    }
+
+    pub async fn count_templates(&self) -> Result<u64, StoreError> {
+        templates::Entity::find().count(&self.db).await.map_err(db_err)
+    }
+
+    /// By id or by name.
+    pub async fn get_template(&self, id_or_name: &str) -> Result<Option<Template>, StoreError> {
+        templates::Entity::find()
+            .filter(Condition::any().add(templates::Column::Id.eq(id_or_name)).add(templates::Column::Name.eq(id_or_name)))
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .map(template_from_row)
+            .transpose()
+    }
+
+    pub async fn insert_workspace(&self, ws: &Workspace) -> Result<(), StoreError> {
+        workspaces::Entity::insert(workspaces::ActiveModel {
+            id: Set(ws.id.clone()),
+            name: Set(ws.name.clone()),
+            template_id: Set(ws.template_id.clone()),
+            owner_id: Set(ws.owner_id.clone()),
+            status: Set(ws.status.as_str().into()),
+            parameters: Set(ws.parameters.clone()),
+            state: Set(serde_json::json!({})),
+            logs: Set(String::new()),
+            created_at: Set(ws.created_at),
+            updated_at: Set(ws.updated_at),
+        })
+        .exec_without_returning(&self.db)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Sets a workspace's status and appends a line to its provisioning log.
+    pub async fn set_workspace_status(&self, id: &str, status: WorkspaceStatus, log_line: &str) -> Result<(), StoreError> {
+        let Some(row) = workspaces::Entity::find_by_id(id).one(&self.db).await.map_err(db_err)? else {
+            return Err(StoreError::NotFound(format!("workspace {id}")));
+        };
+        let mut logs = row.logs;
+        logs.push_str(&format!("{} {}\n", Utc::now().to_rfc3339(), log_line));
+        let update = workspaces::ActiveModel {
+            status: Set(status.as_str().into()),
+            logs: Set(logs),
+            updated_at: Set(Utc::now()),
+            ..Default::default()
+        };
+        workspaces::Entity::update_many()
+            .set(update)
+            .filter(workspaces::Column::Id.eq(id))
+            .exec(&self.db)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub async fn get_workspace(&self, id: &str) -> Result<Option<Workspace>, StoreError> {
+        Ok(workspaces::Entity::find_by_id(id).one(&self.db).await.map_err(db_err)?.map(workspace_from_row))
+    }
+
+    /// Workspaces of an owner (all of them when `None`), not deleted.
+    pub async fn list_workspaces(&self, owner_id: Option<&str>) -> Result<Vec<Workspace>, StoreError> {
+        let mut q = workspaces::Entity::find().filter(workspaces::Column::Status.ne(WorkspaceStatus::Deleted.as_str()));
+        if let Some(o) = owner_id {
+            q = q.filter(workspaces::Column::OwnerId.eq(o));
+        }
+        let rows = q.order_by_desc(workspaces::Column::CreatedAt).all(&self.db).await.map_err(db_err)?;
+        Ok(rows.into_iter().map(workspace_from_row).collect())
+    }
+
+    pub async fn audit(
+        &self,
+        user_id: Option<&str>,
+        action: &str,
+        target_type: &str,
+        target_id: Option<&str>,
+        details: serde_json::Value,
+    ) -> Result<(), StoreError> {
+        audit_events::Entity::insert(audit_events::ActiveModel {
+            id: Set(new_id()),
+            user_id: Set(user_id.map(str::to_string)),
+            action: Set(action.into()),
+            target_type: Set(target_type.into()),
+            target_id: Set(target_id.map(str::to_string)),
+            details: Set(details),
+            created_at: Set(Utc::now()),
+        })
+        .exec_without_returning(&self.db)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,252 @@
+//! Chat queries of the API: create, read, list, patch, delete, pages of messages, event replay.
+
+use agentplane_actors::ports::StoreError;
+use agentplane_schema::api::{Chat, ChatStatus, PatchChat};
+use agentplane_schema::db::entities::{audit_events, chat_events, chats, messages, queued_messages};
+use agentplane_schema::event::StreamEvent;
+use agentplane_schema::message::{Message, QueuedMessage};
+use agentplane_schema::new_id;
+use chrono::Utc;
+use sea_orm::ActiveValue::Set;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait};
+
+use super::convert::{chat_from_row, from_json, message_from_row};
+use super::{DbStore, db_err};
+
+pub struct NewChat {
+    pub owner_id: String,
+    pub title: Option<String>,
+    pub model_id: Option<String>,
+    pub workspace_id: Option<String>,
+    pub parent_id: Option<String>,
+}
+
+impl DbStore {
+    pub async fn create_chat(&self, new: NewChat) -> Result<Chat, StoreError> {
+        let now = Utc::now();
+        let row = chats::Model {
+            id: new_id(),
+            owner_id: new.owner_id,
+            title: new.title,
+            status: ChatStatus::Idle.as_str().into(),
+            model_id: new.model_id,
+            workspace_id: new.workspace_id,
+            parent_id: new.parent_id,
+            forked_from_chat_id: None,
+            forked_from_message_id: None,
+            archived: false,
+            deleted: false,
+            error_kind: None,
+            error_message: None,
+            last_seq: 0,
+            owner_replica: None,
+            lease_until: None,
+            owner_epoch: 0,
+            created_at: now,
+            updated_at: now,
+        };
+        let txn = self.db.begin().await.map_err(db_err)?;
+        chats::Entity::insert(chats::ActiveModel::from(row.clone())).exec_without_returning(&txn).await.map_err(db_err)?;
+        audit_events::Entity::insert(audit_events::ActiveModel {
+            id: Set(new_id()),
+            user_id: Set(Some(row.owner_id.clone())),
+            action: Set("chat.created".into()),
+            target_type: Set("chat".into()),
+            target_id: Set(Some(row.id.clone())),
+            details: Set(serde_json::json!({"model_id": row.model_id, "workspace_id": row.workspace_id})),
+            created_at: Set(now),
+        })
+        .exec_without_returning(&txn)
+        .await
+        .map_err(db_err)?;
+        txn.commit().await.map_err(db_err)?;
+        Ok(chat_from_row(row))
+    }
+
+    /// A chat that is not deleted.
+    pub async fn get_chat(&self, id: &str) -> Result<Option<Chat>, StoreError> {
+        Ok(chats::Entity::find_by_id(id)
+            .filter(chats::Column::Deleted.eq(false))
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .map(chat_from_row))
+    }
+
+    /// Root chats of an owner, newest activity first.
+    pub async fn list_chats(&self, owner_id: &str, archived: Option<bool>, limit: u64) -> Result<Vec<Chat>, StoreError> {
+        let mut q = chats::Entity::find()
+            .filter(chats::Column::OwnerId.eq(owner_id))
+            .filter(chats::Column::Deleted.eq(false))
+            .filter(chats::Column::ParentId.is_null());
+        if let Some(a) = archived {
+            q = q.filter(chats::Column::Archived.eq(a));
+        }
+        let rows = q.order_by_desc(chats::Column::UpdatedAt).limit(limit).all(&self.db).await.map_err(db_err)?;
+        Ok(rows.into_iter().map(chat_from_row).collect())
+    }
+
+    pub async fn children(&self, parent_id: &str) -> Result<Vec<Chat>, StoreError> {
+        let rows = chats::Entity::find()
+            .filter(chats::Column::ParentId.eq(parent_id))
+            .filter(chats::Column::Deleted.eq(false))
+            .order_by_asc(chats::Column::CreatedAt)
+            .all(&self.db)
+            .await
+            .map_err(db_err)?;
+        Ok(rows.into_iter().map(chat_from_row).collect())
+    }
+
+    pub async fn patch_chat(&self, id: &str, patch: &PatchChat) -> Result<(), StoreError> {
+        let mut row = chats::ActiveModel { updated_at: Set(Utc::now()), ..Default::default() };
+        if let Some(title) = &patch.title {
+            row.title = Set(Some(title.clone()));
+        }
+        if let Some(archived) = patch.archived {
+            row.archived = Set(archived);
+        }
+        chats::Entity::update_many().set(row).filter(chats::Column::Id.eq(id)).exec(&self.db).await.map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Soft delete: the chat disappears from the API; its rows stay for the audit trail.
+    pub async fn delete_chat(&self, id: &str, user_id: &str) -> Result<(), StoreError> {
+        let now = Utc::now();
+        let txn = self.db.begin().await.map_err(db_err)?;
+        let row = chats::ActiveModel { deleted: Set(true), updated_at: Set(now), ..Default::default() };
+        chats::Entity::update_many().set(row).filter(chats::Column::Id.eq(id)).exec(&txn).await.map_err(db_err)?;
+        audit_events::Entity::insert(audit_events::ActiveModel {
+            id: Set(new_id()),
+            user_id: Set(Some(user_id.to_string())),
+            action: Set("chat.deleted".into()),
+            target_type: Set("chat".into()),
+            target_id: Set(Some(id.to_string())),
+            details: Set(serde_json::json!({})),
+            created_at: Set(now),
+        })
+        .exec_without_returning(&txn)
+        .await
+        .map_err(db_err)?;
+        txn.commit().await.map_err(db_err)
+    }
+
+    /// Live chats that were running when the process stopped.
+    pub async fn running_chat_ids(&self) -> Result<Vec<String>, StoreError> {
+        let rows = chats::Entity::find()
+            .filter(chats::Column::Deleted.eq(false))
+            .filter(chats::Column::Status.is_in([ChatStatus::Running.as_str(), ChatStatus::Interrupting.as_str()]))
+            .all(&self.db)
+            .await
+            .map_err(db_err)?;
+        Ok(rows.into_iter().map(|r| r.id).collect())
+    }
+
+    /// Up to `limit` live messages before position `before` (all when `None`), oldest first,
+    /// and the cursor of the page before them.
+    pub async fn messages_page(
+        &self,
+        chat_id: &str,
+        before: Option<i64>,
+        limit: u64,
+    ) -> Result<(Vec<Message>, Option<i64>), StoreError> {
+        let mut q = messages::Entity::find()
+            .filter(messages::Column::ChatId.eq(chat_id))
+            .filter(messages::Column::Deleted.eq(false));
+        if let Some(b) = before {
+            q = q.filter(messages::Column::Position.lt(b));
+        }
+        let mut rows =
+            q.order_by_desc(messages::Column::Position).limit(limit + 1).all(&self.db).await.map_err(db_err)?;
+        let more = rows.len() as u64 > limit;
+        rows.truncate(limit as usize);
+        rows.reverse();
+        let cursor = if more { rows.first().map(|m| m.position) } else { None };
+        let messages = rows.into_iter().map(message_from_row).collect::<Result<_, _>>()?;
+        Ok((messages, cursor))
+    }
+
+    pub async fn queued(&self, chat_id: &str) -> Result<Vec<QueuedMessage>, StoreError> {
+        let rows = queued_messages::Entity::find()
+            .filter(queued_messages::Column::ChatId.eq(chat_id))
+            .order_by_asc(queued_messages::Column::Position)
+            .all(&self.db)
+            .await
+            .map_err(db_err)?;
+        rows.into_iter().map(queued_from_row).collect()
+    }
+
+    /// Durable events with `seq > after`, in order.
+    pub async fn events_after(&self, chat_id: &str, after: i64) -> Result<Vec<StreamEvent>, StoreError> {
+        let rows = chat_events::Entity::find()
+            .filter(chat_events::Column::ChatId.eq(chat_id))
+            .filter(chat_events::Column::Seq.gt(after))
+            .order_by_asc(chat_events::Column::Seq)
+            .all(&self.db)
+            .await
+            .map_err(db_err)?;
+        rows.into_iter().map(|r| from_json(r.payload, "chat event")).collect()
+    }
+}
+
+/// What a stream's `snapshot` frame carries, read from one consistent database snapshot.
+pub struct Snapshot {
+    pub chat: Chat,
+    pub messages: Vec<Message>,
+    pub queued: Vec<QueuedMessage>,
+    pub last_seq: i64,
+}
+
+impl DbStore {
+    pub async fn snapshot(&self, chat_id: &str, recent: u64) -> Result<Option<Snapshot>, StoreError> {
+        use sea_orm::{DbBackend, IsolationLevel};
+        // PostgreSQL reads each statement at its own snapshot unless told otherwise; the seq and
+        // the messages must agree or a watcher would see a message twice.
+        let isolation = match self.db.get_database_backend() {
+            DbBackend::Postgres => Some(IsolationLevel::RepeatableRead),
+            _ => None,
+        };
+        let txn = self.db.begin_with_config(isolation, None).await.map_err(db_err)?;
+        let Some(row) = chats::Entity::find_by_id(chat_id)
+            .filter(chats::Column::Deleted.eq(false))
+            .one(&txn)
+            .await
+            .map_err(db_err)?
+        else {
+            return Ok(None);
+        };
+        let mut rows = messages::Entity::find()
+            .filter(messages::Column::ChatId.eq(chat_id))
+            .filter(messages::Column::Deleted.eq(false))
+            .order_by_desc(messages::Column::Position)
+            .limit(recent)
+            .all(&txn)
+            .await
+            .map_err(db_err)?;
+        rows.reverse();
+        let queued_rows = queued_messages::Entity::find()
+            .filter(queued_messages::Column::ChatId.eq(chat_id))
+            .order_by_asc(queued_messages::Column::Position)
+            .all(&txn)
+            .await
+            .map_err(db_err)?;
+        txn.commit().await.map_err(db_err)?;
+        let last_seq = row.last_seq;
+        let queued = queued_rows.into_iter().map(queued_from_row).collect::<Result<_, _>>()?;
+        Ok(Some(Snapshot {
+            chat: chat_from_row(row),
+            messages: rows.into_iter().map(message_from_row).collect::<Result<_, _>>()?,
+            queued,
+            last_seq,
+        }))
+    }
+}
+
+fn queued_from_row(r: queued_messages::Model) -> Result<QueuedMessage, StoreError> {
+    Ok(QueuedMessage {
+        id: r.id,
+        chat_id: r.chat_id,
+        content: from_json(r.content, "queued message")?,
+        user_id: r.user_id,
+        created_at: r.created_at,
+    })
+}

@@ -1,0 +1,78 @@
+//! Rows ↔ wire types.
+
+use agentplane_actors::ports::StoreError;
+use agentplane_schema::api::{Chat, ChatError, ChatErrorKind, ChatStatus, ForkRef};
+use agentplane_schema::db::entities::{chats, messages};
+use agentplane_schema::message::{Message, Role};
+use sea_orm::ActiveValue::Set;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(v).map_err(|e| StoreError::Database(format!("encoding JSON: {e}")))
+}
+
+pub fn from_json<T: DeserializeOwned>(v: serde_json::Value, what: &str) -> Result<T, StoreError> {
+    serde_json::from_value(v).map_err(|e| StoreError::Database(format!("decoding {what}: {e}")))
+}
+
+/// The string form of a unit enum as serde writes it.
+pub fn enum_str<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+pub fn chat_from_row(row: chats::Model) -> Chat {
+    let error = match (row.error_kind, row.error_message) {
+        (Some(kind), message) => Some(ChatError {
+            kind: serde_json::from_value(serde_json::Value::String(kind)).unwrap_or(ChatErrorKind::Internal),
+            message: message.unwrap_or_default(),
+        }),
+        _ => None,
+    };
+    Chat {
+        id: row.id,
+        owner_id: row.owner_id,
+        title: row.title,
+        status: ChatStatus::parse(&row.status).unwrap_or(ChatStatus::Idle),
+        model_id: row.model_id,
+        workspace_id: row.workspace_id,
+        parent_id: row.parent_id,
+        forked_from: match (row.forked_from_chat_id, row.forked_from_message_id) {
+            (Some(chat_id), Some(message_id)) => Some(ForkRef { chat_id, message_id }),
+            _ => None,
+        },
+        archived: row.archived,
+        error,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    }
+}
+
+pub fn message_from_row(row: messages::Model) -> Result<Message, StoreError> {
+    Ok(Message {
+        role: Role::parse(&row.role).ok_or_else(|| StoreError::Database(format!("unknown role {}", row.role)))?,
+        parts: from_json(row.parts, "message parts")?,
+        id: row.id,
+        chat_id: row.chat_id,
+        position: row.position,
+        interrupted: row.interrupted,
+        user_id: row.user_id,
+        model_id: row.model_id,
+        created_at: row.created_at,
+    })
+}
+
+pub fn message_to_row(m: &Message) -> Result<messages::ActiveModel, StoreError> {
+    Ok(messages::ActiveModel {
+        id: Set(m.id.clone()),
+        chat_id: Set(m.chat_id.clone()),
+        position: Set(m.position),
+        role: Set(m.role.as_str().to_string()),
+        parts: Set(to_json(&m.parts)?),
+        interrupted: Set(m.interrupted),
+        deleted: Set(false),
+        user_id: Set(m.user_id.clone()),
+        model_id: Set(m.model_id.clone()),
+        created_at: Set(m.created_at),
+    })
+}

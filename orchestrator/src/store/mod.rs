@@ -1,0 +1,235 @@
+//! The database adapter: [`DbStore`] implements the actors' [`Store`] port and the queries the
+//! API needs, over sea-orm, on SQLite or PostgreSQL alike.
+
+mod admin;
+mod chats;
+mod convert;
+
+use agentplane_actors::ports::{Batch, ChatState, Op, ResolvedModel, Store, StoreError};
+use agentplane_schema::api::ProviderType;
+use agentplane_schema::db::entities::{
+    audit_events, chat_events, chats as chat_rows, messages, models, providers, queued_messages, tool_calls, usage,
+};
+use agentplane_schema::new_id;
+use chrono::Utc;
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, TransactionTrait,
+};
+
+pub use chats::{NewChat, Snapshot};
+pub use convert::{chat_from_row, message_from_row};
+
+#[derive(Clone)]
+pub struct DbStore {
+    db: DatabaseConnection,
+}
+
+pub(crate) fn db_err(e: DbErr) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+impl DbStore {
+    pub fn new(db: DatabaseConnection) -> Self {
+        DbStore { db }
+    }
+
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for DbStore {
+    async fn load_chat(&self, chat_id: &str) -> Result<ChatState, StoreError> {
+        let row = chat_rows::Entity::find_by_id(chat_id)
+            .filter(chat_rows::Column::Deleted.eq(false))
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| StoreError::NotFound(format!("chat {chat_id}")))?;
+        let last_seq = row.last_seq;
+        let rows = messages::Entity::find()
+            .filter(messages::Column::ChatId.eq(chat_id))
+            .order_by_asc(messages::Column::Position)
+            .all(&self.db)
+            .await
+            .map_err(db_err)?;
+        let last_position = rows.last().map(|m| m.position).unwrap_or(0);
+        let messages = rows.into_iter().filter(|m| !m.deleted).map(message_from_row).collect::<Result<_, _>>()?;
+        let queued = self.queued(chat_id).await?;
+        Ok(ChatState { chat: chat_from_row(row), messages, queued, last_seq, last_position })
+    }
+
+    async fn resolve_model(&self, model_id: Option<&str>) -> Result<ResolvedModel, StoreError> {
+        let model = match model_id {
+            Some(id) => models::Entity::find_by_id(id).filter(models::Column::Enabled.eq(true)).one(&self.db).await,
+            None => {
+                models::Entity::find()
+                    .filter(models::Column::Enabled.eq(true))
+                    .order_by_desc(models::Column::IsDefault)
+                    .order_by_asc(models::Column::CreatedAt)
+                    .one(&self.db)
+                    .await
+            }
+        }
+        .map_err(db_err)?
+        .ok_or_else(|| match model_id {
+            Some(id) => StoreError::NotFound(format!("model {id} does not exist or is disabled")),
+            None => StoreError::NotFound("no enabled model is configured".into()),
+        })?;
+        let provider = providers::Entity::find_by_id(&model.provider_id)
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| StoreError::NotFound(format!("provider {} of model {}", model.provider_id, model.id)))?;
+        let provider_type = ProviderType::parse(&provider.provider_type).ok_or_else(|| {
+            StoreError::NotFound(format!("provider type `{}` is not supported", provider.provider_type))
+        })?;
+        Ok(ResolvedModel {
+            id: model.id,
+            context_window: model.context_window,
+            target: agentplane_actors::ports::ModelTarget {
+                provider_type,
+                base_url: provider.base_url,
+                api_key: provider.api_key,
+                model: model.model,
+                max_output_tokens: model.max_output_tokens,
+                settings: provider.settings,
+            },
+        })
+    }
+
+    async fn commit(&self, chat_id: &str, batch: Batch) -> Result<(), StoreError> {
+        let now = Utc::now();
+        let txn = self.db.begin().await.map_err(db_err)?;
+        let mut chat = chat_rows::ActiveModel { updated_at: Set(now), ..Default::default() };
+        for op in batch.ops {
+            match op {
+                Op::InsertMessage(m) => {
+                    messages::Entity::insert(convert::message_to_row(&m)?)
+                        .exec_without_returning(&txn)
+                        .await
+                        .map_err(db_err)?;
+                }
+                Op::SetStatus { status, error } => {
+                    chat.status = Set(status.as_str().to_string());
+                    chat.error_kind = Set(error.as_ref().map(|e| convert::enum_str(&e.kind)));
+                    chat.error_message = Set(error.map(|e| e.message));
+                }
+                Op::SetWorkspace(w) => chat.workspace_id = Set(w),
+                Op::InsertQueued { message, position } => {
+                    queued_messages::Entity::insert(queued_messages::ActiveModel {
+                        id: Set(message.id),
+                        chat_id: Set(message.chat_id),
+                        position: Set(position),
+                        content: Set(convert::to_json(&message.content)?),
+                        user_id: Set(message.user_id),
+                        created_at: Set(message.created_at),
+                    })
+                    .exec_without_returning(&txn)
+                    .await
+                    .map_err(db_err)?;
+                }
+                Op::DeleteQueued { id } => {
+                    queued_messages::Entity::delete_by_id(id).exec(&txn).await.map_err(db_err)?;
+                }
+                Op::InsertToolCall { call_id, message_id, name, args, user_id, workspace_id } => {
+                    tool_calls::Entity::insert(tool_calls::ActiveModel {
+                        id: Set(new_id()),
+                        call_id: Set(call_id),
+                        chat_id: Set(chat_id.to_string()),
+                        message_id: Set(message_id),
+                        name: Set(name),
+                        args: Set(args),
+                        status: Set("dispatched".into()),
+                        result: Set(None),
+                        is_error: Set(false),
+                        user_id: Set(user_id),
+                        workspace_id: Set(workspace_id),
+                        exit_code: Set(None),
+                        duration_ms: Set(None),
+                        created_at: Set(now),
+                        finished_at: Set(None),
+                    })
+                    .exec_without_returning(&txn)
+                    .await
+                    .map_err(db_err)?;
+                }
+                Op::FinishToolCall { call_id, status, result, is_error, exit_code, duration_ms, workspace_id } => {
+                    let mut update = tool_calls::Entity::update_many()
+                        .col_expr(tool_calls::Column::Status, Expr::value(status.as_str()))
+                        .col_expr(tool_calls::Column::Result, Expr::value(result))
+                        .col_expr(tool_calls::Column::IsError, Expr::value(is_error))
+                        .col_expr(tool_calls::Column::ExitCode, Expr::value(exit_code))
+                        .col_expr(tool_calls::Column::DurationMs, Expr::value(duration_ms.map(|d| d as i64)))
+                        .col_expr(tool_calls::Column::FinishedAt, Expr::value(now));
+                    if workspace_id.is_some() {
+                        update = update.col_expr(tool_calls::Column::WorkspaceId, Expr::value(workspace_id));
+                    }
+                    update
+                        .filter(tool_calls::Column::ChatId.eq(chat_id))
+                        .filter(tool_calls::Column::CallId.eq(call_id))
+                        .exec(&txn)
+                        .await
+                        .map_err(db_err)?;
+                }
+                Op::RecordUsage { message_id, model_id, usage: u } => {
+                    usage::Entity::insert(usage::ActiveModel {
+                        id: Set(new_id()),
+                        chat_id: Set(chat_id.to_string()),
+                        message_id: Set(Some(message_id)),
+                        model_id: Set(Some(model_id)),
+                        input_tokens: Set(u.input_tokens as i64),
+                        output_tokens: Set(u.output_tokens as i64),
+                        cache_read_tokens: Set(u.cache_read_tokens as i64),
+                        cache_write_tokens: Set(u.cache_write_tokens as i64),
+                        cost_usd: Set(None),
+                        created_at: Set(now),
+                    })
+                    .exec_without_returning(&txn)
+                    .await
+                    .map_err(db_err)?;
+                }
+                Op::Audit { user_id, action, target_type, target_id, details } => {
+                    audit_events::Entity::insert(audit_events::ActiveModel {
+                        id: Set(new_id()),
+                        user_id: Set(user_id),
+                        action: Set(action),
+                        target_type: Set(target_type),
+                        target_id: Set(target_id),
+                        details: Set(details),
+                        created_at: Set(now),
+                    })
+                    .exec_without_returning(&txn)
+                    .await
+                    .map_err(db_err)?;
+                }
+            }
+        }
+        if let Some(last) = batch.events.iter().filter_map(|e| e.seq).max() {
+            let rows = batch
+                .events
+                .iter()
+                .map(|e| {
+                    Ok(chat_events::ActiveModel {
+                        chat_id: Set(chat_id.to_string()),
+                        seq: Set(e.seq.unwrap_or_default()),
+                        kind: Set(e.body.kind().to_string()),
+                        payload: Set(convert::to_json(e)?),
+                        created_at: Set(now),
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            chat_events::Entity::insert_many(rows).exec_without_returning(&txn).await.map_err(db_err)?;
+            chat.last_seq = Set(last);
+        }
+        chat_rows::Entity::update_many()
+            .set(chat)
+            .filter(chat_rows::Column::Id.eq(chat_id))
+            .exec(&txn)
+            .await
+            .map_err(db_err)?;
+        txn.commit().await.map_err(db_err)
+    }
+}
