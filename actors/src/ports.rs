@@ -200,7 +200,7 @@ pub enum Op {
     InsertQueued { message: QueuedMessage, position: i64 },
     DeleteQueued { id: String },
     InsertToolCall { call_id: String, message_id: String, name: String, args: serde_json::Value, user_id: String, workspace_id: Option<String> },
-    FinishToolCall { call_id: String, status: ToolCallStatus, result: String, is_error: bool, exit_code: Option<i32>, duration_ms: Option<u64>, workspace_id: Option<String> },
+    FinishToolCall { call_id: String, message_id: String, status: ToolCallStatus, result: String, is_error: bool, exit_code: Option<i32>, duration_ms: Option<u64>, workspace_id: Option<String> },
     RecordUsage { message_id: String, model_id: String, usage: Usage },
     Audit { user_id: Option<String>, action: String, target_type: String, target_id: Option<String>, details: serde_json::Value },
 }

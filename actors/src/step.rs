@@ -156,6 +156,7 @@ async fn step(input: &StepInput, committed: &mut Vec<Message>) -> Result<StepOut
     }
     ops.push(Op::RecordUsage { message_id: assistant.id.clone(), model_id: model.id.clone(), usage: draft.usage });
     input.shared.commit(ops, events).await?;
+    let assistant_id = assistant.id.clone();
     committed.push(assistant);
 
     if calls.is_empty() {
@@ -174,7 +175,7 @@ async fn step(input: &StepInput, committed: &mut Vec<Message>) -> Result<StepOut
         user_id: input.user_id.clone(),
         cancel: input.cancel.clone(),
     };
-    let runs = calls.iter().map(|(call_id, name, args)| run_and_record(&ctx, call_id, name, args));
+    let runs = calls.iter().map(|(call_id, name, args)| run_and_record(&ctx, &assistant_id, call_id, name, args));
     let outcomes = futures::future::join_all(runs).await;
     let mut result_parts = Vec::with_capacity(calls.len());
     let mut interrupted = false;
@@ -197,7 +198,7 @@ async fn step(input: &StepInput, committed: &mut Vec<Message>) -> Result<StepOut
     Ok(if interrupted || input.cancel.is_cancelled() { StepOutcome::Interrupted } else { StepOutcome::Continue })
 }
 
-async fn run_and_record(ctx: &ToolContext, call_id: &str, name: &str, args: &Value) -> Result<ToolOutcome, StoreError> {
+async fn run_and_record(ctx: &ToolContext, message_id: &str, call_id: &str, name: &str, args: &Value) -> Result<ToolOutcome, StoreError> {
     let outcome = if args.is_object() {
         tools::run(ctx, call_id, name, args).await
     } else {
@@ -216,6 +217,7 @@ async fn run_and_record(ctx: &ToolContext, call_id: &str, name: &str, args: &Val
             vec![
                 Op::FinishToolCall {
                     call_id: call_id.to_string(),
+                    message_id: message_id.to_string(),
                     status,
                     result: outcome.output.clone(),
                     is_error: outcome.is_error,

@@ -163,7 +163,7 @@ impl ServerHandle {
         format!("http://{}", self.addr)
     }
 
-    /// Stops accepting, lets requests finish, stops the actors; returns when the thread ended.
+    /// Stops the server at once (open WebSockets are cut) and waits for its thread to end.
     pub fn stop(mut self) {
         self.stop_inner();
     }
@@ -171,10 +171,14 @@ impl ServerHandle {
     fn stop_inner(&mut self) {
         if let Some(thread) = self.thread.take() {
             let handle = self.handle.clone();
-            // The stop future must be driven by some runtime; a small one of our own will do.
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                rt.block_on(handle.stop(true));
-            }
+            // Driven from a thread of its own: the caller may be inside an async runtime, where
+            // blocking on another runtime is not allowed.
+            let stopper = std::thread::spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    rt.block_on(handle.stop(false));
+                }
+            });
+            let _ = stopper.join();
             let _ = thread.join();
         }
     }

@@ -118,6 +118,7 @@ impl ChatActor {
                     let result = "interrupted, outcome unknown: the orchestrator stopped while this tool call ran";
                     ops.push(Op::FinishToolCall {
                         call_id: call_id.to_string(),
+                        message_id: last.id.clone(),
                         status: ToolCallStatus::Interrupted,
                         result: result.into(),
                         is_error: true,

@@ -1,0 +1,281 @@
+//! agentplane's workspace worker: runs the workspace tools (`read_file`, `write_file`,
+//! `edit_files`, `execute`, `process_output`, `process_kill`) confined beneath a workspace root.
+//!
+//! Start reading at [`Relay`]: [`Relay::handle`] parses a [`ToolRequest`] and dispatches it. The
+//! crate knows no transport — the orchestrator calls it in-process (embedded mode) and a NATS
+//! relay binary wraps the same type.
+//! - `path`: confinement — every path is resolved beneath the root, symlinks included (SPEC §8);
+//! - `read`, `write`, `edit`: the file tools (`write` also holds the atomic replace);
+//! - `execute`: shell commands in their own process group, with timeout and cancellation;
+//! - `process`: background commands and their output buffers;
+//! - `capture`: capped, UTF-8-safe text from process output;
+//! - `signal`: the one libc call (killing a process group);
+//! - `error`: the error a call ends with, worded for the model.
+
+mod capture;
+mod edit;
+mod error;
+mod execute;
+mod path;
+mod process;
+mod read;
+mod signal;
+mod write;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc::UnboundedSender;
+
+use agentplane_schema::tool::{
+    EditFilesArgs, ExecuteArgs, ProcessArgs, ReadFileArgs, ToolLimits, ToolRequest, ToolResult, WORKSPACE_TOOLS,
+    WriteFileArgs,
+};
+
+use crate::error::ToolError;
+use crate::execute::RunningCalls;
+use crate::path::Workspace;
+use crate::process::Processes;
+
+/// Executes workspace tools beneath one root. Cheap to clone; clones share running and
+/// background processes. When the last clone is dropped, background processes are killed.
+#[derive(Clone)]
+pub struct Relay {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    workspace: Workspace,
+    limits: ToolLimits,
+    running: RunningCalls,
+    processes: Processes,
+    /// Serializes `write_file` and `edit_files` so two parallel calls editing one file cannot
+    /// lose each other's change (each reads, then replaces the whole file).
+    writes: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Relay {
+    /// Opens the workspace at `root`, creating the directory if it is missing.
+    pub fn new(root: impl Into<PathBuf>, limits: ToolLimits) -> std::io::Result<Relay> {
+        let workspace = Workspace::open(root.into())?;
+        Ok(Relay {
+            inner: Arc::new(Inner {
+                workspace,
+                limits,
+                running: RunningCalls::default(),
+                processes: Processes::default(),
+                writes: Arc::new(tokio::sync::Mutex::new(())),
+            }),
+        })
+    }
+
+    /// The workspace root, canonicalized (absolute, without symlinks).
+    pub fn root(&self) -> &Path {
+        self.inner.workspace.root()
+    }
+
+    /// Runs one tool request. Never panics on bad input: bad arguments, refused paths and
+    /// failures become a result with `is_error: true` and a message for the model. A foreground
+    /// `execute` sends its output to `output` piece by piece as it arrives; dropping the returned
+    /// future kills the command's process group.
+    pub async fn handle(&self, req: &ToolRequest, output: Option<UnboundedSender<String>>) -> ToolResult {
+        match self.dispatch(req, output).await {
+            Ok(result) => result,
+            Err(err) => {
+                tracing::debug!(call_id = %req.call_id, tool = %req.name, %err, "tool call failed");
+                ToolResult::error(&req.call_id, err.to_string())
+            }
+        }
+    }
+
+    /// Kills the process group of the running foreground `execute` with this call id (its
+    /// [`handle`](Relay::handle) then returns an "interrupted" error); no-op otherwise.
+    pub fn cancel(&self, call_id: &str) {
+        self.inner.running.cancel(call_id);
+    }
+
+    async fn dispatch(
+        &self,
+        req: &ToolRequest,
+        output: Option<UnboundedSender<String>>,
+    ) -> Result<ToolResult, ToolError> {
+        let inner = &self.inner;
+        let call_id = req.call_id.as_str();
+        match req.name.as_str() {
+            "read_file" => {
+                let args: ReadFileArgs = parse("read_file", &req.args)?;
+                let text = self.blocking(move |inner| read::read_file(&inner.workspace, &inner.limits, &args)).await?;
+                Ok(ToolResult::ok(call_id, text))
+            }
+            "write_file" => {
+                let args: WriteFileArgs = parse("write_file", &req.args)?;
+                // Held by the blocking work itself, which finishes even if this future is dropped.
+                let writing = Arc::clone(&inner.writes).lock_owned().await;
+                let text = self
+                    .blocking(move |inner| {
+                        let _writing = writing;
+                        write::write_file(&inner.workspace, &args)
+                    })
+                    .await?;
+                Ok(ToolResult::ok(call_id, text))
+            }
+            "edit_files" => {
+                let args: EditFilesArgs = parse("edit_files", &req.args)?;
+                let writing = Arc::clone(&inner.writes).lock_owned().await;
+                let text = self
+                    .blocking(move |inner| {
+                        let _writing = writing;
+                        edit::edit_files(&inner.workspace, &args)
+                    })
+                    .await?;
+                Ok(ToolResult::ok(call_id, text))
+            }
+            "execute" => {
+                let args: ExecuteArgs = parse("execute", &req.args)?;
+                if args.background {
+                    inner.processes.start(&inner.workspace, &inner.limits, call_id, &args)
+                } else {
+                    execute::run(&inner.workspace, &inner.limits, &inner.running, call_id, &args, output).await
+                }
+            }
+            "process_output" => inner.processes.output(call_id, &parse("process_output", &req.args)?),
+            "process_kill" => {
+                let args: ProcessArgs = parse("process_kill", &req.args)?;
+                inner.processes.kill(call_id, &args).await
+            }
+            other => Err(ToolError::Rejected(format!(
+                "unknown tool {other}; this workspace offers {}",
+                WORKSPACE_TOOLS.join(", ")
+            ))),
+        }
+    }
+
+    /// Runs blocking filesystem work off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Inner) -> Result<T, ToolError> + Send + 'static,
+    ) -> Result<T, ToolError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || work(&inner))
+            .await
+            .map_err(|err| ToolError::Rejected(format!("internal error while running the tool: {err}")))?
+    }
+}
+
+fn parse<T: DeserializeOwned>(tool: &'static str, args: &serde_json::Value) -> Result<T, ToolError> {
+    T::deserialize(args).map_err(|err| ToolError::BadArgs { tool, reason: err.to_string() })
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Helpers shared by the modules' tests.
+
+    use std::time::Duration;
+
+    use agentplane_schema::tool::{ToolLimits, ToolRequest, ToolResult};
+
+    use crate::Relay;
+
+    pub(crate) fn relay() -> (tempfile::TempDir, Relay) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let relay = Relay::new(tmp.path().join("ws"), ToolLimits::default()).expect("relay");
+        (tmp, relay)
+    }
+
+    pub(crate) async fn call(relay: &Relay, name: &str, args: serde_json::Value) -> ToolResult {
+        let request = ToolRequest {
+            call_id: format!("call-{name}"),
+            chat_id: "chat".into(),
+            user_id: "user".into(),
+            name: name.into(),
+            args,
+        };
+        relay.handle(&request, None).await
+    }
+
+    /// Waits for a command to write its pid (`echo $! > file`) under the root.
+    pub(crate) async fn read_pid(relay: &Relay, file: &str) -> u32 {
+        let path = relay.root().join(file);
+        for _ in 0..500 {
+            if let Ok(text) = std::fs::read_to_string(&path)
+                && let Some(pid) = text.strip_suffix('\n').and_then(|pid| pid.parse().ok())
+            {
+                return pid;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no pid in {file}");
+    }
+
+    /// Whether `pid` runs. A zombie counts as gone: it has been killed and only waits for a reaper
+    /// (which, in a container whose init does not reap, may never come).
+    pub(crate) fn is_alive(pid: u32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => {
+                let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+                !matches!(state, Some('Z' | 'X') | None)
+            }
+            Err(_) => false,
+        }
+    }
+
+    pub(crate) async fn wait_gone(pid: u32) -> bool {
+        for _ in 0..300 {
+            if !is_alive(pid) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::testing::{call, relay};
+
+    #[test]
+    fn relay_is_shareable_across_tasks() {
+        fn assert_send_sync<T: Send + Sync + Clone + 'static>() {}
+        assert_send_sync::<Relay>();
+    }
+
+    #[tokio::test]
+    async fn new_creates_the_root() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let relay = Relay::new(tmp.path().join("a/b"), ToolLimits::default()).expect("relay");
+        assert!(relay.root().is_dir());
+        assert!(relay.root().is_absolute());
+    }
+
+    #[tokio::test]
+    async fn bad_arguments_name_the_problem() {
+        let (_tmp, relay) = relay();
+        let missing = call(&relay, "read_file", json!({})).await;
+        assert!(missing.is_error);
+        assert_eq!(missing.output, "invalid arguments for read_file: missing field `path`");
+        let wrong = call(&relay, "execute", json!({"command": 5})).await;
+        assert!(
+            wrong.output.starts_with("invalid arguments for execute: invalid type: integer `5`"),
+            "{}",
+            wrong.output
+        );
+        let unknown = call(&relay, "write_file", json!({"path": "a", "content": "", "mode": 1})).await;
+        assert!(unknown.output.contains("unknown field `mode`"), "{}", unknown.output);
+        let null = call(&relay, "edit_files", serde_json::Value::Null).await;
+        assert!(null.is_error);
+    }
+
+    #[tokio::test]
+    async fn unknown_tools_are_errors() {
+        let (_tmp, relay) = relay();
+        let result = call(&relay, "rm_rf", json!({})).await;
+        assert!(result.is_error);
+        assert!(result.output.starts_with("unknown tool rm_rf; this workspace offers read_file"), "{}", result.output);
+        assert_eq!(result.call_id, "call-rm_rf");
+    }
+}

@@ -1,0 +1,19 @@
+//! Schema migrations, run in order by [`Migrator`] and recorded in `seaql_migrations`.
+//!
+//! Migrations are written against sea-query's portable column types (no backend-specific SQL), so
+//! the same code builds the schema on SQLite and PostgreSQL. A migration, once released, is never
+//! edited: changes go into a new module listed after it.
+
+use sea_orm_migration::prelude::*;
+
+mod m20261101_000001_initial;
+
+/// Every migration of agentplane's database, oldest first.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261101_000001_initial::Migration)]
+    }
+}

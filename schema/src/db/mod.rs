@@ -1,0 +1,103 @@
+//! The database: sea-orm [`entities`] (one module per table), the [`migration`]s that create
+//! them, and [`connect`] / [`connect_and_migrate`], which open a pool tuned for the backend.
+//!
+//! The same code runs on SQLite (the embedded single-replica default) and PostgreSQL (several
+//! replicas): ids are UUID text, timestamps UTC, enumerations strings, structured values JSON, and
+//! migrations use only sea-query's portable column types. Start reading at [`connect_and_migrate`].
+
+pub mod entities;
+pub mod migration;
+
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait,
+};
+use sea_orm_migration::MigratorTrait;
+
+use self::migration::Migrator;
+
+/// How long a SQLite connection waits for another writer's lock before failing with "busy".
+pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
+
+/// The smallest SQLite pool [`connect`] opens: with one connection a reader waits behind every
+/// transaction (and a transaction that re-acquires the pool deadlocks), which defeats WAL.
+pub const MIN_SQLITE_CONNECTIONS: u32 = 2;
+
+/// Key of the PostgreSQL advisory lock that serialises migrations of replicas starting together.
+const MIGRATION_LOCK_KEY: i64 = 0x6167_656e_7470_6c6e; // "agentpln"
+
+/// Opens a connection pool for `url` (`sqlite:...` or `postgres://...` / `postgresql://...`).
+///
+/// SQLite: the file is created if missing, and every pooled connection uses WAL journaling,
+/// `synchronous=NORMAL`, enforced foreign keys and a [`SQLITE_BUSY_TIMEOUT`] busy timeout; the
+/// pool holds `max_connections` but at least [`MIN_SQLITE_CONNECTIONS`]. The directory of the
+/// file must exist. PostgreSQL: the pool holds `max_connections` (at least one).
+///
+/// Statement logging is off: at sqlx's default level it would log every query.
+pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
+    let mut options = ConnectOptions::new(url);
+    options.sqlx_logging(false);
+    match backend_of(url)? {
+        DbBackend::Sqlite => {
+            options.max_connections(max_connections.max(MIN_SQLITE_CONNECTIONS)).map_sqlx_sqlite_opts(|sqlite| {
+                sqlite
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .foreign_keys(true)
+                    .busy_timeout(SQLITE_BUSY_TIMEOUT)
+            });
+        }
+        _ => {
+            options.max_connections(max_connections.max(1));
+        }
+    }
+    Database::connect(options).await
+}
+
+/// [`connect`], then [`migrate`]: what a process calls on every start.
+pub async fn connect_and_migrate(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
+    let db = connect(url, max_connections).await?;
+    migrate(&db).await?;
+    Ok(db)
+}
+
+/// Applies every pending migration; does nothing when the schema is current.
+///
+/// On PostgreSQL the run holds a transaction-scoped advisory lock, so replicas that start at the
+/// same time apply the migrations once, one after the other, instead of racing on `CREATE TABLE`.
+/// SQLite is single-process (the embedded default), so no lock is taken there.
+pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
+    match db.get_database_backend() {
+        DbBackend::Postgres => {
+            let txn = db.begin().await?;
+            txn.execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT pg_advisory_xact_lock($1)",
+                [MIGRATION_LOCK_KEY.into()],
+            ))
+            .await?;
+            Migrator::up(&txn, None).await?;
+            txn.commit().await
+        }
+        _ => Migrator::up(db, None).await,
+    }
+}
+
+/// The backend a URL names, judged by its scheme only (the URL may carry a password, so it is
+/// never echoed in the error).
+fn backend_of(url: &str) -> Result<DbBackend, DbErr> {
+    let scheme = url.split_once(':').map(|(scheme, _)| scheme).unwrap_or("");
+    match scheme {
+        "sqlite" => Ok(DbBackend::Sqlite),
+        "postgres" | "postgresql" => Ok(DbBackend::Postgres),
+        other => {
+            Err(DbErr::Custom(format!("unsupported database URL scheme {other:?}: expected sqlite: or postgres://")))
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! One test environment: scripted LLM + orchestrator + admin client + a default model.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentplane::server::{ServerHandle, spawn};
+use agentplane_config::Settings;
+use agentplane_schema::api::{
+    Chat, ChatStatus, CreateChat, CreateModel, CreateProvider, ProviderType, SendMessage,
+};
+use agentplane_schema::event::{EventBody, StreamEvent};
+use agentplane_schema::message::{Message, Part};
+use agentplane_tests::{ApiClient, EventStream, ScriptedLlm, TestDatabase};
+
+pub const ADMIN_TOKEN: &str = "ap_test_admin_token";
+/// Generous: nothing here should take this long; it only bounds a failing test.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub struct TestEnv {
+    pub llm: ScriptedLlm,
+    pub admin: ApiClient,
+    pub data_dir: tempfile::TempDir,
+    // Dropped in field order: the server before the database it uses.
+    pub server: ServerHandle,
+    _db: TestDatabase,
+}
+
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+impl TestEnv {
+    pub async fn start() -> Self {
+        Self::start_with(Db::Sqlite, |_| {}).await
+    }
+
+    pub async fn start_with(db: Db, tweak: impl FnOnce(&mut Settings)) -> Self {
+        agentplane_tests::init_tracing();
+        let llm = ScriptedLlm::start();
+        let data_dir = tempfile::tempdir().expect("tempdir");
+        let db = match db {
+            Db::Sqlite => TestDatabase::sqlite(data_dir.path()),
+            Db::Postgres => TestDatabase::postgres(),
+        };
+        let mut settings = Settings::defaults();
+        settings.server.data_dir = data_dir.path().to_path_buf();
+        settings.server.actor_threads = 2;
+        settings.server.http_workers = 2;
+        settings.database.url = db.url().to_string();
+        settings.database.max_connections = 4;
+        settings.auth.bootstrap_token = ADMIN_TOKEN.into();
+        settings.llm.retry.initial_delay_ms = 10;
+        settings.llm.retry.max_delay_ms = 2000;
+        settings.llm.retry.max_attempts = 3;
+        tweak(&mut settings);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let server = tokio::task::spawn_blocking(move || spawn(settings, listener))
+            .await
+            .expect("join")
+            .expect("server starts");
+        let admin = ApiClient::new(server.base_url(), ADMIN_TOKEN);
+        let provider = admin
+            .create_provider(&CreateProvider {
+                provider_type: ProviderType::OpenaiCompatible,
+                name: "scripted".into(),
+                base_url: llm.base_url(),
+                api_key: Some("sk-test-secret".into()),
+                settings: serde_json::Value::Null,
+            })
+            .await
+            .expect("provider");
+        admin
+            .create_model(&CreateModel {
+                provider_id: provider.id,
+                model: "scripted-1".into(),
+                display_name: Some("Scripted".into()),
+                context_window: 128_000,
+                max_output_tokens: None,
+                vision: false,
+                enabled: true,
+                is_default: true,
+            })
+            .await
+            .expect("model");
+        TestEnv { llm, admin, data_dir, server, _db: db }
+    }
+
+    pub fn base_url(&self) -> String {
+        self.server.base_url()
+    }
+
+    pub fn workspace_dir(&self, workspace_id: &str) -> PathBuf {
+        self.data_dir.path().join("workspaces").join(workspace_id)
+    }
+
+    /// Creates a chat whose first turn answers `reply_text` (pushed to the script first), waits for
+    /// it to be idle, and returns it with an open event stream positioned after that turn.
+    pub async fn idle_chat(&self, reply_text: &str) -> (Chat, EventStream) {
+        self.llm.push(agentplane_tests::Reply::text(reply_text));
+        let chat = self.admin.create_chat(&CreateChat {
+            content: vec![Part::text("hello")],
+            model_id: None,
+            workspace_id: None,
+            title: None,
+        })
+        .await
+        .expect("create chat");
+        let mut stream = EventStream::connect(&self.base_url(), &chat.id, ADMIN_TOKEN, Some(0)).await.expect("ws");
+        stream.wait_for_status(ChatStatus::Idle, WAIT).await.expect("first turn ends");
+        (chat, stream)
+    }
+
+    pub async fn send(&self, chat_id: &str, text: &str) {
+        self.admin
+            .send(chat_id, &SendMessage { content: vec![Part::text(text)], busy_behavior: Default::default() })
+            .await
+            .expect("send");
+    }
+
+    pub async fn messages(&self, chat_id: &str) -> Vec<Message> {
+        self.admin.messages(chat_id).await.expect("messages").messages
+    }
+}
+
+pub fn is_status(status: ChatStatus) -> impl FnMut(&StreamEvent) -> bool {
+    move |e| matches!(&e.body, EventBody::Status { status: s, .. } if *s == status)
+}
+
+/// `(call_id, name, result, is_error)` of every tool result in `messages`.
+pub fn tool_results(messages: &[Message]) -> Vec<(String, String, String, bool)> {
+    messages
+        .iter()
+        .flat_map(|m| m.parts.iter())
+        .filter_map(|p| match p {
+            Part::ToolResult { call_id, name, result, is_error } => {
+                Some((call_id.clone(), name.clone(), result.clone(), *is_error))
+            }
+            _ => None,
+        })
+        .collect()
+}

@@ -1,0 +1,68 @@
+//! Interrupting a long `execute`: the process group dies, the chat goes idle with the partial
+//! work and an "interrupted" result stored, and the next message works.
+
+use std::time::Duration;
+
+use agentplane_schema::api::ChatStatus;
+use agentplane_schema::event::{EventBody, ToolPhase};
+use agentplane_tests::Reply;
+use serde_json::json;
+
+use crate::common::{TestEnv, WAIT, is_status, tool_results};
+
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // A zombie has exited; only its parent's reaping is pending.
+        Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupting_a_long_execute_kills_its_process_group() {
+    let env = TestEnv::start().await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    env.llm.push_all([
+        Reply::tool_call("create_workspace", json!({"template_id": "local"})),
+        Reply::tool_call(
+            "execute",
+            json!({"command": "sleep 300 & echo $! > child.pid; echo started; wait", "timeout_seconds": 600}),
+        ),
+    ]);
+    env.send(&chat.id, "run the long job").await;
+    stream
+        .wait_for(
+            |e| matches!(&e.body, EventBody::ToolCall { phase: ToolPhase::Output, output: Some(o), .. } if o.contains("started")),
+            WAIT,
+        )
+        .await
+        .expect("output streams");
+    let ws = env.admin.get_chat(&chat.id).await.expect("chat").chat.workspace_id.expect("workspace");
+    let pid: i32 = std::fs::read_to_string(env.workspace_dir(&ws).join("child.pid"))
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert!(!process_gone(pid), "the child runs before the interrupt");
+
+    env.admin.interrupt(&chat.id).await.expect("interrupt");
+    stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !process_gone(pid) {
+        assert!(std::time::Instant::now() < deadline, "process {pid} survived the interrupt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let messages = env.messages(&chat.id).await;
+    let results = tool_results(&messages);
+    let (_, name, result, is_error) = results.last().expect("a result");
+    assert_eq!(name, "execute");
+    assert!(*is_error && result.contains("interrupted"), "{result}");
+    assert!(messages.last().expect("last").interrupted);
+    assert_eq!(env.admin.get_chat(&chat.id).await.expect("chat").chat.status, ChatStatus::Idle);
+
+    env.llm.push(Reply::text("back at it"));
+    env.send(&chat.id, "continue").await;
+    stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    assert_eq!(env.messages(&chat.id).await.last().expect("last").text(), "back at it");
+}

@@ -1,0 +1,10 @@
+//! Integration tests: a real orchestrator (in-process, on a free port) against the scripted LLM,
+//! on SQLite files or a fresh PostgreSQL database. One module per surface.
+
+mod bad_input;
+mod chat_lifecycle;
+mod common;
+mod interrupt;
+mod queue;
+mod resume;
+mod retries;

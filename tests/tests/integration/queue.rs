@@ -1,0 +1,125 @@
+//! Messages sent while the agent works: queued and delivered at the next step boundary, or
+//! delivered at once with `interrupt`; queued messages can be deleted; nothing is lost.
+
+use agentplane_schema::api::{BusyBehavior, ChatStatus, SendMessage};
+use agentplane_schema::event::{DeltaKind, EventBody, ToolPhase};
+use agentplane_schema::message::{Part, Role};
+use agentplane_tests::Reply;
+use serde_json::json;
+
+use crate::common::{TestEnv, WAIT, is_status};
+
+fn msg(text: &str, busy: BusyBehavior) -> SendMessage {
+    SendMessage { content: vec![Part::text(text)], busy_behavior: busy }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_message_is_delivered_at_the_next_step_boundary() {
+    let env = TestEnv::start().await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    env.llm.push_all([
+        Reply::tool_call("create_workspace", json!({"template_id": "local"})),
+        // Holds the step open until the test creates `go` in the workspace.
+        Reply::tool_call("execute", json!({"command": "while [ ! -f go ]; do sleep 0.02; done; echo released"})),
+        Reply::text("handled both"),
+    ]);
+    env.send(&chat.id, "start working").await;
+    stream
+        .wait_for(|e| matches!(&e.body, EventBody::ToolCall { phase: ToolPhase::Started, name, .. } if name == "execute"), WAIT)
+        .await
+        .expect("execute starts");
+
+    let outcome = env.admin.send(&chat.id, &msg("also do this", BusyBehavior::Queue)).await.expect("send");
+    assert!(outcome.queued);
+    let queued = outcome.queued_message.expect("queued message");
+    let page = env.admin.messages(&chat.id).await.expect("page");
+    assert_eq!(page.queued_messages.len(), 1);
+    assert_eq!(page.queued_messages[0].id, queued.id);
+    stream
+        .wait_for(|e| matches!(&e.body, EventBody::QueueUpdate { queued_messages } if queued_messages.len() == 1), WAIT)
+        .await
+        .expect("queue_update");
+    // Not delivered while the step runs.
+    assert!(env.messages(&chat.id).await.iter().all(|m| m.text() != "also do this"));
+
+    let ws = env.admin.get_chat(&chat.id).await.expect("chat").chat.workspace_id.expect("workspace");
+    std::fs::write(env.workspace_dir(&ws).join("go"), "").expect("release");
+    stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+
+    let page = env.admin.messages(&chat.id).await.expect("page");
+    assert!(page.queued_messages.is_empty());
+    let roles: Vec<(Role, String)> = page.messages.iter().map(|m| (m.role, m.text())).collect();
+    let n = roles.len();
+    // ... assistant(execute call), tool(result), user(queued), assistant(final)
+    assert_eq!(roles[n - 4].0, Role::Assistant);
+    assert_eq!(roles[n - 3].0, Role::Tool);
+    assert_eq!(roles[n - 2], (Role::User, "also do this".into()));
+    assert_eq!(roles[n - 1], (Role::Assistant, "handled both".into()));
+    let last_request = env.llm.requests().pop().expect("request");
+    assert_eq!(last_request.last_user_text().as_deref(), Some("also do this"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupt_delivers_at_once_and_keeps_the_partial_answer() {
+    let env = TestEnv::start().await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    env.llm.push_all([Reply::text("Let me think about this at length").then_hang(), Reply::text("changing course")]);
+    env.send(&chat.id, "a long question").await;
+    stream
+        .wait_for(|e| matches!(&e.body, EventBody::MessageDelta { kind: DeltaKind::Text, .. }), WAIT)
+        .await
+        .expect("answer streams");
+
+    let outcome =
+        env.admin.send(&chat.id, &msg("stop, do this instead", BusyBehavior::Interrupt)).await.expect("send");
+    assert!(outcome.queued);
+    let events = stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    assert!(events.iter().any(|e| matches!(&e.body, EventBody::Status { status: ChatStatus::Interrupting, .. })));
+
+    let messages = env.messages(&chat.id).await;
+    let tail: Vec<(Role, String, bool)> =
+        messages.iter().rev().take(4).rev().map(|m| (m.role, m.text(), m.interrupted)).collect();
+    assert_eq!(
+        tail,
+        [
+            (Role::User, "a long question".into(), false),
+            (Role::Assistant, "Let me think about this at length".into(), true),
+            (Role::User, "stop, do this instead".into(), false),
+            (Role::Assistant, "changing course".into(), false),
+        ]
+    );
+    assert_eq!(env.llm.requests().pop().expect("request").last_user_text().as_deref(), Some("stop, do this instead"));
+    assert!(env.admin.messages(&chat.id).await.expect("page").queued_messages.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_message_can_be_deleted_before_delivery() {
+    let env = TestEnv::start().await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    env.llm.push(Reply::text("working").then_hang());
+    env.send(&chat.id, "first").await;
+    stream
+        .wait_for(|e| matches!(&e.body, EventBody::MessageDelta { .. }), WAIT)
+        .await
+        .expect("streams");
+    let outcome = env.admin.send(&chat.id, &msg("never mind this", BusyBehavior::Queue)).await.expect("send");
+    let qid = outcome.queued_message.expect("queued").id;
+    env.admin.delete_queued(&chat.id, &qid).await.expect("delete");
+    stream
+        .wait_for(|e| matches!(&e.body, EventBody::QueueUpdate { queued_messages } if queued_messages.is_empty()), WAIT)
+        .await
+        .expect("queue emptied");
+    let err = env.admin.delete_queued(&chat.id, &qid).await.expect_err("already gone");
+    assert_eq!(err.status().map(|s| s.as_u16()), Some(404));
+
+    env.admin.interrupt(&chat.id).await.expect("interrupt");
+    stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    let page = env.admin.messages(&chat.id).await.expect("page");
+    assert!(page.queued_messages.is_empty());
+    assert!(page.messages.iter().all(|m| m.text() != "never mind this"));
+
+    env.llm.push(Reply::text("fine"));
+    env.send(&chat.id, "again").await;
+    stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    assert_eq!(env.messages(&chat.id).await.last().expect("last").text(), "fine");
+}
