@@ -26,20 +26,17 @@ impl LocalEventBus {
 impl EventBus for LocalEventBus {
     fn publish(&self, event: StreamEvent) {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = channels.get(&event.chat_id) {
-            if tx.send(event.clone()).is_err() {
-                // Nobody listens any more: forget the channel so idle chats cost nothing.
-                channels.remove(&event.chat_id);
-            }
+        if let Some(tx) = channels.get(&event.chat_id)
+            && tx.send(event.clone()).is_err()
+        {
+            // Nobody listens any more: forget the channel so idle chats cost nothing.
+            channels.remove(&event.chat_id);
         }
     }
 
     fn subscribe(&self, chat_id: &str) -> broadcast::Receiver<StreamEvent> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        channels
-            .entry(chat_id.to_string())
-            .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
-            .subscribe()
+        channels.entry(chat_id.to_string()).or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0).subscribe()
     }
 }
 

@@ -27,11 +27,13 @@ impl ChatHandle {
     }
 
     /// Sends a user message: it starts a turn, or is queued while one runs.
-    pub async fn send(&self, user_id: &str, content: Vec<Part>, busy: BusyBehavior) -> Result<SendOutcome, ChatOpError> {
-        self.addr
-            .send(UserInput { user_id: user_id.to_string(), content, busy })
-            .await
-            .map_err(unreachable_actor)?
+    pub async fn send(
+        &self,
+        user_id: &str,
+        content: Vec<Part>,
+        busy: BusyBehavior,
+    ) -> Result<SendOutcome, ChatOpError> {
+        self.addr.send(UserInput { user_id: user_id.to_string(), content, busy }).await.map_err(unreachable_actor)?
     }
 
     /// Stops the running turn; the partial answer is kept.

@@ -81,10 +81,20 @@ pub enum StopReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelEvent {
     TextDelta(String),
-    ReasoningDelta { text: String, signature: Option<String> },
+    ReasoningDelta {
+        text: String,
+        signature: Option<String>,
+    },
     /// A tool call begins; `index` identifies it in later `ToolCallArgs` pieces.
-    ToolCallStart { index: usize, call_id: String, name: String },
-    ToolCallArgs { index: usize, piece: String },
+    ToolCallStart {
+        index: usize,
+        call_id: String,
+        name: String,
+    },
+    ToolCallArgs {
+        index: usize,
+        piece: String,
+    },
     Usage(Usage),
     Finish(StopReason),
 }
@@ -195,14 +205,48 @@ pub struct ResolvedModel {
 #[derive(Debug, Clone)]
 pub enum Op {
     InsertMessage(Message),
-    SetStatus { status: ChatStatus, error: Option<ChatError> },
+    SetStatus {
+        status: ChatStatus,
+        error: Option<ChatError>,
+    },
     SetWorkspace(Option<String>),
-    InsertQueued { message: QueuedMessage, position: i64 },
-    DeleteQueued { id: String },
-    InsertToolCall { call_id: String, message_id: String, name: String, args: serde_json::Value, user_id: String, workspace_id: Option<String> },
-    FinishToolCall { call_id: String, message_id: String, status: ToolCallStatus, result: String, is_error: bool, exit_code: Option<i32>, duration_ms: Option<u64>, workspace_id: Option<String> },
-    RecordUsage { message_id: String, model_id: String, usage: Usage },
-    Audit { user_id: Option<String>, action: String, target_type: String, target_id: Option<String>, details: serde_json::Value },
+    InsertQueued {
+        message: QueuedMessage,
+        position: i64,
+    },
+    DeleteQueued {
+        id: String,
+    },
+    InsertToolCall {
+        call_id: String,
+        message_id: String,
+        name: String,
+        args: serde_json::Value,
+        user_id: String,
+        workspace_id: Option<String>,
+    },
+    FinishToolCall {
+        call_id: String,
+        message_id: String,
+        status: ToolCallStatus,
+        result: String,
+        is_error: bool,
+        exit_code: Option<i32>,
+        duration_ms: Option<u64>,
+        workspace_id: Option<String>,
+    },
+    RecordUsage {
+        message_id: String,
+        model_id: String,
+        usage: Usage,
+    },
+    Audit {
+        user_id: Option<String>,
+        action: String,
+        target_type: String,
+        target_id: Option<String>,
+        details: serde_json::Value,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,10 +18,12 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::deps::Deps;
-use crate::ports::{ModelError, ModelEvent, ModelRequest, Op, ResolvedModel, StopReason, StoreError, ToolCallStatus, Usage};
+use crate::ports::{
+    ModelError, ModelEvent, ModelRequest, Op, ResolvedModel, StopReason, StoreError, ToolCallStatus, Usage,
+};
+use crate::prompt;
 use crate::shared::ChatShared;
 use crate::tools::{self, ToolContext, ToolOutcome};
-use crate::prompt;
 
 pub struct StepInput {
     pub deps: Arc<Deps>,
@@ -112,7 +114,10 @@ async fn step(input: &StepInput, committed: &mut Vec<Message>) -> Result<StepOut
         push_text_parts(&mut parts, &draft);
         if !parts.is_empty() {
             let message = new_message(input, Role::Assistant, parts, true, Some(&model));
-            input.shared.commit(vec![Op::InsertMessage(message.clone())], vec![EventBody::Message { message: message.clone() }]).await?;
+            input
+                .shared
+                .commit(vec![Op::InsertMessage(message.clone())], vec![EventBody::Message { message: message.clone() }])
+                .await?;
             committed.push(message);
         }
         return Ok(StepOutcome::Interrupted);
@@ -198,7 +203,13 @@ async fn step(input: &StepInput, committed: &mut Vec<Message>) -> Result<StepOut
     Ok(if interrupted || input.cancel.is_cancelled() { StepOutcome::Interrupted } else { StepOutcome::Continue })
 }
 
-async fn run_and_record(ctx: &ToolContext, message_id: &str, call_id: &str, name: &str, args: &Value) -> Result<ToolOutcome, StoreError> {
+async fn run_and_record(
+    ctx: &ToolContext,
+    message_id: &str,
+    call_id: &str,
+    name: &str,
+    args: &Value,
+) -> Result<ToolOutcome, StoreError> {
     let outcome = if args.is_object() {
         tools::run(ctx, call_id, name, args).await
     } else {
@@ -387,7 +398,13 @@ fn parse_args(raw: &str) -> Value {
     serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()))
 }
 
-fn new_message(input: &StepInput, role: Role, parts: Vec<Part>, interrupted: bool, model: Option<&ResolvedModel>) -> Message {
+fn new_message(
+    input: &StepInput,
+    role: Role,
+    parts: Vec<Part>,
+    interrupted: bool,
+    model: Option<&ResolvedModel>,
+) -> Message {
     Message {
         id: new_id(),
         chat_id: input.shared.chat_id.clone(),

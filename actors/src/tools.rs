@@ -225,11 +225,8 @@ async fn list_templates(ctx: &ToolContext, args: &Value) -> ToolOutcome {
 
 /// Best match first: query words found in the name weigh more than in the description.
 pub fn rank_templates(mut templates: Vec<Template>, query: &str) -> Vec<Template> {
-    let words: Vec<String> = query
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .collect();
+    let words: Vec<String> =
+        query.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect();
     let score = |t: &Template| -> usize {
         let name = t.name.to_lowercase();
         let description = t.description.to_lowercase();

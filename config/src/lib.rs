@@ -132,15 +132,13 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
+        let mut builder =
+            config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
         }
-        let env: config::Map<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
-            .collect();
+        let env: config::Map<String, String> =
+            env.into_iter().filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__"))).collect();
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
@@ -271,10 +269,13 @@ mod tests {
     fn file_layer_sits_between_defaults_and_environment() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("agentplane.toml");
-        std::fs::write(&path, "[agent]\nmax_steps = 7\nsystem_prompt = \"be terse\"\n[server]\nlisten = \"127.0.0.1:1\"\n")
-            .expect("write");
-        let s = Settings::load_with_env(Some(&path), env(&[("AGENTPLANE__SERVER__LISTEN", "127.0.0.1:2")]))
-            .expect("loads");
+        std::fs::write(
+            &path,
+            "[agent]\nmax_steps = 7\nsystem_prompt = \"be terse\"\n[server]\nlisten = \"127.0.0.1:1\"\n",
+        )
+        .expect("write");
+        let s =
+            Settings::load_with_env(Some(&path), env(&[("AGENTPLANE__SERVER__LISTEN", "127.0.0.1:2")])).expect("loads");
         assert_eq!(s.agent.max_steps, 7);
         assert_eq!(s.agent.system_prompt, "be terse");
         assert_eq!(s.server.listen, "127.0.0.1:2");
@@ -282,14 +283,14 @@ mod tests {
 
     #[test]
     fn validation_names_the_key() {
-        let err = Settings::load_with_env(None, env(&[("AGENTPLANE__SERVER__LISTEN", "nonsense")]))
-            .expect_err("invalid");
+        let err =
+            Settings::load_with_env(None, env(&[("AGENTPLANE__SERVER__LISTEN", "nonsense")])).expect_err("invalid");
         assert!(err.to_string().contains("server.listen"), "{err}");
-        let err = Settings::load_with_env(None, env(&[("AGENTPLANE__DATABASE__URL", "mysql://x")]))
-            .expect_err("invalid");
+        let err =
+            Settings::load_with_env(None, env(&[("AGENTPLANE__DATABASE__URL", "mysql://x")])).expect_err("invalid");
         assert!(err.to_string().contains("database.url"), "{err}");
-        let err = Settings::load_with_env(None, env(&[("AGENTPLANE__LLM__RETRY__MAX_ATTEMPTS", "0")]))
-            .expect_err("invalid");
+        let err =
+            Settings::load_with_env(None, env(&[("AGENTPLANE__LLM__RETRY__MAX_ATTEMPTS", "0")])).expect_err("invalid");
         assert!(err.to_string().contains("llm.retry.max_attempts"), "{err}");
     }
 

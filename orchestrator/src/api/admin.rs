@@ -68,7 +68,10 @@ async fn create_model(
         return Err(ApiError::invalid(format!("provider `{}` does not exist", body.provider_id)));
     }
     let model = state.store.create_model(&body).await?;
-    state.store.audit(Some(user.id()), "model.created", "model", Some(&model.id), json!({"model": model.model})).await?;
+    state
+        .store
+        .audit(Some(user.id()), "model.created", "model", Some(&model.id), json!({"model": model.model}))
+        .await?;
     Ok(HttpResponse::Created().json(model))
 }
 
@@ -86,19 +89,7 @@ async fn create_template(
     if body.name.trim().is_empty() {
         return Err(ApiError::invalid("`name` must not be empty"));
     }
-    let mut seen = std::collections::HashSet::new();
-    for p in &body.parameters {
-        if p.name.trim().is_empty() || !seen.insert(p.name.as_str()) {
-            return Err(ApiError::invalid(format!("parameter names must be unique and non-empty (`{}`)", p.name)));
-        }
-        if p.param_type == agentplane_schema::api::ParamType::Enum && p.options.is_empty() {
-            return Err(ApiError::invalid(format!("enum parameter `{}` needs `options`", p.name)));
-        }
-        if let Some(default) = &p.default {
-            crate::provisioners::params::validate(std::slice::from_ref(p), &json!({ p.name.clone(): default }))
-                .map_err(|e| ApiError::invalid(format!("default of parameter: {e}")))?;
-        }
-    }
+    crate::provisioners::params::check_spec(&body.parameters).map_err(ApiError::invalid)?;
     let template = state.store.create_template(&body).await?;
     state
         .store

@@ -82,9 +82,8 @@ impl ResponseError for ApiError {
         if self.kind == ApiErrorKind::Internal {
             tracing::error!(error = %self.message, "internal error");
         }
-        HttpResponse::build(self.status_code()).json(ErrorBody {
-            error: ErrorDetail { kind: self.kind.as_str().into(), message: self.message.clone() },
-        })
+        HttpResponse::build(self.status_code())
+            .json(ErrorBody { error: ErrorDetail { kind: self.kind.as_str().into(), message: self.message.clone() } })
     }
 }
 

@@ -35,22 +35,14 @@ const CONTEXT_OVERFLOW_PHRASES: &[&str] = &[
 ];
 
 /// Maps an error response to a [`ModelError`]. `body` may be empty or not JSON.
-pub(crate) fn status_error(
-    status: StatusCode,
-    headers: &HeaderMap,
-    body: &[u8],
-    api_key: Option<&str>,
-) -> ModelError {
+pub(crate) fn status_error(status: StatusCode, headers: &HeaderMap, body: &[u8], api_key: Option<&str>) -> ModelError {
     let body_text = String::from_utf8_lossy(body);
     let json: Option<Value> = serde_json::from_slice(body).ok();
     let provider_message = json.as_ref().and_then(json_error_message);
     let code = json.as_ref().and_then(json_error_code);
-    let detail = provider_message
-        .clone()
-        .unwrap_or_else(|| body_text.trim().to_owned());
+    let detail = provider_message.clone().unwrap_or_else(|| body_text.trim().to_owned());
 
-    let overflow = mentions_context_overflow(&detail)
-        || code.as_deref().is_some_and(mentions_context_overflow);
+    let overflow = mentions_context_overflow(&detail) || code.as_deref().is_some_and(mentions_context_overflow);
     let (kind, retryable) = match status.as_u16() {
         // OpenAI answers an exhausted balance with 429 too; waiting does not refill it.
         429 if code.as_deref() == Some("insufficient_quota") => (ChatErrorKind::RateLimit, false),
@@ -74,12 +66,7 @@ pub(crate) fn status_error(
         message.push_str(": ");
         message.push_str(&detail);
     }
-    ModelError {
-        kind,
-        message: clean_message(&message, api_key),
-        retryable,
-        retry_after: retry_after(headers),
-    }
+    ModelError { kind, message: clean_message(&message, api_key), retryable, retry_after: retry_after(headers) }
 }
 
 /// Maps an error object a provider sent inside a 200 stream (OpenRouter does this when the
@@ -87,27 +74,13 @@ pub(crate) fn status_error(
 pub(crate) fn stream_error(value: &Value, api_key: Option<&str>) -> ModelError {
     let message = json_error_message(value).unwrap_or_else(|| value.to_string());
     let code = json_error_code(value);
-    let status = code
-        .as_deref()
-        .and_then(|c| c.parse::<u16>().ok())
-        .and_then(|c| StatusCode::from_u16(c).ok());
+    let status = code.as_deref().and_then(|c| c.parse::<u16>().ok()).and_then(|c| StatusCode::from_u16(c).ok());
     if let Some(status) = status.filter(|s| s.is_client_error() || s.is_server_error()) {
-        let mut error = status_error(
-            status,
-            &HeaderMap::new(),
-            value.to_string().as_bytes(),
-            api_key,
-        );
-        error.message = clean_message(
-            &format!("provider error ({}): {message}", status.as_u16()),
-            api_key,
-        );
+        let mut error = status_error(status, &HeaderMap::new(), value.to_string().as_bytes(), api_key);
+        error.message = clean_message(&format!("provider error ({}): {message}", status.as_u16()), api_key);
         return error;
     }
-    let lower_code = code
-        .as_deref()
-        .map(str::to_ascii_lowercase)
-        .unwrap_or_default();
+    let lower_code = code.as_deref().map(str::to_ascii_lowercase).unwrap_or_default();
     let kind = if mentions_context_overflow(&message) || mentions_context_overflow(&lower_code) {
         ChatErrorKind::ContextOverflow
     } else if lower_code.contains("rate_limit") || lower_code == "insufficient_quota" {
@@ -125,10 +98,7 @@ pub(crate) fn stream_error(value: &Value, api_key: Option<&str>) -> ModelError {
         Some(code) => format!("provider error ({code})"),
         None => "provider error".to_owned(),
     };
-    let mut error = ModelError::new(
-        kind,
-        clean_message(&format!("{prefix}: {message}"), api_key),
-    );
+    let mut error = ModelError::new(kind, clean_message(&format!("{prefix}: {message}"), api_key));
     // As with a 429 status: an empty balance does not refill by waiting.
     if lower_code == "insufficient_quota" {
         error.retryable = false;
@@ -145,26 +115,14 @@ pub(crate) fn transport_error(error: reqwest::Error, api_key: Option<&str>) -> M
     } else if error.is_connect() {
         format!("could not connect: {}", root_cause(&error))
     } else if error.is_body() || error.is_decode() {
-        format!(
-            "connection lost while reading the answer: {}",
-            root_cause(&error)
-        )
+        format!("connection lost while reading the answer: {}", root_cause(&error))
     } else {
         format!("request failed: {}", root_cause(&error))
     };
-    let kind = if error.is_timeout() {
-        ChatErrorKind::Timeout
-    } else {
-        ChatErrorKind::Provider
-    };
+    let kind = if error.is_timeout() { ChatErrorKind::Timeout } else { ChatErrorKind::Provider };
     // Every transport failure is worth another try: a reset or a stalled read says nothing about
     // whether the same request would succeed.
-    ModelError {
-        kind,
-        message: clean_message(&message, api_key),
-        retryable: true,
-        retry_after: None,
-    }
+    ModelError { kind, message: clean_message(&message, api_key), retryable: true, retry_after: None }
 }
 
 /// Reads at most [`MAX_ERROR_BODY_BYTES`] of an error response. A body that fails half-way is
@@ -185,12 +143,7 @@ pub(crate) async fn read_error_body(response: reqwest::Response) -> Vec<u8> {
 /// The delay a provider asked for: `retry-after-ms` (OpenAI, Azure) is preferred for its
 /// precision, then `retry-after` as seconds (possibly fractional) or an HTTP date.
 pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
     if let Some(ms) = header("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
         return Duration::try_from_secs_f64(ms / 1000.0).ok();
     }
@@ -199,17 +152,12 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         return Duration::try_from_secs_f64(seconds).ok();
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
 fn mentions_context_overflow(text: &str) -> bool {
     let lower = text.to_ascii_lowercase();
-    CONTEXT_OVERFLOW_PHRASES
-        .iter()
-        .any(|phrase| lower.contains(phrase))
+    CONTEXT_OVERFLOW_PHRASES.iter().any(|phrase| lower.contains(phrase))
 }
 
 /// The human message of an error body, in the shapes providers use: `{"error":{"message"}}`
@@ -223,20 +171,14 @@ fn json_error_message(value: &Value) -> Option<String> {
     let error = value.get("error").unwrap_or(value);
     let message = match error {
         Value::String(s) => Some(s.clone()),
-        Value::Object(_) => error
-            .get("message")
-            .or_else(|| error.get("detail"))
-            .map(|m| match m {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            }),
+        Value::Object(_) => error.get("message").or_else(|| error.get("detail")).map(|m| match m {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }),
         _ => None,
     }?;
     // OpenRouter puts the upstream provider's own error in `metadata.raw`; it is the useful part.
-    let raw = error
-        .get("metadata")
-        .and_then(|m| m.get("raw"))
-        .and_then(Value::as_str);
+    let raw = error.get("metadata").and_then(|m| m.get("raw")).and_then(Value::as_str);
     Some(match raw {
         Some(raw) if !raw.is_empty() && !message.contains(raw) => format!("{message} ({raw})"),
         _ => message,
@@ -249,17 +191,12 @@ fn json_error_code(value: &Value) -> Option<String> {
         Value::Array(items) => items.first()?,
         other => other,
     };
-    let error = value
-        .get("error")
-        .filter(|e| e.is_object())
-        .unwrap_or(value);
-    ["code", "type", "status"]
-        .iter()
-        .find_map(|key| match error.get(*key)? {
-            Value::String(s) if !s.is_empty() => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
-            _ => None,
-        })
+    let error = value.get("error").filter(|e| e.is_object()).unwrap_or(value);
+    ["code", "type", "status"].iter().find_map(|key| match error.get(*key)? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    })
 }
 
 /// The innermost cause of an error, which is where reqwest keeps the useful part ("connection
@@ -302,12 +239,7 @@ mod tests {
 
     fn error(status: u16, body: &str) -> ModelError {
         let status = StatusCode::from_u16(status).expect("status");
-        status_error(
-            status,
-            &HeaderMap::new(),
-            body.as_bytes(),
-            Some("sk-secret-key-123"),
-        )
+        status_error(status, &HeaderMap::new(), body.as_bytes(), Some("sk-secret-key-123"))
     }
 
     #[test]
@@ -334,43 +266,22 @@ mod tests {
 
     #[test]
     fn context_overflow_is_recognised_by_message_or_code() {
-        let e = error(
-            400,
-            r#"{"error":{"message":"This model's maximum context length is 8192 tokens.","code":null}}"#,
-        );
-        assert_eq!(
-            (e.kind, e.retryable),
-            (ChatErrorKind::ContextOverflow, false)
-        );
-        let e = error(
-            400,
-            r#"{"error":{"message":"too long","code":"context_length_exceeded"}}"#,
-        );
+        let e =
+            error(400, r#"{"error":{"message":"This model's maximum context length is 8192 tokens.","code":null}}"#);
+        assert_eq!((e.kind, e.retryable), (ChatErrorKind::ContextOverflow, false));
+        let e = error(400, r#"{"error":{"message":"too long","code":"context_length_exceeded"}}"#);
         assert_eq!(e.kind, ChatErrorKind::ContextOverflow);
         let e = error(413, "prompt is too long: 210000 tokens > 200000 maximum");
         assert_eq!(e.kind, ChatErrorKind::ContextOverflow);
-        let e = error(
-            400,
-            r#"{"error":{"message":"Unsupported parameter: 'max_tokens'"}}"#,
-        );
+        let e = error(400, r#"{"error":{"message":"Unsupported parameter: 'max_tokens'"}}"#);
         assert_eq!((e.kind, e.retryable), (ChatErrorKind::Config, false));
-        assert!(
-            e.message.contains("Unsupported parameter: 'max_tokens'"),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("Unsupported parameter: 'max_tokens'"), "{}", e.message);
     }
 
     #[test]
     fn message_comes_from_the_json_body_without_the_key() {
-        let e = error(
-            401,
-            r#"{"error":{"message":"Incorrect API key provided: sk-secret-key-123","type":"auth"}}"#,
-        );
-        assert_eq!(
-            e.message,
-            "HTTP 401 Unauthorized: Incorrect API key provided: <redacted>"
-        );
+        let e = error(401, r#"{"error":{"message":"Incorrect API key provided: sk-secret-key-123","type":"auth"}}"#);
+        assert_eq!(e.message, "HTTP 401 Unauthorized: Incorrect API key provided: <redacted>");
         let e = error(404, r#"{"error":"model 'llama9' not found"}"#);
         assert_eq!(e.message, "HTTP 404 Not Found: model 'llama9' not found");
         let e = error(502, "<html>bad gateway</html>");
@@ -379,38 +290,23 @@ mod tests {
 
     #[test]
     fn insufficient_quota_is_not_retried() {
-        let e = error(
-            429,
-            r#"{"error":{"message":"You exceeded your current quota","code":"insufficient_quota"}}"#,
-        );
+        let e = error(429, r#"{"error":{"message":"You exceeded your current quota","code":"insufficient_quota"}}"#);
         assert_eq!((e.kind, e.retryable), (ChatErrorKind::RateLimit, false));
     }
 
     #[test]
     fn retry_after_forms() {
-        assert_eq!(
-            retry_after(&headers(&[("retry-after", "2")])),
-            Some(Duration::from_secs(2))
-        );
-        assert_eq!(
-            retry_after(&headers(&[("retry-after", "1.5")])),
-            Some(Duration::from_millis(1500))
-        );
+        assert_eq!(retry_after(&headers(&[("retry-after", "2")])), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(&headers(&[("retry-after", "1.5")])), Some(Duration::from_millis(1500)));
         assert_eq!(
             retry_after(&headers(&[("retry-after", "2"), ("retry-after-ms", "250")])),
             Some(Duration::from_millis(250))
         );
         let in_a_minute = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(60));
         let delay = retry_after(&headers(&[("retry-after", &in_a_minute)])).expect("date form");
-        assert!(
-            delay > Duration::from_secs(55) && delay <= Duration::from_secs(60),
-            "{delay:?}"
-        );
+        assert!(delay > Duration::from_secs(55) && delay <= Duration::from_secs(60), "{delay:?}");
         let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(60));
-        assert_eq!(
-            retry_after(&headers(&[("retry-after", &past)])),
-            Some(Duration::ZERO)
-        );
+        assert_eq!(retry_after(&headers(&[("retry-after", &past)])), Some(Duration::ZERO));
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
         assert_eq!(retry_after(&headers(&[("retry-after", "-1")])), None);
         assert_eq!(retry_after(&HeaderMap::new()), None);
@@ -418,10 +314,7 @@ mod tests {
 
     #[test]
     fn stream_errors_use_their_code() {
-        let e = stream_error(
-            &serde_json::json!({"error": {"code": 429, "message": "slow down"}}),
-            None,
-        );
+        let e = stream_error(&serde_json::json!({"error": {"code": 429, "message": "slow down"}}), None);
         assert_eq!((e.kind, e.retryable), (ChatErrorKind::RateLimit, true));
         assert_eq!(e.message, "provider error (429): slow down");
         let e = stream_error(
@@ -431,17 +324,14 @@ mod tests {
             None,
         );
         assert_eq!((e.kind, e.retryable), (ChatErrorKind::Provider, true));
-        let quota =
-            serde_json::json!({"error": {"code": "insufficient_quota", "message": "No credits"}});
+        let quota = serde_json::json!({"error": {"code": "insufficient_quota", "message": "No credits"}});
         let e = stream_error(&quota, None);
         assert_eq!((e.kind, e.retryable), (ChatErrorKind::RateLimit, false));
         let e = stream_error(&serde_json::json!({"error": {"message": "boom"}}), None);
         assert_eq!((e.kind, e.retryable), (ChatErrorKind::Provider, true));
         assert_eq!(e.message, "provider error: boom");
-        let e = stream_error(
-            &serde_json::json!({"error": {"type": "overloaded_error", "message": "Overloaded"}}),
-            None,
-        );
+        let e =
+            stream_error(&serde_json::json!({"error": {"type": "overloaded_error", "message": "Overloaded"}}), None);
         assert_eq!(e.kind, ChatErrorKind::Overloaded);
     }
 

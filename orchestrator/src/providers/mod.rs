@@ -30,10 +30,7 @@ impl Providers {
     /// stalled stream fails while a long answer that keeps streaming is never cut. A total
     /// deadline (`reqwest`'s `timeout`) would kill long answers.
     pub fn new(connect_timeout: Duration, read_timeout: Duration) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .read_timeout(read_timeout)
-            .build()?;
+        let http = reqwest::Client::builder().connect_timeout(connect_timeout).read_timeout(read_timeout).build()?;
         Ok(Providers { http })
     }
 }

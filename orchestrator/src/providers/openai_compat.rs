@@ -23,28 +23,16 @@ use super::sse::{SseEvent, SseParser, SseStream};
 
 /// Sends `request` and returns its answer as a stream. Errors up to and including the response
 /// headers (connect failures, error statuses) come from the outer `Result`.
-pub(crate) async fn stream(
-    client: &reqwest::Client,
-    request: ModelRequest,
-) -> Result<ModelStream, ModelError> {
+pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> Result<ModelStream, ModelError> {
     let api_key = request.target.api_key.clone().filter(|key| !key.is_empty());
-    let url = format!(
-        "{}/chat/completions",
-        request.target.base_url.trim_end_matches('/')
-    );
+    let url = format!("{}/chat/completions", request.target.base_url.trim_end_matches('/'));
     let body = request_body(&request);
 
-    let mut builder = client
-        .post(&url)
-        .header(reqwest::header::ACCEPT, "text/event-stream")
-        .json(&body);
+    let mut builder = client.post(&url).header(reqwest::header::ACCEPT, "text/event-stream").json(&body);
     if let Some(key) = &api_key {
         builder = builder.bearer_auth(key);
     }
-    let response = builder
-        .send()
-        .await
-        .map_err(|e| http::transport_error(e, api_key.as_deref()))?;
+    let response = builder.send().await.map_err(|e| http::transport_error(e, api_key.as_deref()))?;
 
     let status = response.status();
     if !status.is_success() {
@@ -124,11 +112,7 @@ fn push_message(out: &mut Vec<Value>, message: &PromptMessage) {
                 .parts
                 .iter()
                 .filter_map(|p| match p {
-                    Part::ToolCall {
-                        call_id,
-                        name,
-                        args,
-                    } => Some(json!({
+                    Part::ToolCall { call_id, name, args } => Some(json!({
                         "id": call_id,
                         "type": "function",
                         "function": {"name": name, "arguments": arguments_string(args)},
@@ -153,9 +137,9 @@ fn push_message(out: &mut Vec<Value>, message: &PromptMessage) {
         }
         // The dialect has no is_error flag; the result text itself says what went wrong.
         Role::Tool => out.extend(message.parts.iter().filter_map(|p| match p {
-            Part::ToolResult {
-                call_id, result, ..
-            } => Some(json!({"role": "tool", "tool_call_id": call_id, "content": result})),
+            Part::ToolResult { call_id, result, .. } => {
+                Some(json!({"role": "tool", "tool_call_id": call_id, "content": result}))
+            }
             _ => None,
         })),
     }
@@ -182,9 +166,7 @@ fn user_content(parts: &[Part]) -> Value {
             // An image part only names a stored file; its bytes (sent as an `image_url` data
             // URL) arrive with the images feature. Until then the model is told an image was
             // attached rather than silently seeing nothing.
-            Part::Image { file_id } => {
-                Some(json!({"type": "text", "text": format!("[image {file_id}]")}))
-            }
+            Part::Image { file_id } => Some(json!({"type": "text", "text": format!("[image {file_id}]")})),
             _ => None,
         })
         .collect()
@@ -230,9 +212,7 @@ impl StreamState {
                 return None;
             }
             match self.events.next().await {
-                Some(Ok(event)) => {
-                    self.done = self.decoder.on_event(&event, &mut self.pending).is_break()
-                }
+                Some(Ok(event)) => self.done = self.decoder.on_event(&event, &mut self.pending).is_break(),
                 Some(Err(error)) => {
                     self.done = true;
                     if self.decoder.finish_reason.is_some() {
@@ -461,21 +441,13 @@ impl ChunkDecoder {
             self.usage = Some(Usage {
                 input_tokens: usage.prompt_tokens.unwrap_or(0),
                 output_tokens: usage.completion_tokens.unwrap_or(0),
-                cache_read_tokens: details
-                    .and_then(|d| d.cached_tokens)
-                    .or(usage.prompt_cache_hit_tokens)
-                    .unwrap_or(0),
+                cache_read_tokens: details.and_then(|d| d.cached_tokens).or(usage.prompt_cache_hit_tokens).unwrap_or(0),
                 cache_write_tokens: details.and_then(|d| d.cache_write_tokens).unwrap_or(0),
             });
         }
         // With `n > 1` choices interleave; the loop wants one answer, so only choice 0 is read.
         // A missing index is taken as 0 (single-choice servers that omit it).
-        let Some(choice) = chunk
-            .choices
-            .into_iter()
-            .flatten()
-            .find(|c| c.index.unwrap_or(0) == 0)
-        else {
+        let Some(choice) = chunk.choices.into_iter().flatten().find(|c| c.index.unwrap_or(0) == 0) else {
             return;
         };
         if let Some(delta) = choice.delta.or(choice.message) {
@@ -488,18 +460,12 @@ impl ChunkDecoder {
 
     fn on_delta(&mut self, delta: Delta, out: &mut VecDeque<Result<ModelEvent, ModelError>>) {
         // Servers moving from one name to the other send both with the same text; one is read.
-        let reasoning = [delta.reasoning_content, delta.reasoning]
-            .into_iter()
-            .flatten()
-            .find_map(|r| match r {
-                Value::String(text) if !text.is_empty() => Some(text),
-                _ => None,
-            });
+        let reasoning = [delta.reasoning_content, delta.reasoning].into_iter().flatten().find_map(|r| match r {
+            Value::String(text) if !text.is_empty() => Some(text),
+            _ => None,
+        });
         if let Some(text) = reasoning {
-            out.push_back(Ok(ModelEvent::ReasoningDelta {
-                text,
-                signature: None,
-            }));
+            out.push_back(Ok(ModelEvent::ReasoningDelta { text, signature: None }));
         }
         if let Some(content) = delta.content {
             for text in content_texts(content) {
@@ -528,9 +494,7 @@ impl ChunkDecoder {
         let slot = match self.slot_by_index.get(&index).copied() {
             // Some servers number every call 0; a new id under a used index is a new call. The
             // same id again (vLLM repeats it) is the same call.
-            Some(slot)
-                if id.is_some() && self.slots[slot].id.is_some() && self.slots[slot].id != id =>
-            {
+            Some(slot) if id.is_some() && self.slots[slot].id.is_some() && self.slots[slot].id != id => {
                 self.new_slot(index)
             }
             Some(slot) => slot,
@@ -587,17 +551,10 @@ impl ChunkDecoder {
         let name = state.name.clone().unwrap_or_default();
         state.started = Some(ours);
         self.started_calls += 1;
-        out.push_back(Ok(ModelEvent::ToolCallStart {
-            index: ours,
-            call_id,
-            name,
-        }));
+        out.push_back(Ok(ModelEvent::ToolCallStart { index: ours, call_id, name }));
         let pending = std::mem::take(&mut state.pending_args);
         if !pending.is_empty() {
-            out.push_back(Ok(ModelEvent::ToolCallArgs {
-                index: ours,
-                piece: pending,
-            }));
+            out.push_back(Ok(ModelEvent::ToolCallArgs { index: ours, piece: pending }));
         }
     }
 
@@ -643,11 +600,7 @@ fn content_texts(content: Value) -> Vec<String> {
         Value::String(text) if !text.is_empty() => vec![text],
         Value::Array(parts) => parts
             .into_iter()
-            .filter(|p| {
-                p.get("type")
-                    .and_then(Value::as_str)
-                    .is_none_or(|t| t == "text")
-            })
+            .filter(|p| p.get("type").and_then(Value::as_str).is_none_or(|t| t == "text"))
             .filter_map(|p| match p.get("text") {
                 Some(Value::String(text)) if !text.is_empty() => Some(text.clone()),
                 _ => None,

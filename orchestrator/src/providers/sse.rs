@@ -128,10 +128,7 @@ impl SseParser {
         if !std::mem::take(&mut self.has_data) {
             return None;
         }
-        Some(SseEvent {
-            event,
-            data: std::mem::take(&mut self.data),
-        })
+        Some(SseEvent { event, data: std::mem::take(&mut self.data) })
     }
 }
 
@@ -146,11 +143,7 @@ pub struct SseStream<S> {
 
 impl<S> SseStream<S> {
     pub fn new(inner: S) -> Self {
-        SseStream {
-            inner,
-            parser: SseParser::new(),
-            inner_done: false,
-        }
+        SseStream { inner, parser: SseParser::new(), inner_done: false }
     }
 }
 
@@ -207,33 +200,21 @@ mod tests {
     }
 
     fn data(data: &str) -> SseEvent {
-        SseEvent {
-            event: None,
-            data: data.to_owned(),
-        }
+        SseEvent { event: None, data: data.to_owned() }
     }
 
     fn named(event: &str, data: &str) -> SseEvent {
-        SseEvent {
-            event: Some(event.to_owned()),
-            data: data.to_owned(),
-        }
+        SseEvent { event: Some(event.to_owned()), data: data.to_owned() }
     }
 
     #[test]
     fn data_with_and_without_space() {
-        assert_eq!(
-            parse_all(&[b"data: a\n\ndata:b\n\ndata:  c\n\n"]),
-            vec![data("a"), data("b"), data(" c")]
-        );
+        assert_eq!(parse_all(&[b"data: a\n\ndata:b\n\ndata:  c\n\n"]), vec![data("a"), data("b"), data(" c")]);
     }
 
     #[test]
     fn multi_line_data_is_joined_with_newlines() {
-        assert_eq!(
-            parse_all(&[b"data: {\"a\":\ndata: 1}\n\n"]),
-            vec![data("{\"a\":\n1}")]
-        );
+        assert_eq!(parse_all(&[b"data: {\"a\":\ndata: 1}\n\n"]), vec![data("{\"a\":\n1}")]);
     }
 
     #[test]
@@ -250,30 +231,18 @@ mod tests {
 
     #[test]
     fn crlf_and_lone_cr_line_endings() {
-        assert_eq!(
-            parse_all(&[b"data: a\r\n\r\ndata: b\r\rdata: c\n\n"]),
-            vec![data("a"), data("b"), data("c")]
-        );
+        assert_eq!(parse_all(&[b"data: a\r\n\r\ndata: b\r\rdata: c\n\n"]), vec![data("a"), data("b"), data("c")]);
     }
 
     #[test]
     fn crlf_split_across_chunks() {
-        assert_eq!(
-            parse_all(&[b"data: a\r", b"\n\r", b"\ndata: b\r\n\r\n"]),
-            vec![data("a"), data("b")]
-        );
+        assert_eq!(parse_all(&[b"data: a\r", b"\n\r", b"\ndata: b\r\n\r\n"]), vec![data("a"), data("b")]);
     }
 
     #[test]
     fn final_event_without_blank_line_is_flushed() {
-        assert_eq!(
-            parse_all(&[b"data: a\n\ndata: [DONE]\n"]),
-            vec![data("a"), data("[DONE]")]
-        );
-        assert_eq!(
-            parse_all(&[b"data: a\n\ndata: [DONE]"]),
-            vec![data("a"), data("[DONE]")]
-        );
+        assert_eq!(parse_all(&[b"data: a\n\ndata: [DONE]\n"]), vec![data("a"), data("[DONE]")]);
+        assert_eq!(parse_all(&[b"data: a\n\ndata: [DONE]"]), vec![data("a"), data("[DONE]")]);
         assert_eq!(parse_all(&[b"data: a\r"]), vec![data("a")]);
     }
 
@@ -284,17 +253,9 @@ mod tests {
 
     #[test]
     fn every_split_point_gives_the_same_events() {
-        let body =
-            "event: e\r\ndata: {\"t\":\"h\u{e9}llo \u{1f600}\"}\r\n\r\n: c\ndata: 2\n\ndata: end";
+        let body = "event: e\r\ndata: {\"t\":\"h\u{e9}llo \u{1f600}\"}\r\n\r\n: c\ndata: 2\n\ndata: end";
         let whole = parse_all(&[body.as_bytes()]);
-        assert_eq!(
-            whole,
-            vec![
-                named("e", "{\"t\":\"h\u{e9}llo \u{1f600}\"}"),
-                data("2"),
-                data("end")
-            ]
-        );
+        assert_eq!(whole, vec![named("e", "{\"t\":\"h\u{e9}llo \u{1f600}\"}"), data("2"), data("end")]);
         for split in 0..=body.len() {
             let (a, b) = body.as_bytes().split_at(split);
             assert_eq!(parse_all(&[a, b]), whole, "split at {split}");
@@ -305,20 +266,13 @@ mod tests {
 
     #[tokio::test]
     async fn stream_adapter_flushes_at_eof_and_passes_errors() {
-        let chunks: Vec<Result<Bytes, &str>> = vec![
-            Ok(Bytes::from_static(b"data: a\n")),
-            Ok(Bytes::from_static(b"\ndata: b")),
-        ];
-        let events: Vec<_> = SseStream::new(futures::stream::iter(chunks))
-            .collect()
-            .await;
+        let chunks: Vec<Result<Bytes, &str>> =
+            vec![Ok(Bytes::from_static(b"data: a\n")), Ok(Bytes::from_static(b"\ndata: b"))];
+        let events: Vec<_> = SseStream::new(futures::stream::iter(chunks)).collect().await;
         assert_eq!(events, vec![Ok(data("a")), Ok(data("b"))]);
 
-        let chunks: Vec<Result<Bytes, &str>> =
-            vec![Ok(Bytes::from_static(b"data: a\n\ndata: b")), Err("reset")];
-        let events: Vec<_> = SseStream::new(futures::stream::iter(chunks))
-            .collect()
-            .await;
+        let chunks: Vec<Result<Bytes, &str>> = vec![Ok(Bytes::from_static(b"data: a\n\ndata: b")), Err("reset")];
+        let events: Vec<_> = SseStream::new(futures::stream::iter(chunks)).collect().await;
         assert_eq!(events, vec![Ok(data("a")), Err("reset")]);
     }
 }

@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentplane_actors::ports::{
-    ModelClient, ModelError, ModelEvent, ModelRequest, ModelTarget, PromptMessage, StopReason,
-    ToolSpec, Usage,
+    ModelClient, ModelError, ModelEvent, ModelRequest, ModelTarget, PromptMessage, StopReason, ToolSpec, Usage,
 };
 use agentplane_schema::api::{ChatErrorKind, ProviderType};
 use agentplane_schema::message::{Part, Role};
@@ -24,10 +23,7 @@ use super::Providers;
 const API_KEY: &str = "sk-test-0123456789abcdef";
 
 fn fixture(name: &str) -> Vec<u8> {
-    let path = format!(
-        "{}/../tests/fixtures/providers/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path = format!("{}/../tests/fixtures/providers/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {path}: {e}"))
 }
 
@@ -46,10 +42,7 @@ struct Recorded {
 
 impl Recorded {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     fn json(&self) -> Value {
@@ -89,10 +82,7 @@ impl Reply {
     fn sse(body: &[u8], piece: usize) -> Self {
         Reply {
             status: 200,
-            headers: vec![(
-                "content-type".into(),
-                "text/event-stream; charset=utf-8".into(),
-            )],
+            headers: vec![("content-type".into(), "text/event-stream; charset=utf-8".into())],
             parts: body.chunks(piece).map(<[u8]>::to_vec).collect(),
             chunked: true,
             pause: Duration::ZERO,
@@ -124,10 +114,7 @@ impl TestServer {
             }
         });
         // A trailing slash, as admins type it; the client must not double it.
-        TestServer {
-            base_url: format!("http://{addr}/v1/"),
-            requests,
-        }
+        TestServer { base_url: format!("http://{addr}/v1/"), requests }
     }
 
     fn requests(&self) -> Vec<Recorded> {
@@ -165,11 +152,8 @@ async fn read_request(socket: &mut TcpStream) -> std::io::Result<Recorded> {
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
-    let length: usize = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
+    let length: usize =
+        headers.iter().find(|(n, _)| n == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
     while buf.len() < head_end + length {
         let n = socket.read(&mut tmp).await?;
         if n == 0 {
@@ -177,19 +161,11 @@ async fn read_request(socket: &mut TcpStream) -> std::io::Result<Recorded> {
         }
         buf.extend_from_slice(&tmp[..n]);
     }
-    Ok(Recorded {
-        method,
-        path,
-        headers,
-        body: buf[head_end..head_end + length].to_vec(),
-    })
+    Ok(Recorded { method, path, headers, body: buf[head_end..head_end + length].to_vec() })
 }
 
 async fn write_reply(socket: &mut TcpStream, reply: &Reply) -> std::io::Result<()> {
-    let reason = reqwest::StatusCode::from_u16(reply.status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("X");
+    let reason = reqwest::StatusCode::from_u16(reply.status).ok().and_then(|s| s.canonical_reason()).unwrap_or("X");
     let mut head = format!("HTTP/1.1 {} {reason}\r\n", reply.status);
     for (name, value) in &reply.headers {
         head.push_str(&format!("{name}: {value}\r\n"));
@@ -197,18 +173,13 @@ async fn write_reply(socket: &mut TcpStream, reply: &Reply) -> std::io::Result<(
     if reply.chunked {
         head.push_str("transfer-encoding: chunked\r\n");
     } else {
-        head.push_str(&format!(
-            "content-length: {}\r\n",
-            reply.parts.iter().map(Vec::len).sum::<usize>()
-        ));
+        head.push_str(&format!("content-length: {}\r\n", reply.parts.iter().map(Vec::len).sum::<usize>()));
     }
     head.push_str("connection: close\r\n\r\n");
     socket.write_all(head.as_bytes()).await?;
     for part in &reply.parts {
         if reply.chunked {
-            socket
-                .write_all(format!("{:x}\r\n", part.len()).as_bytes())
-                .await?;
+            socket.write_all(format!("{:x}\r\n", part.len()).as_bytes()).await?;
             socket.write_all(part).await?;
             socket.write_all(b"\r\n").await?;
         } else {
@@ -253,21 +224,13 @@ fn simple_request(base_url: &str) -> ModelRequest {
     ModelRequest {
         target: target(base_url),
         system: "You are terse.".to_owned(),
-        messages: vec![PromptMessage {
-            role: Role::User,
-            parts: vec![Part::text("What's the weather?")],
-        }],
+        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")] }],
         tools: Vec::new(),
     }
 }
 
 /// Replays `reply` through the real client and returns every stream item.
-async fn run(
-    reply: Reply,
-) -> (
-    Result<Vec<Result<ModelEvent, ModelError>>, ModelError>,
-    Vec<Recorded>,
-) {
+async fn run(reply: Reply) -> (Result<Vec<Result<ModelEvent, ModelError>>, ModelError>, Vec<Recorded>) {
     let server = TestServer::start(reply).await;
     let result = match providers().stream(simple_request(&server.base_url)).await {
         Ok(stream) => Ok(stream.collect().await),
@@ -279,11 +242,8 @@ async fn run(
 /// Replays a fixture and returns its events, which must all be `Ok`.
 async fn replay(name: &str) -> Vec<ModelEvent> {
     let (result, _) = run(Reply::sse(&fixture(name), 97)).await;
-    let events: Vec<ModelEvent> = result
-        .expect("stream opens")
-        .into_iter()
-        .map(|item| item.expect("no error item"))
-        .collect();
+    let events: Vec<ModelEvent> =
+        result.expect("stream opens").into_iter().map(|item| item.expect("no error item")).collect();
     check_shape(&events);
     events
 }
@@ -291,15 +251,9 @@ async fn replay(name: &str) -> Vec<ModelEvent> {
 /// Invariants of every answer: `Finish` once and last, each tool call started once with dense
 /// indices, arguments only for started calls, no empty pieces.
 fn check_shape(events: &[ModelEvent]) {
-    let finishes = events
-        .iter()
-        .filter(|e| matches!(e, ModelEvent::Finish(_)))
-        .count();
+    let finishes = events.iter().filter(|e| matches!(e, ModelEvent::Finish(_))).count();
     assert_eq!(finishes, 1, "one Finish: {events:?}");
-    assert!(
-        matches!(events.last(), Some(ModelEvent::Finish(_))),
-        "Finish last: {events:?}"
-    );
+    assert!(matches!(events.last(), Some(ModelEvent::Finish(_))), "Finish last: {events:?}");
     let mut started = 0;
     for event in events {
         match event {
@@ -333,9 +287,7 @@ fn assemble(events: &[ModelEvent]) -> Answer {
         match event {
             ModelEvent::TextDelta(text) => answer.text.push_str(text),
             ModelEvent::ToolCallStart { call_id, name, .. } => {
-                answer
-                    .calls
-                    .push((call_id.clone(), name.clone(), Value::Null));
+                answer.calls.push((call_id.clone(), name.clone(), Value::Null));
                 raw_args.push(String::new());
             }
             ModelEvent::ToolCallArgs { index, piece } => raw_args[*index].push_str(piece),
@@ -345,51 +297,29 @@ fn assemble(events: &[ModelEvent]) -> Answer {
         }
     }
     for (call, raw) in answer.calls.iter_mut().zip(raw_args) {
-        call.2 = serde_json::from_str(&raw)
-            .unwrap_or_else(|e| panic!("arguments {raw:?} are not JSON: {e}"));
+        call.2 = serde_json::from_str(&raw).unwrap_or_else(|e| panic!("arguments {raw:?} are not JSON: {e}"));
     }
     answer
 }
 
 fn usage(input: u64, output: u64) -> Usage {
-    Usage {
-        input_tokens: input,
-        output_tokens: output,
-        ..Usage::default()
-    }
+    Usage { input_tokens: input, output_tokens: output, ..Usage::default() }
 }
 
 fn text_events(pieces: &[&str]) -> Vec<ModelEvent> {
-    pieces
-        .iter()
-        .map(|p| ModelEvent::TextDelta((*p).to_owned()))
-        .collect()
+    pieces.iter().map(|p| ModelEvent::TextDelta((*p).to_owned())).collect()
 }
 
 fn args(index: usize, pieces: &[&str]) -> Vec<ModelEvent> {
-    pieces
-        .iter()
-        .map(|p| ModelEvent::ToolCallArgs {
-            index,
-            piece: (*p).to_owned(),
-        })
-        .collect()
+    pieces.iter().map(|p| ModelEvent::ToolCallArgs { index, piece: (*p).to_owned() }).collect()
 }
 
 fn start(index: usize, call_id: &str, name: &str) -> ModelEvent {
-    ModelEvent::ToolCallStart {
-        index,
-        call_id: call_id.to_owned(),
-        name: name.to_owned(),
-    }
+    ModelEvent::ToolCallStart { index, call_id: call_id.to_owned(), name: name.to_owned() }
 }
 
 fn sse_body(chunks: &[Value]) -> Vec<u8> {
-    chunks
-        .iter()
-        .map(|c| format!("data: {c}\n\n"))
-        .collect::<String>()
-        .into_bytes()
+    chunks.iter().map(|c| format!("data: {c}\n\n")).collect::<String>().into_bytes()
 }
 
 /// A complete tool call as Chat Completions spells it in messages.
@@ -455,28 +385,11 @@ async fn text_basic() {
 async fn tool_call_single() {
     let events = replay("openai/chat_tool_call_single.sse").await;
     let mut expected = vec![start(0, "call_CTf1nWJLqSeRgDqaCG27xZ74", "get_weather")];
-    expected.extend(args(
-        0,
-        &[
-            "{\"",
-            "city",
-            "\":\"",
-            "San",
-            " Francisco",
-            "\",\"",
-            "state",
-            "\":\"",
-            "CA",
-            "\"}",
-        ],
-    ));
+    expected.extend(args(0, &["{\"", "city", "\":\"", "San", " Francisco", "\",\"", "state", "\":\"", "CA", "\"}"]));
     expected.push(ModelEvent::Usage(usage(48, 19)));
     expected.push(ModelEvent::Finish(StopReason::ToolUse));
     assert_eq!(events, expected);
-    assert_eq!(
-        assemble(&events).calls[0].2,
-        json!({"city": "San Francisco", "state": "CA"})
-    );
+    assert_eq!(assemble(&events).calls[0].2, json!({"city": "San Francisco", "state": "CA"}));
 }
 
 #[tokio::test]
@@ -485,18 +398,10 @@ async fn tool_calls_parallel() {
     let mut expected = vec![start(0, "call_JMW1whyEaYG438VE1OIflxA2", "GetWeatherArgs")];
     expected.extend(args(
         0,
-        &[
-            "{\"ci", "ty\": ", "\"Edinb", "urgh", "\", \"c", "ountry", "\": \"", "GB\", ",
-            "\"units", "\": \"", "c\"}",
-        ],
+        &["{\"ci", "ty\": ", "\"Edinb", "urgh", "\", \"c", "ountry", "\": \"", "GB\", ", "\"units", "\": \"", "c\"}"],
     ));
     expected.push(start(1, "call_DNYTawLBoN8fj3KN6qU9N1Ou", "get_stock_price"));
-    expected.extend(args(
-        1,
-        &[
-            "{\"ti", "cker\"", ": \"AAP", "L\", ", "\"exch", "ange\":", " \"NA", "SDAQ\"", "}",
-        ],
-    ));
+    expected.extend(args(1, &["{\"ti", "cker\"", ": \"AAP", "L\", ", "\"exch", "ange\":", " \"NA", "SDAQ\"", "}"]));
     expected.push(ModelEvent::Usage(usage(149, 60)));
     expected.push(ModelEvent::Finish(StopReason::ToolUse));
     assert_eq!(events, expected);
@@ -536,9 +441,8 @@ async fn finish_length() {
 #[tokio::test]
 async fn refusal_is_text() {
     let events = replay("openai/chat_refusal.sse").await;
-    let mut expected = text_events(&[
-        "I'm", " sorry", ",", " I", " can't", " assist", " with", " that", " request", ".",
-    ]);
+    let mut expected =
+        text_events(&["I'm", " sorry", ",", " I", " can't", " assist", " with", " that", " request", "."]);
     expected.push(ModelEvent::Usage(usage(79, 11)));
     expected.push(ModelEvent::Finish(StopReason::EndTurn));
     assert_eq!(events, expected);
@@ -548,10 +452,7 @@ async fn refusal_is_text() {
 async fn multiple_choices_use_choice_zero() {
     let events = replay("openai/chat_multiple_choices_n3.sse").await;
     let answer = assemble(&events);
-    assert_eq!(
-        answer.text,
-        r#"{"city":"San Francisco","temperature":65,"units":"f"}"#
-    );
+    assert_eq!(answer.text, r#"{"city":"San Francisco","temperature":65,"units":"f"}"#);
     assert_eq!(answer.usage, Some(usage(79, 42)));
     assert_eq!(answer.finish, Some(StopReason::EndTurn));
     assert!(answer.calls.is_empty());
@@ -575,27 +476,14 @@ async fn byte_by_byte_delivery_with_pauses_gives_the_same_events() {
     let body = fixture("openai/chat_tool_calls_parallel.sse");
     let whole = replay("openai/chat_tool_calls_parallel.sse").await;
     let mut reply = Reply::sse(&body, 1);
-    reply.parts = vec![
-        body[..500].to_vec(),
-        body[500..501].to_vec(),
-        body[501..3001].to_vec(),
-        body[3001..].to_vec(),
-    ];
+    reply.parts = vec![body[..500].to_vec(), body[500..501].to_vec(), body[501..3001].to_vec(), body[3001..].to_vec()];
     reply.pause = Duration::from_millis(20);
     let (result, _) = run(reply).await;
-    let events: Vec<ModelEvent> = result
-        .expect("opens")
-        .into_iter()
-        .map(|i| i.expect("ok"))
-        .collect();
+    let events: Vec<ModelEvent> = result.expect("opens").into_iter().map(|i| i.expect("ok")).collect();
     assert_eq!(events, whole);
 
     let (result, _) = run(Reply::sse(&body, 1)).await;
-    let events: Vec<ModelEvent> = result
-        .expect("opens")
-        .into_iter()
-        .map(|i| i.expect("ok"))
-        .collect();
+    let events: Vec<ModelEvent> = result.expect("opens").into_iter().map(|i| i.expect("ok")).collect();
     assert_eq!(events, whole);
 }
 
@@ -606,15 +494,9 @@ async fn byte_by_byte_delivery_with_pauses_gives_the_same_events() {
 async fn crlf_comments_reasoning_cached_usage_and_no_done() {
     let mut body = String::from(": OPENROUTER PROCESSING\r\n\r\n");
     for chunk in [
-        delta_chunk(
-            json!({"role": "assistant", "reasoning_content": "Think"}),
-            None,
-        ),
+        delta_chunk(json!({"role": "assistant", "reasoning_content": "Think"}), None),
         // Both names with the same text, as servers migrating between them send it.
-        delta_chunk(
-            json!({"reasoning": "ing.", "reasoning_content": "ing."}),
-            None,
-        ),
+        delta_chunk(json!({"reasoning": "ing.", "reasoning_content": "ing."}), None),
         delta_chunk(json!({"content": "Hi"}), None),
         delta_chunk(json!({}), Some("stop")),
         json!({"choices": [], "usage": {"prompt_tokens": 100, "completion_tokens": 5,
@@ -623,23 +505,13 @@ async fn crlf_comments_reasoning_cached_usage_and_no_done() {
         body.push_str(&format!("data:{chunk}\r\n\r\n"));
     }
     let (result, _) = run(Reply::sse(body.as_bytes(), 13)).await;
-    let events: Vec<ModelEvent> = result
-        .expect("opens")
-        .into_iter()
-        .map(|i| i.expect("ok"))
-        .collect();
+    let events: Vec<ModelEvent> = result.expect("opens").into_iter().map(|i| i.expect("ok")).collect();
     check_shape(&events);
     assert_eq!(
         events,
         vec![
-            ModelEvent::ReasoningDelta {
-                text: "Think".to_owned(),
-                signature: None
-            },
-            ModelEvent::ReasoningDelta {
-                text: "ing.".to_owned(),
-                signature: None
-            },
+            ModelEvent::ReasoningDelta { text: "Think".to_owned(), signature: None },
+            ModelEvent::ReasoningDelta { text: "ing.".to_owned(), signature: None },
             ModelEvent::TextDelta("Hi".to_owned()),
             ModelEvent::Usage(Usage {
                 input_tokens: 100,
@@ -662,10 +534,7 @@ async fn whole_arguments_repeated_ids_and_missing_finish_reason() {
             None,
         ),
         // vLLM repeats the id on later deltas of the same call.
-        delta_chunk(
-            json!({"tool_calls": [{"index": 0, "id": "a", "function": {"arguments": ""}}]}),
-            None,
-        ),
+        delta_chunk(json!({"tool_calls": [{"index": 0, "id": "a", "function": {"arguments": ""}}]}), None),
         // A server that numbers every call 0: a new id is a new call.
         delta_chunk(
             json!({"tool_calls": [{
@@ -678,29 +547,17 @@ async fn whole_arguments_repeated_ids_and_missing_finish_reason() {
         ),
     ]);
     let (result, _) = run(Reply::sse(&body, 50)).await;
-    let events: Vec<ModelEvent> = result
-        .expect("opens")
-        .into_iter()
-        .map(|i| i.expect("ok"))
-        .collect();
+    let events: Vec<ModelEvent> = result.expect("opens").into_iter().map(|i| i.expect("ok")).collect();
     check_shape(&events);
     let answer = assemble(&events);
     assert_eq!(
         answer.calls,
         vec![
             ("a".to_owned(), "read_file".to_owned(), json!({"path": "x"})),
-            (
-                "b".to_owned(),
-                "execute".to_owned(),
-                json!({"command": "ls"})
-            ),
+            ("b".to_owned(), "execute".to_owned(), json!({"command": "ls"})),
         ]
     );
-    assert_eq!(
-        answer.finish,
-        Some(StopReason::ToolUse),
-        "inferred from the calls"
-    );
+    assert_eq!(answer.finish, Some(StopReason::ToolUse), "inferred from the calls");
     assert_eq!(answer.usage, None);
 }
 
@@ -709,11 +566,7 @@ async fn event_stream_labelled_json_is_still_read() {
     let mut reply = Reply::sse(&fixture("openai/chat_finish_length.sse"), 4096);
     reply.headers = vec![("content-type".into(), "application/json".into())];
     let (result, _) = run(reply).await;
-    let events: Vec<ModelEvent> = result
-        .expect("opens")
-        .into_iter()
-        .map(|i| i.expect("ok"))
-        .collect();
+    let events: Vec<ModelEvent> = result.expect("opens").into_iter().map(|i| i.expect("ok")).collect();
     assert_eq!(
         events,
         vec![
@@ -740,21 +593,13 @@ async fn non_streamed_json_answer_is_accepted() {
         "usage": {"prompt_tokens": 10, "completion_tokens": 3},
     });
     let (result, _) = run(Reply::json(200, &body.to_string())).await;
-    let events: Vec<ModelEvent> = result
-        .expect("opens")
-        .into_iter()
-        .map(|i| i.expect("ok"))
-        .collect();
+    let events: Vec<ModelEvent> = result.expect("opens").into_iter().map(|i| i.expect("ok")).collect();
     check_shape(&events);
     assert_eq!(
         assemble(&events),
         Answer {
             text: "On it.".to_owned(),
-            calls: vec![(
-                "c1".to_owned(),
-                "execute".to_owned(),
-                json!({"command": "ls"})
-            )],
+            calls: vec![("c1".to_owned(), "execute".to_owned(), json!({"command": "ls"}))],
             usage: Some(usage(10, 3)),
             finish: Some(StopReason::ToolUse),
         }
@@ -769,11 +614,7 @@ async fn status_error(reply: Reply) -> ModelError {
     assert_eq!(requests.len(), 1, "the client itself does not retry");
     match result {
         Err(error) => {
-            assert!(
-                !error.message.contains(API_KEY),
-                "key leaked: {}",
-                error.message
-            );
+            assert!(!error.message.contains(API_KEY), "key leaked: {}", error.message);
             error
         }
         Ok(items) => panic!("expected an error, got {items:?}"),
@@ -782,41 +623,27 @@ async fn status_error(reply: Reply) -> ModelError {
 
 #[tokio::test]
 async fn rate_limit_with_retry_after() {
-    let body = r#"{"error":{"message":"Rate limit reached for gpt-4o","type":"requests","code":"rate_limit_exceeded"}}"#;
+    let body =
+        r#"{"error":{"message":"Rate limit reached for gpt-4o","type":"requests","code":"rate_limit_exceeded"}}"#;
     let error = status_error(Reply::json(429, body).header("retry-after", "2")).await;
     assert_eq!(error.kind, ChatErrorKind::RateLimit);
     assert!(error.retryable);
     assert_eq!(error.retry_after, Some(Duration::from_secs(2)));
-    assert!(
-        error.message.contains("Rate limit reached for gpt-4o"),
-        "{}",
-        error.message
-    );
+    assert!(error.message.contains("Rate limit reached for gpt-4o"), "{}", error.message);
 }
 
 #[tokio::test]
 async fn unauthorized_is_not_retryable_and_hides_the_key() {
-    let body = format!(
-        r#"{{"error":{{"message":"Incorrect API key provided: {API_KEY}","code":"invalid_api_key"}}}}"#
-    );
+    let body = format!(r#"{{"error":{{"message":"Incorrect API key provided: {API_KEY}","code":"invalid_api_key"}}}}"#);
     let error = status_error(Reply::json(401, &body)).await;
     assert_eq!((error.kind, error.retryable), (ChatErrorKind::Auth, false));
-    assert!(
-        error
-            .message
-            .contains("Incorrect API key provided: <redacted>"),
-        "{}",
-        error.message
-    );
+    assert!(error.message.contains("Incorrect API key provided: <redacted>"), "{}", error.message);
 }
 
 #[tokio::test]
 async fn service_unavailable_is_overloaded() {
     let error = status_error(Reply::json(503, "upstream busy").header("retry-after", "0.5")).await;
-    assert_eq!(
-        (error.kind, error.retryable),
-        (ChatErrorKind::Overloaded, true)
-    );
+    assert_eq!((error.kind, error.retryable), (ChatErrorKind::Overloaded, true));
     assert_eq!(error.retry_after, Some(Duration::from_millis(500)));
 }
 
@@ -828,28 +655,14 @@ async fn context_length_is_overflow() {
         r#""type":"invalid_request_error","param":"messages","code":null}}"#,
     );
     let error = status_error(Reply::json(400, body)).await;
-    assert_eq!(
-        (error.kind, error.retryable),
-        (ChatErrorKind::ContextOverflow, false)
-    );
-    assert!(
-        error.message.contains("maximum context length is 128000"),
-        "{}",
-        error.message
-    );
+    assert_eq!((error.kind, error.retryable), (ChatErrorKind::ContextOverflow, false));
+    assert!(error.message.contains("maximum context length is 128000"), "{}", error.message);
 }
 
 #[tokio::test]
 async fn unknown_model_is_config() {
-    let error = status_error(Reply::json(
-        404,
-        r#"{"error":{"message":"The model `gpt-9` does not exist"}}"#,
-    ))
-    .await;
-    assert_eq!(
-        (error.kind, error.retryable),
-        (ChatErrorKind::Config, false)
-    );
+    let error = status_error(Reply::json(404, r#"{"error":{"message":"The model `gpt-9` does not exist"}}"#)).await;
+    assert_eq!((error.kind, error.retryable), (ChatErrorKind::Config, false));
 }
 
 #[tokio::test]
@@ -857,22 +670,12 @@ async fn connection_refused_is_retryable() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     drop(listener);
-    let error = match providers()
-        .stream(simple_request(&format!("http://{addr}/v1")))
-        .await
-    {
+    let error = match providers().stream(simple_request(&format!("http://{addr}/v1"))).await {
         Err(error) => error,
         Ok(_) => panic!("nothing listens there"),
     };
-    assert_eq!(
-        (error.kind, error.retryable),
-        (ChatErrorKind::Provider, true)
-    );
-    assert!(
-        error.message.starts_with("could not connect"),
-        "{}",
-        error.message
-    );
+    assert_eq!((error.kind, error.retryable), (ChatErrorKind::Provider, true));
+    assert!(error.message.starts_with("could not connect"), "{}", error.message);
 }
 
 #[tokio::test]
@@ -884,44 +687,20 @@ async fn connection_closed_mid_stream_is_a_retryable_error_item() {
     let items = result.expect("headers arrived");
     let (last, before) = items.split_last().expect("items");
     assert!(before.iter().all(Result::is_ok), "{items:?}");
-    assert!(
-        matches!(before.first(), Some(Ok(ModelEvent::TextDelta(t))) if t == "I'm"),
-        "{items:?}"
-    );
-    assert!(
-        !before
-            .iter()
-            .any(|i| matches!(i, Ok(ModelEvent::Finish(_)))),
-        "no Finish after a cut: {items:?}"
-    );
+    assert!(matches!(before.first(), Some(Ok(ModelEvent::TextDelta(t))) if t == "I'm"), "{items:?}");
+    assert!(!before.iter().any(|i| matches!(i, Ok(ModelEvent::Finish(_)))), "no Finish after a cut: {items:?}");
     let error = last.as_ref().expect_err("ends with an error");
-    assert_eq!(
-        (error.kind, error.retryable),
-        (ChatErrorKind::Provider, true)
-    );
+    assert_eq!((error.kind, error.retryable), (ChatErrorKind::Provider, true));
 }
 
 #[tokio::test]
 async fn cut_after_the_finish_reason_still_finishes() {
-    let body = sse_body(&[
-        delta_chunk(json!({"content": "Done."}), None),
-        delta_chunk(json!({}), Some("stop")),
-    ]);
+    let body = sse_body(&[delta_chunk(json!({"content": "Done."}), None), delta_chunk(json!({}), Some("stop"))]);
     let mut reply = Reply::sse(&body, 1000);
     reply.cut = true;
     let (result, _) = run(reply).await;
-    let events: Vec<ModelEvent> = result
-        .expect("opens")
-        .into_iter()
-        .map(|i| i.expect("ok"))
-        .collect();
-    assert_eq!(
-        events,
-        vec![
-            ModelEvent::TextDelta("Done.".to_owned()),
-            ModelEvent::Finish(StopReason::EndTurn)
-        ]
-    );
+    let events: Vec<ModelEvent> = result.expect("opens").into_iter().map(|i| i.expect("ok")).collect();
+    assert_eq!(events, vec![ModelEvent::TextDelta("Done.".to_owned()), ModelEvent::Finish(StopReason::EndTurn)]);
 }
 
 #[tokio::test]
@@ -930,27 +709,12 @@ async fn stalled_stream_times_out() {
     let mut reply = Reply::sse(&body, 1000);
     reply.stall = true;
     let server = TestServer::start(reply).await;
-    let providers =
-        Providers::new(Duration::from_secs(5), Duration::from_millis(300)).expect("client");
-    let stream = providers
-        .stream(simple_request(&server.base_url))
-        .await
-        .expect("opens");
-    let items: Vec<_> = tokio::time::timeout(Duration::from_secs(10), stream.collect::<Vec<_>>())
-        .await
-        .expect("ends");
-    assert_eq!(
-        items.first(),
-        Some(&Ok(ModelEvent::TextDelta("Hel".to_owned())))
-    );
-    let error = items
-        .last()
-        .and_then(|i| i.as_ref().err())
-        .expect("ends with an error");
-    assert_eq!(
-        (error.kind, error.retryable),
-        (ChatErrorKind::Timeout, true)
-    );
+    let providers = Providers::new(Duration::from_secs(5), Duration::from_millis(300)).expect("client");
+    let stream = providers.stream(simple_request(&server.base_url)).await.expect("opens");
+    let items: Vec<_> = tokio::time::timeout(Duration::from_secs(10), stream.collect::<Vec<_>>()).await.expect("ends");
+    assert_eq!(items.first(), Some(&Ok(ModelEvent::TextDelta("Hel".to_owned()))));
+    let error = items.last().and_then(|i| i.as_ref().err()).expect("ends with an error");
+    assert_eq!((error.kind, error.retryable), (ChatErrorKind::Timeout, true));
 }
 
 #[tokio::test]
@@ -959,24 +723,14 @@ async fn in_stream_error_object_ends_the_stream() {
     let error_chunk = json!({"id": "gen-1", "object": "chat.completion.chunk", "provider": "openai",
         "error": {"code": 502, "message": "Provider returned error"},
         "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]});
-    let body = sse_body(&[
-        delta_chunk(json!({"content": "Partial"}), None),
-        error_chunk,
-    ]);
+    let body = sse_body(&[delta_chunk(json!({"content": "Partial"}), None), error_chunk]);
     let (result, _) = run(Reply::sse(&body, 64)).await;
     let items = result.expect("opens");
     assert_eq!(items.len(), 2, "{items:?}");
     assert_eq!(items[0], Ok(ModelEvent::TextDelta("Partial".to_owned())));
     let error = items[1].as_ref().expect_err("error item");
-    assert_eq!(
-        (error.kind, error.retryable),
-        (ChatErrorKind::Provider, true)
-    );
-    assert!(
-        error.message.contains("Provider returned error"),
-        "{}",
-        error.message
-    );
+    assert_eq!((error.kind, error.retryable), (ChatErrorKind::Provider, true));
+    assert!(error.message.contains("Provider returned error"), "{}", error.message);
 
     // Without a code it is a retryable provider error; an `event: error` name counts too.
     let body = concat!(
@@ -986,10 +740,7 @@ async fn in_stream_error_object_ends_the_stream() {
     .as_bytes();
     let (result, _) = run(Reply::sse(body, 64)).await;
     let items = result.expect("opens");
-    let error = items
-        .last()
-        .and_then(|i| i.as_ref().err())
-        .expect("error item");
+    let error = items.last().and_then(|i| i.as_ref().err()).expect("error item");
     assert_eq!(
         (error.kind, error.retryable, error.message.as_str()),
         (ChatErrorKind::Provider, true, "provider error: boom")
@@ -998,16 +749,12 @@ async fn in_stream_error_object_ends_the_stream() {
 
 #[tokio::test]
 async fn in_stream_rate_limit_keeps_its_kind() {
-    let body =
-        sse_body(&[json!({"error": {"code": 429, "message": "Rate limit exceeded upstream"}})]);
+    let body = sse_body(&[json!({"error": {"code": 429, "message": "Rate limit exceeded upstream"}})]);
     let (result, _) = run(Reply::sse(&body, 64)).await;
     let items = result.expect("opens");
     assert_eq!(items.len(), 1, "{items:?}");
     let error = items[0].as_ref().expect_err("error item");
-    assert_eq!(
-        (error.kind, error.retryable),
-        (ChatErrorKind::RateLimit, true)
-    );
+    assert_eq!((error.kind, error.retryable), (ChatErrorKind::RateLimit, true));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1020,17 +767,11 @@ async fn request_shape() {
         target: target(&server.base_url),
         system: "You are a coding agent.".to_owned(),
         messages: vec![
-            PromptMessage {
-                role: Role::User,
-                parts: vec![Part::text("List the files.")],
-            },
+            PromptMessage { role: Role::User, parts: vec![Part::text("List the files.")] },
             PromptMessage {
                 role: Role::Assistant,
                 parts: vec![
-                    Part::Reasoning {
-                        text: "Use ls.".to_owned(),
-                        signature: Some("sig".to_owned()),
-                    },
+                    Part::Reasoning { text: "Use ls.".to_owned(), signature: Some("sig".to_owned()) },
                     Part::text("Listing."),
                     Part::ToolCall {
                         call_id: "call_1".to_owned(),
@@ -1080,12 +821,7 @@ async fn request_shape() {
             },
             PromptMessage {
                 role: Role::User,
-                parts: vec![
-                    Part::text("What is this?"),
-                    Part::Image {
-                        file_id: "file_9".to_owned(),
-                    },
-                ],
+                parts: vec![Part::text("What is this?"), Part::Image { file_id: "file_9".to_owned() }],
             },
         ],
         tools: vec![ToolSpec {
@@ -1094,12 +830,7 @@ async fn request_shape() {
             parameters: command_schema(),
         }],
     };
-    let events: Vec<_> = providers()
-        .stream(request)
-        .await
-        .expect("opens")
-        .collect()
-        .await;
+    let events: Vec<_> = providers().stream(request).await.expect("opens").collect().await;
     assert!(events.iter().all(Result::is_ok));
 
     let requests = server.requests();
@@ -1107,10 +838,7 @@ async fn request_shape() {
     let recorded = &requests[0];
     assert_eq!(recorded.method, "POST");
     assert_eq!(recorded.path, "/v1/chat/completions");
-    assert_eq!(
-        recorded.header("authorization"),
-        Some(format!("Bearer {API_KEY}").as_str())
-    );
+    assert_eq!(recorded.header("authorization"), Some(format!("Bearer {API_KEY}").as_str()));
     assert_eq!(recorded.header("content-type"), Some("application/json"));
     assert_eq!(recorded.header("accept"), Some("text/event-stream"));
     assert_eq!(
@@ -1149,30 +877,18 @@ async fn request_shape() {
 
 #[tokio::test]
 async fn no_key_no_system_no_tools_no_limit() {
-    let server =
-        TestServer::start(Reply::sse(&fixture("openai/chat_finish_length.sse"), 4096)).await;
+    let server = TestServer::start(Reply::sse(&fixture("openai/chat_finish_length.sse"), 4096)).await;
     let mut request = simple_request(server.base_url.trim_end_matches('/'));
     request.target.api_key = None;
     request.target.max_output_tokens = None;
     request.system = String::new();
-    let events: Vec<_> = providers()
-        .stream(request)
-        .await
-        .expect("opens")
-        .collect()
-        .await;
+    let events: Vec<_> = providers().stream(request).await.expect("opens").collect().await;
     assert!(events.iter().all(Result::is_ok));
 
     let recorded = &server.requests()[0];
     assert_eq!(recorded.path, "/v1/chat/completions");
     assert_eq!(recorded.header("authorization"), None);
     let body = recorded.json();
-    assert_eq!(
-        body["messages"],
-        json!([{"role": "user", "content": "What's the weather?"}])
-    );
-    assert!(
-        body.get("tools").is_none() && body.get("max_tokens").is_none(),
-        "{body}"
-    );
+    assert_eq!(body["messages"], json!([{"role": "user", "content": "What's the weather?"}]));
+    assert!(body.get("tools").is_none() && body.get("max_tokens").is_none(), "{body}");
 }

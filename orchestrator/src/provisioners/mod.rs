@@ -83,7 +83,9 @@ impl Provisioner for Workspaces {
         let now = Utc::now();
         let id = new_id();
         let ws = Workspace {
-            name: name.filter(|n| !n.trim().is_empty()).unwrap_or_else(|| format!("{}-{}", template.name, &id[id.len() - 6..])),
+            name: name
+                .filter(|n| !n.trim().is_empty())
+                .unwrap_or_else(|| format!("{}-{}", template.name, &id[id.len() - 6..])),
             id,
             template_id: template.id.clone(),
             owner_id: user_id.to_string(),

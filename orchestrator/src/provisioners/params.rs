@@ -4,6 +4,27 @@
 use agentplane_schema::api::{ParamType, TemplateParameter};
 use serde_json::{Map, Value};
 
+/// Checks a template's parameter declarations: unique names, enum options, compilable
+/// patterns, defaults that pass their own validation.
+pub fn check_spec(spec: &[TemplateParameter]) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for p in spec {
+        if p.name.trim().is_empty() || !seen.insert(p.name.as_str()) {
+            return Err(format!("parameter names must be unique and non-empty (`{}`)", p.name));
+        }
+        if p.param_type == ParamType::Enum && p.options.is_empty() {
+            return Err(format!("enum parameter `{}` needs `options`", p.name));
+        }
+        if let Some(pattern) = p.validation.as_ref().and_then(|v| v.pattern.as_deref()) {
+            regex::Regex::new(pattern).map_err(|e| format!("parameter `{}`: invalid pattern: {e}", p.name))?;
+        }
+        if let Some(default) = &p.default {
+            check(p, default).map_err(|e| format!("default of `{}` {e}", p.name))?;
+        }
+    }
+    Ok(())
+}
+
 /// Returns the complete parameter object, or every problem found, joined.
 pub fn validate(spec: &[TemplateParameter], given: &Value) -> Result<Value, String> {
     let empty = Map::new();
@@ -16,7 +37,10 @@ pub fn validate(spec: &[TemplateParameter], given: &Value) -> Result<Value, Stri
     for name in given.keys() {
         if !spec.iter().any(|p| &p.name == name) {
             let known: Vec<&str> = spec.iter().map(|p| p.name.as_str()).collect();
-            problems.push(format!("unknown parameter `{name}` (known: {})", if known.is_empty() { "none".into() } else { known.join(", ") }));
+            problems.push(format!(
+                "unknown parameter `{name}` (known: {})",
+                if known.is_empty() { "none".into() } else { known.join(", ") }
+            ));
         }
     }
     let mut out = Map::new();
@@ -52,7 +76,8 @@ fn check(p: &TemplateParameter, value: &Value) -> Result<Value, String> {
                 return Err(format!("must be at most {max} characters"));
             }
             if let Some(pattern) = &v.pattern {
-                if !simple_pattern_match(pattern, s) {
+                let re = regex::Regex::new(pattern).map_err(|e| format!("has an invalid pattern: {e}"))?;
+                if !re.is_match(s) {
                     return Err(format!("must match the pattern {pattern}"));
                 }
             }
@@ -68,7 +93,9 @@ fn check(p: &TemplateParameter, value: &Value) -> Result<Value, String> {
             }
             Ok(value.clone())
         }
-        ParamType::Bool => value.as_bool().map(Value::Bool).ok_or_else(|| format!("must be true or false, got {value}")),
+        ParamType::Bool => {
+            value.as_bool().map(Value::Bool).ok_or_else(|| format!("must be true or false, got {value}"))
+        }
         ParamType::Enum => {
             let s = value.as_str().ok_or_else(|| format!("must be one of {}", p.options.join(", ")))?;
             if p.options.iter().any(|o| o == s) {
@@ -78,40 +105,6 @@ fn check(p: &TemplateParameter, value: &Value) -> Result<Value, String> {
             }
         }
     }
-}
-
-/// Patterns are anchored character-class checks of the form `^[chars]+$` or `^[chars]*$`
-/// (what templates need for names and versions) ; anything else is matched literally as a
-/// substring so a pattern is never silently ignored.
-fn simple_pattern_match(pattern: &str, s: &str) -> bool {
-    let class = pattern
-        .strip_prefix("^[")
-        .and_then(|p| p.strip_suffix("]+$").map(|c| (c, false)).or_else(|| p.strip_suffix("]*$").map(|c| (c, true))));
-    let Some((class, empty_ok)) = class else {
-        return s.contains(pattern);
-    };
-    if s.is_empty() {
-        return empty_ok;
-    }
-    let chars: Vec<char> = class.chars().collect();
-    let allowed = |c: char| {
-        let mut i = 0;
-        while i < chars.len() {
-            if i + 2 < chars.len() && chars[i + 1] == '-' {
-                if (chars[i]..=chars[i + 2]).contains(&c) {
-                    return true;
-                }
-                i += 3;
-            } else {
-                if chars[i] == c {
-                    return true;
-                }
-                i += 1;
-            }
-        }
-        false
-    };
-    s.chars().all(allowed)
 }
 
 #[cfg(test)]

@@ -28,7 +28,12 @@ pub fn new_token() -> String {
 }
 
 fn user_from_row(r: users::Model) -> User {
-    User { id: r.id, name: r.name, role: UserRole::parse(&r.role).unwrap_or(UserRole::Member), created_at: r.created_at }
+    User {
+        id: r.id,
+        name: r.name,
+        role: UserRole::parse(&r.role).unwrap_or(UserRole::Member),
+        created_at: r.created_at,
+    }
 }
 
 fn provider_from_row(r: providers::Model) -> Option<Provider> {
@@ -99,7 +104,10 @@ impl DbStore {
         let token = token.unwrap_or_else(new_token);
         let token_id = new_id();
         let txn = self.db.begin().await.map_err(db_err)?;
-        users::Entity::insert(users::ActiveModel::from(user.clone())).exec_without_returning(&txn).await.map_err(db_err)?;
+        users::Entity::insert(users::ActiveModel::from(user.clone()))
+            .exec_without_returning(&txn)
+            .await
+            .map_err(db_err)?;
         api_tokens::Entity::insert(api_tokens::ActiveModel {
             id: Set(token_id.clone()),
             user_id: Set(user.id.clone()),
@@ -117,7 +125,12 @@ impl DbStore {
     }
 
     pub async fn user_by_name(&self, name: &str) -> Result<Option<User>, StoreError> {
-        Ok(users::Entity::find().filter(users::Column::Name.eq(name)).one(&self.db).await.map_err(db_err)?.map(user_from_row))
+        Ok(users::Entity::find()
+            .filter(users::Column::Name.eq(name))
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .map(user_from_row))
     }
 
     /// The user a (not revoked) token belongs to.
@@ -154,7 +167,8 @@ impl DbStore {
     }
 
     pub async fn list_providers(&self) -> Result<Vec<Provider>, StoreError> {
-        let rows = providers::Entity::find().order_by_asc(providers::Column::Name).all(&self.db).await.map_err(db_err)?;
+        let rows =
+            providers::Entity::find().order_by_asc(providers::Column::Name).all(&self.db).await.map_err(db_err)?;
         Ok(rows.into_iter().filter_map(provider_from_row).collect())
     }
 
@@ -188,7 +202,10 @@ impl DbStore {
                 .await
                 .map_err(db_err)?;
         }
-        models::Entity::insert(models::ActiveModel::from(row.clone())).exec_without_returning(&txn).await.map_err(db_err)?;
+        models::Entity::insert(models::ActiveModel::from(row.clone()))
+            .exec_without_returning(&txn)
+            .await
+            .map_err(db_err)?;
         txn.commit().await.map_err(db_err)?;
         Ok(model_from_row(row))
     }
@@ -225,7 +242,8 @@ impl DbStore {
     }
 
     pub async fn list_templates(&self) -> Result<Vec<Template>, StoreError> {
-        let rows = templates::Entity::find().order_by_asc(templates::Column::Name).all(&self.db).await.map_err(db_err)?;
+        let rows =
+            templates::Entity::find().order_by_asc(templates::Column::Name).all(&self.db).await.map_err(db_err)?;
         rows.into_iter().map(template_from_row).collect()
     }
 
@@ -236,7 +254,9 @@ impl DbStore {
     /// By id or by name.
     pub async fn get_template(&self, id_or_name: &str) -> Result<Option<Template>, StoreError> {
         templates::Entity::find()
-            .filter(Condition::any().add(templates::Column::Id.eq(id_or_name)).add(templates::Column::Name.eq(id_or_name)))
+            .filter(
+                Condition::any().add(templates::Column::Id.eq(id_or_name)).add(templates::Column::Name.eq(id_or_name)),
+            )
             .one(&self.db)
             .await
             .map_err(db_err)?
@@ -264,7 +284,12 @@ impl DbStore {
     }
 
     /// Sets a workspace's status and appends a line to its provisioning log.
-    pub async fn set_workspace_status(&self, id: &str, status: WorkspaceStatus, log_line: &str) -> Result<(), StoreError> {
+    pub async fn set_workspace_status(
+        &self,
+        id: &str,
+        status: WorkspaceStatus,
+        log_line: &str,
+    ) -> Result<(), StoreError> {
         let Some(row) = workspaces::Entity::find_by_id(id).one(&self.db).await.map_err(db_err)? else {
             return Err(StoreError::NotFound(format!("workspace {id}")));
         };

@@ -46,7 +46,10 @@ impl DbStore {
             updated_at: now,
         };
         let txn = self.db.begin().await.map_err(db_err)?;
-        chats::Entity::insert(chats::ActiveModel::from(row.clone())).exec_without_returning(&txn).await.map_err(db_err)?;
+        chats::Entity::insert(chats::ActiveModel::from(row.clone()))
+            .exec_without_returning(&txn)
+            .await
+            .map_err(db_err)?;
         audit_events::Entity::insert(audit_events::ActiveModel {
             id: Set(new_id()),
             user_id: Set(Some(row.owner_id.clone())),
@@ -74,7 +77,12 @@ impl DbStore {
     }
 
     /// Root chats of an owner, newest activity first.
-    pub async fn list_chats(&self, owner_id: &str, archived: Option<bool>, limit: u64) -> Result<Vec<Chat>, StoreError> {
+    pub async fn list_chats(
+        &self,
+        owner_id: &str,
+        archived: Option<bool>,
+        limit: u64,
+    ) -> Result<Vec<Chat>, StoreError> {
         let mut q = chats::Entity::find()
             .filter(chats::Column::OwnerId.eq(owner_id))
             .filter(chats::Column::Deleted.eq(false))

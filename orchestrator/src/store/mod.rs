@@ -156,7 +156,16 @@ impl Store for DbStore {
                     .await
                     .map_err(db_err)?;
                 }
-                Op::FinishToolCall { call_id, message_id, status, result, is_error, exit_code, duration_ms, workspace_id } => {
+                Op::FinishToolCall {
+                    call_id,
+                    message_id,
+                    status,
+                    result,
+                    is_error,
+                    exit_code,
+                    duration_ms,
+                    workspace_id,
+                } => {
                     let mut update = tool_calls::Entity::update_many()
                         .col_expr(tool_calls::Column::Status, Expr::value(status.as_str()))
                         .col_expr(tool_calls::Column::Result, Expr::value(result))

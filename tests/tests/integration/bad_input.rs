@@ -67,14 +67,19 @@ async fn bad_requests_get_clear_errors_and_store_nothing() {
 async fn a_member_never_sees_another_users_chat() {
     let env = TestEnv::start().await;
     let (chat, _stream) = env.idle_chat("ready").await;
-    let issued = env.admin.create_user(&CreateUser { name: "mallory".into(), role: UserRole::Member }).await.expect("user");
+    let issued =
+        env.admin.create_user(&CreateUser { name: "mallory".into(), role: UserRole::Member }).await.expect("user");
     let member: ApiClient = env.admin.with_token(issued.token.clone());
 
     assert!(member.list_chats().await.expect("list").is_empty());
     for (method, path, body) in [
         (Method::GET, format!("/api/v1/chats/{}", chat.id), None),
         (Method::GET, format!("/api/v1/chats/{}/messages", chat.id), None),
-        (Method::POST, format!("/api/v1/chats/{}/messages", chat.id), Some(json!({"content": [{"type": "text", "text": "hi"}]}))),
+        (
+            Method::POST,
+            format!("/api/v1/chats/{}/messages", chat.id),
+            Some(json!({"content": [{"type": "text", "text": "hi"}]})),
+        ),
         (Method::POST, format!("/api/v1/chats/{}/interrupt", chat.id), None),
         (Method::PATCH, format!("/api/v1/chats/{}", chat.id), Some(json!({"title": "mine now"}))),
         (Method::DELETE, format!("/api/v1/chats/{}", chat.id), None),
@@ -84,7 +89,11 @@ async fn a_member_never_sees_another_users_chat() {
     }
     assert!(EventStream::connect(&env.base_url(), &chat.id, &issued.token, None).await.is_err());
     let (status, body) = member
-        .raw(Method::POST, "/api/v1/providers", Some(json!({"type": "openai_compatible", "name": "x", "base_url": "http://x"})))
+        .raw(
+            Method::POST,
+            "/api/v1/providers",
+            Some(json!({"type": "openai_compatible", "name": "x", "base_url": "http://x"})),
+        )
         .await
         .expect("raw");
     assert_eq!((status, kind(&body)), (StatusCode::FORBIDDEN, "forbidden"));
@@ -128,7 +137,11 @@ async fn file_tools_cannot_escape_the_workspace() {
         "{results:#?}"
     );
     for r in results.iter().filter(|r| r.3) {
-        assert!(r.2.to_lowercase().contains("escape") || r.2.to_lowercase().contains("outside"), "clear message: {}", r.2);
+        assert!(
+            r.2.to_lowercase().contains("escape") || r.2.to_lowercase().contains("outside"),
+            "clear message: {}",
+            r.2
+        );
     }
     assert!(!env.data_dir.path().join("workspaces/escape.txt").exists());
     assert_eq!(std::fs::read_dir(outside.path()).expect("outside").count(), 0, "nothing written outside");

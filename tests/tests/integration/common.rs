@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use agentplane::server::{ServerHandle, spawn};
 use agentplane_config::Settings;
-use agentplane_schema::api::{
-    Chat, ChatStatus, CreateChat, CreateModel, CreateProvider, ProviderType, SendMessage,
-};
+use agentplane_schema::api::{Chat, ChatStatus, CreateChat, CreateModel, CreateProvider, ProviderType, SendMessage};
 use agentplane_schema::event::{EventBody, StreamEvent};
 use agentplane_schema::message::{Message, Part};
 use agentplane_tests::{ApiClient, EventStream, ScriptedLlm, TestDatabase};
@@ -56,10 +54,8 @@ impl TestEnv {
         settings.llm.retry.max_attempts = 3;
         tweak(&mut settings);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let server = tokio::task::spawn_blocking(move || spawn(settings, listener))
-            .await
-            .expect("join")
-            .expect("server starts");
+        let server =
+            tokio::task::spawn_blocking(move || spawn(settings, listener)).await.expect("join").expect("server starts");
         let admin = ApiClient::new(server.base_url(), ADMIN_TOKEN);
         let provider = admin
             .create_provider(&CreateProvider {
@@ -99,14 +95,16 @@ impl TestEnv {
     /// it to be idle, and returns it with an open event stream positioned after that turn.
     pub async fn idle_chat(&self, reply_text: &str) -> (Chat, EventStream) {
         self.llm.push(agentplane_tests::Reply::text(reply_text));
-        let chat = self.admin.create_chat(&CreateChat {
-            content: vec![Part::text("hello")],
-            model_id: None,
-            workspace_id: None,
-            title: None,
-        })
-        .await
-        .expect("create chat");
+        let chat = self
+            .admin
+            .create_chat(&CreateChat {
+                content: vec![Part::text("hello")],
+                model_id: None,
+                workspace_id: None,
+                title: None,
+            })
+            .await
+            .expect("create chat");
         let mut stream = EventStream::connect(&self.base_url(), &chat.id, ADMIN_TOKEN, Some(0)).await.expect("ws");
         stream.wait_for_status(ChatStatus::Idle, WAIT).await.expect("first turn ends");
         (chat, stream)

@@ -25,7 +25,10 @@ async fn queued_message_is_delivered_at_the_next_step_boundary() {
     ]);
     env.send(&chat.id, "start working").await;
     stream
-        .wait_for(|e| matches!(&e.body, EventBody::ToolCall { phase: ToolPhase::Started, name, .. } if name == "execute"), WAIT)
+        .wait_for(
+            |e| matches!(&e.body, EventBody::ToolCall { phase: ToolPhase::Started, name, .. } if name == "execute"),
+            WAIT,
+        )
         .await
         .expect("execute starts");
 
@@ -70,8 +73,7 @@ async fn interrupt_delivers_at_once_and_keeps_the_partial_answer() {
         .await
         .expect("answer streams");
 
-    let outcome =
-        env.admin.send(&chat.id, &msg("stop, do this instead", BusyBehavior::Interrupt)).await.expect("send");
+    let outcome = env.admin.send(&chat.id, &msg("stop, do this instead", BusyBehavior::Interrupt)).await.expect("send");
     assert!(outcome.queued);
     let events = stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
     assert!(events.iter().any(|e| matches!(&e.body, EventBody::Status { status: ChatStatus::Interrupting, .. })));
@@ -98,10 +100,7 @@ async fn a_queued_message_can_be_deleted_before_delivery() {
     let (chat, mut stream) = env.idle_chat("ready").await;
     env.llm.push(Reply::text("working").then_hang());
     env.send(&chat.id, "first").await;
-    stream
-        .wait_for(|e| matches!(&e.body, EventBody::MessageDelta { .. }), WAIT)
-        .await
-        .expect("streams");
+    stream.wait_for(|e| matches!(&e.body, EventBody::MessageDelta { .. }), WAIT).await.expect("streams");
     let outcome = env.admin.send(&chat.id, &msg("never mind this", BusyBehavior::Queue)).await.expect("send");
     let qid = outcome.queued_message.expect("queued").id;
     env.admin.delete_queued(&chat.id, &qid).await.expect("delete");

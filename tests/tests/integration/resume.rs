@@ -33,7 +33,8 @@ async fn reconnecting_with_after_seq_has_no_gap_and_no_duplicate() {
         Reply::text("both gates passed"),
     ]);
     env.send(&chat.id, "go through the gates").await;
-    let mut seen: Vec<i64> = first.wait_for(started("gate1"), WAIT).await.expect("gate1").iter().filter_map(|e| e.seq).collect();
+    let mut seen: Vec<i64> =
+        first.wait_for(started("gate1"), WAIT).await.expect("gate1").iter().filter_map(|e| e.seq).collect();
     // Everything the first connection saw, from the chat's first event on.
     let last_seen = first.last_seq().expect("some durable events");
     first.close().await;

@@ -1,0 +1,123 @@
+//! agentplane's benchmarks. `loadgen` (src/bin/loadgen.rs) starts the scripted LLM and a real
+//! `agentplane serve` process and measures it over its public API; this library holds what the
+//! scenarios share: the server process, percentiles, RSS.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+pub const ADMIN_TOKEN: &str = "ap_loadgen_admin";
+
+/// A running `agentplane serve` process with its own data directory; killed on drop.
+pub struct ServerProcess {
+    child: Child,
+    pub base_url: String,
+    _data: tempfile::TempDir,
+}
+
+impl ServerProcess {
+    /// Starts the `agentplane` binary next to this executable (build it with
+    /// `cargo build --release -p agentplane`), or the one given.
+    pub async fn start(binary: Option<PathBuf>, extra_env: &[(&str, String)]) -> anyhow::Result<Self> {
+        let binary = match binary {
+            Some(b) => b,
+            None => std::env::current_exe()?.with_file_name("agentplane"),
+        };
+        if !binary.is_file() {
+            bail!("{} not found: build it with `cargo build --release -p agentplane`", binary.display());
+        }
+        let data = tempfile::tempdir()?;
+        let port = agentplane_tests::free_port();
+        let mut cmd = Command::new(&binary);
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(data.path())
+            .env("AGENTPLANE_BOOTSTRAP_TOKEN", ADMIN_TOKEN)
+            .env("AGENTPLANE__SERVER__LOG_FILTER", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {}", binary.display()))?;
+        let server = ServerProcess { child, base_url: format!("http://127.0.0.1:{port}"), _data: data };
+        let client = reqwest::Client::new();
+        for _ in 0..200 {
+            if client.get(format!("{}/healthz", server.base_url)).send().await.is_ok() {
+                return Ok(server);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("the server did not answer /healthz within 10 s")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size of the server process, in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("VmRSS missing")
+    }
+
+    /// User + system CPU time of the server so far.
+    pub fn cpu_time(&self) -> anyhow::Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of /proc/pid/stat (1-based), 12 and 13 after ')'.
+        let ticks: u64 = fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        Ok(Duration::from_millis(ticks * 10))
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Percentiles of a sample, in the sample's unit.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Summary {
+    pub count: usize,
+    pub min: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+pub fn summarize(mut values: Vec<f64>) -> Summary {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let at = |q: f64| if n == 0 { 0.0 } else { values[((q * n as f64).ceil() as usize).clamp(1, n) - 1] };
+    Summary {
+        count: n,
+        min: values.first().copied().unwrap_or(0.0),
+        p50: at(0.50),
+        p90: at(0.90),
+        p99: at(0.99),
+        max: values.last().copied().unwrap_or(0.0),
+        mean: if n == 0 { 0.0 } else { values.iter().sum::<f64>() / n as f64 },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let s = super::summarize((1..=100).map(f64::from).collect());
+        assert_eq!((s.p50, s.p90, s.p99, s.max), (50.0, 90.0, 99.0, 100.0));
+    }
+}
