@@ -391,23 +391,3 @@ fn server_handle_is_send_and_sync_and_stops_on_drop() {
     drop(llm);
     assert!(std::net::TcpStream::connect(addr).is_err(), "the port is closed after drop");
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn probe_many_streams() {
-    let llm = ScriptedLlm::builder().workers(4).record(false).start();
-    let c = client();
-    let started = Instant::now();
-    let reqs = (0..2000).map(|i| {
-        let c = c.clone();
-        let url = format!("{}/chat/completions", llm.base_url());
-        tokio::spawn(async move {
-            let text = "word ".repeat(200);
-            let _ = i;
-            let body = chat_body(&text, true, true);
-            c.post(url).json(&body).send().await.expect("send").text().await.expect("body")
-        })
-    });
-    let out = futures::future::join_all(reqs).await;
-    assert!(out.iter().all(|r| r.as_ref().expect("join").ends_with("data: [DONE]\n\n")));
-    eprintln!("2000 streams in {:?}, count {}", started.elapsed(), llm.request_count());
-}

@@ -1,6 +1,7 @@
 //! Integration tests: a real orchestrator (in-process, on a free port) against the scripted LLM,
 //! on SQLite files or a fresh PostgreSQL database. One module per surface.
 
+mod agent_loop;
 mod bad_input;
 mod chat_lifecycle;
 mod common;

@@ -42,9 +42,23 @@ async fn reconnecting_with_after_seq_has_no_gap_and_no_duplicate() {
     // Work happens while nobody watches.
     let ws = env.admin.get_chat(&chat.id).await.expect("chat").chat.workspace_id.expect("workspace");
     std::fs::write(env.workspace_dir(&ws).join("gate1"), "").expect("gate1");
+    // Wait (over REST) until the agent has reached gate2, so the reconnect must replay.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let at_gate2 =
+            env.messages(&chat.id).await.iter().any(|m| {
+                m.tool_calls().any(|(_, _, args)| args["command"].as_str().is_some_and(|c| c.contains("gate2")))
+            });
+        if at_gate2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent never reached gate2");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 
     let mut second = EventStream::connect(&env.base_url(), &chat.id, ADMIN_TOKEN, Some(last_seen)).await.expect("ws");
-    let got = second.wait_for(started("gate2"), WAIT).await.expect("gate2 (replayed or live)");
+    let got = second.wait_for(started("gate2"), WAIT).await.expect("gate2 (replayed)");
+    assert!(got.iter().any(|e| matches!(e.body, EventBody::Snapshot { .. })), "the snapshot comes first");
     seen.extend(got.iter().filter_map(|e| e.seq));
     std::fs::write(env.workspace_dir(&ws).join("gate2"), "").expect("gate2");
     let got = second.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");

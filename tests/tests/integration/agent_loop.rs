@@ -1,0 +1,91 @@
+//! The agent loop's edges: frames sent on the stream socket, a connection reset mid-answer, the
+//! step limit, the deployment prompt, parallel tool calls.
+
+use agentplane_schema::api::{BusyBehavior, ChatErrorKind, ChatStatus};
+use agentplane_schema::event::{ClientFrame, EventBody};
+use agentplane_schema::message::{Part, Role};
+use agentplane_tests::{Reply, ScriptedCall};
+use serde_json::json;
+
+use crate::common::{Db, TestEnv, WAIT, is_status, tool_results};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_and_interrupt_frames_on_the_socket_work() {
+    let env = TestEnv::start().await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    env.llm.push_all([Reply::text("on it").then_hang(), Reply::text("done via socket")]);
+    stream
+        .send_frame(&ClientFrame::Send {
+            content: vec![Part::text("from the socket")],
+            busy_behavior: BusyBehavior::Queue,
+        })
+        .await
+        .expect("send frame");
+    stream.wait_for(|e| matches!(e.body, EventBody::MessageDelta { .. }), WAIT).await.expect("streams");
+    stream.send_frame(&ClientFrame::Interrupt).await.expect("interrupt frame");
+    stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    let messages = env.messages(&chat.id).await;
+    let last = messages.last().expect("last");
+    assert_eq!((last.role, last.text().as_str(), last.interrupted), (Role::Assistant, "on it", true));
+    assert_eq!(messages[messages.len() - 2].text(), "from the socket");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_reset_mid_answer_resets_the_stream_and_retries() {
+    let env = TestEnv::start().await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    env.llm.push_all([
+        Reply::text("this answer will be cut off").chunk_chars(3).reset_after(3),
+        Reply::text("whole answer"),
+    ]);
+    env.send(&chat.id, "go").await;
+    let events = stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    let reset = events.iter().position(|e| matches!(e.body, EventBody::StreamReset)).expect("stream_reset");
+    let retry = events.iter().position(|e| matches!(e.body, EventBody::Retry { .. })).expect("retry");
+    assert!(reset < retry);
+    let messages = env.messages(&chat.id).await;
+    assert_eq!(messages.last().expect("last").text(), "whole answer");
+    assert_eq!(messages.iter().filter(|m| m.role == Role::Assistant).count(), 2, "the cut answer was not stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_step_limit_ends_a_runaway_turn() {
+    let env = TestEnv::start_with(Db::Sqlite, |s| s.agent.max_steps = 3).await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    env.llm.push_all((0..5).map(|_| Reply::tool_call("list_templates", json!({}))));
+    env.send(&chat.id, "loop forever").await;
+    stream.wait_for(is_status(ChatStatus::Error), WAIT).await.expect("error");
+    let error = env.admin.get_chat(&chat.id).await.expect("chat").chat.error.expect("error");
+    assert_eq!(error.kind, ChatErrorKind::Internal);
+    assert!(error.message.contains("step limit (3 steps)"), "{}", error.message);
+    assert_eq!(tool_results(&env.messages(&chat.id).await).len(), 3);
+    assert_eq!(env.llm.pending(), 2, "no model call after the limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deployment_prompt_reaches_the_model_and_parallel_calls_all_run() {
+    let env = TestEnv::start_with(Db::Sqlite, |s| s.agent.system_prompt = "Always answer in French.".into()).await;
+    let (chat, mut stream) = env.idle_chat("prêt").await;
+    let system = env.llm.requests()[0].system_prompt().expect("system prompt");
+    assert!(system.contains("create_workspace") && system.ends_with("Always answer in French."), "{system}");
+
+    env.llm.push_all([
+        Reply::tool_call("create_workspace", json!({"template_id": "local"})),
+        Reply::calls([
+            ScriptedCall::new("write_file", json!({"path": "a.txt", "content": "a"})),
+            ScriptedCall::new("write_file", json!({"path": "b.txt", "content": "b"})),
+            ScriptedCall::new("execute", json!({"command": "echo parallel"})),
+        ]),
+        Reply::text("fini"),
+    ]);
+    env.send(&chat.id, "write two files").await;
+    stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    let messages = env.messages(&chat.id).await;
+    let tool_message = messages.iter().rev().find(|m| m.role == Role::Tool).expect("tool results");
+    assert_eq!(tool_message.parts.len(), 3, "one message carries all three results, in call order");
+    let ws = env.admin.get_chat(&chat.id).await.expect("chat").chat.workspace_id.expect("workspace");
+    assert_eq!(std::fs::read_to_string(env.workspace_dir(&ws).join("a.txt")).expect("a"), "a");
+    assert_eq!(std::fs::read_to_string(env.workspace_dir(&ws).join("b.txt")).expect("b"), "b");
+    let last_request = env.llm.requests().pop().expect("request");
+    assert_eq!(last_request.tool_result_count(), 4);
+}
