@@ -11,6 +11,7 @@
 pub mod api;
 pub mod event;
 pub mod message;
+pub mod nats;
 pub mod tool;
 
 #[cfg(feature = "db")]

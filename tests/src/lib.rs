@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod error;
+pub mod nats;
 pub mod pg;
 pub mod scripted_llm;
 pub mod ws;
@@ -23,6 +24,7 @@ use std::sync::Once;
 
 pub use api::ApiClient;
 pub use error::{Error, Result};
+pub use nats::NatsServer;
 pub use pg::TestDatabase;
 pub use scripted_llm::{RecordedRequest, Reply, ScriptedCall, ScriptedLlm};
 pub use ws::EventStream;
