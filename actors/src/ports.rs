@@ -218,6 +218,8 @@ pub enum Op {
         id: String,
     },
     InsertToolCall {
+        /// agentplane's id of the call (the relay's call id); `call_id` is the model's.
+        id: String,
         call_id: String,
         message_id: String,
         name: String,

@@ -133,6 +133,8 @@ async fn step(input: &StepInput, committed: &mut Vec<Message>) -> Result<StepOut
             (call_id, c.name.clone(), parse_args(&c.args))
         })
         .collect();
+    // Our own id per call: provider ids may repeat across turns and may not be NATS subject tokens.
+    let wire_ids: Vec<String> = calls.iter().map(|_| new_id()).collect();
     for (call_id, name, args) in &calls {
         parts.push(Part::ToolCall { call_id: call_id.clone(), name: name.clone(), args: args.clone() });
     }
@@ -140,8 +142,9 @@ async fn step(input: &StepInput, committed: &mut Vec<Message>) -> Result<StepOut
     let workspace_id = input.shared.workspace_id();
     let mut ops = vec![Op::InsertMessage(assistant.clone())];
     let mut events = vec![EventBody::Message { message: assistant.clone() }];
-    for (call_id, name, args) in &calls {
+    for ((call_id, name, args), wire_id) in calls.iter().zip(&wire_ids) {
         ops.push(Op::InsertToolCall {
+            id: wire_id.clone(),
             call_id: call_id.clone(),
             message_id: assistant.id.clone(),
             name: name.clone(),
@@ -180,7 +183,10 @@ async fn step(input: &StepInput, committed: &mut Vec<Message>) -> Result<StepOut
         user_id: input.user_id.clone(),
         cancel: input.cancel.clone(),
     };
-    let runs = calls.iter().map(|(call_id, name, args)| run_and_record(&ctx, &assistant_id, call_id, name, args));
+    let runs = calls
+        .iter()
+        .zip(&wire_ids)
+        .map(|((call_id, name, args), wire_id)| run_and_record(&ctx, &assistant_id, wire_id, call_id, name, args));
     let outcomes = futures::future::join_all(runs).await;
     let mut result_parts = Vec::with_capacity(calls.len());
     let mut interrupted = false;
@@ -206,12 +212,13 @@ async fn step(input: &StepInput, committed: &mut Vec<Message>) -> Result<StepOut
 async fn run_and_record(
     ctx: &ToolContext,
     message_id: &str,
+    wire_id: &str,
     call_id: &str,
     name: &str,
     args: &Value,
 ) -> Result<ToolOutcome, StoreError> {
     let outcome = if args.is_object() {
-        tools::run(ctx, call_id, name, args).await
+        tools::run(ctx, wire_id, call_id, name, args).await
     } else {
         ToolOutcome {
             output: format!("the arguments of `{name}` must be a JSON object, got: {args}"),

@@ -132,7 +132,8 @@ pub fn specs() -> Vec<ToolSpec> {
 }
 
 /// Runs one tool call to its outcome; never fails, errors become outcomes the model reads.
-pub async fn run(ctx: &ToolContext, call_id: &str, name: &str, args: &Value) -> ToolOutcome {
+/// `wire_id` is agentplane's id of the call (what relays see), `call_id` the model's.
+pub async fn run(ctx: &ToolContext, wire_id: &str, call_id: &str, name: &str, args: &Value) -> ToolOutcome {
     if ctx.cancel.is_cancelled() {
         return ToolOutcome::interrupted();
     }
@@ -140,19 +141,19 @@ pub async fn run(ctx: &ToolContext, call_id: &str, name: &str, args: &Value) -> 
         "list_templates" => list_templates(ctx, args).await,
         "read_template" => read_template(ctx, args).await,
         "create_workspace" => create_workspace(ctx, args).await,
-        n if WORKSPACE_TOOLS.contains(&n) => workspace_tool(ctx, call_id, name, args).await,
+        n if WORKSPACE_TOOLS.contains(&n) => workspace_tool(ctx, wire_id, call_id, name, args).await,
         other => ToolOutcome::error(format!("unknown tool `{other}`")),
     }
 }
 
-async fn workspace_tool(ctx: &ToolContext, call_id: &str, name: &str, args: &Value) -> ToolOutcome {
+async fn workspace_tool(ctx: &ToolContext, wire_id: &str, call_id: &str, name: &str, args: &Value) -> ToolOutcome {
     let Some(workspace_id) = ctx.shared.workspace_id() else {
         return ToolOutcome::error(
             "This chat has no workspace yet. Call list_templates to pick a template, then create_workspace.",
         );
     };
     let request = ToolRequest {
-        call_id: call_id.to_string(),
+        call_id: wire_id.to_string(),
         chat_id: ctx.shared.chat_id.clone(),
         user_id: ctx.user_id.clone(),
         name: name.to_string(),
@@ -168,7 +169,7 @@ async fn workspace_tool(ctx: &ToolContext, call_id: &str, name: &str, args: &Val
         tokio::select! {
             biased;
             _ = ctx.cancel.cancelled() => {
-                ctx.deps.transport.cancel(&workspace_id, call_id).await;
+                ctx.deps.transport.cancel(&workspace_id, wire_id).await;
                 let mut out = ToolOutcome::interrupted();
                 out.workspace_id = Some(workspace_id);
                 return out;
@@ -196,15 +197,32 @@ async fn workspace_tool(ctx: &ToolContext, call_id: &str, name: &str, args: &Val
             duration_ms: r.duration_ms.or(Some(started.elapsed().as_millis() as u64)),
             workspace_id: None,
         },
-        Err(e) if e.kind == TransportErrorKind::Offline => ToolOutcome::error(format!(
-            "The workspace {workspace_id} is not reachable: it was stopped or deleted ({}). \
-             Call create_workspace to provision a new one (the chat's history is kept) and continue.",
-            e.message
-        )),
+        Err(e) if e.kind == TransportErrorKind::Offline => ToolOutcome::error(offline_message(ctx, &workspace_id, &e.message).await),
         Err(e) => ToolOutcome::error(format!("The tool call could not be delivered to the workspace: {}", e.message)),
     };
     outcome.workspace_id = Some(workspace_id);
     outcome
+}
+
+/// What the model reads when a workspace does not answer: why, and how to go on.
+async fn offline_message(ctx: &ToolContext, workspace_id: &str, reason: &str) -> String {
+    let workspace = ctx.deps.provisioner.get_workspace(workspace_id).await.ok().flatten();
+    match workspace {
+        Some(ws) if matches!(ws.status, WorkspaceStatus::Deleted | WorkspaceStatus::Stopped | WorkspaceStatus::Failed) => {
+            format!(
+                "workspace offline: workspace {workspace_id} is {}. Call create_workspace with template_id \"{}\" to \
+                 provision a new one (the chat's history is kept), then continue.",
+                ws.status.as_str(),
+                ws.template_id
+            )
+        }
+        Some(ws) => format!(
+            "workspace offline: workspace {workspace_id} is not answering ({reason}). If it stays offline, call \
+             create_workspace with template_id \"{}\" for a new one.",
+            ws.template_id
+        ),
+        None => format!("workspace offline: workspace {workspace_id} is not answering ({reason})."),
+    }
 }
 
 async fn list_templates(ctx: &ToolContext, args: &Value) -> ToolOutcome {

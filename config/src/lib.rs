@@ -33,6 +33,7 @@ pub struct Settings {
     pub agent: AgentSettings,
     pub tools: ToolSettings,
     pub workspaces: WorkspaceSettings,
+    pub nats: NatsSettings,
     pub auth: AuthSettings,
 }
 
@@ -112,6 +113,37 @@ pub struct ToolSettings {
 pub struct WorkspaceSettings {
     /// Root of `local` workspaces; empty = `<data_dir>/workspaces`. Default empty.
     pub root: String,
+    /// Longest run of a `command` provisioner script. Default 600.
+    pub command_timeout_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSettings {
+    /// NATS server URL; empty = embedded in-process tools. Default empty.
+    pub url: String,
+    /// URL relays use to reach NATS; empty = `url`. Default empty.
+    pub relay_url: String,
+    /// Subject prefix. Default `ap`.
+    pub prefix: String,
+    /// Output directory of `agentplane nats init`; empty = connect without auth. Default empty.
+    pub credentials_dir: String,
+    /// Wait for a relay to accept a request before the workspace counts as offline. Default 5000.
+    pub request_timeout_ms: u64,
+    /// Relay binary for `local` workspaces; empty = next to this binary. Default empty.
+    pub relay_binary: String,
+    /// Wait for a new workspace's relay hello. Default 60.
+    pub ready_timeout_seconds: u64,
+}
+
+impl NatsSettings {
+    pub fn enabled(&self) -> bool {
+        !self.url.trim().is_empty()
+    }
+
+    pub fn relay_url(&self) -> &str {
+        if self.relay_url.trim().is_empty() { self.url.trim() } else { self.relay_url.trim() }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -201,6 +233,16 @@ impl Settings {
         }
         if t.output_cap_bytes < 1024 {
             return Err(invalid("tools.output_cap_bytes", "must be at least 1024"));
+        }
+        let n = &self.nats;
+        if n.enabled() && !["nats://", "tls://", "ws://", "wss://"].iter().any(|p| n.url.trim().starts_with(p)) {
+            return Err(invalid("nats.url", "must start with nats://, tls://, ws:// or wss:// (or be empty)"));
+        }
+        if n.prefix.is_empty() || !n.prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return Err(invalid("nats.prefix", "must be one subject token (letters, digits, - and _)"));
+        }
+        if n.request_timeout_ms == 0 {
+            return Err(invalid("nats.request_timeout_ms", "must be positive"));
         }
         if t.read_default_limit_lines == 0 {
             return Err(invalid("tools.read_default_limit_lines", "must be at least 1"));
@@ -292,6 +334,19 @@ mod tests {
         let err =
             Settings::load_with_env(None, env(&[("AGENTPLANE__LLM__RETRY__MAX_ATTEMPTS", "0")])).expect_err("invalid");
         assert!(err.to_string().contains("llm.retry.max_attempts"), "{err}");
+    }
+
+    #[test]
+    fn nats_settings_are_checked() {
+        let s = Settings::defaults();
+        assert!(!s.nats.enabled());
+        let s = Settings::load_with_env(None, env(&[("AGENTPLANE__NATS__URL", "nats://127.0.0.1:4222")])).expect("ok");
+        assert!(s.nats.enabled());
+        assert_eq!(s.nats.relay_url(), "nats://127.0.0.1:4222");
+        let err = Settings::load_with_env(None, env(&[("AGENTPLANE__NATS__URL", "http://x")])).expect_err("bad");
+        assert!(err.to_string().contains("nats.url"), "{err}");
+        let err = Settings::load_with_env(None, env(&[("AGENTPLANE__NATS__PREFIX", "a.b")])).expect_err("bad");
+        assert!(err.to_string().contains("nats.prefix"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod nats_auth;
 pub mod providers;
 pub mod provisioners;
 pub mod server;

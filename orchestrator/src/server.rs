@@ -9,18 +9,21 @@ use std::time::Duration;
 
 use actix_web::{App, HttpServer, web};
 use agentplane_actors::bus::LocalEventBus;
-use agentplane_actors::ports::{EventBus, ModelClient};
+use agentplane_actors::ports::{EventBus, ModelClient, ToolTransport};
 use agentplane_actors::{Deps, Directory};
 use agentplane_config::Settings;
 use agentplane_schema::api::{CreateTemplate, ProvisionerSpec, UserRole};
+use agentplane_schema::nats::Subjects;
 use agentplane_schema::tool::ToolLimits;
 use anyhow::Context as _;
 
 use crate::providers::Providers;
-use crate::provisioners::Workspaces;
+use crate::provisioners::local::LocalRelays;
+use crate::provisioners::{CredentialMinter, NatsBackend, ToolBackend, Workspaces};
 use crate::state::AppState;
 use crate::store::DbStore;
 use crate::transport::inprocess::InProcessTransport;
+use crate::transport::nats::NatsTransport;
 
 /// Environment variable that sets the first admin's token.
 pub const BOOTSTRAP_TOKEN_ENV: &str = "AGENTPLANE_BOOTSTRAP_TOKEN";
@@ -46,6 +49,9 @@ fn tool_limits(settings: &Settings) -> ToolLimits {
 /// Opens the database, bootstraps it, builds the adapters and the directory, and resumes chats
 /// that were running. Must run inside an actix system.
 pub async fn prepare(settings: Settings) -> anyhow::Result<Prepared> {
+    // reqwest and async-nats both use rustls; with more than one crypto backend linked, rustls
+    // cannot choose one by itself. Already installed is fine.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let settings = Arc::new(settings);
     std::fs::create_dir_all(&settings.server.data_dir)
         .with_context(|| format!("creating data dir {}", settings.server.data_dir.display()))?;
@@ -58,8 +64,12 @@ pub async fn prepare(settings: Settings) -> anyhow::Result<Prepared> {
     let store = DbStore::new(db);
     let admin_token = bootstrap(&store, &settings).await?;
 
-    let transport = Arc::new(InProcessTransport::new(tool_limits(&settings)));
-    let workspaces = Arc::new(Workspaces::new(store.clone(), transport.clone(), workspace_root));
+    let backend = tool_backend(&settings).await?;
+    let transport: Arc<dyn ToolTransport> = match &backend {
+        ToolBackend::InProcess(t) => t.clone(),
+        ToolBackend::Nats(n) => n.transport.clone(),
+    };
+    let workspaces = Arc::new(Workspaces::new(store.clone(), settings.clone(), backend));
     let restored = workspaces.restore().await.map_err(|e| anyhow::anyhow!(e.message))?;
     let bus: Arc<dyn EventBus> = Arc::new(LocalEventBus::new());
     let model: Arc<dyn ModelClient> = Arc::new(Providers::new(
@@ -86,6 +96,43 @@ pub async fn prepare(settings: Settings) -> anyhow::Result<Prepared> {
     tracing::info!(restored_workspaces = restored, resumed_chats = running.len(), "replica ready");
     let state = web::Data::new(AppState { settings, store, directory, bus, workspaces });
     Ok(Prepared { state, admin_token })
+}
+
+/// In-process relays, or NATS (with per-workspace credentials when `nats.credentials_dir` is set).
+async fn tool_backend(settings: &Settings) -> anyhow::Result<ToolBackend> {
+    if !settings.nats.enabled() {
+        return Ok(ToolBackend::InProcess(Arc::new(InProcessTransport::new(tool_limits(settings)))));
+    }
+    let subjects = Subjects::new(settings.nats.prefix.clone());
+    let dir = settings.nats.credentials_dir.trim();
+    let (creds, minter) = if dir.is_empty() {
+        (None, None)
+    } else {
+        let dir = std::path::Path::new(dir);
+        let creds = std::fs::read_to_string(dir.join(crate::nats_auth::ORCHESTRATOR_CREDS_FILE))
+            .with_context(|| format!("reading the orchestrator's NATS credential in {} (nats.credentials_dir)", dir.display()))?;
+        let signing = crate::nats_auth::read_signing_material(dir)
+            .with_context(|| format!("reading the account signing key in {} (nats.credentials_dir)", dir.display()))?;
+        let minter = CredentialMinter {
+            account_signing_seed: signing.account_signing_seed,
+            account_public_key: signing.account_public_key,
+            subjects: subjects.clone(),
+        };
+        (Some(creds), Some(minter))
+    };
+    let transport = NatsTransport::connect(
+        settings.nats.url.trim(),
+        creds.as_deref(),
+        subjects,
+        Duration::from_millis(settings.nats.request_timeout_ms),
+    )
+    .await?;
+    Ok(ToolBackend::Nats(Arc::new(NatsBackend {
+        transport: Arc::new(transport),
+        relay_url: settings.nats.relay_url().to_string(),
+        relay_binary: LocalRelays::default_relay_binary(&settings.nats.relay_binary),
+        minter,
+    })))
 }
 
 /// First start: an admin with a one-time token (or the configured one), and a `local` template

@@ -293,8 +293,29 @@ pub struct TemplateParameter {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ProvisionerSpec {
-    /// A directory under the orchestrator's workspace root, served by an in-process relay.
+    /// A directory under the orchestrator's workspace root, served by a relay on this host
+    /// (in-process in embedded mode, a relay process over NATS when NATS is configured).
     Local,
+    /// Operator scripts (`sh -c`) that bring the workspace and its relay up and down. Each gets
+    /// the workspace id, relay credential, NATS URL and parameters in its environment.
+    Command(CommandProvisioner),
+}
+
+/// Scripts of a `command` template; `create` is required, the others optional.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandProvisioner {
+    /// Creates the workspace and starts its relay.
+    pub create: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete: Option<String>,
+    /// Longest run of one script; default `workspaces.command_timeout_seconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
 }
 
 /// `POST /templates` (admin).
@@ -350,6 +371,39 @@ impl WorkspaceStatus {
             _ => None,
         }
     }
+}
+
+/// `PATCH /templates/{id}` (admin): the fields to change.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchTemplate {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub parameters: Option<Vec<TemplateParameter>>,
+    #[serde(default)]
+    pub provisioner: Option<ProvisionerSpec>,
+}
+
+/// `POST /workspaces`: a workspace created by a user directly (to pick for a chat).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWorkspace {
+    pub template_id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub parameters: serde_json::Value,
+}
+
+/// `GET /workspaces/{id}`: the workspace with its provisioning log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkspaceDetail {
+    #[serde(flatten)]
+    pub workspace: Workspace,
+    pub logs: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

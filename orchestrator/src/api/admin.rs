@@ -2,10 +2,15 @@
 //! everyone reads), workspaces (each user their own).
 
 use actix_web::{HttpResponse, web};
-use agentplane_schema::api::{CreateModel, CreateProvider, CreateTemplate, CreateUser, IssuedToken};
+use agentplane_actors::ports::ProvisionError;
+use agentplane_schema::api::{
+    CreateModel, CreateProvider, CreateTemplate, CreateUser, CreateWorkspace, IssuedToken, PatchTemplate, Workspace,
+    WorkspaceStatus,
+};
 use serde_json::json;
 
-use super::error::ApiError;
+use super::error::{ApiError, ApiErrorKind};
+use crate::provisioners::params;
 use crate::auth::AuthUser;
 use crate::state::AppState;
 
@@ -13,7 +18,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/providers").get(list_providers).post(create_provider))
         .service(web::resource("/models").get(list_models).post(create_model))
         .service(web::resource("/templates").get(list_templates).post(create_template))
-        .service(web::resource("/workspaces").get(list_workspaces))
+        .service(web::resource("/templates/{id}").get(get_template).patch(patch_template).delete(delete_template))
+        .service(web::resource("/workspaces").get(list_workspaces).post(create_workspace))
+        .service(web::resource("/workspaces/{id}").get(get_workspace).delete(delete_workspace))
+        .service(web::resource("/workspaces/{id}/start").post(start_workspace))
+        .service(web::resource("/workspaces/{id}/stop").post(stop_workspace))
         .service(web::resource("/users").post(create_user));
 }
 
@@ -102,8 +111,100 @@ async fn list_templates(state: web::Data<AppState>, _user: AuthUser) -> Result<H
     Ok(HttpResponse::Ok().json(state.store.list_templates().await?))
 }
 
+async fn get_template(state: web::Data<AppState>, _user: AuthUser, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let template = state.store.get_template(&path).await?.ok_or_else(|| ApiError::not_found(format!("template {path}")))?;
+    Ok(HttpResponse::Ok().json(template))
+}
+
+async fn patch_template(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    path: web::Path<String>,
+    body: web::Json<PatchTemplate>,
+) -> Result<HttpResponse, ApiError> {
+    user.require_admin()?;
+    let current = state.store.get_template(&path).await?.ok_or_else(|| ApiError::not_found(format!("template {path}")))?;
+    if body.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        return Err(ApiError::invalid("`name` must not be empty"));
+    }
+    if let Some(parameters) = &body.parameters {
+        crate::provisioners::params::check_spec(parameters).map_err(ApiError::invalid)?;
+    }
+    let template = state.store.update_template(&current.id, &body).await?;
+    state.store.audit(Some(user.id()), "template.updated", "template", Some(&template.id), json!({"name": template.name})).await?;
+    Ok(HttpResponse::Ok().json(template))
+}
+
+async fn delete_template(state: web::Data<AppState>, user: AuthUser, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    user.require_admin()?;
+    let current = state.store.get_template(&path).await?.ok_or_else(|| ApiError::not_found(format!("template {path}")))?;
+    state.store.delete_template(&current.id).await?;
+    state.store.audit(Some(user.id()), "template.deleted", "template", Some(&current.id), json!({"name": current.name})).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
 async fn list_workspaces(state: web::Data<AppState>, user: AuthUser) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(state.store.list_workspaces(Some(user.id())).await?))
+}
+
+/// The caller's workspace; another user's is indistinguishable from none.
+async fn own_workspace(state: &AppState, user: &AuthUser, id: &str) -> Result<Workspace, ApiError> {
+    match state.store.get_workspace(id).await? {
+        Some(ws) if ws.owner_id == user.id() && ws.status != WorkspaceStatus::Deleted => Ok(ws),
+        _ => Err(ApiError::not_found(format!("workspace {id}"))),
+    }
+}
+
+fn provision_error(e: ProvisionError) -> ApiError {
+    ApiError::new(ApiErrorKind::Conflict, e.message)
+}
+
+async fn create_workspace(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    body: web::Json<CreateWorkspace>,
+) -> Result<HttpResponse, ApiError> {
+    let template = state
+        .store
+        .get_template(&body.template_id)
+        .await?
+        .ok_or_else(|| ApiError::invalid(format!("template `{}` does not exist", body.template_id)))?;
+    params::validate(&template.parameters, &body.parameters).map_err(ApiError::invalid)?;
+    let ws = state
+        .workspaces
+        .create(user.id(), &template, body.name.clone(), &body.parameters, "created over the API")
+        .await
+        .map_err(provision_error)?;
+    state.store.audit(Some(user.id()), "workspace.created", "workspace", Some(&ws.id), json!({"template_id": template.id})).await?;
+    Ok(HttpResponse::Created().json(ws))
+}
+
+async fn get_workspace(state: web::Data<AppState>, user: AuthUser, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let ws = own_workspace(&state, &user, &path).await?;
+    let detail = state.workspaces.detail(&ws.id).await.map_err(provision_error)?;
+    Ok(HttpResponse::Ok().json(detail))
+}
+
+async fn start_workspace(state: web::Data<AppState>, user: AuthUser, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let ws = own_workspace(&state, &user, &path).await?;
+    let ws = state.workspaces.start(&ws).await.map_err(provision_error)?;
+    state.store.audit(Some(user.id()), "workspace.started", "workspace", Some(&ws.id), json!({})).await?;
+    Ok(HttpResponse::Ok().json(ws))
+}
+
+async fn stop_workspace(state: web::Data<AppState>, user: AuthUser, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let ws = own_workspace(&state, &user, &path).await?;
+    let ws = state.workspaces.stop(&ws).await.map_err(provision_error)?;
+    state.store.audit(Some(user.id()), "workspace.stopped", "workspace", Some(&ws.id), json!({})).await?;
+    Ok(HttpResponse::Ok().json(ws))
+}
+
+/// Deletes the workspace; chats that used it keep their history and provision a new one.
+async fn delete_workspace(state: web::Data<AppState>, user: AuthUser, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let ws = own_workspace(&state, &user, &path).await?;
+    state.workspaces.delete(&ws).await.map_err(provision_error)?;
+    state.store.audit(Some(user.id()), "workspace.deleted", "workspace", Some(&ws.id), json!({})).await?;
+    Ok(HttpResponse::NoContent().finish())
 }
 
 async fn create_user(

@@ -2,8 +2,8 @@
 
 use agentplane_actors::ports::StoreError;
 use agentplane_schema::api::{
-    CreateModel, CreateProvider, CreateTemplate, Model, Provider, ProviderType, ProvisionerSpec, Template, User,
-    UserRole, Workspace, WorkspaceStatus,
+    CreateModel, CreateProvider, CreateTemplate, Model, PatchTemplate, Provider, ProviderType, ProvisionerSpec, Template, User,
+    UserRole, Workspace, WorkspaceDetail, WorkspaceStatus,
 };
 use agentplane_schema::db::entities::{api_tokens, audit_events, models, providers, templates, users, workspaces};
 use agentplane_schema::new_id;
@@ -241,6 +241,31 @@ impl DbStore {
         template_from_row(row)
     }
 
+    /// Applies a patch; returns the template as it is now.
+    pub async fn update_template(&self, id: &str, patch: &PatchTemplate) -> Result<Template, StoreError> {
+        let mut row = templates::ActiveModel { updated_at: Set(Utc::now()), ..Default::default() };
+        if let Some(name) = &patch.name {
+            row.name = Set(name.clone());
+        }
+        if let Some(description) = &patch.description {
+            row.description = Set(description.clone());
+        }
+        if let Some(parameters) = &patch.parameters {
+            row.parameters = Set(super::convert::to_json(parameters)?);
+        }
+        if let Some(provisioner) = &patch.provisioner {
+            row.provisioner = Set(super::convert::to_json(provisioner)?);
+        }
+        templates::Entity::update_many().set(row).filter(templates::Column::Id.eq(id)).exec(&self.db).await.map_err(db_err)?;
+        self.get_template(id).await?.ok_or_else(|| StoreError::NotFound(format!("template {id}")))
+    }
+
+    /// Deletes a template; workspaces made from it keep running but cannot be restarted.
+    pub async fn delete_template(&self, id: &str) -> Result<(), StoreError> {
+        templates::Entity::delete_by_id(id).exec(&self.db).await.map_err(db_err)?;
+        Ok(())
+    }
+
     pub async fn list_templates(&self) -> Result<Vec<Template>, StoreError> {
         let rows =
             templates::Entity::find().order_by_asc(templates::Column::Name).all(&self.db).await.map_err(db_err)?;
@@ -308,6 +333,33 @@ impl DbStore {
             .await
             .map_err(db_err)?;
         Ok(())
+    }
+
+    /// Appends lines to a workspace's provisioning log.
+    pub async fn append_workspace_log(&self, id: &str, text: &str) -> Result<(), StoreError> {
+        let Some(row) = workspaces::Entity::find_by_id(id).one(&self.db).await.map_err(db_err)? else {
+            return Err(StoreError::NotFound(format!("workspace {id}")));
+        };
+        let mut logs = row.logs;
+        for line in text.lines() {
+            logs.push_str(&format!("{} {}\n", Utc::now().to_rfc3339(), line));
+        }
+        let update = workspaces::ActiveModel { logs: Set(logs), updated_at: Set(Utc::now()), ..Default::default() };
+        workspaces::Entity::update_many()
+            .set(update)
+            .filter(workspaces::Column::Id.eq(id))
+            .exec(&self.db)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub async fn workspace_detail(&self, id: &str) -> Result<Option<WorkspaceDetail>, StoreError> {
+        Ok(workspaces::Entity::find_by_id(id)
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .map(|r| WorkspaceDetail { logs: r.logs.clone(), workspace: workspace_from_row(r) }))
     }
 
     pub async fn get_workspace(&self, id: &str) -> Result<Option<Workspace>, StoreError> {

@@ -134,9 +134,9 @@ impl Store for DbStore {
                 Op::DeleteQueued { id } => {
                     queued_messages::Entity::delete_by_id(id).exec(&txn).await.map_err(db_err)?;
                 }
-                Op::InsertToolCall { call_id, message_id, name, args, user_id, workspace_id } => {
+                Op::InsertToolCall { id, call_id, message_id, name, args, user_id, workspace_id } => {
                     tool_calls::Entity::insert(tool_calls::ActiveModel {
-                        id: Set(new_id()),
+                        id: Set(id),
                         call_id: Set(call_id),
                         chat_id: Set(chat_id.to_string()),
                         message_id: Set(message_id),

@@ -1,5 +1,7 @@
 //! Tool transports: how a tool request reaches the relay of its workspace.
 //!
 //! - [`inprocess`]: the embedded default; relays run inside this process.
+//! - [`nats`]: relays anywhere, reached over NATS.
 
 pub mod inprocess;
+pub mod nats;

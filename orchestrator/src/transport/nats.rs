@@ -1,0 +1,238 @@
+//! The NATS transport: tool requests go to the relay of a workspace over NATS (see
+//! `agentplane_schema::nats` for the protocol).
+//!
+//! A call subscribes to its output and result subjects, sends the request and waits for the
+//! relay's acknowledgement ("no responders" = the workspace is offline, at once), then waits for
+//! the result. Core NATS is at most once, so a result missed during a reconnect is looked up in
+//! the results stream; a relay that stops saying hello while a call runs ends the call with an
+//! "outcome unknown" error instead of a wait without end.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agentplane_actors::ports::{ToolTransport, TransportError, TransportErrorKind};
+use agentplane_schema::nats::{
+    HEADER_CALL_ID, HEADER_CHAT_ID, HEADER_USER_ID, HELLO_INTERVAL_SECONDS, Hello, RESULTS_STREAM, Subjects, is_token,
+};
+use agentplane_schema::tool::{ToolRequest, ToolResult};
+use async_nats::jetstream;
+use futures::StreamExt;
+use tokio::sync::{Notify, mpsc};
+
+/// How often a waiting call looks for its result in the stream, in case the live copy was lost.
+const RESULT_POLL: Duration = Duration::from_secs(2);
+/// Missed hellos after which a relay counts as gone.
+const HELLOS_MISSED: u32 = 3;
+/// How long results stay findable.
+const RESULTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+fn offline(message: impl Into<String>) -> TransportError {
+    TransportError { kind: TransportErrorKind::Offline, message: message.into() }
+}
+
+fn other(message: impl Into<String>) -> TransportError {
+    TransportError { kind: TransportErrorKind::Other, message: message.into() }
+}
+
+/// Which relays said hello, and when: readiness for provisioning, liveness for running calls.
+#[derive(Default)]
+pub struct Presence {
+    seen: Mutex<HashMap<String, Instant>>,
+    changed: Notify,
+}
+
+impl Presence {
+    fn record(&self, workspace_id: &str) {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(workspace_id.to_string(), Instant::now());
+        self.changed.notify_waiters();
+    }
+
+    pub fn last_hello(&self, workspace_id: &str) -> Option<Instant> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(workspace_id).copied()
+    }
+
+    pub fn forget(&self, workspace_id: &str) {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).remove(workspace_id);
+    }
+
+    /// Waits until the workspace's relay says hello after `since`.
+    pub async fn wait_ready(&self, workspace_id: &str, since: Instant, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            if self.last_hello(workspace_id).is_some_and(|t| t >= since) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
+pub struct NatsTransport {
+    client: async_nats::Client,
+    results: jetstream::stream::Stream,
+    subjects: Subjects,
+    request_timeout: Duration,
+    presence: Arc<Presence>,
+}
+
+impl NatsTransport {
+    /// Connects, makes sure the results stream exists, and starts following relay hellos.
+    pub async fn connect(
+        url: &str,
+        creds: Option<&str>,
+        subjects: Subjects,
+        request_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name("agentplane-orchestrator")
+            // The default 60 s ping leaves a dead connection unnoticed far too long.
+            .ping_interval(Duration::from_secs(5))
+            .connection_timeout(Duration::from_secs(5))
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("NATS connected"),
+                    async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; reconnecting"),
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            });
+        if let Some(creds) = creds {
+            options = options.credentials(creds)?;
+        }
+        let client = options.connect(url).await.map_err(|e| anyhow::anyhow!("connecting to NATS at {url}: {e}"))?;
+        let js = jetstream::new(client.clone());
+        let results = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: RESULTS_STREAM.to_string(),
+                subjects: vec![subjects.all_results()],
+                max_age: RESULTS_MAX_AGE,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("creating the {RESULTS_STREAM} stream: {e}"))?;
+        let presence = Arc::new(Presence::default());
+        let mut hellos = client.subscribe(subjects.all_hellos()).await?;
+        let watcher = presence.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = hellos.next().await {
+                if let Ok(hello) = serde_json::from_slice::<Hello>(&msg.payload) {
+                    watcher.record(&hello.workspace_id);
+                }
+            }
+        });
+        Ok(NatsTransport { client, results, subjects, request_timeout, presence })
+    }
+
+    pub fn presence(&self) -> Arc<Presence> {
+        self.presence.clone()
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    async fn stored_result(&self, subject: &str) -> Option<ToolResult> {
+        let msg = self.results.get_last_raw_message_by_subject(subject).await.ok()?;
+        serde_json::from_slice(&msg.payload).ok()
+    }
+
+    /// Whether the relay has said hello recently enough to count as alive.
+    fn relay_alive(&self, workspace_id: &str, call_started: Instant) -> bool {
+        let grace = Duration::from_secs(HELLO_INTERVAL_SECONDS * u64::from(HELLOS_MISSED));
+        let last = self.presence.last_hello(workspace_id).unwrap_or(call_started).max(call_started);
+        last.elapsed() < grace
+    }
+}
+
+#[async_trait::async_trait]
+impl ToolTransport for NatsTransport {
+    async fn call(
+        &self,
+        workspace_id: &str,
+        request: ToolRequest,
+        output: Option<mpsc::UnboundedSender<String>>,
+    ) -> Result<ToolResult, TransportError> {
+        if !is_token(workspace_id) || !is_token(&request.call_id) {
+            return Err(other("workspace and call ids must be single subject tokens"));
+        }
+        let call_id = request.call_id.clone();
+        let result_subject = self.subjects.result(workspace_id, &call_id);
+        let mut out = self
+            .client
+            .subscribe(self.subjects.output(workspace_id, &call_id))
+            .await
+            .map_err(|e| other(format!("subscribing to output: {e}")))?;
+        let mut res =
+            self.client.subscribe(result_subject.clone()).await.map_err(|e| other(format!("subscribing: {e}")))?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(HEADER_CALL_ID, call_id.as_str());
+        headers.insert(HEADER_CHAT_ID, request.chat_id.as_str());
+        headers.insert(HEADER_USER_ID, request.user_id.as_str());
+        let payload = serde_json::to_vec(&request).map_err(|e| other(format!("encoding the request: {e}")))?;
+        let started = Instant::now();
+        let ack = tokio::time::timeout(
+            self.request_timeout,
+            self.client.request_with_headers(self.subjects.request(workspace_id), headers, payload.into()),
+        )
+        .await;
+        match ack {
+            Err(_) => {
+                return Err(offline(format!(
+                    "the workspace's relay did not accept the call within {} ms",
+                    self.request_timeout.as_millis()
+                )));
+            }
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                return Err(offline("no relay is serving this workspace"));
+            }
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                return Err(offline("the workspace's relay did not accept the call in time"));
+            }
+            Ok(Err(e)) => return Err(other(format!("sending the request: {e}"))),
+            Ok(Ok(_)) => {}
+        }
+        let mut poll = tokio::time::interval(RESULT_POLL);
+        poll.tick().await;
+        loop {
+            tokio::select! {
+                Some(piece) = out.next() => {
+                    if let Some(tx) = &output {
+                        let _ = tx.send(String::from_utf8_lossy(&piece.payload).into_owned());
+                    }
+                }
+                msg = res.next() => match msg {
+                    Some(msg) => {
+                        return serde_json::from_slice(&msg.payload)
+                            .map_err(|e| other(format!("the relay sent an unreadable result: {e}")));
+                    }
+                    None => return Err(other("the NATS connection was closed")),
+                },
+                _ = poll.tick() => {
+                    if let Some(result) = self.stored_result(&result_subject).await {
+                        return Ok(result);
+                    }
+                    if !self.relay_alive(workspace_id, started) {
+                        return Err(offline(
+                            "the workspace's relay stopped answering while the call ran; its outcome is unknown",
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn cancel(&self, workspace_id: &str, call_id: &str) {
+        if let Err(e) = self.client.publish(self.subjects.cancel(workspace_id), call_id.to_string().into()).await {
+            tracing::warn!(workspace = workspace_id, call = call_id, error = %e, "could not send a cancel");
+        }
+    }
+}
