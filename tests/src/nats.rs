@@ -33,14 +33,8 @@ pub fn nats_server_binary() -> PathBuf {
         )
     });
     let version = String::from_utf8_lossy(&output.stdout).to_string();
-    let numbers: Vec<u32> = version
-        .trim()
-        .rsplit('v')
-        .next()
-        .unwrap_or_default()
-        .split('.')
-        .filter_map(|n| n.parse().ok())
-        .collect();
+    let numbers: Vec<u32> =
+        version.trim().rsplit('v').next().unwrap_or_default().split('.').filter_map(|n| n.parse().ok()).collect();
     assert!(
         numbers.len() >= 2 && (numbers[0], numbers[1]) >= (2, 10),
         "nats-server 2.10 or newer is required, {} is `{}`; run `bash tests/run.sh` or set AGENTPLANE_TEST_NATS_SERVER",
@@ -107,7 +101,11 @@ impl NatsServer {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("nats-server exited ({status}); log:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "nats-server did not listen within {START_TIMEOUT:?}; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen within {START_TIMEOUT:?}; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

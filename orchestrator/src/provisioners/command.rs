@@ -4,8 +4,8 @@
 //! `PATH`, `HOME`, `LANG`, and
 //! `AGENTPLANE_ACTION` (create/start/stop/delete), `AGENTPLANE_WORKSPACE_ID`,
 //! `AGENTPLANE_WORKSPACE_NAME`, `AGENTPLANE_TEMPLATE_NAME`, `AGENTPLANE_NATS_URL`,
-//! `AGENTPLANE_NATS_PREFIX`, `AGENTPLANE_RELAY_CREDS` and `AGENTPLANE_RELAY_CREDS_FILE` (when NATS
-//! has auth), `AGENTPLANE_RELAY_BINARY`, `AGENTPLANE_PARAMETERS` (JSON) and one
+//! `AGENTPLANE_NATS_PREFIX`, `AGENTPLANE_RELAY_CREDS_FILE` (a 0600 file with the relay's
+//! credential, when NATS has auth; the relay reads the same variable), `AGENTPLANE_RELAY_BINARY`, `AGENTPLANE_PARAMETERS` (JSON) and one
 //! `AGENTPLANE_PARAM_<NAME>` per parameter (name upper-cased, other characters as `_`).
 //! `create` and `start` must leave a relay running that connects with those; the workspace is
 //! ready when it says hello. stdout and stderr go to the workspace's provisioning log.
@@ -58,7 +58,8 @@ impl Action {
 
 /// `AGENTPLANE_PARAM_<NAME>`.
 pub fn param_var(name: &str) -> String {
-    let upper: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+    let upper: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
     format!("AGENTPLANE_PARAM_{upper}")
 }
 
@@ -67,7 +68,6 @@ pub fn environment(
     template: &Template,
     action: Action,
     nats: &NatsBackend,
-    creds: Option<&str>,
     creds_file: Option<&Path>,
     subjects: &Subjects,
 ) -> Vec<(String, String)> {
@@ -84,9 +84,6 @@ pub fn environment(
         ("AGENTPLANE_RELAY_BINARY".to_string(), nats.relay_binary.display().to_string()),
         ("AGENTPLANE_PARAMETERS".to_string(), ws.parameters.to_string()),
     ];
-    if let Some(c) = creds {
-        env.push(("AGENTPLANE_RELAY_CREDS".into(), c.to_string()));
-    }
     if let Some(f) = creds_file {
         env.push(("AGENTPLANE_RELAY_CREDS_FILE".into(), f.display().to_string()));
     }
@@ -150,7 +147,10 @@ pub async fn run(script: &str, env: &[(String, String)], timeout: Duration) -> R
         Err(e) => return Run { exit: Err(format!("could not start the script: {e}")), output: String::new() },
     };
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Err(_) => Run { exit: Err(format!("the script did not finish within {} s", timeout.as_secs())), output: String::new() },
+        Err(_) => Run {
+            exit: Err(format!("the script did not finish within {} s", timeout.as_secs())),
+            output: String::new(),
+        },
         Ok(Err(e)) => Run { exit: Err(format!("waiting for the script: {e}")), output: String::new() },
         Ok(Ok(out)) => {
             let mut combined = out.stdout;
@@ -172,7 +172,8 @@ mod tests {
 
     #[tokio::test]
     async fn scripts_see_only_the_given_environment_and_time_out() {
-        let env = vec![("PATH".to_string(), "/usr/bin:/bin".to_string()), ("AGENTPLANE_X".to_string(), "1".to_string())];
+        let env =
+            vec![("PATH".to_string(), "/usr/bin:/bin".to_string()), ("AGENTPLANE_X".to_string(), "1".to_string())];
         let run = run("echo out; echo err >&2; env | sort", &env, Duration::from_secs(10)).await;
         assert!(run.output.contains("out") && run.output.contains("err") && run.output.contains("AGENTPLANE_X=1"));
         assert!(!run.output.contains("CARGO"), "the orchestrator's environment does not leak: {}", run.output);

@@ -124,7 +124,8 @@ impl Workspaces {
                 template.name
             ))
         })?;
-        if matches!(template.provisioner, ProvisionerSpec::Command(_)) && matches!(self.backend, ToolBackend::InProcess(_))
+        if matches!(template.provisioner, ProvisionerSpec::Command(_))
+            && matches!(self.backend, ToolBackend::InProcess(_))
         {
             return Err(refused(format!(
                 "template `{}` uses the command provisioner, which needs NATS ([nats] url) for its relay",
@@ -145,7 +146,10 @@ impl Workspaces {
             updated_at: now,
         };
         self.store.insert_workspace(&ws).await.map_err(internal)?;
-        self.store.append_workspace_log(&ws.id, &format!("provisioning from template {} ({purpose})", template.name)).await.map_err(internal)?;
+        self.store
+            .append_workspace_log(&ws.id, &format!("provisioning from template {} ({purpose})", template.name))
+            .await
+            .map_err(internal)?;
         let outcome = match &template.provisioner {
             ProvisionerSpec::Local => self.start_local(&ws).await,
             ProvisionerSpec::Command(c) => self.run_command(&ws, template, c, command::Action::Create).await,
@@ -208,8 +212,9 @@ impl Workspaces {
             Some(c) => Some(self.local.write_creds(&ws.id, c)?),
             None => None,
         };
-        let timeout = Duration::from_secs(spec.timeout_seconds.unwrap_or(self.settings.workspaces.command_timeout_seconds));
-        let env = command::environment(ws, template, action, nats, creds.as_deref(), creds_file.as_deref(), nats.transport.subjects());
+        let timeout =
+            Duration::from_secs(spec.timeout_seconds.unwrap_or(self.settings.workspaces.command_timeout_seconds));
+        let env = command::environment(ws, template, action, nats, creds_file.as_deref(), nats.transport.subjects());
         let since = Instant::now();
         let run = command::run(script, &env, timeout).await;
         self.store.append_workspace_log(&ws.id, &run.log(action)).await.map_err(|e| e.to_string())?;

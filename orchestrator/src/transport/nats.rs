@@ -24,6 +24,10 @@ use tokio::sync::{Notify, mpsc};
 const RESULT_POLL: Duration = Duration::from_secs(2);
 /// Missed hellos after which a relay counts as gone.
 const HELLOS_MISSED: u32 = 3;
+/// After a reconnect, a relay may need a moment to resubscribe: until it says hello again (it
+/// does after each reconnect), "no responders" is retried, for at most this long.
+const RECONNECT_GRACE: Duration = Duration::from_secs(10);
+const NO_RESPONDERS_RETRY: Duration = Duration::from_millis(100);
 /// How long results stay findable.
 const RESULTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
@@ -73,6 +77,7 @@ impl Presence {
 
 pub struct NatsTransport {
     client: async_nats::Client,
+    reconnected_at: Arc<Mutex<Option<Instant>>>,
     results: jetstream::stream::Stream,
     subjects: Subjects,
     request_timeout: Duration,
@@ -87,17 +92,28 @@ impl NatsTransport {
         subjects: Subjects,
         request_timeout: Duration,
     ) -> anyhow::Result<Self> {
+        let reconnected_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let connects = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (marker, counter) = (reconnected_at.clone(), connects.clone());
         let mut options = async_nats::ConnectOptions::new()
             .name("agentplane-orchestrator")
             // The default 60 s ping leaves a dead connection unnoticed far too long.
             .ping_interval(Duration::from_secs(5))
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(None)
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("NATS connected"),
-                    async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; reconnecting"),
-                    other => tracing::debug!(event = %other, "NATS event"),
+            .event_callback(move |event| {
+                let (marker, counter) = (marker.clone(), counter.clone());
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            if counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+                                *marker.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                            }
+                            tracing::info!("NATS connected");
+                        }
+                        async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; reconnecting"),
+                        other => tracing::debug!(event = %other, "NATS event"),
+                    }
                 }
             });
         if let Some(creds) = creds {
@@ -125,7 +141,7 @@ impl NatsTransport {
                 }
             }
         });
-        Ok(NatsTransport { client, results, subjects, request_timeout, presence })
+        Ok(NatsTransport { client, reconnected_at, results, subjects, request_timeout, presence })
     }
 
     pub fn presence(&self) -> Arc<Presence> {
@@ -143,6 +159,54 @@ impl NatsTransport {
     async fn stored_result(&self, subject: &str) -> Option<ToolResult> {
         let msg = self.results.get_last_raw_message_by_subject(subject).await.ok()?;
         serde_json::from_slice(&msg.payload).ok()
+    }
+
+    /// Whether "no responders" may only mean the relay has not resubscribed since a reconnect.
+    fn relay_may_be_resubscribing(&self, workspace_id: &str) -> bool {
+        let Some(reconnected) = *self.reconnected_at.lock().unwrap_or_else(|p| p.into_inner()) else {
+            return false;
+        };
+        reconnected.elapsed() < RECONNECT_GRACE
+            && self.presence.last_hello(workspace_id).is_none_or(|hello| hello < reconnected)
+    }
+
+    /// Sends the request until a relay takes it; `Err` says why none did.
+    async fn deliver(
+        &self,
+        workspace_id: &str,
+        headers: async_nats::HeaderMap,
+        payload: bytes::Bytes,
+    ) -> Result<(), TransportError> {
+        let subject = self.subjects.request(workspace_id);
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        loop {
+            let sent = tokio::time::timeout_at(
+                deadline,
+                self.client.request_with_headers(subject.clone(), headers.clone(), payload.clone()),
+            )
+            .await;
+            match sent {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                    if !self.relay_may_be_resubscribing(workspace_id)
+                        || tokio::time::Instant::now() + NO_RESPONDERS_RETRY >= deadline
+                    {
+                        return Err(offline("no relay is serving this workspace"));
+                    }
+                    tokio::time::sleep(NO_RESPONDERS_RETRY).await;
+                }
+                Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                    return Err(offline("the workspace's relay did not accept the call in time"));
+                }
+                Ok(Err(e)) => return Err(other(format!("sending the request: {e}"))),
+                Err(_) => {
+                    return Err(offline(format!(
+                        "the workspace's relay did not accept the call within {} ms",
+                        self.request_timeout.as_millis()
+                    )));
+                }
+            }
+        }
     }
 
     /// Whether the relay has said hello recently enough to count as alive.
@@ -179,27 +243,7 @@ impl ToolTransport for NatsTransport {
         headers.insert(HEADER_USER_ID, request.user_id.as_str());
         let payload = serde_json::to_vec(&request).map_err(|e| other(format!("encoding the request: {e}")))?;
         let started = Instant::now();
-        let ack = tokio::time::timeout(
-            self.request_timeout,
-            self.client.request_with_headers(self.subjects.request(workspace_id), headers, payload.into()),
-        )
-        .await;
-        match ack {
-            Err(_) => {
-                return Err(offline(format!(
-                    "the workspace's relay did not accept the call within {} ms",
-                    self.request_timeout.as_millis()
-                )));
-            }
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-                return Err(offline("no relay is serving this workspace"));
-            }
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
-                return Err(offline("the workspace's relay did not accept the call in time"));
-            }
-            Ok(Err(e)) => return Err(other(format!("sending the request: {e}"))),
-            Ok(Ok(_)) => {}
-        }
+        self.deliver(workspace_id, headers, payload.into()).await?;
         let mut poll = tokio::time::interval(RESULT_POLL);
         poll.tick().await;
         loop {

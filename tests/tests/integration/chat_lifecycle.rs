@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::common::{Db, TestEnv, WAIT, is_status, tool_results};
 
-async fn conversation_does_real_work(env: TestEnv) {
+pub async fn conversation_does_real_work(env: &TestEnv) {
     let (chat, mut stream) = env.idle_chat("Hi! What should I build?").await;
     env.llm.push_all([
         Reply::tool_call("list_templates", json!({"query": "shell"})),
@@ -99,12 +99,12 @@ async fn conversation_does_real_work(env: TestEnv) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conversation_does_real_work_on_sqlite() {
-    conversation_does_real_work(TestEnv::start().await).await;
+    conversation_does_real_work(&TestEnv::start().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conversation_does_real_work_on_postgres() {
-    conversation_does_real_work(TestEnv::start_with(Db::Postgres, |_| {}).await).await;
+    conversation_does_real_work(&TestEnv::start_with(Db::Postgres, |_| {}).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

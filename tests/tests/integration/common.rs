@@ -9,7 +9,7 @@ use agentplane_config::Settings;
 use agentplane_schema::api::{Chat, ChatStatus, CreateChat, CreateModel, CreateProvider, ProviderType, SendMessage};
 use agentplane_schema::event::{EventBody, StreamEvent};
 use agentplane_schema::message::{Message, Part};
-use agentplane_tests::{ApiClient, EventStream, ScriptedLlm, TestDatabase};
+use agentplane_tests::{ApiClient, EventStream, NatsServer, ScriptedLlm, TestDatabase};
 
 pub const ADMIN_TOKEN: &str = "ap_test_admin_token";
 /// Generous: nothing here should take this long; it only bounds a failing test.
@@ -19,9 +19,11 @@ pub struct TestEnv {
     pub llm: ScriptedLlm,
     pub admin: ApiClient,
     pub data_dir: tempfile::TempDir,
-    // Dropped in field order: the server before the database it uses.
+    // Dropped in field order: the server before the database and NATS it uses.
     pub server: ServerHandle,
     _db: TestDatabase,
+    pub nats: Option<NatsServer>,
+    pub creds_dir: Option<tempfile::TempDir>,
 }
 
 pub enum Db {
@@ -29,9 +31,46 @@ pub enum Db {
     Postgres,
 }
 
+/// The relay binary built next to this test binary (`target/<profile>/agentplane-relay`).
+pub fn relay_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir");
+    let relay = dir.join("agentplane-relay");
+    assert!(relay.is_file(), "{} is missing: build the workspace (cargo build --workspace) first", relay.display());
+    relay
+}
+
+/// A nats-server with agentplane's operator, account and per-workspace credentials, and the
+/// directory the orchestrator reads its own credential and signing key from.
+pub fn nats_with_auth() -> (NatsServer, tempfile::TempDir) {
+    let bootstrap = agentplane::nats_auth::bootstrap("ap").expect("nats bootstrap");
+    let dir = tempfile::tempdir().expect("creds dir");
+    agentplane::nats_auth::write_bootstrap(&bootstrap, dir.path()).expect("write bootstrap");
+    (NatsServer::start_with_config(&bootstrap.server_config), dir)
+}
+
 impl TestEnv {
     pub async fn start() -> Self {
         Self::start_with(Db::Sqlite, |_| {}).await
+    }
+
+    /// Tools run by `agentplane-relay` processes over a real nats-server with per-workspace
+    /// credentials.
+    pub async fn start_nats(tweak: impl FnOnce(&mut Settings)) -> Self {
+        let (nats, creds_dir) = nats_with_auth();
+        let url = nats.url();
+        let creds = creds_dir.path().to_path_buf();
+        let mut env = Self::start_with(Db::Sqlite, move |s| {
+            s.nats.url = url;
+            s.nats.credentials_dir = creds.display().to_string();
+            s.nats.relay_binary = relay_binary().display().to_string();
+            s.nats.ready_timeout_seconds = 20;
+            tweak(s);
+        })
+        .await;
+        env.nats = Some(nats);
+        env.creds_dir = Some(creds_dir);
+        env
     }
 
     pub async fn start_with(db: Db, tweak: impl FnOnce(&mut Settings)) -> Self {
@@ -80,7 +119,7 @@ impl TestEnv {
             })
             .await
             .expect("model");
-        TestEnv { llm, admin, data_dir, server, _db: db }
+        TestEnv { llm, admin, data_dir, server, _db: db, nats: None, creds_dir: None }
     }
 
     pub fn base_url(&self) -> String {

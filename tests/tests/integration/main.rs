@@ -9,3 +9,4 @@ mod interrupt;
 mod queue;
 mod resume;
 mod retries;
+mod workspaces;
