@@ -197,7 +197,9 @@ async fn workspace_tool(ctx: &ToolContext, wire_id: &str, call_id: &str, name: &
             duration_ms: r.duration_ms.or(Some(started.elapsed().as_millis() as u64)),
             workspace_id: None,
         },
-        Err(e) if e.kind == TransportErrorKind::Offline => ToolOutcome::error(offline_message(ctx, &workspace_id, &e.message).await),
+        Err(e) if e.kind == TransportErrorKind::Offline => {
+            ToolOutcome::error(offline_message(ctx, &workspace_id, &e.message).await)
+        }
         Err(e) => ToolOutcome::error(format!("The tool call could not be delivered to the workspace: {}", e.message)),
     };
     outcome.workspace_id = Some(workspace_id);
@@ -208,7 +210,9 @@ async fn workspace_tool(ctx: &ToolContext, wire_id: &str, call_id: &str, name: &
 async fn offline_message(ctx: &ToolContext, workspace_id: &str, reason: &str) -> String {
     let workspace = ctx.deps.provisioner.get_workspace(workspace_id).await.ok().flatten();
     match workspace {
-        Some(ws) if matches!(ws.status, WorkspaceStatus::Deleted | WorkspaceStatus::Stopped | WorkspaceStatus::Failed) => {
+        Some(ws)
+            if matches!(ws.status, WorkspaceStatus::Deleted | WorkspaceStatus::Stopped | WorkspaceStatus::Failed) =>
+        {
             format!(
                 "workspace offline: workspace {workspace_id} is {}. Call create_workspace with template_id \"{}\" to \
                  provision a new one (the chat's history is kept), then continue.",

@@ -109,8 +109,10 @@ async fn tool_backend(settings: &Settings) -> anyhow::Result<ToolBackend> {
         (None, None)
     } else {
         let dir = std::path::Path::new(dir);
-        let creds = std::fs::read_to_string(dir.join(crate::nats_auth::ORCHESTRATOR_CREDS_FILE))
-            .with_context(|| format!("reading the orchestrator's NATS credential in {} (nats.credentials_dir)", dir.display()))?;
+        let creds =
+            std::fs::read_to_string(dir.join(crate::nats_auth::ORCHESTRATOR_CREDS_FILE)).with_context(|| {
+                format!("reading the orchestrator's NATS credential in {} (nats.credentials_dir)", dir.display())
+            })?;
         let signing = crate::nats_auth::read_signing_material(dir)
             .with_context(|| format!("reading the account signing key in {} (nats.credentials_dir)", dir.display()))?;
         let minter = CredentialMinter {

@@ -10,8 +10,8 @@ use agentplane_schema::api::{
 use serde_json::json;
 
 use super::error::{ApiError, ApiErrorKind};
-use crate::provisioners::params;
 use crate::auth::AuthUser;
+use crate::provisioners::params;
 use crate::state::AppState;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -111,8 +111,13 @@ async fn list_templates(state: web::Data<AppState>, _user: AuthUser) -> Result<H
     Ok(HttpResponse::Ok().json(state.store.list_templates().await?))
 }
 
-async fn get_template(state: web::Data<AppState>, _user: AuthUser, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let template = state.store.get_template(&path).await?.ok_or_else(|| ApiError::not_found(format!("template {path}")))?;
+async fn get_template(
+    state: web::Data<AppState>,
+    _user: AuthUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let template =
+        state.store.get_template(&path).await?.ok_or_else(|| ApiError::not_found(format!("template {path}")))?;
     Ok(HttpResponse::Ok().json(template))
 }
 
@@ -123,7 +128,8 @@ async fn patch_template(
     body: web::Json<PatchTemplate>,
 ) -> Result<HttpResponse, ApiError> {
     user.require_admin()?;
-    let current = state.store.get_template(&path).await?.ok_or_else(|| ApiError::not_found(format!("template {path}")))?;
+    let current =
+        state.store.get_template(&path).await?.ok_or_else(|| ApiError::not_found(format!("template {path}")))?;
     if body.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
         return Err(ApiError::invalid("`name` must not be empty"));
     }
@@ -131,15 +137,26 @@ async fn patch_template(
         crate::provisioners::params::check_spec(parameters).map_err(ApiError::invalid)?;
     }
     let template = state.store.update_template(&current.id, &body).await?;
-    state.store.audit(Some(user.id()), "template.updated", "template", Some(&template.id), json!({"name": template.name})).await?;
+    state
+        .store
+        .audit(Some(user.id()), "template.updated", "template", Some(&template.id), json!({"name": template.name}))
+        .await?;
     Ok(HttpResponse::Ok().json(template))
 }
 
-async fn delete_template(state: web::Data<AppState>, user: AuthUser, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn delete_template(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     user.require_admin()?;
-    let current = state.store.get_template(&path).await?.ok_or_else(|| ApiError::not_found(format!("template {path}")))?;
+    let current =
+        state.store.get_template(&path).await?.ok_or_else(|| ApiError::not_found(format!("template {path}")))?;
     state.store.delete_template(&current.id).await?;
-    state.store.audit(Some(user.id()), "template.deleted", "template", Some(&current.id), json!({"name": current.name})).await?;
+    state
+        .store
+        .audit(Some(user.id()), "template.deleted", "template", Some(&current.id), json!({"name": current.name}))
+        .await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -175,24 +192,39 @@ async fn create_workspace(
         .create(user.id(), &template, body.name.clone(), &body.parameters, "created over the API")
         .await
         .map_err(provision_error)?;
-    state.store.audit(Some(user.id()), "workspace.created", "workspace", Some(&ws.id), json!({"template_id": template.id})).await?;
+    state
+        .store
+        .audit(Some(user.id()), "workspace.created", "workspace", Some(&ws.id), json!({"template_id": template.id}))
+        .await?;
     Ok(HttpResponse::Created().json(ws))
 }
 
-async fn get_workspace(state: web::Data<AppState>, user: AuthUser, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn get_workspace(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let ws = own_workspace(&state, &user, &path).await?;
     let detail = state.workspaces.detail(&ws.id).await.map_err(provision_error)?;
     Ok(HttpResponse::Ok().json(detail))
 }
 
-async fn start_workspace(state: web::Data<AppState>, user: AuthUser, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn start_workspace(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let ws = own_workspace(&state, &user, &path).await?;
     let ws = state.workspaces.start(&ws).await.map_err(provision_error)?;
     state.store.audit(Some(user.id()), "workspace.started", "workspace", Some(&ws.id), json!({})).await?;
     Ok(HttpResponse::Ok().json(ws))
 }
 
-async fn stop_workspace(state: web::Data<AppState>, user: AuthUser, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn stop_workspace(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let ws = own_workspace(&state, &user, &path).await?;
     let ws = state.workspaces.stop(&ws).await.map_err(provision_error)?;
     state.store.audit(Some(user.id()), "workspace.stopped", "workspace", Some(&ws.id), json!({})).await?;
@@ -200,7 +232,11 @@ async fn stop_workspace(state: web::Data<AppState>, user: AuthUser, path: web::P
 }
 
 /// Deletes the workspace; chats that used it keep their history and provision a new one.
-async fn delete_workspace(state: web::Data<AppState>, user: AuthUser, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn delete_workspace(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let ws = own_workspace(&state, &user, &path).await?;
     state.workspaces.delete(&ws).await.map_err(provision_error)?;
     state.store.audit(Some(user.id()), "workspace.deleted", "workspace", Some(&ws.id), json!({})).await?;

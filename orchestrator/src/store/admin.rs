@@ -2,8 +2,8 @@
 
 use agentplane_actors::ports::StoreError;
 use agentplane_schema::api::{
-    CreateModel, CreateProvider, CreateTemplate, Model, PatchTemplate, Provider, ProviderType, ProvisionerSpec, Template, User,
-    UserRole, Workspace, WorkspaceDetail, WorkspaceStatus,
+    CreateModel, CreateProvider, CreateTemplate, Model, PatchTemplate, Provider, ProviderType, ProvisionerSpec,
+    Template, User, UserRole, Workspace, WorkspaceDetail, WorkspaceStatus,
 };
 use agentplane_schema::db::entities::{api_tokens, audit_events, models, providers, templates, users, workspaces};
 use agentplane_schema::new_id;
@@ -256,7 +256,12 @@ impl DbStore {
         if let Some(provisioner) = &patch.provisioner {
             row.provisioner = Set(super::convert::to_json(provisioner)?);
         }
-        templates::Entity::update_many().set(row).filter(templates::Column::Id.eq(id)).exec(&self.db).await.map_err(db_err)?;
+        templates::Entity::update_many()
+            .set(row)
+            .filter(templates::Column::Id.eq(id))
+            .exec(&self.db)
+            .await
+            .map_err(db_err)?;
         self.get_template(id).await?.ok_or_else(|| StoreError::NotFound(format!("template {id}")))
     }
 
