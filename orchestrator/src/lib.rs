@@ -4,13 +4,15 @@
 //! - [`api`]: the HTTP and WebSocket API; [`auth`]: bearer tokens;
 //! - [`store`]: the database adapter (the actors' `Store` port and the API's queries);
 //! - [`providers`]: LLM provider clients, one module per wire dialect;
-//! - [`transport`]: how tool requests reach relays; [`provisioners`]: how workspaces come to be.
+//! - [`transport`]: how tool requests reach relays; [`provisioners`]: how workspaces come to be;
+//! - [`nats_auth`]: per-workspace NATS credentials; [`cli`]: the admin command-line client.
 //!
 //! The agent loop itself lives in `agentplane-actors`; this crate plugs the real world into its
 //! ports. Start reading at [`server::prepare`].
 
 pub mod api;
 pub mod auth;
+pub mod cli;
 pub mod nats_auth;
 pub mod providers;
 pub mod provisioners;

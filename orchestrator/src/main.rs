@@ -1,8 +1,10 @@
-//! The `agentplane` binary: `agentplane serve` runs a replica.
+//! The `agentplane` binary: `agentplane serve` runs a replica; the other subcommands are clients
+//! of a running server (see [`agentplane::cli`]) or set-up helpers.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
 
+use agentplane::cli::{self, Remote, TemplateCommand, WorkspaceCommand};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
@@ -27,6 +29,38 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Generate the NATS operator, accounts and credentials for a deployment with relays.
+    Nats {
+        #[command(subcommand)]
+        command: NatsCommand,
+    },
+    /// Manage workspace templates (admin).
+    Templates {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: TemplateCommand,
+    },
+    /// Manage your workspaces.
+    Workspaces {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: WorkspaceCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum NatsCommand {
+    /// Write server.conf (to include in nats-server's configuration), orchestrator.creds and the
+    /// account signing key into DIR.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        /// Subject prefix (must match nats.prefix).
+        #[arg(long, default_value = agentplane_schema::nats::DEFAULT_PREFIX)]
+        prefix: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,7 +80,14 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("binding {}", settings.server.listen))?;
             actix_rt::System::new().block_on(agentplane::server::run(settings, listener))
         }
+        Command::Nats { command: NatsCommand::Init { out, prefix } } => cli::nats_init(&out, &prefix),
+        Command::Templates { remote, command } => runtime()?.block_on(cli::templates(remote, command)),
+        Command::Workspaces { remote, command } => runtime()?.block_on(cli::workspaces(remote, command)),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
 fn init_tracing(settings: &agentplane_config::Settings) {
