@@ -2,8 +2,10 @@
 //! `edit_files`, `execute`, `process_output`, `process_kill`) confined beneath a workspace root.
 //!
 //! Start reading at [`Relay`]: [`Relay::handle`] parses a [`ToolRequest`] and dispatches it. The
-//! crate knows no transport — the orchestrator calls it in-process (embedded mode) and a NATS
-//! relay binary wraps the same type.
+//! tools know no transport — the orchestrator calls [`Relay`] in-process (embedded mode), and the
+//! `agentplane-relay` binary serves the same type over NATS with [`worker::run`].
+//! - `worker`: the NATS side — connection, request loop, output streaming, results, shutdown;
+//! - `journal`: the on-disk record of calls that makes a repeated request harmless;
 //! - `path`: confinement — every path is resolved beneath the root, symlinks included (SPEC §8);
 //! - `read`, `write`, `edit`: the file tools (`write` also holds the atomic replace);
 //! - `execute`: shell commands in their own process group, with timeout and cancellation;
@@ -16,10 +18,12 @@ mod capture;
 mod edit;
 mod error;
 mod execute;
+mod journal;
 mod path;
 mod process;
 mod read;
 mod signal;
+pub mod worker;
 mod write;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,444 @@
+//! The journal: which calls this relay has taken and how they ended, kept on disk so that a
+//! repeated request gets the recorded result instead of running the tool a second time — also
+//! after the relay restarts.
+//!
+//! It is a file of JSON lines in the state directory, appended to and fsync'd line by line: a
+//! `started` line before a tool runs, a `finished` line with the result after. Loading tolerates a
+//! torn last line (a crash in the middle of a write) and turns calls that an earlier process
+//! started but never finished into "interrupted, outcome unknown" results: the tool may or may
+//! not have had its effect, and running it again could do it twice. The file is rewritten whole
+//! (compacted) at open and whenever it has grown to about twice what is kept: the newest
+//! [`JournalLimits::max_calls`] finished calls, at most [`JournalLimits::max_bytes`] of them.
+//!
+//! A lock on `<state dir>/lock` keeps a second relay process from sharing the journal.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use serde::{Deserialize, Serialize};
+
+use agentplane_schema::tool::ToolResult;
+
+/// What a call that an earlier relay process left unfinished ends with.
+pub const INTERRUPTED: &str =
+    "interrupted, outcome unknown: the relay restarted while this call ran; it was not run again";
+
+const JOURNAL_FILE: &str = "journal.jsonl";
+const COMPACTING_FILE: &str = "journal.jsonl.tmp";
+const LOCK_FILE: &str = "lock";
+
+/// How much of the past the journal remembers. A repeated request for a call forgotten since
+/// runs the tool again, so keep enough to cover the orchestrator's retries comfortably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalLimits {
+    /// Finished calls kept (default 10 000).
+    pub max_calls: usize,
+    /// Total size of the kept finished calls' lines, in bytes (default 64 MiB): `read_file`
+    /// results can be megabytes each.
+    pub max_bytes: usize,
+}
+
+impl Default for JournalLimits {
+    fn default() -> Self {
+        JournalLimits { max_calls: 10_000, max_bytes: 64 * 1024 * 1024 }
+    }
+}
+
+/// One line of the file.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum Line {
+    Started { call_id: String, at: String },
+    Finished { call_id: String, at: String, result: ToolResult },
+}
+
+/// What the journal knows about a call id when a request for it arrives.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Claim {
+    /// Never seen (or forgotten): it is now marked running, and the caller must
+    /// [`record_started`](Journal::record_started) before running it.
+    New,
+    /// Running in this process; its result is published when it ends.
+    Running,
+    /// Ended before, possibly in an earlier process: the recorded result.
+    Finished(ToolResult),
+}
+
+pub(crate) struct Journal {
+    dir: PathBuf,
+    limits: JournalLimits,
+    /// Held by every change that touches the file, and always taken before `state`, so a
+    /// compaction's snapshot of `state` and the file it writes cannot miss an appended line.
+    file: Mutex<Writer>,
+    /// Only ever held briefly and never across I/O: [`Journal::claim`] runs on async threads.
+    state: Mutex<State>,
+    /// Held for the journal's lifetime; the OS releases the lock when the process dies.
+    _lock: File,
+}
+
+struct Writer {
+    file: File,
+    lines: usize,
+    bytes: usize,
+    /// A failed write may have left a partial line; the next write rewrites the file first.
+    damaged: bool,
+}
+
+#[derive(Default)]
+struct State {
+    calls: HashMap<String, Call>,
+    /// Finished calls oldest first, with their serial: a stale entry (its call id finished
+    /// again later) is recognised by a serial that no longer matches.
+    finished: VecDeque<(u64, String)>,
+    finished_bytes: usize,
+    next_serial: u64,
+}
+
+enum Call {
+    Running,
+    Finished { serial: u64, bytes: usize, result: ToolResult },
+}
+
+impl Journal {
+    /// Opens the journal in `dir` (created if missing), loads it, and records every call an
+    /// earlier process left unfinished as interrupted. Returns those results, which nobody has
+    /// seen yet and should be published. Blocking.
+    pub(crate) fn open(dir: &Path, limits: JournalLimits) -> io::Result<(Journal, Vec<ToolResult>)> {
+        std::fs::create_dir_all(dir)?;
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(LOCK_FILE))?;
+        lock.try_lock().map_err(|err| match err {
+            std::fs::TryLockError::WouldBlock => io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("{} is in use by another relay process", dir.display()),
+            ),
+            std::fs::TryLockError::Error(err) => err,
+        })?;
+
+        let mut state = State::default();
+        let path = dir.join(JOURNAL_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => state.load(&bytes, limits),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err),
+        }
+        let at = now();
+        let mut interrupted = Vec::new();
+        let unfinished: Vec<String> =
+            state.calls.iter().filter(|(_, call)| matches!(call, Call::Running)).map(|(id, _)| id.clone()).collect();
+        for call_id in unfinished {
+            let result = ToolResult::error(&call_id, INTERRUPTED);
+            let bytes =
+                line_bytes(&Line::Finished { call_id: call_id.clone(), at: at.clone(), result: result.clone() })?;
+            state.finish(result.clone(), bytes.len(), limits);
+            interrupted.push(result);
+        }
+
+        // Compacting at once writes the interrupted results, drops a torn line and starts
+        // the new process with a file of only what is kept.
+        let (file, lines, bytes) = rewrite(dir, &state)?;
+        let journal = Journal {
+            dir: dir.to_path_buf(),
+            limits,
+            file: Mutex::new(Writer { file, lines, bytes, damaged: false }),
+            state: Mutex::new(state),
+            _lock: lock,
+        };
+        Ok((journal, interrupted))
+    }
+
+    /// Looks `call_id` up and, when it is new, marks it running — in one step, so that of two
+    /// copies of a request only the first is run.
+    pub(crate) fn claim(&self, call_id: &str) -> Claim {
+        let mut state = self.state();
+        match state.calls.get(call_id) {
+            Some(Call::Running) => Claim::Running,
+            Some(Call::Finished { result, .. }) => Claim::Finished(result.clone()),
+            None => {
+                state.calls.insert(call_id.to_owned(), Call::Running);
+                Claim::New
+            }
+        }
+    }
+
+    /// Forgets a claimed call that was not run after all (its `started` line could not be
+    /// written), so a later request may try again.
+    pub(crate) fn abandon(&self, call_id: &str) {
+        let mut state = self.state();
+        if matches!(state.calls.get(call_id), Some(Call::Running)) {
+            state.calls.remove(call_id);
+        }
+    }
+
+    /// Durably records that a claimed call is about to run. Blocking (fsync).
+    pub(crate) fn record_started(&self, call_id: &str) -> io::Result<()> {
+        let line = line_bytes(&Line::Started { call_id: call_id.to_owned(), at: now() })?;
+        let mut writer = self.writer();
+        self.append(&mut writer, &line)
+    }
+
+    /// Durably records how a call ended. The result is remembered even when writing fails, so
+    /// this process still answers repeats with it; after a restart such a call reads as
+    /// interrupted. Blocking (fsync).
+    pub(crate) fn record_finished(&self, result: &ToolResult) -> io::Result<()> {
+        let line = line_bytes(&Line::Finished { call_id: result.call_id.clone(), at: now(), result: result.clone() })?;
+        let mut writer = self.writer();
+        let written = self.append(&mut writer, &line);
+        self.state().finish(result.clone(), line.len(), self.limits);
+        // A call takes two lines (started, finished); compact when the file holds about twice
+        // what is kept.
+        let oversized = writer.lines > self.limits.max_calls.saturating_mul(4)
+            || writer.bytes > self.limits.max_bytes.saturating_mul(2).saturating_add(line.len());
+        if oversized && written.is_ok() {
+            self.compact(&mut writer)?;
+        }
+        written
+    }
+
+    fn append(&self, writer: &mut Writer, line: &[u8]) -> io::Result<()> {
+        if writer.damaged {
+            self.compact(writer)?;
+        }
+        let written = writer.file.write_all(line).and_then(|()| writer.file.sync_data());
+        match written {
+            Ok(()) => {
+                writer.lines += 1;
+                writer.bytes += line.len();
+                Ok(())
+            }
+            Err(err) => {
+                writer.damaged = true;
+                Err(err)
+            }
+        }
+    }
+
+    /// Replaces the file with one holding only what the journal keeps.
+    fn compact(&self, writer: &mut Writer) -> io::Result<()> {
+        let (file, lines, bytes) = {
+            let state = self.state();
+            rewrite(&self.dir, &state)?
+        };
+        *writer = Writer { file, lines, bytes, damaged: false };
+        Ok(())
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Writer> {
+        self.file.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl State {
+    /// Replays the file's lines. Unreadable lines are skipped: a torn last line is what a crash
+    /// leaves; anything else is reported.
+    fn load(&mut self, bytes: &[u8], limits: JournalLimits) {
+        let mut lines = bytes.split(|&b| b == b'\n').enumerate().peekable();
+        while let Some((index, line)) = lines.next() {
+            if line.is_empty() {
+                continue;
+            }
+            match serde_json::from_slice::<Line>(line) {
+                Ok(Line::Started { call_id, .. }) => {
+                    self.calls.insert(call_id, Call::Running);
+                }
+                Ok(Line::Finished { result, .. }) => self.finish(result, line.len() + 1, limits),
+                Err(err) if lines.peek().is_none() => {
+                    tracing::warn!(%err, "ignoring the journal's torn last line (the relay stopped while writing it)");
+                }
+                Err(err) => tracing::warn!(line = index + 1, %err, "ignoring an unreadable journal line"),
+            }
+        }
+    }
+
+    fn finish(&mut self, result: ToolResult, bytes: usize, limits: JournalLimits) {
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        let call_id = result.call_id.clone();
+        if let Some(Call::Finished { bytes: old, .. }) =
+            self.calls.insert(call_id.clone(), Call::Finished { serial, bytes, result })
+        {
+            self.finished_bytes -= old;
+        }
+        self.finished.push_back((serial, call_id));
+        self.finished_bytes += bytes;
+        while self.finished.len() > limits.max_calls || self.finished_bytes > limits.max_bytes {
+            let Some((serial, call_id)) = self.finished.pop_front() else { break };
+            if let Some(Call::Finished { serial: current, bytes, .. }) = self.calls.get(&call_id)
+                && *current == serial
+            {
+                self.finished_bytes -= bytes;
+                self.calls.remove(&call_id);
+            }
+        }
+    }
+}
+
+/// Writes `state` to a new file and renames it over the journal. Returns the new file opened
+/// for appending, with its line and byte counts.
+fn rewrite(dir: &Path, state: &State) -> io::Result<(File, usize, usize)> {
+    let at = now();
+    let mut text = Vec::new();
+    let mut lines = 0;
+    for (serial, call_id) in &state.finished {
+        if let Some(Call::Finished { serial: current, result, .. }) = state.calls.get(call_id)
+            && current == serial
+        {
+            let line = Line::Finished { call_id: call_id.clone(), at: at.clone(), result: result.clone() };
+            text.extend_from_slice(&line_bytes(&line)?);
+            lines += 1;
+        }
+    }
+    for (call_id, call) in &state.calls {
+        if matches!(call, Call::Running) {
+            text.extend_from_slice(&line_bytes(&Line::Started { call_id: call_id.clone(), at: at.clone() })?);
+            lines += 1;
+        }
+    }
+    let temporary = dir.join(COMPACTING_FILE);
+    let mut file = File::create(&temporary)?;
+    file.write_all(&text)?;
+    file.sync_all()?;
+    drop(file);
+    let path = dir.join(JOURNAL_FILE);
+    std::fs::rename(&temporary, &path)?;
+    // The rename is durable only once the directory entry is.
+    File::open(dir)?.sync_all()?;
+    let file = OpenOptions::new().append(true).open(&path)?;
+    Ok((file, lines, text.len()))
+}
+
+fn line_bytes(line: &Line) -> io::Result<Vec<u8>> {
+    let mut bytes = serde_json::to_vec(line)?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, limits: JournalLimits) -> (Journal, Vec<ToolResult>) {
+        Journal::open(dir, limits).expect("journal opens")
+    }
+
+    fn finished(journal: &Journal, call_id: &str) -> ToolResult {
+        assert_eq!(journal.claim(call_id), Claim::New);
+        journal.record_started(call_id).expect("started");
+        let result = ToolResult::ok(call_id, format!("output of {call_id}"));
+        journal.record_finished(&result).expect("finished");
+        result
+    }
+
+    #[test]
+    fn claims_once_and_remembers_results_across_reopening() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
+        assert!(interrupted.is_empty());
+        assert_eq!(journal.claim("a"), Claim::New);
+        assert_eq!(journal.claim("a"), Claim::Running);
+        journal.record_started("a").expect("started");
+        let result = ToolResult::ok("a", "done");
+        journal.record_finished(&result).expect("finished");
+        assert_eq!(journal.claim("a"), Claim::Finished(result.clone()));
+        drop(journal);
+
+        let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
+        assert!(interrupted.is_empty());
+        assert_eq!(journal.claim("a"), Claim::Finished(result));
+    }
+
+    #[test]
+    fn started_but_unfinished_calls_become_interrupted_once() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (journal, _) = open(tmp.path(), JournalLimits::default());
+        assert_eq!(journal.claim("a"), Claim::New);
+        journal.record_started("a").expect("started");
+        drop(journal);
+
+        let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
+        assert_eq!(interrupted, vec![ToolResult::error("a", INTERRUPTED)]);
+        assert_eq!(journal.claim("a"), Claim::Finished(ToolResult::error("a", INTERRUPTED)));
+        drop(journal);
+        let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
+        assert!(interrupted.is_empty(), "reported again: {interrupted:?}");
+        assert_eq!(journal.claim("a"), Claim::Finished(ToolResult::error("a", INTERRUPTED)));
+    }
+
+    #[test]
+    fn a_torn_last_line_is_ignored() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (journal, _) = open(tmp.path(), JournalLimits::default());
+        let kept = finished(&journal, "a");
+        assert_eq!(journal.claim("b"), Claim::New);
+        journal.record_started("b").expect("started");
+        drop(journal);
+        let mut file = OpenOptions::new().append(true).open(tmp.path().join(JOURNAL_FILE)).expect("open");
+        file.write_all(br#"{"event":"finished","call_id":"b","at":"x","result":{"call_id":"b","out"#).expect("write");
+        drop(file);
+
+        let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
+        assert_eq!(interrupted, vec![ToolResult::error("b", INTERRUPTED)]);
+        assert_eq!(journal.claim("a"), Claim::Finished(kept));
+        let text = std::fs::read_to_string(tmp.path().join(JOURNAL_FILE)).expect("read");
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.lines().all(|line| serde_json::from_str::<Line>(line).is_ok()), "{text}");
+    }
+
+    #[test]
+    fn keeps_only_the_newest_calls_and_compacts_the_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let limits = JournalLimits { max_calls: 3, max_bytes: usize::MAX };
+        let (journal, _) = open(tmp.path(), limits);
+        for i in 0..20 {
+            finished(&journal, &format!("c{i}"));
+        }
+        assert_eq!(journal.claim("c0"), Claim::New, "the oldest call is forgotten");
+        journal.abandon("c0");
+        assert!(matches!(journal.claim("c19"), Claim::Finished(_)));
+        let lines = std::fs::read_to_string(tmp.path().join(JOURNAL_FILE)).expect("read").lines().count();
+        assert!(lines <= 4 * 3, "{lines} lines");
+        drop(journal);
+
+        let (journal, _) = open(tmp.path(), limits);
+        for i in 17..20 {
+            assert!(matches!(journal.claim(&format!("c{i}")), Claim::Finished(_)), "c{i}");
+        }
+        assert_eq!(journal.claim("c16"), Claim::New);
+    }
+
+    #[test]
+    fn the_byte_bound_forgets_large_results_first_in_first_out() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // Each line is a little over 500 bytes: two fit.
+        let limits = JournalLimits { max_calls: 100, max_bytes: 1200 };
+        let (journal, _) = open(tmp.path(), limits);
+        for i in 0..5 {
+            let call_id = format!("big{i}");
+            assert_eq!(journal.claim(&call_id), Claim::New);
+            journal.record_finished(&ToolResult::ok(&call_id, "x".repeat(400))).expect("finished");
+        }
+        assert!(matches!(journal.claim("big4"), Claim::Finished(_)));
+        assert!(matches!(journal.claim("big3"), Claim::Finished(_)));
+        assert_eq!(journal.claim("big2"), Claim::New);
+    }
+
+    #[test]
+    fn a_second_process_cannot_open_the_same_journal() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (journal, _) = open(tmp.path(), JournalLimits::default());
+        let Err(err) = Journal::open(tmp.path(), JournalLimits::default()) else { panic!("opened twice") };
+        assert!(err.to_string().contains("in use by another relay process"), "{err}");
+        drop(journal);
+        open(tmp.path(), JournalLimits::default());
+    }
+}
