@@ -58,6 +58,10 @@ impl Workspace {
     /// existing symlink has been followed, or refuses it if it would leave the root. Components
     /// that do not exist yet are kept as written, so the result also names files to be created.
     pub(crate) fn resolve(&self, requested: &str) -> Result<PathBuf, ToolError> {
+        // The kernel would stop at the NUL and answer "invalid argument"; say what is wrong.
+        if requested.contains('\0') {
+            return Err(ToolError::Rejected(format!("{requested:?} contains a NUL byte, which no path may hold")));
+        }
         let requested_path = Path::new(requested);
         let relative = if requested_path.is_absolute() {
             self.strip_root(requested_path)
