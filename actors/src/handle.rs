@@ -2,10 +2,10 @@
 
 use actix::Addr;
 use agentplane_schema::api::{BusyBehavior, SendOutcome};
-use agentplane_schema::message::Part;
+use agentplane_schema::message::{Part, QueuedMessage};
 
 use crate::chat::ChatActor;
-use crate::chat::messages::{Close, DeleteQueued, Interrupt, UserInput};
+use crate::chat::messages::{Close, EditQueued, Interrupt, UserInput};
 use crate::error::ChatOpError;
 
 #[derive(Clone)]
@@ -43,7 +43,14 @@ impl ChatHandle {
 
     /// Removes a queued message; `false` when it was not (or no longer) queued.
     pub async fn delete_queued(&self, queued_id: &str) -> Result<bool, ChatOpError> {
-        self.addr.send(DeleteQueued { queued_id: queued_id.to_string() }).await.map_err(unreachable_actor)?
+        let edit = EditQueued { queued_id: queued_id.to_string(), content: None };
+        Ok(self.addr.send(edit).await.map_err(unreachable_actor)??.is_some())
+    }
+
+    /// Replaces the content of a queued message; `None` when it was not (or no longer) queued.
+    pub async fn edit_queued(&self, queued_id: &str, content: Vec<Part>) -> Result<Option<QueuedMessage>, ChatOpError> {
+        let edit = EditQueued { queued_id: queued_id.to_string(), content: Some(content) };
+        self.addr.send(edit).await.map_err(unreachable_actor)?
     }
 
     /// Stops the actor after cancelling its step; the chat stays in the database.

@@ -217,6 +217,10 @@ pub enum Op {
     DeleteQueued {
         id: String,
     },
+    UpdateQueued {
+        id: String,
+        content: Vec<Part>,
+    },
     InsertToolCall {
         /// agentplane's id of the call (the relay's call id); `call_id` is the model's.
         id: String,

@@ -136,6 +136,13 @@ pub struct SendMessage {
     pub busy_behavior: BusyBehavior,
 }
 
+/// `PATCH /chats/{id}/queue/{qid}`: new content for a message still in the queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditQueuedMessage {
+    pub content: Vec<Part>,
+}
+
 /// Answer to `POST /chats/{id}/messages`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SendOutcome {

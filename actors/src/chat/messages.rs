@@ -2,7 +2,7 @@
 
 use actix::Message;
 use agentplane_schema::api::{BusyBehavior, SendOutcome};
-use agentplane_schema::message::Part;
+use agentplane_schema::message::{Part, QueuedMessage};
 
 use crate::error::ChatOpError;
 
@@ -20,11 +20,14 @@ pub struct UserInput {
 #[rtype(result = "Result<(), ChatOpError>")]
 pub struct Interrupt;
 
-/// From the API: remove a queued message before it is delivered. Answers whether it was there.
+/// From the API: replace (`Some`) or remove (`None`) the content of a queued message before it
+/// is delivered. Answers the message as it is now (the removed one for a delete), `None` when it
+/// was not (or no longer) queued.
 #[derive(Message)]
-#[rtype(result = "Result<bool, ChatOpError>")]
-pub struct DeleteQueued {
+#[rtype(result = "Result<Option<QueuedMessage>, ChatOpError>")]
+pub struct EditQueued {
     pub queued_id: String,
+    pub content: Option<Vec<Part>>,
 }
 
 /// From the directory: stop after cancelling the running step.

@@ -22,7 +22,7 @@ use crate::error::ChatOpError;
 use crate::ports::{ChatState, Op, StoreError, ToolCallStatus};
 use crate::shared::ChatShared;
 use crate::step::{self, StepInput, StepOutcome, StepResult};
-use messages::{Close, DeleteQueued, Interrupt, UserInput};
+use messages::{Close, EditQueued, Interrupt, UserInput};
 
 pub struct ChatActor {
     chat_id: String,
@@ -436,32 +436,38 @@ impl Handler<Interrupt> for ChatActor {
     }
 }
 
-impl Handler<DeleteQueued> for ChatActor {
-    type Result = Reply<bool>;
+impl Handler<EditQueued> for ChatActor {
+    type Result = Reply<Option<QueuedMessage>>;
 
-    fn handle(&mut self, msg: DeleteQueued, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: EditQueued, _: &mut Context<Self>) -> Self::Result {
         let Some(live) = self.live.as_mut() else {
             return reply(Err(ChatOpError::unavailable("the chat is not loaded")));
         };
         let Some(index) = live.queue.iter().position(|q| q.id == msg.queued_id) else {
-            return reply(Ok(false));
+            return reply(Ok(None));
         };
-        let removed = live.queue.remove(index);
+        let before = live.queue[index].clone();
+        let (op, after) = match msg.content {
+            None => (Op::DeleteQueued { id: msg.queued_id }, live.queue.remove(index)),
+            Some(content) => {
+                live.queue[index].content = content.clone();
+                (Op::UpdateQueued { id: msg.queued_id, content }, live.queue[index].clone())
+            }
+        };
+        let deleted = matches!(op, Op::DeleteQueued { .. });
         let snapshot = live.queue.clone();
         let shared = live.shared.clone();
-        let fut = async move {
-            shared
-                .commit(
-                    vec![Op::DeleteQueued { id: msg.queued_id }],
-                    vec![EventBody::QueueUpdate { queued_messages: snapshot }],
-                )
-                .await
-        };
+        let fut =
+            async move { shared.commit(vec![op], vec![EventBody::QueueUpdate { queued_messages: snapshot }]).await };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, _| match res {
-            Ok(()) => Ok(true),
+            Ok(()) => Ok(Some(after)),
             Err(e) => {
                 if let Some(live) = act.live.as_mut() {
-                    live.queue.insert(index.min(live.queue.len()), removed);
+                    if deleted {
+                        live.queue.insert(index.min(live.queue.len()), before);
+                    } else if let Some(q) = live.queue.iter_mut().find(|q| q.id == before.id) {
+                        *q = before;
+                    }
                 }
                 Err(ChatOpError::store(e))
             }

@@ -1,7 +1,9 @@
 //! Chats, their messages and queue, and interrupts.
 
 use actix_web::{HttpResponse, web};
-use agentplane_schema::api::{Chat, ChatDetail, CreateChat, MessagePage, PatchChat, SendMessage, WorkspaceStatus};
+use agentplane_schema::api::{
+    Chat, ChatDetail, CreateChat, EditQueuedMessage, MessagePage, PatchChat, SendMessage, WorkspaceStatus,
+};
 use agentplane_schema::message::Part;
 use serde::Deserialize;
 
@@ -18,7 +20,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/chats").get(list).post(create))
         .service(web::resource("/chats/{id}").get(get).patch(patch).delete(delete))
         .service(web::resource("/chats/{id}/messages").get(messages).post(send))
-        .service(web::resource("/chats/{id}/queue/{qid}").delete(delete_queued))
+        .service(web::resource("/chats/{id}/queue/{qid}").patch(edit_queued).delete(delete_queued))
         .service(web::resource("/chats/{id}/interrupt").post(interrupt));
 }
 
@@ -188,6 +190,21 @@ async fn delete_queued(
         Ok(HttpResponse::NoContent().finish())
     } else {
         Err(ApiError::not_found(format!("queued message {qid}")))
+    }
+}
+
+async fn edit_queued(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    path: web::Path<(String, String)>,
+    body: web::Json<EditQueuedMessage>,
+) -> Result<HttpResponse, ApiError> {
+    let (id, qid) = path.into_inner();
+    let chat = visible_chat(&state, &user, &id).await?;
+    validate_content(&body.content)?;
+    match state.directory.chat(&chat.id).edit_queued(&qid, body.into_inner().content).await? {
+        Some(queued) => Ok(HttpResponse::Ok().json(queued)),
+        None => Err(ApiError::not_found(format!("queued message {qid}"))),
     }
 }
 

@@ -134,6 +134,14 @@ impl Store for DbStore {
                 Op::DeleteQueued { id } => {
                     queued_messages::Entity::delete_by_id(id).exec(&txn).await.map_err(db_err)?;
                 }
+                Op::UpdateQueued { id, content } => {
+                    queued_messages::Entity::update_many()
+                        .col_expr(queued_messages::Column::Content, Expr::value(convert::to_json(&content)?))
+                        .filter(queued_messages::Column::Id.eq(id))
+                        .exec(&txn)
+                        .await
+                        .map_err(db_err)?;
+                }
                 Op::InsertToolCall { id, call_id, message_id, name, args, user_id, workspace_id } => {
                     tool_calls::Entity::insert(tool_calls::ActiveModel {
                         id: Set(id),

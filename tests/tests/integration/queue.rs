@@ -122,3 +122,49 @@ async fn a_queued_message_can_be_deleted_before_delivery() {
     stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
     assert_eq!(env.messages(&chat.id).await.last().expect("last").text(), "fine");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_message_can_be_edited_before_delivery() {
+    use reqwest::{Method, StatusCode};
+    let env = TestEnv::start().await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    env.llm.push(Reply::text("working").then_hang());
+    env.send(&chat.id, "first").await;
+    stream.wait_for(|e| matches!(&e.body, EventBody::MessageDelta { .. }), WAIT).await.expect("streams");
+    let outcome = env.admin.send(&chat.id, &msg("the original", BusyBehavior::Queue)).await.expect("send");
+    let qid = outcome.queued_message.expect("queued").id;
+    let path = format!("/api/v1/chats/{}/queue/{qid}", chat.id);
+    let (status, body) = env
+        .admin
+        .raw(Method::PATCH, &path, Some(json!({"content": [{"type": "text", "text": "the edited one"}]})))
+        .await
+        .expect("patch");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["content"][0]["text"], "the edited one");
+    stream
+        .wait_for(
+            |e| matches!(&e.body, EventBody::QueueUpdate { queued_messages } if queued_messages.first().is_some_and(|q| q.content == vec![Part::text("the edited one")])),
+            WAIT,
+        )
+        .await
+        .expect("queue_update with the edit");
+    let (status, _) = env.admin.raw(Method::PATCH, &path, Some(json!({"content": []}))).await.expect("patch");
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let missing = format!("/api/v1/chats/{}/queue/nope", chat.id);
+    let (status, _) = env
+        .admin
+        .raw(Method::PATCH, &missing, Some(json!({"content": [{"type": "text", "text": "x"}]})))
+        .await
+        .expect("patch");
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // A plain interrupt keeps the queue; the next message delivers it first.
+    env.admin.interrupt(&chat.id).await.expect("interrupt");
+    stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    env.llm.push(Reply::text("got both"));
+    env.send(&chat.id, "and this").await;
+    stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    let texts: Vec<String> = env.messages(&chat.id).await.iter().map(|m| m.text()).collect();
+    assert_eq!(texts[texts.len() - 3..], ["the edited one", "and this", "got both"]);
+    assert!(!texts.iter().any(|t| t == "the original"));
+}
