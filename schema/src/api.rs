@@ -136,6 +136,13 @@ pub struct SendMessage {
     pub busy_behavior: BusyBehavior,
 }
 
+/// `POST /chats/{id}/fork`: a new chat with the history up to and including `message_id`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkChat {
+    pub message_id: String,
+}
+
 /// `PATCH /chats/{id}/queue/{qid}`: new content for a message still in the queue.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,8 +1,9 @@
 //! Chats, their messages and queue, and interrupts.
 
 use actix_web::{HttpResponse, web};
+use agentplane_actors::ports::StoreError;
 use agentplane_schema::api::{
-    Chat, ChatDetail, CreateChat, EditQueuedMessage, MessagePage, PatchChat, SendMessage, WorkspaceStatus,
+    Chat, ChatDetail, CreateChat, EditQueuedMessage, ForkChat, MessagePage, PatchChat, SendMessage, WorkspaceStatus,
 };
 use agentplane_schema::message::Part;
 use serde::Deserialize;
@@ -21,7 +22,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/chats/{id}").get(get).patch(patch).delete(delete))
         .service(web::resource("/chats/{id}/messages").get(messages).post(send))
         .service(web::resource("/chats/{id}/queue/{qid}").patch(edit_queued).delete(delete_queued))
-        .service(web::resource("/chats/{id}/interrupt").post(interrupt));
+        .service(web::resource("/chats/{id}/interrupt").post(interrupt))
+        .service(web::resource("/chats/{id}/fork").post(fork));
 }
 
 /// The chat if the caller may see it; another user's chat is indistinguishable from none.
@@ -191,6 +193,21 @@ async fn delete_queued(
     } else {
         Err(ApiError::not_found(format!("queued message {qid}")))
     }
+}
+
+/// A new chat, owned by the caller, with the history up to and including the given message.
+async fn fork(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    path: web::Path<String>,
+    body: web::Json<ForkChat>,
+) -> Result<HttpResponse, ApiError> {
+    let source = visible_chat(&state, &user, &path).await?;
+    let fork = match state.store.fork_chat(&source, &body.message_id, user.id()).await {
+        Err(StoreError::NotFound(what)) => return Err(ApiError::invalid(format!("cannot fork: {what} not found"))),
+        other => other?,
+    };
+    Ok(HttpResponse::Created().json(fork))
 }
 
 async fn edit_queued(

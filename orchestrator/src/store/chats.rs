@@ -66,6 +66,82 @@ impl DbStore {
         Ok(chat_from_row(row))
     }
 
+    /// Copies `source`'s live history up to and including `message_id` into a new chat owned by
+    /// `owner_id`, with no workspace; the source is not touched.
+    pub async fn fork_chat(&self, source: &Chat, message_id: &str, owner_id: &str) -> Result<Chat, StoreError> {
+        let txn = self.db.begin().await.map_err(db_err)?;
+        let at = messages::Entity::find_by_id(message_id)
+            .filter(messages::Column::ChatId.eq(&source.id))
+            .filter(messages::Column::Deleted.eq(false))
+            .one(&txn)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| StoreError::NotFound(format!("message {message_id} in chat {}", source.id)))?;
+        let history = messages::Entity::find()
+            .filter(messages::Column::ChatId.eq(&source.id))
+            .filter(messages::Column::Deleted.eq(false))
+            .filter(messages::Column::Position.lte(at.position))
+            .order_by_asc(messages::Column::Position)
+            .all(&txn)
+            .await
+            .map_err(db_err)?;
+        let now = Utc::now();
+        let row = chats::Model {
+            id: new_id(),
+            owner_id: owner_id.to_string(),
+            title: Some(format!("Fork of {}", source.title.as_deref().unwrap_or("a chat"))),
+            status: ChatStatus::Idle.as_str().into(),
+            model_id: source.model_id.clone(),
+            workspace_id: None,
+            parent_id: None,
+            forked_from_chat_id: Some(source.id.clone()),
+            forked_from_message_id: Some(message_id.to_string()),
+            archived: false,
+            deleted: false,
+            error_kind: None,
+            error_message: None,
+            last_seq: 0,
+            owner_replica: None,
+            lease_until: None,
+            owner_epoch: 0,
+            created_at: now,
+            updated_at: now,
+        };
+        chats::Entity::insert(chats::ActiveModel::from(row.clone()))
+            .exec_without_returning(&txn)
+            .await
+            .map_err(db_err)?;
+        let copies: Vec<messages::ActiveModel> = history
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                messages::ActiveModel::from(messages::Model {
+                    id: new_id(),
+                    chat_id: row.id.clone(),
+                    position: i as i64 + 1,
+                    ..m
+                })
+            })
+            .collect();
+        if !copies.is_empty() {
+            messages::Entity::insert_many(copies).exec_without_returning(&txn).await.map_err(db_err)?;
+        }
+        audit_events::Entity::insert(audit_events::ActiveModel {
+            id: Set(new_id()),
+            user_id: Set(Some(owner_id.to_string())),
+            action: Set("chat.forked".into()),
+            target_type: Set("chat".into()),
+            target_id: Set(Some(row.id.clone())),
+            details: Set(serde_json::json!({"from_chat": source.id, "at_message": message_id})),
+            created_at: Set(now),
+        })
+        .exec_without_returning(&txn)
+        .await
+        .map_err(db_err)?;
+        txn.commit().await.map_err(db_err)?;
+        Ok(chat_from_row(row))
+    }
+
     /// A chat that is not deleted.
     pub async fn get_chat(&self, id: &str) -> Result<Option<Chat>, StoreError> {
         Ok(chats::Entity::find_by_id(id)
