@@ -8,6 +8,10 @@ pub enum ChatOpErrorKind {
     Unavailable,
     /// The database refused the change.
     Store,
+    /// Not possible in the chat's current state (e.g. editing while a turn runs).
+    Conflict,
+    /// The message or queued message does not exist.
+    NotFound,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -24,6 +28,14 @@ impl ChatOpError {
 
     pub fn unavailable(message: impl Into<String>) -> Self {
         ChatOpError { kind: ChatOpErrorKind::Unavailable, message: message.into() }
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        ChatOpError { kind: ChatOpErrorKind::Conflict, message: message.into() }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ChatOpError { kind: ChatOpErrorKind::NotFound, message: message.into() }
     }
 
     pub fn store(e: impl std::fmt::Display) -> Self {

@@ -5,7 +5,7 @@ use agentplane_schema::api::{BusyBehavior, SendOutcome};
 use agentplane_schema::message::{Part, QueuedMessage};
 
 use crate::chat::ChatActor;
-use crate::chat::messages::{Close, EditQueued, Interrupt, UserInput};
+use crate::chat::messages::{Close, EditMessage, EditQueued, Interrupt, UserInput};
 use crate::error::ChatOpError;
 
 #[derive(Clone)]
@@ -50,6 +50,17 @@ impl ChatHandle {
     /// Replaces the content of a queued message; `None` when it was not (or no longer) queued.
     pub async fn edit_queued(&self, queued_id: &str, content: Vec<Part>) -> Result<Option<QueuedMessage>, ChatOpError> {
         let edit = EditQueued { queued_id: queued_id.to_string(), content: Some(content) };
+        self.addr.send(edit).await.map_err(unreachable_actor)?
+    }
+
+    /// Replaces a past user message and runs the turn again from there.
+    pub async fn edit_message(
+        &self,
+        user_id: &str,
+        message_id: &str,
+        content: Vec<Part>,
+    ) -> Result<agentplane_schema::message::Message, ChatOpError> {
+        let edit = EditMessage { user_id: user_id.to_string(), message_id: message_id.to_string(), content };
         self.addr.send(edit).await.map_err(unreachable_actor)?
     }
 

@@ -221,6 +221,10 @@ pub enum Op {
         id: String,
         content: Vec<Part>,
     },
+    /// Soft-deletes the messages at `from_position` and after.
+    DropMessagesFrom {
+        from_position: i64,
+    },
     InsertToolCall {
         /// agentplane's id of the call (the relay's call id); `call_id` is the model's.
         id: String,

@@ -136,6 +136,14 @@ pub struct SendMessage {
     pub busy_behavior: BusyBehavior,
 }
 
+/// `PATCH /chats/{id}/messages/{mid}` on a user message: replaces it, drops what came after, and
+/// runs the turn again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditMessage {
+    pub content: Vec<Part>,
+}
+
 /// `POST /chats/{id}/fork`: a new chat with the history up to and including `message_id`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -80,6 +80,11 @@ pub enum EventBody {
     QueueUpdate {
         queued_messages: Vec<QueuedMessage>,
     },
+    /// Messages from `from_position` on were dropped (a user message was edited); the edited one
+    /// follows as a `message` event.
+    MessagesDropped {
+        from_position: i64,
+    },
     Retry {
         attempt: u32,
         delay_ms: u64,
@@ -111,6 +116,7 @@ impl EventBody {
             EventBody::Message { .. } => "message",
             EventBody::ToolCall { .. } => "tool_call",
             EventBody::QueueUpdate { .. } => "queue_update",
+            EventBody::MessagesDropped { .. } => "messages_dropped",
             EventBody::Retry { .. } => "retry",
             EventBody::Error { .. } => "error",
             EventBody::StreamReset => "stream_reset",

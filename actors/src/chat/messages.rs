@@ -34,3 +34,13 @@ pub struct EditQueued {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Close;
+
+/// From the API: replace a past user message, drop what came after it (and the queue), and run
+/// the turn again. Answers the new message; refused while a turn runs.
+#[derive(Message)]
+#[rtype(result = "Result<agentplane_schema::message::Message, ChatOpError>")]
+pub struct EditMessage {
+    pub user_id: String,
+    pub message_id: String,
+    pub content: Vec<Part>,
+}

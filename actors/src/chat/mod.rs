@@ -22,7 +22,7 @@ use crate::error::ChatOpError;
 use crate::ports::{ChatState, Op, StoreError, ToolCallStatus};
 use crate::shared::ChatShared;
 use crate::step::{self, StepInput, StepOutcome, StepResult};
-use messages::{Close, EditQueued, Interrupt, UserInput};
+use messages::{Close, EditMessage, EditQueued, Interrupt, UserInput};
 
 pub struct ChatActor {
     chat_id: String,
@@ -470,6 +470,68 @@ impl Handler<EditQueued> for ChatActor {
                     }
                 }
                 Err(ChatOpError::store(e))
+            }
+        })))
+    }
+}
+
+impl Handler<EditMessage> for ChatActor {
+    type Result = Reply<Message>;
+
+    fn handle(&mut self, msg: EditMessage, _: &mut Context<Self>) -> Self::Result {
+        if msg.content.is_empty() {
+            return reply(Err(ChatOpError::invalid("a message needs at least one part")));
+        }
+        let Some(live) = self.live.as_mut() else {
+            return reply(Err(ChatOpError::unavailable("the chat is not loaded")));
+        };
+        if live.turn.is_some() {
+            return reply(Err(ChatOpError::conflict("the agent is working; interrupt the chat, then edit")));
+        }
+        let Some(old) = live.history.iter().find(|m| m.id == msg.message_id).cloned() else {
+            return reply(Err(ChatOpError::not_found(format!("message {}", msg.message_id))));
+        };
+        if old.role != Role::User {
+            return reply(Err(ChatOpError::invalid("only user messages can be edited")));
+        }
+        let shared = live.shared.clone();
+        let queued = std::mem::take(&mut live.queue);
+        let message = user_message(&shared, msg.user_id.clone(), msg.content);
+        let mut ops = vec![Op::DropMessagesFrom { from_position: old.position }];
+        ops.extend(queued.iter().map(|q| Op::DeleteQueued { id: q.id.clone() }));
+        ops.push(Op::InsertMessage(message.clone()));
+        ops.push(Op::SetStatus { status: ChatStatus::Running, error: None });
+        ops.push(Op::Audit {
+            user_id: Some(msg.user_id.clone()),
+            action: "message.edited".into(),
+            target_type: "message".into(),
+            target_id: Some(old.id.clone()),
+            details: json!({"chat_id": shared.chat_id, "dropped_from_position": old.position}),
+        });
+        let mut events = vec![EventBody::MessagesDropped { from_position: old.position }];
+        if !queued.is_empty() {
+            events.push(EventBody::QueueUpdate { queued_messages: vec![] });
+        }
+        events.push(EventBody::Message { message: message.clone() });
+        events.push(EventBody::Status { status: ChatStatus::Running, error: None });
+        live.turn = Some(Turn::new(msg.user_id));
+        let fut = async move { shared.commit(ops, events).await };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, ctx| {
+            let live = act.live.as_mut().ok_or_else(|| ChatOpError::unavailable("the chat is not loaded"))?;
+            match res {
+                Ok(()) => {
+                    live.history.retain(|m| m.position < old.position);
+                    live.history.push(message.clone());
+                    live.chat.status = ChatStatus::Running;
+                    live.chat.error = None;
+                    act.start_step(ctx);
+                    Ok(message)
+                }
+                Err(e) => {
+                    live.turn = None;
+                    live.queue = queued;
+                    Err(ChatOpError::store(e))
+                }
             }
         })))
     }

@@ -3,7 +3,8 @@
 use actix_web::{HttpResponse, web};
 use agentplane_actors::ports::StoreError;
 use agentplane_schema::api::{
-    Chat, ChatDetail, CreateChat, EditQueuedMessage, ForkChat, MessagePage, PatchChat, SendMessage, WorkspaceStatus,
+    Chat, ChatDetail, CreateChat, EditMessage, EditQueuedMessage, ForkChat, MessagePage, PatchChat, SendMessage,
+    WorkspaceStatus,
 };
 use agentplane_schema::message::Part;
 use serde::Deserialize;
@@ -21,6 +22,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/chats").get(list).post(create))
         .service(web::resource("/chats/{id}").get(get).patch(patch).delete(delete))
         .service(web::resource("/chats/{id}/messages").get(messages).post(send))
+        .service(web::resource("/chats/{id}/messages/{mid}").patch(edit_message))
         .service(web::resource("/chats/{id}/queue/{qid}").patch(edit_queued).delete(delete_queued))
         .service(web::resource("/chats/{id}/interrupt").post(interrupt))
         .service(web::resource("/chats/{id}/fork").post(fork));
@@ -193,6 +195,20 @@ async fn delete_queued(
     } else {
         Err(ApiError::not_found(format!("queued message {qid}")))
     }
+}
+
+/// Replaces a past user message; what came after it is dropped and the turn runs again.
+async fn edit_message(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    path: web::Path<(String, String)>,
+    body: web::Json<EditMessage>,
+) -> Result<HttpResponse, ApiError> {
+    let (id, mid) = path.into_inner();
+    let chat = visible_chat(&state, &user, &id).await?;
+    validate_content(&body.content)?;
+    let message = state.directory.chat(&chat.id).edit_message(user.id(), &mid, body.into_inner().content).await?;
+    Ok(HttpResponse::Ok().json(message))
 }
 
 /// A new chat, owned by the caller, with the history up to and including the given message.

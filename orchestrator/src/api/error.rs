@@ -106,6 +106,8 @@ impl From<ChatOpError> for ApiError {
             ChatOpErrorKind::Invalid => ApiError::invalid(e.message),
             ChatOpErrorKind::Unavailable => ApiError::new(ApiErrorKind::Unavailable, e.message),
             ChatOpErrorKind::Store => ApiError::new(ApiErrorKind::Internal, e.message),
+            ChatOpErrorKind::Conflict => ApiError::conflict(e.message),
+            ChatOpErrorKind::NotFound => ApiError::new(ApiErrorKind::NotFound, e.message),
         }
     }
 }

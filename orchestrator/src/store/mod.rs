@@ -134,6 +134,15 @@ impl Store for DbStore {
                 Op::DeleteQueued { id } => {
                     queued_messages::Entity::delete_by_id(id).exec(&txn).await.map_err(db_err)?;
                 }
+                Op::DropMessagesFrom { from_position } => {
+                    messages::Entity::update_many()
+                        .col_expr(messages::Column::Deleted, Expr::value(true))
+                        .filter(messages::Column::ChatId.eq(chat_id))
+                        .filter(messages::Column::Position.gte(from_position))
+                        .exec(&txn)
+                        .await
+                        .map_err(db_err)?;
+                }
                 Op::UpdateQueued { id, content } => {
                     queued_messages::Entity::update_many()
                         .col_expr(queued_messages::Column::Content, Expr::value(convert::to_json(&content)?))
