@@ -389,15 +389,13 @@ impl DbStore {
         target_id: Option<&str>,
         details: serde_json::Value,
     ) -> Result<(), StoreError> {
-        audit_events::Entity::insert(audit_events::ActiveModel {
-            id: Set(new_id()),
-            user_id: Set(user_id.map(str::to_string)),
-            action: Set(action.into()),
-            target_type: Set(target_type.into()),
-            target_id: Set(target_id.map(str::to_string)),
-            details: Set(details),
-            created_at: Set(Utc::now()),
-        })
+        audit_events::Entity::insert(super::convert::audit_row(
+            user_id.map(str::to_string),
+            action,
+            target_type,
+            target_id.map(str::to_string),
+            details,
+        ))
         .exec_without_returning(&self.db)
         .await
         .map_err(db_err)?;

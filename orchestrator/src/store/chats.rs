@@ -1,7 +1,7 @@
 //! Chat queries of the API: create, read, list, patch, delete, pages of messages, event replay.
 
 use agentplane_actors::ports::StoreError;
-use agentplane_schema::api::{Chat, ChatStatus, PatchChat};
+use agentplane_schema::api::{Chat, ChatStatus, ForkRef, PatchChat};
 use agentplane_schema::db::entities::{audit_events, chat_events, chats, messages, queued_messages};
 use agentplane_schema::event::StreamEvent;
 use agentplane_schema::message::{Message, QueuedMessage};
@@ -10,7 +10,7 @@ use chrono::Utc;
 use sea_orm::ActiveValue::Set;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait};
 
-use super::convert::{chat_from_row, from_json, message_from_row};
+use super::convert::{audit_row, chat_from_row, from_json, message_from_row, new_chat_row};
 use super::{DbStore, db_err};
 
 pub struct NewChat {
@@ -23,42 +23,20 @@ pub struct NewChat {
 
 impl DbStore {
     pub async fn create_chat(&self, new: NewChat) -> Result<Chat, StoreError> {
-        let now = Utc::now();
-        let row = chats::Model {
-            id: new_id(),
-            owner_id: new.owner_id,
-            title: new.title,
-            status: ChatStatus::Idle.as_str().into(),
-            model_id: new.model_id,
-            workspace_id: new.workspace_id,
-            parent_id: new.parent_id,
-            forked_from_chat_id: None,
-            forked_from_message_id: None,
-            archived: false,
-            deleted: false,
-            error_kind: None,
-            error_message: None,
-            last_seq: 0,
-            owner_replica: None,
-            lease_until: None,
-            owner_epoch: 0,
-            created_at: now,
-            updated_at: now,
-        };
+        let row = new_chat_row(new.owner_id, new.title, new.model_id, new.workspace_id, new.parent_id, None);
         let txn = self.db.begin().await.map_err(db_err)?;
         chats::Entity::insert(chats::ActiveModel::from(row.clone()))
             .exec_without_returning(&txn)
             .await
             .map_err(db_err)?;
-        audit_events::Entity::insert(audit_events::ActiveModel {
-            id: Set(new_id()),
-            user_id: Set(Some(row.owner_id.clone())),
-            action: Set("chat.created".into()),
-            target_type: Set("chat".into()),
-            target_id: Set(Some(row.id.clone())),
-            details: Set(serde_json::json!({"model_id": row.model_id, "workspace_id": row.workspace_id})),
-            created_at: Set(now),
-        })
+        let details = serde_json::json!({"model_id": row.model_id, "workspace_id": row.workspace_id});
+        audit_events::Entity::insert(audit_row(
+            Some(row.owner_id.clone()),
+            "chat.created",
+            "chat",
+            Some(row.id.clone()),
+            details,
+        ))
         .exec_without_returning(&txn)
         .await
         .map_err(db_err)?;
@@ -85,28 +63,14 @@ impl DbStore {
             .all(&txn)
             .await
             .map_err(db_err)?;
-        let now = Utc::now();
-        let row = chats::Model {
-            id: new_id(),
-            owner_id: owner_id.to_string(),
-            title: Some(format!("Fork of {}", source.title.as_deref().unwrap_or("a chat"))),
-            status: ChatStatus::Idle.as_str().into(),
-            model_id: source.model_id.clone(),
-            workspace_id: None,
-            parent_id: None,
-            forked_from_chat_id: Some(source.id.clone()),
-            forked_from_message_id: Some(message_id.to_string()),
-            archived: false,
-            deleted: false,
-            error_kind: None,
-            error_message: None,
-            last_seq: 0,
-            owner_replica: None,
-            lease_until: None,
-            owner_epoch: 0,
-            created_at: now,
-            updated_at: now,
-        };
+        let row = new_chat_row(
+            owner_id.to_string(),
+            Some(format!("Fork of {}", source.title.as_deref().unwrap_or("a chat"))),
+            source.model_id.clone(),
+            None,
+            None,
+            Some(ForkRef { chat_id: source.id.clone(), message_id: message_id.to_string() }),
+        );
         chats::Entity::insert(chats::ActiveModel::from(row.clone()))
             .exec_without_returning(&txn)
             .await
@@ -126,15 +90,13 @@ impl DbStore {
         if !copies.is_empty() {
             messages::Entity::insert_many(copies).exec_without_returning(&txn).await.map_err(db_err)?;
         }
-        audit_events::Entity::insert(audit_events::ActiveModel {
-            id: Set(new_id()),
-            user_id: Set(Some(owner_id.to_string())),
-            action: Set("chat.forked".into()),
-            target_type: Set("chat".into()),
-            target_id: Set(Some(row.id.clone())),
-            details: Set(serde_json::json!({"from_chat": source.id, "at_message": message_id})),
-            created_at: Set(now),
-        })
+        audit_events::Entity::insert(audit_row(
+            Some(owner_id.to_string()),
+            "chat.forked",
+            "chat",
+            Some(row.id.clone()),
+            serde_json::json!({"from_chat": source.id, "at_message": message_id}),
+        ))
         .exec_without_returning(&txn)
         .await
         .map_err(db_err)?;
@@ -199,15 +161,13 @@ impl DbStore {
         let txn = self.db.begin().await.map_err(db_err)?;
         let row = chats::ActiveModel { deleted: Set(true), updated_at: Set(now), ..Default::default() };
         chats::Entity::update_many().set(row).filter(chats::Column::Id.eq(id)).exec(&txn).await.map_err(db_err)?;
-        audit_events::Entity::insert(audit_events::ActiveModel {
-            id: Set(new_id()),
-            user_id: Set(Some(user_id.to_string())),
-            action: Set("chat.deleted".into()),
-            target_type: Set("chat".into()),
-            target_id: Set(Some(id.to_string())),
-            details: Set(serde_json::json!({})),
-            created_at: Set(now),
-        })
+        audit_events::Entity::insert(audit_row(
+            Some(user_id.to_string()),
+            "chat.deleted",
+            "chat",
+            Some(id.to_string()),
+            serde_json::json!({}),
+        ))
         .exec_without_returning(&txn)
         .await
         .map_err(db_err)?;

@@ -2,7 +2,7 @@
 
 use agentplane_actors::ports::StoreError;
 use agentplane_schema::api::{Chat, ChatError, ChatErrorKind, ChatStatus, ForkRef};
-use agentplane_schema::db::entities::{chats, messages};
+use agentplane_schema::db::entities::{audit_events, chats, messages};
 use agentplane_schema::message::{Message, Role};
 use sea_orm::ActiveValue::Set;
 use serde::Serialize;
@@ -75,4 +75,60 @@ pub fn message_to_row(m: &Message) -> Result<messages::ActiveModel, StoreError> 
         model_id: Set(m.model_id.clone()),
         created_at: Set(m.created_at),
     })
+}
+
+/// An audit log row: who did what to which target.
+pub fn audit_row(
+    user_id: Option<String>,
+    action: &str,
+    target_type: &str,
+    target_id: Option<String>,
+    details: serde_json::Value,
+) -> audit_events::ActiveModel {
+    audit_events::ActiveModel {
+        id: Set(agentplane_schema::new_id()),
+        user_id: Set(user_id),
+        action: Set(action.to_string()),
+        target_type: Set(target_type.to_string()),
+        target_id: Set(target_id),
+        details: Set(details),
+        created_at: Set(chrono::Utc::now()),
+    }
+}
+
+/// A fresh, idle chat row.
+pub fn new_chat_row(
+    owner_id: String,
+    title: Option<String>,
+    model_id: Option<String>,
+    workspace_id: Option<String>,
+    parent_id: Option<String>,
+    forked_from: Option<ForkRef>,
+) -> chats::Model {
+    let now = chrono::Utc::now();
+    let (forked_from_chat_id, forked_from_message_id) = match forked_from {
+        Some(f) => (Some(f.chat_id), Some(f.message_id)),
+        None => (None, None),
+    };
+    chats::Model {
+        id: agentplane_schema::new_id(),
+        owner_id,
+        title,
+        status: ChatStatus::Idle.as_str().into(),
+        model_id,
+        workspace_id,
+        parent_id,
+        forked_from_chat_id,
+        forked_from_message_id,
+        archived: false,
+        deleted: false,
+        error_kind: None,
+        error_message: None,
+        last_seq: 0,
+        owner_replica: None,
+        lease_until: None,
+        owner_epoch: 0,
+        created_at: now,
+        updated_at: now,
+    }
 }

@@ -219,15 +219,13 @@ impl Store for DbStore {
                     .map_err(db_err)?;
                 }
                 Op::Audit { user_id, action, target_type, target_id, details } => {
-                    audit_events::Entity::insert(audit_events::ActiveModel {
-                        id: Set(new_id()),
-                        user_id: Set(user_id),
-                        action: Set(action),
-                        target_type: Set(target_type),
-                        target_id: Set(target_id),
-                        details: Set(details),
-                        created_at: Set(now),
-                    })
+                    audit_events::Entity::insert(convert::audit_row(
+                        user_id,
+                        &action,
+                        &target_type,
+                        target_id,
+                        details,
+                    ))
                     .exec_without_returning(&txn)
                     .await
                     .map_err(db_err)?;
