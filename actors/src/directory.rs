@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
-use actix::{Actor, Arbiter};
+use actix::{Actor, Addr, Arbiter, Recipient};
 
 use crate::chat::ChatActor;
+use crate::chat::messages::ChildEvent;
 use crate::deps::Deps;
 use crate::handle::ChatHandle;
 
@@ -45,17 +46,35 @@ impl Directory {
         let arbiter = &self.inner.arbiters[(hasher.finish() as usize) % self.inner.arbiters.len()];
         let deps = self.inner.deps.clone();
         let id = chat_id.to_string();
-        let addr = ChatActor::start_in_arbiter(&arbiter.handle(), move |_| ChatActor::new(id, deps));
+        let directory = self.clone();
+        let addr = ChatActor::start_in_arbiter(&arbiter.handle(), move |_| ChatActor::new(id, deps, directory, None));
         let handle = ChatHandle::new(addr);
         chats.insert(chat_id.to_string(), handle.clone());
         handle
     }
 
-    /// Stops and forgets a chat's actor (e.g. the chat was deleted).
+    /// Starts a sub-agent's actor on the calling (parent's) arbiter, reporting to `parent`, and
+    /// makes it the one the API reaches for that chat.
+    pub(crate) fn start_child(&self, chat_id: &str, parent: Recipient<ChildEvent>) -> Addr<ChatActor> {
+        let deps = self.inner.deps.clone();
+        let id = chat_id.to_string();
+        let directory = self.clone();
+        let addr = ChatActor::start_in_arbiter(&Arbiter::current(), move |_| {
+            ChatActor::new(id, deps, directory, Some(parent))
+        });
+        self.inner
+            .chats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(chat_id.to_string(), ChatHandle::new(addr.clone()));
+        addr
+    }
+
+    /// Stops and forgets a chat's actor and its sub-agents (e.g. the chat was deleted).
     pub async fn evict(&self, chat_id: &str) {
         let handle = self.inner.chats.lock().unwrap_or_else(|p| p.into_inner()).remove(chat_id);
         if let Some(handle) = handle {
-            handle.close().await;
+            handle.close(true).await;
         }
     }
 
@@ -73,7 +92,7 @@ impl Directory {
         let handles: Vec<ChatHandle> =
             self.inner.chats.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, h)| h).collect();
         for h in handles {
-            h.close().await;
+            h.close(false).await;
         }
         for a in &self.inner.arbiters {
             a.stop();

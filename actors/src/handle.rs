@@ -64,8 +64,9 @@ impl ChatHandle {
         self.addr.send(edit).await.map_err(unreachable_actor)?
     }
 
-    /// Stops the actor after cancelling its step; the chat stays in the database.
-    pub async fn close(&self) {
-        let _ = self.addr.send(Close).await;
+    /// Stops the actor and its sub-agents after cancelling the step; the chat stays in the
+    /// database. `stop_turn` records it as no longer running (else it resumes on next start).
+    pub async fn close(&self, stop_turn: bool) {
+        let _ = self.addr.send(Close { stop_turn }).await;
     }
 }

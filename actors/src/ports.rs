@@ -190,6 +190,19 @@ pub struct ChatState {
     pub last_seq: i64,
     /// Highest position ever used, deleted messages included.
     pub last_position: i64,
+    /// 0 for a root chat, 1 for its sub-agents, and so on.
+    pub depth: u32,
+    /// Sub-agents of this chat, oldest first.
+    pub children: Vec<Chat>,
+}
+
+/// A sub-agent's chat, as its parent creates it.
+#[derive(Debug, Clone)]
+pub struct NewChild {
+    pub parent: Chat,
+    pub title: Option<String>,
+    pub model_id: Option<String>,
+    pub workspace_id: Option<String>,
 }
 
 /// A model as the loop uses it: where to call and how large its context is.
@@ -291,6 +304,8 @@ pub trait Store: Send + Sync + 'static {
     async fn resolve_model(&self, model_id: Option<&str>) -> Result<ResolvedModel, StoreError>;
     /// Applies `batch` atomically.
     async fn commit(&self, chat_id: &str, batch: Batch) -> Result<(), StoreError>;
+    /// Creates a sub-agent's chat row (same owner, `parent_id` set).
+    async fn create_child(&self, child: NewChild) -> Result<Chat, StoreError>;
 }
 
 // ---------------------------------------------------------------------------------------------

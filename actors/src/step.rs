@@ -32,6 +32,8 @@ pub struct StepInput {
     pub model_id: Option<String>,
     pub user_id: String,
     pub cancel: CancellationToken,
+    /// The chat's own actor, for the sub-agent tools.
+    pub agent: actix::Addr<crate::chat::ChatActor>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -182,6 +184,7 @@ async fn step(input: &StepInput, committed: &mut Vec<Message>) -> Result<StepOut
         shared: input.shared.clone(),
         user_id: input.user_id.clone(),
         cancel: input.cancel.clone(),
+        agent: input.agent.clone(),
     };
     let runs = calls
         .iter()

@@ -1,17 +1,21 @@
 //! The tools the model may call, and where each call goes: workspace tools to the relay through
 //! the [`ToolTransport`](crate::ports::ToolTransport), platform tools to the
-//! [`Provisioner`](crate::ports::Provisioner).
+//! [`Provisioner`](crate::ports::Provisioner), sub-agent tools to the chat's own actor (spawn,
+//! wait, message and close are operations of the actor tree).
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use agentplane_schema::api::{Template, WorkspaceStatus};
+use agentplane_schema::api::{BusyBehavior, Template, WorkspaceStatus};
 use agentplane_schema::event::{EventBody, ToolPhase};
+use agentplane_schema::message::Part;
 use agentplane_schema::tool::{ToolRequest, WORKSPACE_TOOLS};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::chat::ChatActor;
+use crate::chat::messages::{ChildHandle, CloseChild, SpawnChild, WatchChildren};
 use crate::deps::Deps;
 use crate::ports::{Op, ToolSpec, TransportErrorKind};
 use crate::shared::ChatShared;
@@ -54,7 +58,13 @@ pub struct ToolContext {
     pub shared: Arc<ChatShared>,
     pub user_id: String,
     pub cancel: CancellationToken,
+    /// The chat's own actor: sub-agent tools are operations of the actor tree.
+    pub agent: actix::Addr<ChatActor>,
 }
+
+/// Longest `wait_agent` a model may ask for, and the default.
+const WAIT_AGENT_MAX_SECONDS: u64 = 3600;
+const WAIT_AGENT_DEFAULT_SECONDS: u64 = 600;
 
 /// Definitions sent to the model.
 pub fn specs() -> Vec<ToolSpec> {
@@ -128,6 +138,37 @@ pub fn specs() -> Vec<ToolSpec> {
             "Stop a background process.",
             json!({"type":"object","properties":{"process_id":{"type":"string"}},"required":["process_id"]}),
         ),
+        spec(
+            "spawn_agent",
+            "Start a sub-agent on a self-contained task; it has its own context, shares this chat's workspace, \
+             and runs in parallel. Returns its id at once; collect its report with wait_agent.",
+            json!({"type":"object","properties":{
+                "prompt":{"type":"string","description":"The complete task: the sub-agent sees nothing else"},
+                "title":{"type":"string"},
+                "model_id":{"type":"string"}
+            },"required":["prompt"]}),
+        ),
+        spec(
+            "wait_agent",
+            "Wait until the given sub-agents finish (or the timeout passes); returns each one's status and \
+             final report. Sub-agents still running at the timeout keep running.",
+            json!({"type":"object","properties":{
+                "agent_ids":{"type":"array","items":{"type":"string"}},
+                "timeout_seconds":{"type":"integer","description":"Default 600, max 3600"}
+            },"required":["agent_ids"]}),
+        ),
+        spec(
+            "message_agent",
+            "Send a message to a sub-agent: queued for its next step, or with interrupt=true delivered at once.",
+            json!({"type":"object","properties":{
+                "agent_id":{"type":"string"},"message":{"type":"string"},"interrupt":{"type":"boolean"}
+            },"required":["agent_id","message"]}),
+        ),
+        spec(
+            "close_agent",
+            "Stop a sub-agent and all of its own sub-agents; its chat stays readable.",
+            json!({"type":"object","properties":{"agent_id":{"type":"string"}},"required":["agent_id"]}),
+        ),
     ]
 }
 
@@ -141,6 +182,10 @@ pub async fn run(ctx: &ToolContext, wire_id: &str, call_id: &str, name: &str, ar
         "list_templates" => list_templates(ctx, args).await,
         "read_template" => read_template(ctx, args).await,
         "create_workspace" => create_workspace(ctx, args).await,
+        "spawn_agent" => spawn_agent(ctx, args).await,
+        "wait_agent" => wait_agent(ctx, args).await,
+        "message_agent" => message_agent(ctx, args).await,
+        "close_agent" => close_agent(ctx, args).await,
         n if WORKSPACE_TOOLS.contains(&n) => workspace_tool(ctx, wire_id, call_id, name, args).await,
         other => ToolOutcome::error(format!("unknown tool `{other}`")),
     }
@@ -204,6 +249,100 @@ async fn workspace_tool(ctx: &ToolContext, wire_id: &str, call_id: &str, name: &
     };
     outcome.workspace_id = Some(workspace_id);
     outcome
+}
+
+fn str_arg<'a>(args: &'a Value, name: &str) -> Option<&'a str> {
+    args.get(name).and_then(Value::as_str).filter(|s| !s.trim().is_empty())
+}
+
+fn tree_error(e: actix::MailboxError) -> ToolOutcome {
+    ToolOutcome::error(format!("the chat's actor could not be reached: {e}"))
+}
+
+async fn spawn_agent(ctx: &ToolContext, args: &Value) -> ToolOutcome {
+    let Some(prompt) = str_arg(args, "prompt") else {
+        return ToolOutcome::error("spawn_agent needs a non-empty `prompt`");
+    };
+    let spawn = SpawnChild {
+        user_id: ctx.user_id.clone(),
+        prompt: prompt.to_string(),
+        title: str_arg(args, "title").map(str::to_string),
+        model_id: str_arg(args, "model_id").map(str::to_string),
+    };
+    match ctx.agent.send(spawn).await {
+        Ok(Ok(id)) => ToolOutcome::ok(
+            json!({"agent_id": id, "status": "running", "note": "collect its report with wait_agent"}).to_string(),
+        ),
+        Ok(Err(e)) => ToolOutcome::error(e.message),
+        Err(e) => tree_error(e),
+    }
+}
+
+async fn wait_agent(ctx: &ToolContext, args: &Value) -> ToolOutcome {
+    let ids: Vec<String> = match args.get("agent_ids") {
+        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        Some(Value::String(one)) => vec![one.clone()],
+        _ => return ToolOutcome::error("wait_agent needs `agent_ids`, a list of sub-agent ids"),
+    };
+    let seconds = args
+        .get("timeout_seconds")
+        .and_then(Value::as_u64)
+        .unwrap_or(WAIT_AGENT_DEFAULT_SECONDS)
+        .min(WAIT_AGENT_MAX_SECONDS);
+    let watches = match ctx.agent.send(WatchChildren { ids }).await {
+        Ok(Ok(w)) => w,
+        Ok(Err(e)) => return ToolOutcome::error(e.message),
+        Err(e) => return tree_error(e),
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let mut reports = Vec::with_capacity(watches.len());
+    for (id, mut watch) in watches {
+        let finished = tokio::select! {
+            _ = ctx.cancel.cancelled() => return ToolOutcome::interrupted(),
+            r = tokio::time::timeout_at(deadline, watch.wait_for(|s| s.status.is_terminal())) => {
+                r.ok().and_then(Result::ok).map(|state| state.clone())
+            }
+        };
+        let state = finished.unwrap_or_else(|| watch.borrow().clone());
+        let timed_out = !state.status.is_terminal();
+        reports.push(json!({"agent_id": id, "status": state.status, "report": state.report, "timed_out": timed_out}));
+    }
+    ToolOutcome::ok(Value::Array(reports).to_string())
+}
+
+async fn message_agent(ctx: &ToolContext, args: &Value) -> ToolOutcome {
+    let (Some(id), Some(message)) = (str_arg(args, "agent_id"), str_arg(args, "message")) else {
+        return ToolOutcome::error("message_agent needs `agent_id` and a non-empty `message`");
+    };
+    let busy = if args.get("interrupt").and_then(Value::as_bool).unwrap_or(false) {
+        BusyBehavior::Interrupt
+    } else {
+        BusyBehavior::Queue
+    };
+    let handle = match ctx.agent.send(ChildHandle { id: id.to_string() }).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return ToolOutcome::error(e.message),
+        Err(e) => return tree_error(e),
+    };
+    match handle.send(&ctx.user_id, vec![Part::text(message)], busy).await {
+        Ok(o) if o.queued => ToolOutcome::ok(format!(
+            "queued for sub-agent {id}: it reads it {}",
+            if busy == BusyBehavior::Interrupt { "now (its current step was interrupted)" } else { "at its next step" }
+        )),
+        Ok(_) => ToolOutcome::ok(format!("delivered to sub-agent {id}, which is working on it")),
+        Err(e) => ToolOutcome::error(e.message),
+    }
+}
+
+async fn close_agent(ctx: &ToolContext, args: &Value) -> ToolOutcome {
+    let Some(id) = str_arg(args, "agent_id") else {
+        return ToolOutcome::error("close_agent needs `agent_id`");
+    };
+    match ctx.agent.send(CloseChild { id: id.to_string() }).await {
+        Ok(Ok(())) => ToolOutcome::ok(format!("sub-agent {id} and its own sub-agents are stopped")),
+        Ok(Err(e)) => ToolOutcome::error(e.message),
+        Err(e) => tree_error(e),
+    }
 }
 
 /// What the model reads when a workspace does not answer: why, and how to go on.

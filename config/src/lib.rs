@@ -89,6 +89,10 @@ pub struct RetrySettings {
 pub struct AgentSettings {
     /// Model steps per turn before the turn ends with an error. Default 200.
     pub max_steps: u32,
+    /// Levels of sub-agents below a root chat. Default 2.
+    pub max_depth: u32,
+    /// Sub-agents running at once under one chat. Default 8.
+    pub max_children: usize,
     /// Deployment system prompt, layered above the built-in one. Default empty.
     pub system_prompt: String,
 }

@@ -35,6 +35,33 @@ pub enum ToolPhase {
     Finished,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubagentPhase {
+    Spawned,
+    Status,
+    Finished,
+}
+
+/// Where a sub-agent stands, as its parent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubagentStatus {
+    Running,
+    /// Its turn ended with an answer.
+    Finished,
+    /// Its turn ended with an error (or it crashed).
+    Failed,
+    /// Stopped by close_agent or by its parent closing.
+    Closed,
+}
+
+impl SubagentStatus {
+    pub fn is_terminal(self) -> bool {
+        self != SubagentStatus::Running
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventBody {
@@ -80,6 +107,17 @@ pub enum EventBody {
     QueueUpdate {
         queued_messages: Vec<QueuedMessage>,
     },
+    /// A sub-agent of this chat was spawned, changed status, or finished (with its report).
+    Subagent {
+        agent_id: String,
+        phase: SubagentPhase,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        title: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<SubagentStatus>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        report: Option<String>,
+    },
     /// Messages from `from_position` on were dropped (a user message was edited); the edited one
     /// follows as a `message` event.
     MessagesDropped {
@@ -117,6 +155,7 @@ impl EventBody {
             EventBody::ToolCall { .. } => "tool_call",
             EventBody::QueueUpdate { .. } => "queue_update",
             EventBody::MessagesDropped { .. } => "messages_dropped",
+            EventBody::Subagent { .. } => "subagent",
             EventBody::Retry { .. } => "retry",
             EventBody::Error { .. } => "error",
             EventBody::StreamReset => "stream_reset",

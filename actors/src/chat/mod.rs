@@ -6,18 +6,21 @@
 //! interrupt cancels the step's token; the step stores what it has and returns.
 
 pub mod messages;
+mod tree;
 
 use std::sync::Arc;
 
 use actix::prelude::*;
 use agentplane_schema::api::{BusyBehavior, Chat, ChatError, ChatErrorKind, ChatStatus, SendOutcome};
-use agentplane_schema::event::EventBody;
+use agentplane_schema::event::{EventBody, SubagentStatus};
 use agentplane_schema::message::{Message, Part, QueuedMessage, Role};
 use agentplane_schema::new_id;
+use futures::FutureExt;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::deps::Deps;
+use crate::directory::Directory;
 use crate::error::ChatOpError;
 use crate::ports::{ChatState, Op, StoreError, ToolCallStatus};
 use crate::shared::ChatShared;
@@ -27,6 +30,9 @@ use messages::{Close, EditMessage, EditQueued, Interrupt, UserInput};
 pub struct ChatActor {
     chat_id: String,
     deps: Arc<Deps>,
+    directory: Directory,
+    /// The parent chat's actor, for a sub-agent.
+    parent: Option<Recipient<messages::ChildEvent>>,
     live: Option<Live>,
 }
 
@@ -37,6 +43,9 @@ struct Live {
     queue: Vec<QueuedMessage>,
     last_queue_position: i64,
     turn: Option<Turn>,
+    /// 0 for a root chat.
+    depth: u32,
+    children: Vec<tree::Child>,
 }
 
 struct Turn {
@@ -60,8 +69,13 @@ impl Turn {
 struct StepDone(StepResult);
 
 impl ChatActor {
-    pub fn new(chat_id: String, deps: Arc<Deps>) -> Self {
-        ChatActor { chat_id, deps, live: None }
+    pub fn new(
+        chat_id: String,
+        deps: Arc<Deps>,
+        directory: Directory,
+        parent: Option<Recipient<messages::ChildEvent>>,
+    ) -> Self {
+        ChatActor { chat_id, deps, directory, parent, live: None }
     }
 
     fn on_loaded(&mut self, state: ChatState, ctx: &mut Context<Self>) {
@@ -75,6 +89,22 @@ impl ChatActor {
             state.chat.workspace_id.clone(),
         ));
         let was_running = matches!(state.chat.status, ChatStatus::Running | ChatStatus::Interrupting);
+        // Sub-agents that were running when the process stopped come back under this actor.
+        let me = ctx.address().recipient::<messages::ChildEvent>();
+        let children = state
+            .children
+            .into_iter()
+            .map(|c| {
+                let (status, addr) = match c.status {
+                    ChatStatus::Running | ChatStatus::Interrupting => {
+                        (SubagentStatus::Running, Some(self.directory.start_child(&c.id, me.clone())))
+                    }
+                    ChatStatus::Error => (SubagentStatus::Failed, None),
+                    ChatStatus::Idle => (SubagentStatus::Finished, None),
+                };
+                tree::Child::new(c.id, c.title, addr, status)
+            })
+            .collect();
         self.live = Some(Live {
             shared,
             chat: state.chat,
@@ -82,6 +112,8 @@ impl ChatActor {
             last_queue_position: state.queued.len() as i64,
             queue: state.queued,
             turn: None,
+            depth: state.depth,
+            children,
         });
         // Recover from a stop in the middle of a step: tool calls without results get an
         // "outcome unknown" result (never re-run), then the turn continues where it stood.
@@ -182,12 +214,31 @@ impl ChatActor {
             model_id: live.chat.model_id.clone(),
             user_id: turn.user_id.clone(),
             cancel: turn.cancel.clone(),
+            agent: ctx.address(),
         };
         let addr = ctx.address();
         // Its own task, not an actor future: `ctx.wait` in handlers must never pause a step that
-        // holds the chat's commit lock.
+        // holds the chat's commit lock. A panicking step ends the turn as failed (and is
+        // reported to the parent) instead of leaving it running forever.
         turn.task = Some(actix::spawn(async move {
-            let result = step::run_step(input).await;
+            let result = match std::panic::AssertUnwindSafe(step::run_step(input)).catch_unwind().await {
+                Ok(result) => result,
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    tracing::error!(panic = %what, "a step panicked");
+                    StepResult {
+                        outcome: StepOutcome::Failed(ChatError {
+                            kind: ChatErrorKind::Internal,
+                            message: format!("the step crashed: {what}"),
+                        }),
+                        committed: vec![],
+                    }
+                }
+            };
             addr.do_send(StepDone(result));
         }));
     }
@@ -197,6 +248,14 @@ impl ChatActor {
         let Some(live) = self.live.as_mut() else { return };
         live.turn = None;
         let status = if error.is_some() { ChatStatus::Error } else { ChatStatus::Idle };
+        match &error {
+            Some(e) => self.notify_parent(SubagentStatus::Failed, Some(e.message.clone())),
+            None => {
+                let report = live.history.iter().rev().find(|m| m.role == Role::Assistant).map(|m| m.text());
+                self.notify_parent(SubagentStatus::Finished, report);
+            }
+        }
+        let Some(live) = self.live.as_mut() else { return };
         let mut events = Vec::new();
         if let Some(e) = &error {
             events.push(EventBody::Error { error: e.clone() });
@@ -352,6 +411,7 @@ impl Handler<UserInput> for ChatActor {
                         live.chat.status = ChatStatus::Running;
                         live.chat.error = None;
                         live.history.extend(delivered);
+                        act.notify_parent(SubagentStatus::Running, None);
                         act.start_step(ctx);
                         Ok(SendOutcome { queued: false, message: Some(message), queued_message: None })
                     }
@@ -432,6 +492,7 @@ impl Handler<Interrupt> for ChatActor {
             return Err(ChatOpError::unavailable("the chat is not loaded"));
         }
         self.interrupt(ctx);
+        self.interrupt_children();
         Ok(())
     }
 }
@@ -524,6 +585,7 @@ impl Handler<EditMessage> for ChatActor {
                     live.history.push(message.clone());
                     live.chat.status = ChatStatus::Running;
                     live.chat.error = None;
+                    act.notify_parent(SubagentStatus::Running, None);
                     act.start_step(ctx);
                     Ok(message)
                 }
@@ -538,10 +600,32 @@ impl Handler<EditMessage> for ChatActor {
 }
 
 impl Handler<Close> for ChatActor {
-    type Result = ();
+    type Result = AtomicResponse<Self, ()>;
 
-    fn handle(&mut self, _: Close, ctx: &mut Context<Self>) {
-        ctx.stop();
+    fn handle(&mut self, msg: Close, _: &mut Context<Self>) -> Self::Result {
+        let children = self.child_addrs();
+        let stop_turn = msg.stop_turn;
+        let running = self.live.as_ref().is_some_and(|l| l.turn.is_some());
+        if let Some(turn) = self.live.as_mut().and_then(|l| l.turn.as_mut()) {
+            turn.cancel.cancel();
+        }
+        let shared = self.live.as_ref().map(|l| l.shared.clone());
+        let fut = async move {
+            // Descendants first: each closes its own before it answers.
+            futures::future::join_all(children.iter().map(|c| c.send(Close { stop_turn }))).await;
+            if let (true, true, Some(shared)) = (stop_turn, running, shared) {
+                let (ops, events) = tree::idle_ops();
+                if let Err(e) = shared.commit(ops, events).await {
+                    tracing::error!(chat = %shared.chat_id, error = %e, "could not record the close");
+                }
+            }
+        };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |(), act, ctx| {
+            if stop_turn {
+                act.notify_parent(SubagentStatus::Closed, None);
+            }
+            ctx.stop();
+        })))
     }
 }
 

@@ -5,8 +5,8 @@ mod admin;
 mod chats;
 mod convert;
 
-use agentplane_actors::ports::{Batch, ChatState, Op, ResolvedModel, Store, StoreError};
-use agentplane_schema::api::ProviderType;
+use agentplane_actors::ports::{Batch, ChatState, NewChild, Op, ResolvedModel, Store, StoreError};
+use agentplane_schema::api::{Chat, ProviderType};
 use agentplane_schema::db::entities::{
     audit_events, chat_events, chats as chat_rows, messages, models, providers, queued_messages, tool_calls, usage,
 };
@@ -58,7 +58,26 @@ impl Store for DbStore {
         let last_position = rows.last().map(|m| m.position).unwrap_or(0);
         let messages = rows.into_iter().filter(|m| !m.deleted).map(message_from_row).collect::<Result<_, _>>()?;
         let queued = self.queued(chat_id).await?;
-        Ok(ChatState { chat: chat_from_row(row), messages, queued, last_seq, last_position })
+        let mut depth = 0;
+        let mut ancestor = row.parent_id.clone();
+        while let Some(id) = ancestor {
+            depth += 1;
+            ancestor =
+                chat_rows::Entity::find_by_id(&id).one(&self.db).await.map_err(db_err)?.and_then(|c| c.parent_id);
+        }
+        let children = self.children(chat_id).await?;
+        Ok(ChatState { chat: chat_from_row(row), messages, queued, last_seq, last_position, depth, children })
+    }
+
+    async fn create_child(&self, child: NewChild) -> Result<Chat, StoreError> {
+        self.create_chat(NewChat {
+            owner_id: child.parent.owner_id.clone(),
+            title: child.title,
+            model_id: child.model_id.or(child.parent.model_id.clone()),
+            workspace_id: child.workspace_id,
+            parent_id: Some(child.parent.id.clone()),
+        })
+        .await
     }
 
     async fn resolve_model(&self, model_id: Option<&str>) -> Result<ResolvedModel, StoreError> {

@@ -74,8 +74,12 @@ impl TestEnv {
     }
 
     pub async fn start_with(db: Db, tweak: impl FnOnce(&mut Settings)) -> Self {
+        Self::start_full(ScriptedLlm::start(), db, tweak).await
+    }
+
+    /// With a scripted LLM of the caller's (e.g. one answering by request content).
+    pub async fn start_full(llm: ScriptedLlm, db: Db, tweak: impl FnOnce(&mut Settings)) -> Self {
         agentplane_tests::init_tracing();
-        let llm = ScriptedLlm::start();
         let data_dir = tempfile::tempdir().expect("tempdir");
         let db = match db {
             Db::Sqlite => TestDatabase::sqlite(data_dir.path()),

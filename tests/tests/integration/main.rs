@@ -11,4 +11,5 @@ mod interrupt;
 mod queue;
 mod resume;
 mod retries;
+mod subagents;
 mod workspaces;

@@ -1,0 +1,166 @@
+//! Sub-agents as an actor tree: spawned children run in parallel in the parent's workspace,
+//! report back through wait_agent, show up as `subagent` events, and respect the limits.
+
+use agentplane_schema::api::{ChatStatus, CreateChat};
+use agentplane_schema::event::{EventBody, SubagentPhase, SubagentStatus};
+use agentplane_schema::message::Part;
+use agentplane_tests::{EventStream, RecordedRequest, Reply, ScriptedCall, ScriptedLlm};
+use serde_json::{Value, json};
+
+use crate::common::{ADMIN_TOKEN, Db, TestEnv, WAIT, is_status, tool_results};
+
+fn first_user_text(r: &RecordedRequest) -> String {
+    r.messages()
+        .iter()
+        .find(|m| m["role"] == "user")
+        .and_then(|m| m["content"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The root creates a workspace, spawns one sub-agent per file, waits for all, and reports; each
+/// sub-agent writes its file with timestamps around a pause, so overlap proves parallelism.
+fn responder(r: &RecordedRequest) -> Reply {
+    let first = first_user_text(r);
+    let results = r.tool_results();
+    if let Some(file) = first.strip_prefix("write ") {
+        return match results.len() {
+            0 => Reply::tool_call(
+                "execute",
+                json!({"command": format!("date +%s.%N > {file}.start; sleep 0.6; echo {file} > {file}; date +%s.%N > {file}.end")}),
+            ),
+            _ => Reply::text(format!("wrote {file}")),
+        };
+    }
+    match results.len() {
+        0 => Reply::tool_call("create_workspace", json!({"template_id": "local"})),
+        1 => Reply::calls(["a.txt", "b.txt", "c.txt"].map(|f| {
+            ScriptedCall::new("spawn_agent", json!({"prompt": format!("write {f}"), "title": format!("writer {f}")}))
+        })),
+        4 => {
+            let ids: Vec<String> = results[1..]
+                .iter()
+                .filter_map(|r| serde_json::from_str::<Value>(r).ok()?["agent_id"].as_str().map(str::to_string))
+                .collect();
+            Reply::tool_call("wait_agent", json!({"agent_ids": ids, "timeout_seconds": 60}))
+        }
+        _ => Reply::text("all three done"),
+    }
+}
+
+fn secs(path: &std::path::Path) -> f64 {
+    std::fs::read_to_string(path).expect("timestamp").trim().parse().expect("seconds")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_spawns_three_parallel_sub_agents_and_collects_their_reports() {
+    let env = TestEnv::start_full(ScriptedLlm::with_responder(responder), Db::Sqlite, |_| {}).await;
+    let chat = env
+        .admin
+        .create_chat(&CreateChat {
+            content: vec![Part::text("split the work")],
+            model_id: None,
+            workspace_id: None,
+            title: None,
+        })
+        .await
+        .expect("chat");
+    let mut stream = EventStream::connect(&env.base_url(), &chat.id, ADMIN_TOKEN, Some(0)).await.expect("ws");
+    let events = stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("root idle");
+
+    let messages = env.messages(&chat.id).await;
+    assert_eq!(messages.last().expect("last").text(), "all three done");
+    let results = tool_results(&messages);
+    let wait = &results.last().expect("wait_agent result").2;
+    let reports: Vec<Value> = serde_json::from_str(wait).expect("json reports");
+    let mut texts: Vec<&str> = reports.iter().map(|r| r["report"].as_str().unwrap_or_default()).collect();
+    texts.sort();
+    assert_eq!(texts, ["wrote a.txt", "wrote b.txt", "wrote c.txt"], "{wait}");
+    assert!(reports.iter().all(|r| r["status"] == "finished" && r["timed_out"] == false), "{wait}");
+
+    // The three wrote into the parent's workspace, at the same time.
+    let ws = env.admin.get_chat(&chat.id).await.expect("chat").chat.workspace_id.expect("workspace");
+    let dir = env.workspace_dir(&ws);
+    let mut starts = Vec::new();
+    let mut ends = Vec::new();
+    for f in ["a.txt", "b.txt", "c.txt"] {
+        assert_eq!(std::fs::read_to_string(dir.join(f)).expect("file").trim(), f);
+        starts.push(secs(&dir.join(format!("{f}.start"))));
+        ends.push(secs(&dir.join(format!("{f}.end"))));
+    }
+    let latest_start = starts.iter().cloned().fold(f64::MIN, f64::max);
+    let earliest_end = ends.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(latest_start < earliest_end, "the sub-agents ran concurrently: starts {starts:?} ends {ends:?}");
+
+    // The parent's stream told the story; the chat lists its children.
+    let spawned =
+        events.iter().filter(|e| matches!(&e.body, EventBody::Subagent { phase: SubagentPhase::Spawned, .. })).count();
+    let finished = events
+        .iter()
+        .filter(|e| matches!(&e.body, EventBody::Subagent { status: Some(SubagentStatus::Finished), .. }))
+        .count();
+    assert_eq!((spawned, finished), (3, 3));
+    let detail = env.admin.get_chat(&chat.id).await.expect("chat");
+    assert_eq!(detail.children.len(), 3);
+    assert!(
+        detail
+            .children
+            .iter()
+            .all(|c| c.parent_id.as_deref() == Some(chat.id.as_str()) && c.status == ChatStatus::Idle)
+    );
+    assert!(detail.children.iter().all(|c| c.workspace_id.as_deref() == Some(ws.as_str())));
+    // Each child's own stream and history work like any chat's.
+    let child = &detail.children[0];
+    let history = env.messages(&child.id).await;
+    assert!(history.last().expect("child answer").text().starts_with("wrote "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn depth_and_children_limits_refuse_with_a_clear_tool_error() {
+    let responder = |r: &RecordedRequest| {
+        let first = first_user_text(r);
+        let results = r.tool_results();
+        if first == "child: try to go deeper" {
+            return match results.len() {
+                0 => Reply::tool_call("spawn_agent", json!({"prompt": "grandchild"})),
+                _ => Reply::text(format!("child saw: {}", results[0])),
+            };
+        }
+        match results.len() {
+            0 => Reply::calls([
+                ScriptedCall::new("spawn_agent", json!({"prompt": "child: try to go deeper"})),
+                ScriptedCall::new("spawn_agent", json!({"prompt": "child: try to go deeper"})),
+                ScriptedCall::new("spawn_agent", json!({"prompt": "child: try to go deeper"})),
+            ]),
+            3 => {
+                let ids: Vec<String> = results
+                    .iter()
+                    .filter_map(|r| serde_json::from_str::<Value>(r).ok()?["agent_id"].as_str().map(str::to_string))
+                    .collect();
+                Reply::tool_call("wait_agent", json!({"agent_ids": ids}))
+            }
+            _ => Reply::text("done"),
+        }
+    };
+    let env = TestEnv::start_full(ScriptedLlm::with_responder(responder), Db::Sqlite, |s| {
+        s.agent.max_children = 2;
+        s.agent.max_depth = 1;
+    })
+    .await;
+    let chat = env
+        .admin
+        .create_chat(&CreateChat {
+            content: vec![Part::text("spawn three")],
+            model_id: None,
+            workspace_id: None,
+            title: None,
+        })
+        .await
+        .expect("chat");
+    env.admin.wait_until_chat(&chat.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("idle");
+    let results = tool_results(&env.messages(&chat.id).await);
+    let refused: Vec<&(String, String, String, bool)> = results.iter().filter(|r| r.3).collect();
+    assert_eq!(refused.len(), 1, "{results:#?}");
+    assert!(refused[0].2.contains("at most 2 sub-agents may run at once"), "{}", refused[0].2);
+    let reports = &results.last().expect("wait").2;
+    assert!(reports.contains("nested at most 1 level"), "the children were refused a grandchild: {reports}");
+}
