@@ -164,3 +164,151 @@ async fn depth_and_children_limits_refuse_with_a_clear_tool_error() {
     let reports = &results.last().expect("wait").2;
     assert!(reports.contains("nested at most 1 level"), "the children were refused a grandchild: {reports}");
 }
+
+fn ids_in(results: &[String]) -> Vec<String> {
+    results
+        .iter()
+        .filter_map(|r| serde_json::from_str::<Value>(r).ok()?["agent_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+async fn wait_no_active_replies(env: &TestEnv) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while env.llm.active_replies() > 0 {
+        assert!(std::time::Instant::now() < deadline, "model streams are still open");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_agent_stops_a_child_and_its_child_and_nothing_runs_after() {
+    let responder = |r: &RecordedRequest| {
+        let first = first_user_text(r);
+        let results = r.tool_results();
+        match first.as_str() {
+            "grandchild: think forever" => Reply::text("thinking").then_hang(),
+            "child: delegate, then think" => match results.len() {
+                0 => Reply::tool_call("spawn_agent", json!({"prompt": "grandchild: think forever"})),
+                _ => Reply::text("also thinking").then_hang(),
+            },
+            _ => match results.len() {
+                0 => Reply::tool_call("spawn_agent", json!({"prompt": "child: delegate, then think"})),
+                // Give the tree a moment to grow, then close it.
+                1 => Reply::tool_call("wait_agent", json!({"agent_ids": ids_in(&results), "timeout_seconds": 1})),
+                2 => Reply::tool_call("close_agent", json!({"agent_id": ids_in(&results)[0]})),
+                _ => Reply::text("closed it"),
+            },
+        }
+    };
+    let env = TestEnv::start_full(ScriptedLlm::with_responder(responder), Db::Sqlite, |_| {}).await;
+    let chat = env
+        .admin
+        .create_chat(&CreateChat {
+            content: vec![Part::text("run a tree")],
+            model_id: None,
+            workspace_id: None,
+            title: None,
+        })
+        .await
+        .expect("chat");
+    env.admin.wait_until_chat(&chat.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("root idle");
+    let results = tool_results(&env.messages(&chat.id).await);
+    assert!(results[1].2.contains("\"timed_out\":true"), "the child was still running: {}", results[1].2);
+    assert!(!results[2].3, "{}", results[2].2);
+
+    let child = env.admin.get_chat(&chat.id).await.expect("root").children.pop().expect("child");
+    let grandchild = env.admin.get_chat(&child.id).await.expect("child").children.pop().expect("grandchild");
+    for c in [&child.id, &grandchild.id] {
+        assert_eq!(env.admin.get_chat(c).await.expect("chat").chat.status, ChatStatus::Idle, "{c} stopped");
+    }
+    wait_no_active_replies(&env).await;
+    let requests = env.llm.request_count();
+    let calls =
+        tool_results(&env.messages(&child.id).await).len() + tool_results(&env.messages(&grandchild.id).await).len();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(env.llm.request_count(), requests, "no model call after the close");
+    let calls_after =
+        tool_results(&env.messages(&child.id).await).len() + tool_results(&env.messages(&grandchild.id).await).len();
+    assert_eq!(calls, calls_after, "no tool call after the close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupting_the_root_stops_all_running_descendants() {
+    let responder = |r: &RecordedRequest| {
+        let first = first_user_text(r);
+        match (first.as_str(), r.tool_results().len()) {
+            ("child: think forever", _) => Reply::text("child thinking").then_hang(),
+            (_, 0) => Reply::tool_call("spawn_agent", json!({"prompt": "child: think forever"})),
+            _ => Reply::text("root thinking").then_hang(),
+        }
+    };
+    let env = TestEnv::start_full(ScriptedLlm::with_responder(responder), Db::Sqlite, |_| {}).await;
+    let chat = env
+        .admin
+        .create_chat(&CreateChat {
+            content: vec![Part::text("start")],
+            model_id: None,
+            workspace_id: None,
+            title: None,
+        })
+        .await
+        .expect("chat");
+    let mut stream = EventStream::connect(&env.base_url(), &chat.id, ADMIN_TOKEN, Some(0)).await.expect("ws");
+    stream
+        .wait_for(|e| matches!(&e.body, EventBody::Subagent { phase: SubagentPhase::Spawned, .. }), WAIT)
+        .await
+        .expect("spawned");
+    // Both are streaming: the root's second answer and the child's first.
+    let deadline = std::time::Instant::now() + WAIT;
+    while env.llm.active_replies() < 2 {
+        assert!(std::time::Instant::now() < deadline, "both streams open");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    env.admin.interrupt(&chat.id).await.expect("interrupt");
+    stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("root idle");
+    let child = env.admin.get_chat(&chat.id).await.expect("root").children.pop().expect("child");
+    env.admin.wait_until_chat(&child.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("child idle");
+    wait_no_active_replies(&env).await;
+    assert!(env.messages(&child.id).await.last().expect("partial").interrupted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_agent_reaches_a_running_child_at_once_with_interrupt() {
+    let responder = |r: &RecordedRequest| {
+        let first = first_user_text(r);
+        let results = r.tool_results();
+        match first.as_str() {
+            "child: think" if r.last_user_text().as_deref() == Some("change of plan") => Reply::text("new plan taken"),
+            "child: think" => Reply::text("child thinking").then_hang(),
+            _ => match results.len() {
+                0 => Reply::tool_call("spawn_agent", json!({"prompt": "child: think"})),
+                1 => Reply::tool_call(
+                    "message_agent",
+                    json!({"agent_id": ids_in(&results)[0], "message": "change of plan", "interrupt": true}),
+                ),
+                2 => Reply::tool_call("wait_agent", json!({"agent_ids": ids_in(&results[..1])})),
+                _ => Reply::text("child replanned"),
+            },
+        }
+    };
+    let env = TestEnv::start_full(ScriptedLlm::with_responder(responder), Db::Sqlite, |_| {}).await;
+    let chat = env
+        .admin
+        .create_chat(&CreateChat { content: vec![Part::text("go")], model_id: None, workspace_id: None, title: None })
+        .await
+        .expect("chat");
+    env.admin.wait_until_chat(&chat.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("root idle");
+    let results = tool_results(&env.messages(&chat.id).await);
+    assert!(results[2].2.contains("new plan taken"), "{}", results[2].2);
+    let child = env.admin.get_chat(&chat.id).await.expect("root").children.pop().expect("child");
+    let texts: Vec<(String, bool)> = env.messages(&child.id).await.iter().map(|m| (m.text(), m.interrupted)).collect();
+    assert_eq!(
+        texts,
+        [
+            ("child: think".to_string(), false),
+            ("child thinking".to_string(), true),
+            ("change of plan".to_string(), false),
+            ("new plan taken".to_string(), false)
+        ]
+    );
+}
