@@ -20,10 +20,16 @@ pub struct TestEnv {
     pub admin: ApiClient,
     pub data_dir: tempfile::TempDir,
     // Dropped in field order: the server before the database and NATS it uses.
-    pub server: ServerHandle,
+    pub server: Option<ServerHandle>,
+    settings: Settings,
     _db: TestDatabase,
     pub nats: Option<NatsServer>,
     pub creds_dir: Option<tempfile::TempDir>,
+}
+
+async fn start_server(settings: Settings) -> ServerHandle {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    tokio::task::spawn_blocking(move || spawn(settings, listener)).await.expect("join").expect("server starts")
 }
 
 pub enum Db {
@@ -96,9 +102,7 @@ impl TestEnv {
         settings.llm.retry.max_delay_ms = 2000;
         settings.llm.retry.max_attempts = 3;
         tweak(&mut settings);
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let server =
-            tokio::task::spawn_blocking(move || spawn(settings, listener)).await.expect("join").expect("server starts");
+        let server = start_server(settings.clone()).await;
         let admin = ApiClient::new(server.base_url(), ADMIN_TOKEN);
         let provider = admin
             .create_provider(&CreateProvider {
@@ -123,11 +127,21 @@ impl TestEnv {
             })
             .await
             .expect("model");
-        TestEnv { llm, admin, data_dir, server, _db: db, nats: None, creds_dir: None }
+        TestEnv { llm, admin, data_dir, server: Some(server), settings, _db: db, nats: None, creds_dir: None }
     }
 
     pub fn base_url(&self) -> String {
-        self.server.base_url()
+        self.server.as_ref().expect("server running").base_url()
+    }
+
+    /// Stops the server (as a shutdown would) and starts a new one on the same data.
+    pub async fn restart_server(&mut self) {
+        if let Some(old) = self.server.take() {
+            tokio::task::spawn_blocking(move || old.stop()).await.expect("stop");
+        }
+        let server = start_server(self.settings.clone()).await;
+        self.admin = ApiClient::new(server.base_url(), ADMIN_TOKEN);
+        self.server = Some(server);
     }
 
     pub fn workspace_dir(&self, workspace_id: &str) -> PathBuf {

@@ -312,3 +312,66 @@ async fn message_agent_reaches_a_running_child_at_once_with_interrupt() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_the_tree_is_visible_and_the_root_answers() {
+    let responder = |r: &RecordedRequest| {
+        let first = first_user_text(r);
+        if first == "child: idle along" {
+            return Reply::text("child waiting").then_hang();
+        }
+        if r.last_user_text().as_deref() == Some("still there?") {
+            return Reply::text("yes, after the restart");
+        }
+        match r.tool_results().len() {
+            0 => Reply::tool_call("spawn_agent", json!({"prompt": "child: idle along"})),
+            _ => Reply::text("root waiting").then_hang(),
+        }
+    };
+    let mut env = TestEnv::start_full(ScriptedLlm::with_responder(responder), Db::Sqlite, |_| {}).await;
+    let chat = env
+        .admin
+        .create_chat(&CreateChat {
+            content: vec![Part::text("start a tree")],
+            model_id: None,
+            workspace_id: None,
+            title: None,
+        })
+        .await
+        .expect("chat");
+    let deadline = std::time::Instant::now() + WAIT;
+    while env.llm.active_replies() < 2 {
+        assert!(std::time::Instant::now() < deadline, "root and child streaming");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let child = env.admin.get_chat(&chat.id).await.expect("root").children.pop().expect("child");
+
+    env.restart_server().await;
+
+    let detail = env.admin.get_chat(&chat.id).await.expect("root after restart");
+    assert_eq!(detail.children.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), [child.id.as_str()]);
+    let outcome = env
+        .admin
+        .send(
+            &chat.id,
+            &agentplane_schema::api::SendMessage {
+                content: vec![Part::text("still there?")],
+                busy_behavior: agentplane_schema::api::BusyBehavior::Interrupt,
+            },
+        )
+        .await
+        .expect("send after restart");
+    assert!(outcome.queued || outcome.message.is_some());
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let last = env.messages(&chat.id).await.pop().expect("messages");
+        if last.text() == "yes, after the restart" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the root answered after the restart (last: {})", last.text());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The resumed child is still under the root: interrupting the root reaches it.
+    env.admin.interrupt(&child.id).await.expect("interrupt child");
+    env.admin.wait_until_chat(&child.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("child idle");
+}
