@@ -13,6 +13,7 @@
 
 pub mod bus;
 pub mod chat;
+pub mod compaction;
 pub mod deps;
 pub mod directory;
 pub mod error;

@@ -211,6 +211,8 @@ pub struct ResolvedModel {
     pub id: String,
     pub target: ModelTarget,
     pub context_window: i64,
+    /// Share of the context window at which the conversation is compacted (default 0.7).
+    pub compaction_threshold: f64,
 }
 
 /// One state change of a chat. A [`Batch`] of them is committed in one transaction together with

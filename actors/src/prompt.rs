@@ -1,6 +1,6 @@
 //! The system prompt and the prompt built from a chat's history.
 
-use agentplane_schema::message::{Message, Role};
+use agentplane_schema::message::{Message, Part, Role};
 
 use crate::ports::PromptMessage;
 
@@ -33,13 +33,47 @@ pub fn system_prompt(deployment_prompt: &str) -> String {
     }
 }
 
-/// The history as the model reads it.
+/// The history as the model reads it: from the latest summary on (the summary itself as a user
+/// message), markers left out.
 pub fn prompt_messages(history: &[Message]) -> Vec<PromptMessage> {
-    history
+    let start = history.iter().rposition(|m| m.role == Role::Summary).unwrap_or(0);
+    history[start..]
         .iter()
-        .filter(|m| !m.parts.is_empty() || m.role == Role::User)
-        .map(|m| PromptMessage { role: m.role, parts: m.parts.clone() })
+        .filter_map(|m| match m.role {
+            Role::Marker => None,
+            Role::Summary => Some(PromptMessage {
+                role: Role::User,
+                parts: vec![Part::text(format!("{SUMMARY_PREFIX}\n{}", m.text()))],
+            }),
+            _ if m.parts.is_empty() && m.role != Role::User => None,
+            _ => Some(PromptMessage { role: m.role, parts: m.parts.clone() }),
+        })
         .collect()
+}
+
+/// How the summary is introduced to the model.
+pub const SUMMARY_PREFIX: &str = "[Summary of the conversation so far, written by you for yourself]";
+
+/// Instructions of the one model call that compacts a conversation.
+pub const COMPACTION_PROMPT: &str = "\
+Summarise the conversation above for yourself, so you can continue the work without it: the \
+user's goals and constraints, decisions made, what was done (files created or changed, commands \
+run and their outcomes, the workspace in use), what is still open, and anything the user asked \
+you to remember. Be complete but concise. Answer with the summary only.";
+
+/// A rough token count of messages (4 characters a token), for what no usage report covers yet.
+pub fn estimate_tokens(messages: &[PromptMessage]) -> u64 {
+    let chars: usize = messages
+        .iter()
+        .flat_map(|m| m.parts.iter())
+        .map(|p| match p {
+            Part::Text { text } | Part::Reasoning { text, .. } => text.len(),
+            Part::ToolCall { args, .. } => args.to_string().len(),
+            Part::ToolResult { result, .. } => result.len(),
+            Part::Image { .. } => 4000,
+        })
+        .sum();
+    (chars / 4) as u64 + 4 * messages.len() as u64
 }
 
 #[cfg(test)]

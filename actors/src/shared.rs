@@ -23,6 +23,9 @@ pub struct ChatShared {
     workspace_id: std::sync::Mutex<Option<String>>,
     /// Serialises `create_workspace` calls of one chat.
     pub workspace_lock: Mutex<()>,
+    /// Tokens of the last model call (prompt + answer) and the position of its answer: what the
+    /// provider reported, for deciding when to compact.
+    reported_usage: std::sync::Mutex<Option<(u64, i64)>>,
 }
 
 impl ChatShared {
@@ -44,6 +47,7 @@ impl ChatShared {
             last_position: AtomicI64::new(last_position),
             workspace_id: std::sync::Mutex::new(workspace_id),
             workspace_lock: Mutex::new(()),
+            reported_usage: std::sync::Mutex::new(None),
         }
     }
 
@@ -75,6 +79,18 @@ impl ChatShared {
     /// The next message position.
     pub fn next_position(&self) -> i64 {
         self.last_position.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    pub fn record_usage(&self, tokens: u64, at_position: i64) {
+        *self.reported_usage.lock().unwrap_or_else(|p| p.into_inner()) = (tokens > 0).then_some((tokens, at_position));
+    }
+
+    pub fn reported_usage(&self) -> Option<(u64, i64)> {
+        *self.reported_usage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn forget_usage(&self) {
+        *self.reported_usage.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     pub fn workspace_id(&self) -> Option<String> {

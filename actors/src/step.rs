@@ -21,9 +21,9 @@ use crate::deps::Deps;
 use crate::ports::{
     ModelError, ModelEvent, ModelRequest, Op, ResolvedModel, StopReason, StoreError, ToolCallStatus, Usage,
 };
-use crate::prompt;
 use crate::shared::ChatShared;
 use crate::tools::{self, ToolContext, ToolOutcome};
+use crate::{compaction, prompt};
 
 pub struct StepInput {
     pub deps: Arc<Deps>,
@@ -34,7 +34,13 @@ pub struct StepInput {
     pub cancel: CancellationToken,
     /// The chat's own actor, for the sub-agent tools.
     pub agent: actix::Addr<crate::chat::ChatActor>,
+    /// Only summarise the conversation (`POST /chats/{id}/compact`), no model answer.
+    pub compact_only: bool,
 }
+
+/// Largest share of the context window one tool result may take; longer ones are cut in the
+/// middle.
+const TOOL_RESULT_SHARE: f64 = 0.25;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepOutcome {
@@ -50,6 +56,8 @@ pub struct StepResult {
     pub outcome: StepOutcome,
     /// Messages this step committed, in order.
     pub committed: Vec<Message>,
+    /// Ids of messages this step soft-deleted (moved after a summary).
+    pub dropped: Vec<String>,
 }
 
 /// The answer as it streams in.
@@ -78,15 +86,35 @@ enum Streamed {
 }
 
 pub async fn run_step(input: StepInput) -> StepResult {
-    let mut committed = Vec::new();
-    let outcome = match step(&input, &mut committed).await {
+    let mut result = StepResult { outcome: StepOutcome::Done, committed: Vec::new(), dropped: Vec::new() };
+    result.outcome = match step(&input, &mut result).await {
         Ok(outcome) => outcome,
         Err(e) => StepOutcome::Failed(ChatError { kind: ChatErrorKind::Internal, message: e.to_string() }),
     };
-    StepResult { outcome, committed }
+    result
 }
 
-async fn step(input: &StepInput, committed: &mut Vec<Message>) -> Result<StepOutcome, StoreError> {
+/// Compacts once; the working history and the step's result follow.
+async fn compact_into(
+    input: &StepInput,
+    model: &ResolvedModel,
+    history: &mut Vec<Message>,
+    result: &mut StepResult,
+) -> Result<Option<ChatError>, StoreError> {
+    match compaction::compact(input, model, history).await? {
+        Ok(c) => {
+            history.retain(|m| !c.dropped.contains(&m.id));
+            history.extend(c.committed.iter().cloned());
+            result.committed.retain(|m| !c.dropped.contains(&m.id));
+            result.dropped.extend(c.dropped);
+            result.committed.extend(c.committed);
+            Ok(None)
+        }
+        Err(e) => Ok(Some(e)),
+    }
+}
+
+async fn step(input: &StepInput, result: &mut StepResult) -> Result<StepOutcome, StoreError> {
     let model = match input.deps.store.resolve_model(input.model_id.as_deref()).await {
         Ok(m) => m,
         Err(StoreError::NotFound(what)) => {
@@ -97,18 +125,46 @@ async fn step(input: &StepInput, committed: &mut Vec<Message>) -> Result<StepOut
         }
         Err(e) => return Err(e),
     };
-    let request = ModelRequest {
-        target: model.target.clone(),
-        system: prompt::system_prompt(&input.deps.settings.agent.system_prompt),
-        messages: prompt::prompt_messages(&input.history),
-        tools: tools::specs(),
-    };
-
+    let mut history = input.history.clone();
+    if input.compact_only {
+        return Ok(match compact_into(input, &model, &mut history, result).await? {
+            None => StepOutcome::Done,
+            Some(e) => StepOutcome::Failed(e),
+        });
+    }
+    let mut tries = 0;
     let mut draft = Draft::default();
-    let streamed = match stream_with_retries(input, &request, &mut draft).await? {
-        Ok(s) => s,
-        Err(e) => return Ok(StepOutcome::Failed(ChatError { kind: e.kind, message: e.message })),
+    let streamed = loop {
+        while compaction::over_threshold(input, &model, &history) {
+            if tries == compaction::MAX_TRIES {
+                return Ok(StepOutcome::Failed(compaction::overflow(format!(
+                    "the conversation does not fit the model's context window even after {tries} summaries"
+                ))));
+            }
+            tries += 1;
+            if let Some(e) = compact_into(input, &model, &mut history, result).await? {
+                return Ok(StepOutcome::Failed(e));
+            }
+        }
+        let request = ModelRequest {
+            target: model.target.clone(),
+            system: prompt::system_prompt(&input.deps.settings.agent.system_prompt),
+            messages: prompt::prompt_messages(&history),
+            tools: tools::specs(),
+        };
+        match stream_with_retries(input, &request, &mut draft).await? {
+            Ok(s) => break s,
+            // The provider counts better than we estimate: summarise and try again.
+            Err(e) if e.kind == ChatErrorKind::ContextOverflow && tries < compaction::MAX_TRIES => {
+                tries += 1;
+                if let Some(e) = compact_into(input, &model, &mut history, result).await? {
+                    return Ok(StepOutcome::Failed(e));
+                }
+            }
+            Err(e) => return Ok(StepOutcome::Failed(ChatError { kind: e.kind, message: e.message })),
+        }
     };
+    let committed = &mut result.committed;
 
     if let Streamed::Interrupted = streamed {
         // Keep what the user saw; tool calls still being written are dropped, never run.
@@ -166,6 +222,7 @@ async fn step(input: &StepInput, committed: &mut Vec<Message>) -> Result<StepOut
     }
     ops.push(Op::RecordUsage { message_id: assistant.id.clone(), model_id: model.id.clone(), usage: draft.usage });
     input.shared.commit(ops, events).await?;
+    input.shared.record_usage(draft.usage.input_tokens + draft.usage.output_tokens, assistant.position);
     let assistant_id = assistant.id.clone();
     committed.push(assistant);
 
@@ -186,10 +243,10 @@ async fn step(input: &StepInput, committed: &mut Vec<Message>) -> Result<StepOut
         cancel: input.cancel.clone(),
         agent: input.agent.clone(),
     };
-    let runs = calls
-        .iter()
-        .zip(&wire_ids)
-        .map(|((call_id, name, args), wire_id)| run_and_record(&ctx, &assistant_id, wire_id, call_id, name, args));
+    let result_cap = (model.context_window.max(1) as f64 * 4.0 * TOOL_RESULT_SHARE) as usize;
+    let runs = calls.iter().zip(&wire_ids).map(|((call_id, name, args), wire_id)| {
+        run_and_record(&ctx, &assistant_id, wire_id, call_id, name, args, result_cap)
+    });
     let outcomes = futures::future::join_all(runs).await;
     let mut result_parts = Vec::with_capacity(calls.len());
     let mut interrupted = false;
@@ -219,8 +276,9 @@ async fn run_and_record(
     call_id: &str,
     name: &str,
     args: &Value,
+    result_cap: usize,
 ) -> Result<ToolOutcome, StoreError> {
-    let outcome = if args.is_object() {
+    let mut outcome = if args.is_object() {
         tools::run(ctx, wire_id, call_id, name, args).await
     } else {
         ToolOutcome {
@@ -232,6 +290,7 @@ async fn run_and_record(
             workspace_id: None,
         }
     };
+    outcome.output = cut_middle(&outcome.output, result_cap);
     let status = if outcome.interrupted { ToolCallStatus::Interrupted } else { ToolCallStatus::Done };
     ctx.shared
         .commit(
@@ -400,6 +459,28 @@ fn push_text_parts(parts: &mut Vec<Part>, draft: &Draft) {
     }
 }
 
+/// `text` if it is at most `max` bytes, else its head and tail with a note of what was cut.
+fn cut_middle(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let half = max / 2;
+    let mut head = half;
+    while !text.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = text.len() - half;
+    while !text.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!(
+        "{}\n[… {} bytes cut: the result was larger than a quarter of the model's context window …]\n{}",
+        &text[..head],
+        tail - head,
+        &text[tail..]
+    )
+}
+
 /// Arguments as the model wrote them; an empty string means no arguments.
 fn parse_args(raw: &str) -> Value {
     if raw.trim().is_empty() {
@@ -431,6 +512,14 @@ fn new_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_results_keep_head_and_tail_on_char_boundaries() {
+        assert_eq!(cut_middle("short", 10), "short");
+        let text = "é".repeat(100);
+        let cut = cut_middle(&text, 51);
+        assert!(cut.starts_with("éé") && cut.ends_with("éé") && cut.contains("bytes cut"), "{cut}");
+    }
 
     #[test]
     fn arguments_parse_leniently() {

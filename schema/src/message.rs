@@ -46,6 +46,11 @@ pub enum Role {
     Assistant,
     /// Results of the tool calls of the assistant message before it.
     Tool,
+    /// A summary of the conversation before it, written for the model by compaction; the
+    /// prompt starts from the latest one. Not meant for display.
+    Summary,
+    /// A visible note in the conversation (e.g. "conversation summarised"); never sent to the model.
+    Marker,
 }
 
 impl Role {
@@ -54,6 +59,8 @@ impl Role {
             Role::User => "user",
             Role::Assistant => "assistant",
             Role::Tool => "tool",
+            Role::Summary => "summary",
+            Role::Marker => "marker",
         }
     }
 
@@ -62,6 +69,8 @@ impl Role {
             "user" => Some(Role::User),
             "assistant" => Some(Role::Assistant),
             "tool" => Some(Role::Tool),
+            "summary" => Some(Role::Summary),
+            "marker" => Some(Role::Marker),
             _ => None,
         }
     }

@@ -100,3 +100,11 @@ pub struct ChildHandle {
 pub struct CloseChild {
     pub id: String,
 }
+
+/// From the API: summarise the conversation now (`POST /chats/{id}/compact`). Answers once the
+/// compaction has started; refused while a turn runs.
+#[derive(Message)]
+#[rtype(result = "Result<(), ChatOpError>")]
+pub struct Compact {
+    pub user_id: String,
+}

@@ -25,7 +25,7 @@ use crate::error::ChatOpError;
 use crate::ports::{ChatState, Op, StoreError, ToolCallStatus};
 use crate::shared::ChatShared;
 use crate::step::{self, StepInput, StepOutcome, StepResult};
-use messages::{Close, EditMessage, EditQueued, Interrupt, UserInput};
+use messages::{Close, Compact, EditMessage, EditQueued, Interrupt, UserInput};
 
 pub struct ChatActor {
     chat_id: String,
@@ -54,12 +54,21 @@ struct Turn {
     cancel: CancellationToken,
     /// An interrupt came with a message: deliver the queue once the step has stopped.
     deliver_on_interrupt: bool,
+    /// This turn only summarises the conversation.
+    compact_only: bool,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Turn {
     fn new(user_id: String) -> Self {
-        Turn { user_id, steps: 0, cancel: CancellationToken::new(), deliver_on_interrupt: false, task: None }
+        Turn {
+            user_id,
+            steps: 0,
+            cancel: CancellationToken::new(),
+            deliver_on_interrupt: false,
+            compact_only: false,
+            task: None,
+        }
     }
 }
 
@@ -215,6 +224,7 @@ impl ChatActor {
             user_id: turn.user_id.clone(),
             cancel: turn.cancel.clone(),
             agent: ctx.address(),
+            compact_only: turn.compact_only,
         };
         let addr = ctx.address();
         // Its own task, not an actor future: `ctx.wait` in handlers must never pause a step that
@@ -236,6 +246,7 @@ impl ChatActor {
                             message: format!("the step crashed: {what}"),
                         }),
                         committed: vec![],
+                        dropped: vec![],
                     }
                 }
             };
@@ -599,6 +610,43 @@ impl Handler<EditMessage> for ChatActor {
     }
 }
 
+impl Handler<Compact> for ChatActor {
+    type Result = Reply<()>;
+
+    fn handle(&mut self, msg: Compact, _: &mut Context<Self>) -> Self::Result {
+        let Some(live) = self.live.as_mut() else {
+            return reply(Err(ChatOpError::unavailable("the chat is not loaded")));
+        };
+        if live.turn.is_some() {
+            return reply(Err(ChatOpError::conflict("the agent is working; compact when it is idle")));
+        }
+        let mut turn = Turn::new(msg.user_id);
+        turn.compact_only = true;
+        live.turn = Some(turn);
+        let shared = live.shared.clone();
+        let fut = async move {
+            shared
+                .commit(
+                    vec![Op::SetStatus { status: ChatStatus::Running, error: None }],
+                    vec![EventBody::Status { status: ChatStatus::Running, error: None }],
+                )
+                .await
+        };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res, act, ctx| match res {
+            Ok(()) => {
+                act.start_step(ctx);
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(live) = act.live.as_mut() {
+                    live.turn = None;
+                }
+                Err(ChatOpError::store(e))
+            }
+        })))
+    }
+}
+
 impl Handler<Close> for ChatActor {
     type Result = AtomicResponse<Self, ()>;
 
@@ -634,6 +682,7 @@ impl Handler<StepDone> for ChatActor {
 
     fn handle(&mut self, StepDone(result): StepDone, ctx: &mut Context<Self>) {
         let Some(live) = self.live.as_mut() else { return };
+        live.history.retain(|m| !result.dropped.contains(&m.id));
         live.history.extend(result.committed);
         let Some(turn) = live.turn.as_mut() else { return };
         turn.task = None;

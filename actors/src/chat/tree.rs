@@ -122,37 +122,43 @@ impl Handler<SpawnChild> for ChatActor {
             workspace_id: live.shared.workspace_id(),
         };
         let fut = async move { store.create_child(new).await };
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, ctx| {
-            let child = res.map_err(ChatOpError::store)?;
-            let addr = act.directory.start_child(&child.id, ctx.address().recipient());
-            let live = act.live.as_mut().ok_or_else(|| ChatOpError::unavailable("the chat is not loaded"))?;
-            live.children.push(Child::new(
-                child.id.clone(),
-                msg.title.clone(),
-                Some(addr.clone()),
-                SubagentStatus::Running,
-            ));
-            act.announce_child(
-                EventBody::Subagent {
-                    agent_id: child.id.clone(),
-                    phase: SubagentPhase::Spawned,
-                    title: msg.title,
-                    status: Some(SubagentStatus::Running),
-                    report: None,
-                },
-                ctx,
-            );
+        AtomicResponse::new(Box::pin(fut.into_actor(self).then(move |res, act, ctx| {
+            let started = res.map_err(ChatOpError::store).and_then(|child| {
+                let addr = act.directory.start_child(&child.id, ctx.address().recipient());
+                let live = act.live.as_mut().ok_or_else(|| ChatOpError::unavailable("the chat is not loaded"))?;
+                live.children.push(Child::new(
+                    child.id.clone(),
+                    msg.title.clone(),
+                    Some(addr.clone()),
+                    SubagentStatus::Running,
+                ));
+                Ok((child.id, addr))
+            });
+            if let Ok((id, _)) = &started {
+                act.announce_child(
+                    EventBody::Subagent {
+                        agent_id: id.clone(),
+                        phase: SubagentPhase::Spawned,
+                        title: msg.title.clone(),
+                        status: Some(SubagentStatus::Running),
+                        report: None,
+                    },
+                    ctx,
+                );
+            }
             let input =
                 UserInput { user_id: msg.user_id, content: vec![Part::text(msg.prompt)], busy: Default::default() };
-            let child_id = child.id.clone();
-            actix::spawn(async move {
+            // Answer only once the sub-agent has its prompt: a message_agent right after the
+            // spawn then finds it working, never idle.
+            async move {
+                let (id, addr) = started?;
                 match addr.send(input).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::error!(child = %child_id, error = %e, "the sub-agent refused its prompt"),
-                    Err(e) => tracing::error!(child = %child_id, error = %e, "the sub-agent could not be reached"),
+                    Ok(Ok(_)) => Ok(id),
+                    Ok(Err(e)) => Err(ChatOpError::store(format!("the sub-agent refused its prompt: {e}"))),
+                    Err(e) => Err(ChatOpError::unavailable(format!("the sub-agent could not be reached: {e}"))),
                 }
-            });
-            Ok(child.id)
+            }
+            .into_actor(act)
         })))
     }
 }

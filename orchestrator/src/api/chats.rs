@@ -25,7 +25,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/chats/{id}/messages/{mid}").patch(edit_message))
         .service(web::resource("/chats/{id}/queue/{qid}").patch(edit_queued).delete(delete_queued))
         .service(web::resource("/chats/{id}/interrupt").post(interrupt))
-        .service(web::resource("/chats/{id}/fork").post(fork));
+        .service(web::resource("/chats/{id}/fork").post(fork))
+        .service(web::resource("/chats/{id}/compact").post(compact));
 }
 
 /// The chat if the caller may see it; another user's chat is indistinguishable from none.
@@ -209,6 +210,17 @@ async fn edit_message(
     validate_content(&body.content)?;
     let message = state.directory.chat(&chat.id).edit_message(user.id(), &mid, body.into_inner().content).await?;
     Ok(HttpResponse::Ok().json(message))
+}
+
+/// Summarises the conversation now (the chat runs until the summary is stored).
+async fn compact(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let chat = visible_chat(&state, &user, &path).await?;
+    state.directory.chat(&chat.id).compact(user.id()).await?;
+    Ok(HttpResponse::Accepted().json(serde_json::json!({"compacting": true})))
 }
 
 /// A new chat, owned by the caller, with the history up to and including the given message.

@@ -98,7 +98,10 @@ pub(crate) fn request_body(request: &ModelRequest) -> Value {
 
 fn push_message(out: &mut Vec<Value>, message: &PromptMessage) {
     match message.role {
-        Role::User => out.push(json!({"role": "user", "content": user_content(&message.parts)})),
+        // The loop turns summaries into user messages and drops markers before a prompt is built;
+        // should one arrive anyway, a summary reads as user context and a marker is not sent.
+        Role::User | Role::Summary => out.push(json!({"role": "user", "content": user_content(&message.parts)})),
+        Role::Marker => {}
         Role::Assistant => {
             let text: String = message
                 .parts

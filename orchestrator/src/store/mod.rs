@@ -108,6 +108,7 @@ impl Store for DbStore {
         Ok(ResolvedModel {
             id: model.id,
             context_window: model.context_window,
+            compaction_threshold: model.compaction_threshold.filter(|t| *t > 0.0 && *t <= 1.0).unwrap_or(0.7),
             target: agentplane_actors::ports::ModelTarget {
                 provider_type,
                 base_url: provider.base_url,

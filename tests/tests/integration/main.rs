@@ -5,6 +5,7 @@ mod agent_loop;
 mod bad_input;
 mod chat_lifecycle;
 mod common;
+mod compaction;
 mod edit;
 mod fork;
 mod interrupt;
