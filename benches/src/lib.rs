@@ -1,12 +1,16 @@
 //! agentplane's benchmarks. `loadgen` (src/bin/loadgen.rs) starts the scripted LLM and a real
-//! `agentplane serve` process and measures it over its public API; this library holds what the
-//! scenarios share: the server process, percentiles, RSS.
+//! `agentplane serve` process and measures it over its public API, or, for the tool transport,
+//! a nats-server, `agentplane-relay` processes and the orchestrator's `NatsTransport`; this
+//! library holds what the scenarios share: the server process, the relay fleet
+//! ([`fleet`]), percentiles, and per-process RSS and CPU time from `/proc`.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+
+pub mod fleet;
 
 pub const ADMIN_TOKEN: &str = "ap_loadgen_admin";
 
@@ -59,24 +63,56 @@ impl ServerProcess {
 
     /// Resident set size of the server process, in KiB.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .context("VmRSS missing")
+        rss_kib(self.pid())
     }
 
     /// User + system CPU time of the server so far.
     pub fn cpu_time(&self) -> anyhow::Result<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
-        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of /proc/pid/stat (1-based), 12 and 13 after ')'.
-        let ticks: u64 = fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-            + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        Ok(Duration::from_millis(ticks * 10))
+        cpu_time(self.pid())
     }
+}
+
+/// Resident set size of a process, in KiB.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS missing")
+}
+
+/// Proportional set size of a process, in KiB: its private memory plus its share of pages it
+/// shares (the relay binary's code), so that a sum over many processes counts those once.
+pub fn pss_kib(pid: u32) -> anyhow::Result<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("Pss missing")
+}
+
+/// User + system CPU time of a process so far (all its threads, not its children).
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of /proc/pid/stat (1-based), 12 and 13 after ')';
+    // in clock ticks, which are 10 ms on every Linux this runs on (USER_HZ = 100).
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Ok(Duration::from_millis(ticks * 10))
+}
+
+/// The machine's situation, for the report: cores and the 1/5/15-minute load average, since
+/// figures from a loaded 2-core box mean something else than from an idle 32-core one.
+pub fn machine() -> serde_json::Value {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<f64> = load.split_whitespace().take(3).filter_map(|v| v.parse().ok()).collect();
+    serde_json::json!({ "cores": cores, "load_average": load })
 }
 
 impl Drop for ServerProcess {

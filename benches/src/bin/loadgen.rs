@@ -5,14 +5,27 @@
 //! - `first-delta`: one chat, N sequential turns; time from `POST /messages` to the first
 //!   `message_delta` on the chat's WebSocket, and to the turn's `idle`.
 //! - `idle`: N chats each run one turn and stay loaded; server RSS before and after.
+//!
+//! Tool-transport scenarios (no `agentplane serve`: the bench process *is* the orchestrator side,
+//! calling the real `NatsTransport` against `agentplane-relay` processes over a nats-server with
+//! agentplane's per-workspace credentials; see `agentplane_benches::fleet`):
+//! - `tool-roundtrip`: no-op tool calls at a fixed open-loop rate; round-trip percentiles.
+//! - `tool-inflight`: many `execute` calls at once across many workspaces; every one must run
+//!   exactly once and be answered, also when repeated.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentplane_benches::{ADMIN_TOKEN, ServerProcess, summarize};
+use agentplane::transport::nats::NatsTransport;
+use agentplane_actors::ports::ToolTransport as _;
+use agentplane_benches::fleet::{Fleet, workspace_ids};
+use agentplane_benches::{ADMIN_TOKEN, ServerProcess, Summary, cpu_time, machine, summarize};
 use agentplane_schema::api::{ChatStatus, CreateChat, CreateModel, CreateProvider, ProviderType, SendMessage};
 use agentplane_schema::event::EventBody;
 use agentplane_schema::message::Part;
+use agentplane_schema::tool::{ToolRequest, ToolResult};
 use agentplane_tests::{ApiClient, EventStream, ScriptedLlm};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -26,6 +39,9 @@ struct Cli {
     /// The agentplane binary (default: next to loadgen).
     #[arg(long, global = true)]
     server_bin: Option<PathBuf>,
+    /// The agentplane-relay binary of the tool-* scenarios (default: next to loadgen).
+    #[arg(long, global = true)]
+    relay_bin: Option<PathBuf>,
     /// Also write the figures as JSON to this file.
     #[arg(long, global = true)]
     json: Option<PathBuf>,
@@ -49,6 +65,39 @@ enum Scenario {
         chats: usize,
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
+    },
+    /// No-op tool round trip orchestrator → relay → orchestrator over NATS at a fixed rate.
+    ToolRoundtrip {
+        /// Calls per second, spread evenly (open loop: not slowed down by slow answers).
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// Length of the measured run.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Run first at the same rate and not measured.
+        #[arg(long, default_value_t = 2.0)]
+        warmup_seconds: f64,
+        /// Relays (workspaces) the calls are spread over, round robin.
+        #[arg(long, default_value_t = 1)]
+        workspaces: usize,
+    },
+    /// Many `execute` calls in flight at once across many workspaces: lost or duplicated?
+    ToolInflight {
+        #[arg(long, default_value_t = 1000)]
+        calls: usize,
+        #[arg(long, default_value_t = 100)]
+        workspaces: usize,
+        /// Calls sent a second time with the same call id (the relays must not run them again).
+        #[arg(long, default_value_t = 100)]
+        resend: usize,
+        /// Each command sleeps this long before it appends its marker, to keep the calls in flight
+        /// for a while (the transport then also looks for results in the stream and watches hellos).
+        #[arg(long, default_value_t = 0)]
+        hold_seconds: u64,
+        /// Resend halfway through the hold, while the calls run, instead of after their results
+        /// (the relays must then answer both copies with the one result).
+        #[arg(long)]
+        resend_while_running: bool,
     },
 }
 
@@ -200,15 +249,432 @@ async fn idle(bin: Option<PathBuf>, chats: usize, concurrency: usize) -> anyhow:
               "bytes_per_idle_chat": per_chat}))
 }
 
+/// The "no-op" of `tool-roundtrip`: the cheapest real tool is `read_file` of a one-line file — no
+/// process, one small read, a result of a few bytes — so what is measured is the way there and
+/// back (NATS, acknowledgement, journal, results) rather than any work.
+const NOOP_FILE: &str = "noop.txt";
+const NOOP_TEXT: &str = "ok\n";
+/// What each `tool-inflight` call appends its call id to, in its workspace root.
+const MARKER_FILE: &str = "calls.log";
+/// `execute` timeout of a `tool-inflight` call beyond its hold: far above the milliseconds it
+/// needs, so that a loaded machine shows as slow rather than as failed calls.
+const INFLIGHT_EXECUTE_SLACK_SECONDS: u64 = 120;
+/// Errors listed in the table (all are counted).
+const ERRORS_SHOWN: usize = 5;
+
+/// A report, and why the scenario failed when it found the system misbehaving.
+type Verdict = (serde_json::Value, Option<String>);
+
+fn tool_request(call_id: String, name: &str, args: serde_json::Value) -> ToolRequest {
+    ToolRequest { call_id, chat_id: "loadgen".into(), user_id: "loadgen".into(), name: name.into(), args }
+}
+
+/// One call through the orchestrator's transport; `Err` when no result came (a transport error,
+/// or nothing within [`WAIT`]).
+async fn answer(transport: &NatsTransport, ws: &str, request: ToolRequest) -> Result<ToolResult, String> {
+    match tokio::time::timeout(WAIT, transport.call(ws, request, None)).await {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(e)) => Err(format!("{:?}: {}", e.kind, e.message)),
+        Err(_) => Err(format!("no result within {WAIT:?}")),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn print_percentiles(label: &str, s: &Summary) {
+    println!("{label:<34} {:>9.2} {:>9.2} {:>9.2} {:>9.2}", s.p50, s.p90, s.p99, s.max);
+}
+
+fn print_log_problems(problems: &[String]) {
+    println!("relay logs: {} warnings or errors", problems.len());
+    for p in problems.iter().take(ERRORS_SHOWN) {
+        println!("  {p}");
+    }
+}
+
+fn print_machine(machine: &serde_json::Value) {
+    println!("machine: {} cores, load average {} at start", machine["cores"], machine["load_average"]);
+}
+
+/// One no-op call of the open loop; `error` is `None` when it answered as expected.
+struct Sample {
+    scheduled: Instant,
+    sent: Instant,
+    done: Instant,
+    error: Option<String>,
+}
+
+/// Sends `rate` calls per second for `seconds`, each at its own scheduled time whatever the
+/// earlier ones are doing (open loop), round robin over the relays.
+async fn open_loop(fleet: &Fleet, rate: f64, seconds: f64, tag: &str) -> anyhow::Result<Vec<Sample>> {
+    let ids: Vec<String> = fleet.relays().iter().map(|r| r.workspace_id.clone()).collect();
+    let total = (rate * seconds).round() as usize;
+    let start = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    let mut next_progress = Duration::from_secs(5);
+    for i in 0..total {
+        let scheduled = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(scheduled.into()).await;
+        let (transport, ws) = (fleet.transport.clone(), ids[i % ids.len()].clone());
+        let request = tool_request(format!("{tag}-{i}"), "read_file", json!({ "path": NOOP_FILE }));
+        calls.spawn(async move {
+            let call_id = request.call_id.clone();
+            let sent = Instant::now();
+            let error = match answer(&transport, &ws, request).await {
+                Ok(r) if r.call_id != call_id => Some(format!("{call_id} was answered with {}'s result", r.call_id)),
+                Ok(r) if r.is_error || !r.output.contains(NOOP_TEXT.trim()) => {
+                    Some(format!("tool error: {}", r.output))
+                }
+                Ok(_) => None,
+                Err(e) => Some(e),
+            };
+            Sample { scheduled, sent, done: Instant::now(), error }
+        });
+        if scheduled - start >= next_progress {
+            eprintln!("tool-roundtrip: {tag} {:.0}/{seconds} s, {} calls sent", next_progress.as_secs_f64(), i + 1);
+            next_progress += Duration::from_secs(5);
+        }
+    }
+    let mut samples = Vec::with_capacity(total);
+    while let Some(sample) = calls.join_next().await {
+        samples.push(sample?);
+    }
+    Ok(samples)
+}
+
+async fn tool_roundtrip(
+    relay_bin: Option<PathBuf>,
+    rate: f64,
+    seconds: f64,
+    warmup: f64,
+    workspaces: usize,
+) -> anyhow::Result<Verdict> {
+    if !(rate > 0.0 && seconds > 0.0 && warmup >= 0.0 && workspaces > 0) {
+        bail!("--rate, --seconds and --workspaces must be positive");
+    }
+    let machine = machine();
+    let fleet = Fleet::start(relay_bin, &workspace_ids(workspaces), "tool-roundtrip").await?;
+    for relay in fleet.relays() {
+        std::fs::write(relay.root.join(NOOP_FILE), NOOP_TEXT)?;
+    }
+    if warmup > 0.0 {
+        let samples = open_loop(&fleet, rate, warmup, "warmup").await?;
+        let failed = samples.iter().filter(|s| s.error.is_some()).count();
+        eprintln!("tool-roundtrip: warm-up done, {} calls, {failed} failed", samples.len());
+    }
+
+    let (own_before, relays_before) = (cpu_time(std::process::id())?, fleet.relay_cpu_time()?);
+    let started = Instant::now();
+    let samples = open_loop(&fleet, rate, seconds, "call").await?;
+    let own_cpu = cpu_time(std::process::id())?.saturating_sub(own_before);
+    let relay_cpu = fleet.relay_cpu_time()?.saturating_sub(relays_before);
+    let window = samples.iter().map(|s| s.done).max().unwrap_or(started) - started;
+
+    let errors: Vec<&str> = samples.iter().filter_map(|s| s.error.as_deref()).collect();
+    let answered: Vec<&Sample> = samples.iter().filter(|s| s.error.is_none()).collect();
+    let latency = summarize(answered.iter().map(|s| ms(s.done - s.scheduled)).collect());
+    let service = summarize(answered.iter().map(|s| ms(s.done - s.sent)).collect());
+    // The generator's own share of the latency: tokio's timer wakes up to a millisecond late.
+    let lateness = summarize(samples.iter().map(|s| ms(s.sent - s.scheduled)).collect());
+    let achieved = answered.len() as f64 / window.as_secs_f64();
+    let per_call = |cpu: Duration| ms(cpu) / samples.len().max(1) as f64;
+    let core_share = |cpu: Duration| 100.0 * cpu.as_secs_f64() / window.as_secs_f64();
+
+    println!(
+        "scenario tool-roundtrip: read_file of a {}-byte file (the no-op) at {rate}/s for {seconds} s \
+         (+{warmup} s warm-up), open loop, over {workspaces} relay(s), NATS with per-workspace credentials",
+        NOOP_TEXT.len()
+    );
+    print_machine(&machine);
+    println!("{:<34} {:>9} {:>9} {:>9} {:>9}", "", "p50 ms", "p90 ms", "p99 ms", "max ms");
+    print_percentiles("latency (from scheduled send)", &latency);
+    print_percentiles("service time (from actual send)", &service);
+    print_percentiles("send lateness (scheduled → sent)", &lateness);
+    println!(
+        "calls: {} sent, {} answered, {} errors; achieved {achieved:.1} answered/s",
+        samples.len(),
+        answered.len(),
+        errors.len()
+    );
+    println!(
+        "CPU: orchestrator side (this process) {:.1}% of a core, {:.3} ms/call; relays {:.1}%, {:.3} ms/call",
+        core_share(own_cpu),
+        per_call(own_cpu),
+        core_share(relay_cpu),
+        per_call(relay_cpu)
+    );
+    for e in errors.iter().take(ERRORS_SHOWN) {
+        println!("error: {e}");
+    }
+    let log_problems = fleet.relay_log_problems();
+    print_log_problems(&log_problems);
+    let report = json!({"scenario": "tool-roundtrip", "machine": machine, "tool": "read_file", "rate": rate,
+        "seconds": seconds, "warmup_seconds": warmup, "workspaces": workspaces, "sent": samples.len(),
+        "answered": answered.len(), "errors": errors.len(), "achieved_per_second": achieved,
+        "latency_ms": latency, "service_time_ms": service, "send_lateness_ms": lateness,
+        "orchestrator_cpu_ms_per_call": per_call(own_cpu), "orchestrator_cpu_percent": core_share(own_cpu),
+        "relay_cpu_ms_per_call": per_call(relay_cpu), "relay_log_problems": log_problems.len(), "relay_cpu_percent": core_share(relay_cpu),
+        "first_errors": errors.iter().take(ERRORS_SHOWN).collect::<Vec<_>>()});
+    let failure = (!errors.is_empty()).then(|| format!("{} of {} calls failed", errors.len(), samples.len()));
+    Ok((report, failure))
+}
+
+/// One call of `tool-inflight`, its times counted from the launch.
+struct Outcome {
+    sent: Duration,
+    done: Duration,
+    answer: Result<ToolResult, String>,
+}
+
+/// Starts every call at once and waits for all of them; outcomes in request order.
+async fn launch(transport: &Arc<NatsTransport>, requests: &[(String, ToolRequest)]) -> anyhow::Result<Vec<Outcome>> {
+    let t0 = Instant::now();
+    let handles: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|(ws, request)| {
+            let transport = transport.clone();
+            tokio::spawn(async move {
+                let sent = t0.elapsed();
+                let answer = answer(&transport, &ws, request).await;
+                Outcome { sent, done: t0.elapsed(), answer }
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::with_capacity(handles.len());
+    for handle in handles {
+        outcomes.push(handle.await?);
+    }
+    Ok(outcomes)
+}
+
+/// The most calls that were sent and not yet answered at one moment.
+fn peak_in_flight(outcomes: &[Outcome]) -> usize {
+    // An answer at the same instant as a send counts first: the peak is not overstated.
+    let mut events: Vec<(Duration, i64)> = outcomes.iter().flat_map(|o| [(o.sent, 1), (o.done, -1)]).collect();
+    events.sort();
+    let (mut now, mut peak) = (0i64, 0i64);
+    for (_, delta) in events {
+        now += delta;
+        peak = peak.max(now);
+    }
+    usize::try_from(peak).unwrap_or(0)
+}
+
+/// How often each line occurs in the relays' marker files.
+fn count_markers(fleet: &Fleet) -> anyhow::Result<HashMap<String, usize>> {
+    let mut counts = HashMap::new();
+    for relay in fleet.relays() {
+        let text = match std::fs::read_to_string(relay.root.join(MARKER_FILE)) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e.into()),
+        };
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            *counts.entry(line.trim().to_string()).or_insert(0) += 1;
+        }
+    }
+    Ok(counts)
+}
+
+async fn tool_inflight(
+    relay_bin: Option<PathBuf>,
+    calls: usize,
+    workspaces: usize,
+    resend: usize,
+    hold_seconds: u64,
+    resend_while_running: bool,
+) -> anyhow::Result<Verdict> {
+    if calls == 0 || workspaces == 0 || resend > calls {
+        bail!("--calls and --workspaces must be positive, --resend at most --calls");
+    }
+    if resend_while_running && hold_seconds == 0 {
+        bail!("--resend-while-running needs --hold-seconds: the calls must still be running");
+    }
+    let machine = machine();
+    let ids = workspace_ids(workspaces);
+    let fleet = Fleet::start(relay_bin, &ids, "tool-inflight").await?;
+    let command_of = |call_id: &str| match hold_seconds {
+        0 => format!("echo {call_id} >> {MARKER_FILE}"),
+        hold => format!("sleep {hold}; echo {call_id} >> {MARKER_FILE}"),
+    };
+    let requests: Vec<(String, ToolRequest)> = (0..calls)
+        .map(|i| {
+            // Call ids are subject tokens, so they are safe in the shell command as they are.
+            let call_id = format!("inflight-{i:05}");
+            let timeout = hold_seconds + INFLIGHT_EXECUTE_SLACK_SECONDS;
+            let args = json!({ "command": command_of(&call_id), "timeout_seconds": timeout });
+            (ids[i % workspaces].clone(), tool_request(call_id, "execute", args))
+        })
+        .collect();
+    // The same requests again, same call ids: the journals must answer them without running them.
+    let chosen: Vec<usize> = (0..resend).map(|k| k * calls / resend).collect();
+    let repeats: Vec<(String, ToolRequest)> = chosen.iter().map(|&i| requests[i].clone()).collect();
+
+    let rss_idle = fleet.relay_rss_kib()?;
+    let (own_before, relays_before) = (cpu_time(std::process::id())?, fleet.relay_cpu_time()?);
+    eprintln!("tool-inflight: launching {calls} calls");
+    let (outcomes, again, markers_before_resend) = if resend_while_running {
+        let halfway = Duration::from_secs(hold_seconds) / 2;
+        let (outcomes, again) = tokio::join!(launch(&fleet.transport, &requests), async {
+            tokio::time::sleep(halfway).await;
+            eprintln!("tool-inflight: resending {resend} running calls with the same call ids");
+            launch(&fleet.transport, &repeats).await
+        });
+        (outcomes?, again?, None)
+    } else {
+        let outcomes = launch(&fleet.transport, &requests).await?;
+        let markers = count_markers(&fleet)?;
+        eprintln!("tool-inflight: resending {resend} finished calls with the same call ids");
+        (outcomes, launch(&fleet.transport, &repeats).await?, Some(markers))
+    };
+    let own_cpu = cpu_time(std::process::id())?.saturating_sub(own_before);
+    let relay_cpu = fleet.relay_cpu_time()?.saturating_sub(relays_before);
+    let (rss_after, pss_after) = (fleet.relay_rss_kib()?, fleet.relay_pss_kib()?);
+    let wall = outcomes.iter().map(|o| o.done).max().unwrap_or_default();
+    let completion = summarize(outcomes.iter().filter(|o| o.answer.is_ok()).map(|o| ms(o.done)).collect());
+
+    let markers = count_markers(&fleet)?;
+    let (mut unanswered, mut lost, mut misdelivered, mut tool_errors) = (Vec::new(), 0, 0, Vec::new());
+    // The worst kind of unanswered: the orchestrator reports a failure, the tool had its effect.
+    let mut ran_unanswered = 0;
+    // Unanswered calls bunched on a few relays point at those relays rather than the orchestrator.
+    let mut unanswered_by_workspace: BTreeMap<&str, usize> = BTreeMap::new();
+    for ((ws, request), outcome) in requests.iter().zip(&outcomes) {
+        match &outcome.answer {
+            Err(e) => {
+                unanswered.push(format!("{}: {e}", request.call_id));
+                *unanswered_by_workspace.entry(ws.as_str()).or_default() += 1;
+            }
+            Ok(r) if r.call_id != request.call_id => misdelivered += 1,
+            Ok(r) if r.is_error || r.exit_code != Some(0) => tool_errors.push(format!("{}: {}", r.call_id, r.output)),
+            Ok(_) => {}
+        }
+        // Lost: no result, or a result but nothing happened.
+        let ran = markers.contains_key(&request.call_id);
+        if outcome.answer.is_err() || !ran {
+            lost += 1;
+        }
+        if outcome.answer.is_err() && ran {
+            ran_unanswered += 1;
+        }
+    }
+    let missing = requests.iter().filter(|(_, r)| !markers.contains_key(&r.call_id)).count();
+    // Every line beyond the first of a call id, and any line that is no call id at all.
+    let extra_lines: usize =
+        markers.values().map(|n| n - 1).sum::<usize>() + markers.len().saturating_sub(calls - missing);
+    let reran: Option<usize> = markers_before_resend
+        .map(|before| markers.iter().map(|(id, n)| n.saturating_sub(before.get(id).copied().unwrap_or(0))).sum());
+    let (mut resend_lost, mut resend_differs, mut recovered) = (0, 0, 0);
+    for (&i, outcome) in chosen.iter().zip(&again) {
+        match (&outcome.answer, &outcomes[i].answer) {
+            (Err(_), _) => resend_lost += 1,
+            (Ok(second), Ok(first)) if second == first => {}
+            (Ok(_), Ok(_)) => resend_differs += 1,
+            // The first copy went unanswered: the repeat fetched the result the relay recorded.
+            (Ok(_), Err(_)) => recovered += 1,
+        }
+    }
+    let lost = lost + resend_lost;
+    let duplicated = extra_lines + misdelivered;
+    let log_problems = fleet.relay_log_problems();
+
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(
+        "scenario tool-inflight: {calls} execute calls (`{}`) launched at once over {workspaces} relays, NATS \
+         with per-workspace credentials",
+        command_of("<call-id>")
+    );
+    print_machine(&machine);
+    println!(
+        "relays ready in {:.1} s; peak in flight {}; wall time launch → last result {:.2} s",
+        fleet.ready_in.as_secs_f64(),
+        peak_in_flight(&outcomes),
+        wall.as_secs_f64()
+    );
+    println!("{:<34} {:>9} {:>9} {:>9} {:>9}", "", "p50 ms", "p90 ms", "p99 ms", "max ms");
+    print_percentiles("completion time (from launch)", &completion);
+    println!(
+        "results: {} answered, {} unanswered ({ran_unanswered} of which ran all the same), {misdelivered} \
+         answered with another call's result, {} tool errors",
+        calls - unanswered.len(),
+        unanswered.len(),
+        tool_errors.len()
+    );
+    println!(
+        "resent {resend} {} calls with the same ids: {resend_lost} unanswered, {resend_differs} answered \
+         differently from the first time, {recovered} answered that were unanswered the first time",
+        if resend_while_running { "running" } else { "finished" }
+    );
+    println!(
+        "marker lines at the end: {} call ids present, {missing} missing, {extra_lines} extra lines{}",
+        markers.len(),
+        reran.map(|n| format!(" ({n} written after the resend)")).unwrap_or_default()
+    );
+    println!(
+        "relays' memory: RSS {:.1} MiB total idle, {:.1} MiB after ({:.1} MiB per relay), PSS after {:.1} MiB \
+         (shared pages once)",
+        mib(rss_idle),
+        mib(rss_after),
+        mib(rss_after) / workspaces as f64,
+        mib(pss_after)
+    );
+    println!(
+        "CPU: this process {:.2} s, relays {:.2} s (not counting the commands they ran)",
+        own_cpu.as_secs_f64(),
+        relay_cpu.as_secs_f64()
+    );
+    for e in unanswered.iter().chain(&tool_errors).take(ERRORS_SHOWN) {
+        println!("error: {e}");
+    }
+    if !unanswered_by_workspace.is_empty() {
+        println!("unanswered by workspace: {unanswered_by_workspace:?}");
+    }
+    print_log_problems(&log_problems);
+    println!("LOST {lost}, DUPLICATED {duplicated}");
+    let report = json!({"scenario": "tool-inflight", "machine": machine, "calls": calls, "workspaces": workspaces,
+        "hold_seconds": hold_seconds, "relays_ready_s": fleet.ready_in.as_secs_f64(),
+        "peak_in_flight": peak_in_flight(&outcomes), "wall_s": wall.as_secs_f64(), "completion_ms": completion,
+        "lost": lost, "duplicated": duplicated, "unanswered": unanswered.len(), "unanswered_but_ran": ran_unanswered,
+        "unanswered_by_workspace": unanswered_by_workspace, "missing_markers": missing,
+        "extra_marker_lines": extra_lines, "misdelivered_results": misdelivered, "tool_errors": tool_errors.len(),
+        "resent": resend, "resent_while_running": resend_while_running, "resend_unanswered": resend_lost,
+        "resend_differs": resend_differs, "resend_recovered": recovered, "lines_after_resend": reran,
+        "relay_rss_idle_kib": rss_idle, "relay_rss_after_kib": rss_after, "relay_pss_after_kib": pss_after,
+        "orchestrator_cpu_s": own_cpu.as_secs_f64(), "relay_cpu_s": relay_cpu.as_secs_f64(),
+        "relay_log_problems": log_problems.len(),
+        "first_errors": unanswered.iter().chain(&tool_errors).take(ERRORS_SHOWN).collect::<Vec<_>>()});
+    let failure = (lost + duplicated + tool_errors.len() + resend_differs > 0).then(|| {
+        format!(
+            "{lost} lost, {duplicated} duplicated, {} tool errors, {resend_differs} repeated calls answered \
+             differently",
+            tool_errors.len()
+        )
+    });
+    Ok((report, failure))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let report = match cli.scenario {
-        Scenario::FirstDelta { turns, warmup } => first_delta(cli.server_bin, turns, warmup).await?,
-        Scenario::Idle { chats, concurrency } => idle(cli.server_bin, chats, concurrency).await?,
+    // A scenario that measured but found the system misbehaving still reports, then fails.
+    let (report, failure) = match cli.scenario {
+        Scenario::FirstDelta { turns, warmup } => (first_delta(cli.server_bin, turns, warmup).await?, None),
+        Scenario::Idle { chats, concurrency } => (idle(cli.server_bin, chats, concurrency).await?, None),
+        Scenario::ToolRoundtrip { rate, seconds, warmup_seconds, workspaces } => {
+            tool_roundtrip(cli.relay_bin, rate, seconds, warmup_seconds, workspaces).await?
+        }
+        Scenario::ToolInflight { calls, workspaces, resend, hold_seconds, resend_while_running } => {
+            tool_inflight(cli.relay_bin, calls, workspaces, resend, hold_seconds, resend_while_running).await?
+        }
     };
     if let Some(path) = cli.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    }
+    if let Some(failure) = failure {
+        bail!(failure);
     }
     Ok(())
 }
