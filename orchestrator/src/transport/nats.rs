@@ -28,6 +28,8 @@ const HELLOS_MISSED: u32 = 3;
 /// does after each reconnect), "no responders" is retried, for at most this long.
 const RECONNECT_GRACE: Duration = Duration::from_secs(10);
 const NO_RESPONDERS_RETRY: Duration = Duration::from_millis(100);
+/// Re-sends of a request a live relay has not acknowledged before the call is given up on.
+const MAX_UNACKNOWLEDGED: u32 = 5;
 /// How long results stay findable.
 const RESULTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
@@ -178,7 +180,8 @@ impl NatsTransport {
         payload: bytes::Bytes,
     ) -> Result<(), TransportError> {
         let subject = self.subjects.request(workspace_id);
-        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let mut deadline = tokio::time::Instant::now() + self.request_timeout;
+        let mut unacknowledged = 0;
         loop {
             let sent = tokio::time::timeout_at(
                 deadline,
@@ -195,11 +198,27 @@ impl NatsTransport {
                     }
                     tokio::time::sleep(NO_RESPONDERS_RETRY).await;
                 }
-                Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
-                    return Err(offline("the workspace's relay did not accept the call in time"));
+                Ok(Err(e)) if e.kind() != async_nats::RequestErrorKind::TimedOut => {
+                    return Err(other(format!("sending the request: {e}")));
                 }
-                Ok(Err(e)) => return Err(other(format!("sending the request: {e}"))),
-                Err(_) => {
+                // No acknowledgement in time. A busy relay that is alive may have taken the call
+                // anyway: ask again with the same call id (its journal answers a repeat without
+                // running it twice) rather than report a call that may be running as offline.
+                _ if self.relay_recently_seen(workspace_id) && unacknowledged < MAX_UNACKNOWLEDGED => {
+                    unacknowledged += 1;
+                    deadline = tokio::time::Instant::now() + self.request_timeout;
+                }
+                _ if unacknowledged > 0 => {
+                    return Err(TransportError {
+                        kind: TransportErrorKind::Timeout,
+                        message: format!(
+                            "the workspace's relay is alive but did not acknowledge the call after {} tries; \
+                             its outcome is unknown",
+                            unacknowledged + 1
+                        ),
+                    });
+                }
+                _ => {
                     return Err(offline(format!(
                         "the workspace's relay did not accept the call within {} ms",
                         self.request_timeout.as_millis()
@@ -207,6 +226,12 @@ impl NatsTransport {
                 }
             }
         }
+    }
+
+    /// Whether the relay's hellos are current (it is alive, whatever it is busy with).
+    fn relay_recently_seen(&self, workspace_id: &str) -> bool {
+        let grace = Duration::from_secs(HELLO_INTERVAL_SECONDS * u64::from(HELLOS_MISSED));
+        self.presence.last_hello(workspace_id).is_some_and(|t| t.elapsed() < grace)
     }
 
     /// Whether the relay has said hello recently enough to count as alive.
