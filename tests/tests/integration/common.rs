@@ -167,6 +167,19 @@ impl TestEnv {
         (chat, stream)
     }
 
+    /// Creates a chat with a first text message (its turn starts at once).
+    pub async fn create_chat(&self, text: &str) -> Chat {
+        self.admin
+            .create_chat(&CreateChat {
+                content: vec![Part::text(text)],
+                model_id: None,
+                workspace_id: None,
+                title: None,
+            })
+            .await
+            .expect("create chat")
+    }
+
     pub async fn send(&self, chat_id: &str, text: &str) {
         self.admin
             .send(chat_id, &SendMessage { content: vec![Part::text(text)], busy_behavior: Default::default() })

@@ -49,16 +49,7 @@ async fn turn(env: &TestEnv, chat_id: &str, text: &str) -> agentplane_schema::ap
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_conversation_compacts_and_completes() {
     let env = small_model_env().await;
-    let chat = env
-        .admin
-        .create_chat(&agentplane_schema::api::CreateChat {
-            content: vec![agentplane_schema::message::Part::text("q1")],
-            model_id: None,
-            workspace_id: None,
-            title: None,
-        })
-        .await
-        .expect("chat");
+    let chat = env.create_chat("q1").await;
     env.admin.wait_until_chat(&chat.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("idle");
     turn(&env, &chat.id, "q2").await;
     assert!(env.llm.requests().iter().all(|r| !is_summary_request(r)), "no compaction below the threshold");
@@ -89,16 +80,7 @@ async fn a_long_conversation_compacts_and_completes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prompt_that_cannot_fit_ends_in_context_overflow_and_compaction_works_on_demand() {
     let env = small_model_env().await;
-    let chat = env
-        .admin
-        .create_chat(&agentplane_schema::api::CreateChat {
-            content: vec![agentplane_schema::message::Part::text("q1")],
-            model_id: None,
-            workspace_id: None,
-            title: None,
-        })
-        .await
-        .expect("chat");
+    let chat = env.create_chat("q1").await;
     env.admin.wait_until_chat(&chat.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("idle");
 
     let (status, body) =

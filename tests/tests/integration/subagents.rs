@@ -1,7 +1,7 @@
 //! Sub-agents as an actor tree: spawned children run in parallel in the parent's workspace,
 //! report back through wait_agent, show up as `subagent` events, and respect the limits.
 
-use agentplane_schema::api::{ChatStatus, CreateChat};
+use agentplane_schema::api::ChatStatus;
 use agentplane_schema::event::{EventBody, SubagentPhase, SubagentStatus};
 use agentplane_schema::message::Part;
 use agentplane_tests::{EventStream, RecordedRequest, Reply, ScriptedCall, ScriptedLlm};
@@ -54,16 +54,7 @@ fn secs(path: &std::path::Path) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_spawns_three_parallel_sub_agents_and_collects_their_reports() {
     let env = TestEnv::start_full(ScriptedLlm::with_responder(responder), Db::Sqlite, |_| {}).await;
-    let chat = env
-        .admin
-        .create_chat(&CreateChat {
-            content: vec![Part::text("split the work")],
-            model_id: None,
-            workspace_id: None,
-            title: None,
-        })
-        .await
-        .expect("chat");
+    let chat = env.create_chat("split the work").await;
     let mut stream = EventStream::connect(&env.base_url(), &chat.id, ADMIN_TOKEN, Some(0)).await.expect("ws");
     let events = stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("root idle");
 
@@ -146,16 +137,7 @@ async fn depth_and_children_limits_refuse_with_a_clear_tool_error() {
         s.agent.max_depth = 1;
     })
     .await;
-    let chat = env
-        .admin
-        .create_chat(&CreateChat {
-            content: vec![Part::text("spawn three")],
-            model_id: None,
-            workspace_id: None,
-            title: None,
-        })
-        .await
-        .expect("chat");
+    let chat = env.create_chat("spawn three").await;
     env.admin.wait_until_chat(&chat.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("idle");
     let results = tool_results(&env.messages(&chat.id).await);
     let refused: Vec<&(String, String, String, bool)> = results.iter().filter(|r| r.3).collect();
@@ -201,16 +183,7 @@ async fn close_agent_stops_a_child_and_its_child_and_nothing_runs_after() {
         }
     };
     let env = TestEnv::start_full(ScriptedLlm::with_responder(responder), Db::Sqlite, |_| {}).await;
-    let chat = env
-        .admin
-        .create_chat(&CreateChat {
-            content: vec![Part::text("run a tree")],
-            model_id: None,
-            workspace_id: None,
-            title: None,
-        })
-        .await
-        .expect("chat");
+    let chat = env.create_chat("run a tree").await;
     env.admin.wait_until_chat(&chat.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("root idle");
     let results = tool_results(&env.messages(&chat.id).await);
     assert!(results[1].2.contains("\"timed_out\":true"), "the child was still running: {}", results[1].2);
@@ -243,16 +216,7 @@ async fn interrupting_the_root_stops_all_running_descendants() {
         }
     };
     let env = TestEnv::start_full(ScriptedLlm::with_responder(responder), Db::Sqlite, |_| {}).await;
-    let chat = env
-        .admin
-        .create_chat(&CreateChat {
-            content: vec![Part::text("start")],
-            model_id: None,
-            workspace_id: None,
-            title: None,
-        })
-        .await
-        .expect("chat");
+    let chat = env.create_chat("start").await;
     let mut stream = EventStream::connect(&env.base_url(), &chat.id, ADMIN_TOKEN, Some(0)).await.expect("ws");
     stream
         .wait_for(|e| matches!(&e.body, EventBody::Subagent { phase: SubagentPhase::Spawned, .. }), WAIT)
@@ -292,11 +256,7 @@ async fn message_agent_reaches_a_running_child_at_once_with_interrupt() {
         }
     };
     let env = TestEnv::start_full(ScriptedLlm::with_responder(responder), Db::Sqlite, |_| {}).await;
-    let chat = env
-        .admin
-        .create_chat(&CreateChat { content: vec![Part::text("go")], model_id: None, workspace_id: None, title: None })
-        .await
-        .expect("chat");
+    let chat = env.create_chat("go").await;
     env.admin.wait_until_chat(&chat.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("root idle");
     let results = tool_results(&env.messages(&chat.id).await);
     assert!(results[2].2.contains("new plan taken"), "{}", results[2].2);
@@ -329,16 +289,7 @@ async fn after_a_restart_the_tree_is_visible_and_the_root_answers() {
         }
     };
     let mut env = TestEnv::start_full(ScriptedLlm::with_responder(responder), Db::Sqlite, |_| {}).await;
-    let chat = env
-        .admin
-        .create_chat(&CreateChat {
-            content: vec![Part::text("start a tree")],
-            model_id: None,
-            workspace_id: None,
-            title: None,
-        })
-        .await
-        .expect("chat");
+    let chat = env.create_chat("start a tree").await;
     let deadline = std::time::Instant::now() + WAIT;
     while env.llm.active_replies() < 2 {
         assert!(std::time::Instant::now() < deadline, "root and child streaming");
