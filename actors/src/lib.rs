@@ -22,6 +22,7 @@ pub mod ports;
 pub mod prompt;
 pub mod shared;
 pub mod step;
+pub mod title;
 pub mod tools;
 
 pub use deps::Deps;

@@ -236,6 +236,11 @@ pub enum Op {
         id: String,
         content: Vec<Part>,
     },
+    /// Sets the title unless someone changed it from `unless_changed_from` meanwhile.
+    ReplaceTitle {
+        unless_changed_from: Option<String>,
+        title: String,
+    },
     /// Soft-deletes the messages at `from_position` and after.
     DropMessagesFrom {
         from_position: i64,

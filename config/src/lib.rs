@@ -93,6 +93,10 @@ pub struct AgentSettings {
     pub max_depth: u32,
     /// Sub-agents running at once under one chat. Default 8.
     pub max_children: usize,
+    /// Generate a chat's title from its first message with a short model call. Default true.
+    pub generate_titles: bool,
+    /// Model for titles; empty = the chat's model. Default empty.
+    pub title_model_id: String,
     /// Deployment system prompt, layered above the built-in one. Default empty.
     pub system_prompt: String,
 }

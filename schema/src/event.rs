@@ -118,6 +118,10 @@ pub enum EventBody {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         report: Option<String>,
     },
+    /// The chat's title changed (generated from the first message).
+    Title {
+        title: String,
+    },
     /// Messages from `from_position` on were dropped (a user message was edited); the edited one
     /// follows as a `message` event.
     MessagesDropped {
@@ -156,6 +160,7 @@ impl EventBody {
             EventBody::QueueUpdate { .. } => "queue_update",
             EventBody::MessagesDropped { .. } => "messages_dropped",
             EventBody::Subagent { .. } => "subagent",
+            EventBody::Title { .. } => "title",
             EventBody::Retry { .. } => "retry",
             EventBody::Error { .. } => "error",
             EventBody::StreamReset => "stream_reset",

@@ -108,3 +108,9 @@ pub struct CloseChild {
 pub struct Compact {
     pub user_id: String,
 }
+
+/// From the API after creating a chat without a title: generate one from the first message in
+/// the background. Answers at once.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct GenerateTitle;

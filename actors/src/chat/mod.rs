@@ -25,7 +25,7 @@ use crate::error::ChatOpError;
 use crate::ports::{ChatState, Op, StoreError, ToolCallStatus};
 use crate::shared::ChatShared;
 use crate::step::{self, StepInput, StepOutcome, StepResult};
-use messages::{Close, Compact, EditMessage, EditQueued, Interrupt, UserInput};
+use messages::{Close, Compact, EditMessage, EditQueued, GenerateTitle, Interrupt, UserInput};
 
 pub struct ChatActor {
     chat_id: String,
@@ -607,6 +607,25 @@ impl Handler<EditMessage> for ChatActor {
                 }
             }
         })))
+    }
+}
+
+impl Handler<GenerateTitle> for ChatActor {
+    type Result = ();
+
+    fn handle(&mut self, _: GenerateTitle, _: &mut Context<Self>) {
+        let Some(live) = self.live.as_ref() else { return };
+        if !self.deps.settings.agent.generate_titles {
+            return;
+        }
+        let Some(first) = live.history.iter().find(|m| m.role == Role::User).map(|m| m.text()) else { return };
+        actix::spawn(crate::title::generate(
+            self.deps.clone(),
+            live.shared.clone(),
+            live.chat.model_id.clone(),
+            live.chat.title.clone(),
+            first,
+        ));
     }
 }
 

@@ -118,7 +118,11 @@ async fn create(
             parent_id: None,
         })
         .await?;
-    state.directory.chat(&chat.id).send(user.id(), body.content, Default::default()).await?;
+    let handle = state.directory.chat(&chat.id);
+    handle.send(user.id(), body.content, Default::default()).await?;
+    if body.title.as_deref().is_none_or(|t| t.trim().is_empty()) {
+        handle.generate_title().await;
+    }
     let chat = state.store.get_chat(&chat.id).await?.unwrap_or(chat);
     Ok(HttpResponse::Created().json(chat))
 }

@@ -21,7 +21,8 @@ pub struct TestEnv {
     pub data_dir: tempfile::TempDir,
     // Dropped in field order: the server before the database and NATS it uses.
     pub server: Option<ServerHandle>,
-    settings: Settings,
+    /// What the server runs with; change and `restart_server` to apply.
+    pub settings: Settings,
     _db: TestDatabase,
     pub nats: Option<NatsServer>,
     pub creds_dir: Option<tempfile::TempDir>,
@@ -101,6 +102,8 @@ impl TestEnv {
         settings.llm.retry.initial_delay_ms = 10;
         settings.llm.retry.max_delay_ms = 2000;
         settings.llm.retry.max_attempts = 3;
+        // Title calls would take replies from the scripted FIFO; the title test turns them on.
+        settings.agent.generate_titles = false;
         tweak(&mut settings);
         let server = start_server(settings.clone()).await;
         let admin = ApiClient::new(server.base_url(), ADMIN_TOKEN);

@@ -13,4 +13,5 @@ mod queue;
 mod resume;
 mod retries;
 mod subagents;
+mod titles;
 mod workspaces;
