@@ -70,6 +70,14 @@ impl Directory {
         addr
     }
 
+    /// Forgets a stopped actor, unless its entry already points at a newer one.
+    pub(crate) fn forget(&self, chat_id: &str, addr: &Addr<ChatActor>) {
+        let mut chats = self.inner.chats.lock().unwrap_or_else(|p| p.into_inner());
+        if chats.get(chat_id).is_some_and(|h| h.is(addr)) {
+            chats.remove(chat_id);
+        }
+    }
+
     /// Stops and forgets a chat's actor and its sub-agents (e.g. the chat was deleted).
     pub async fn evict(&self, chat_id: &str) {
         let handle = self.inner.chats.lock().unwrap_or_else(|p| p.into_inner()).remove(chat_id);

@@ -22,6 +22,10 @@ impl ChatHandle {
         ChatHandle { addr }
     }
 
+    pub(crate) fn is(&self, addr: &Addr<ChatActor>) -> bool {
+        self.addr == *addr
+    }
+
     pub(crate) fn is_alive(&self) -> bool {
         self.addr.connected()
     }

@@ -356,13 +356,15 @@ impl Actor for ChatActor {
         }));
     }
 
-    fn stopped(&mut self, _: &mut Self::Context) {
+    fn stopped(&mut self, ctx: &mut Self::Context) {
         if let Some(turn) = self.live.as_mut().and_then(|l| l.turn.as_mut()) {
             turn.cancel.cancel();
             if let Some(task) = turn.task.take() {
                 task.abort();
             }
         }
+        // A stopped actor's state is in the database; keep nothing of it here.
+        self.directory.forget(&self.chat_id, &ctx.address());
     }
 }
 

@@ -168,7 +168,8 @@ impl Handler<ChildEvent> for ChatActor {
 
     fn handle(&mut self, msg: ChildEvent, ctx: &mut Context<Self>) {
         let Some(child) = self.child(&msg.child_id) else { return };
-        if child.status() == SubagentStatus::Closed && msg.status != SubagentStatus::Closed {
+        // Closed is final, and close_agent has announced it already.
+        if child.status() == SubagentStatus::Closed {
             return;
         }
         child.state.send_replace(ChildState { status: msg.status, report: msg.report.clone() });

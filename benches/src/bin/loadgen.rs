@@ -51,6 +51,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// A root chat spawns N sub-agents in one step (each answers once), then closes them all.
+    Subagents {
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+    },
     /// Time to first delta over sequential turns of one chat.
     FirstDelta {
         #[arg(long, default_value_t = 1000)]
@@ -656,11 +661,112 @@ async fn tool_inflight(
     Ok((report, failure))
 }
 
+/// Root: spawn `agents` sub-agents in one step, then close them all in the next; each sub-agent
+/// answers its prompt once. Measures the time of each phase and the server's memory.
+async fn subagents(bin: Option<PathBuf>, agents: usize) -> anyhow::Result<(serde_json::Value, Option<String>)> {
+    use agentplane_tests::{RecordedRequest, Reply, ScriptedCall};
+    let responder = move |r: &RecordedRequest| {
+        let results = r.tool_results();
+        if r.last_user_text().as_deref() == Some("noop") {
+            return Reply::text("ok");
+        }
+        match results.len() {
+            0 => Reply::calls((0..agents).map(|_| ScriptedCall::new("spawn_agent", json!({"prompt": "noop"})))),
+            n if n == agents => Reply::calls(results.iter().filter_map(|r| {
+                let id = serde_json::from_str::<serde_json::Value>(r).ok()?["agent_id"].as_str()?.to_string();
+                Some(ScriptedCall::new("close_agent", json!({"agent_id": id})))
+            })),
+            _ => Reply::text("all closed"),
+        }
+    };
+    let llm = ScriptedLlm::builder().record(true).responder(responder).start();
+    let env = [
+        ("AGENTPLANE__AGENT__MAX_CHILDREN", agents.to_string()),
+        ("AGENTPLANE__AGENT__GENERATE_TITLES", "false".to_string()),
+    ];
+    let server = ServerProcess::start(bin, &env).await?;
+    let admin = setup(&server, &llm).await?;
+    let warm = admin
+        .create_chat(&CreateChat { content: text("noop"), model_id: None, workspace_id: None, title: None })
+        .await?;
+    admin.wait_until_chat(&warm.id, |c| c.status == ChatStatus::Idle, WAIT).await?;
+    let baseline = server.rss_kib()?;
+    let started = Instant::now();
+    let chat = admin
+        .create_chat(&CreateChat { content: text("fan out"), model_id: None, workspace_id: None, title: None })
+        .await?;
+    let mut stream = EventStream::connect(&server.base_url, &chat.id, ADMIN_TOKEN, Some(0)).await?;
+    let mut spawned_at = None;
+    let mut finished = 0usize;
+    let events = stream
+        .wait_for(
+            |e| {
+                match &e.body {
+                    EventBody::Subagent {
+                        status: Some(agentplane_schema::event::SubagentStatus::Finished), ..
+                    } => {
+                        finished += 1;
+                        if finished == agents {
+                            spawned_at = Some(started.elapsed());
+                        }
+                    }
+                    EventBody::Subagent { .. } => {}
+                    _ => {}
+                }
+                matches!(&e.body, EventBody::Status { status: ChatStatus::Idle, .. })
+            },
+            Duration::from_secs(600),
+        )
+        .await?;
+    let total = started.elapsed();
+    let closed = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                &e.body,
+                EventBody::Subagent { status: Some(agentplane_schema::event::SubagentStatus::Closed), .. }
+            )
+        })
+        .count();
+    // Give the allocator a moment to hand freed pages back before reading RSS again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = server.rss_kib()?;
+    let detail = admin.get_chat(&chat.id).await?;
+    let failure = (detail.children.len() != agents || closed != agents || finished < agents).then(|| {
+        format!(
+            "expected {agents} children spawned, finished and closed; got {}, {finished}, {closed}",
+            detail.children.len()
+        )
+    });
+    let spawn_all = spawned_at.unwrap_or(total);
+    println!(
+        "scenario subagents: one root spawns {agents} sub-agents in one step (each answers once), then closes them all"
+    );
+    println!(
+        "all {agents} spawned and finished: {:.2} s; closed and root idle: {:.2} s total",
+        spawn_all.as_secs_f64(),
+        total.as_secs_f64()
+    );
+    println!(
+        "server RSS: baseline {:.1} MiB, after closing {:.1} MiB ({:.1} KiB per closed sub-agent kept)",
+        baseline as f64 / 1024.0,
+        after as f64 / 1024.0,
+        after.saturating_sub(baseline) as f64 / agents as f64
+    );
+    Ok((
+        json!({"scenario": "subagents", "agents": agents, "spawn_and_finish_s": spawn_all.as_secs_f64(),
+               "total_s": total.as_secs_f64(), "rss_baseline_kib": baseline, "rss_after_close_kib": after,
+               "children": detail.children.len(), "finished": finished, "closed": closed}),
+        failure,
+    ))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // A scenario that measured but found the system misbehaving still reports, then fails.
     let (report, failure) = match cli.scenario {
+        Scenario::Subagents { agents } => subagents(cli.server_bin, agents).await?,
         Scenario::FirstDelta { turns, warmup } => (first_delta(cli.server_bin, turns, warmup).await?, None),
         Scenario::Idle { chats, concurrency } => (idle(cli.server_bin, chats, concurrency).await?, None),
         Scenario::ToolRoundtrip { rate, seconds, warmup_seconds, workspaces } => {
