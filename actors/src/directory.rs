@@ -86,15 +86,6 @@ impl Directory {
         }
     }
 
-    /// Number of live chat actors.
-    pub fn len(&self) -> usize {
-        self.inner.chats.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|h| h.is_alive()).count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Stops every actor and the arbiters.
     pub async fn shutdown(&self) {
         let handles: Vec<ChatHandle> =

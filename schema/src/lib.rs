@@ -19,38 +19,7 @@ pub mod db;
 
 /// New time-ordered identifier (UUID v7 text), used for every row id.
 pub fn new_id() -> String {
-    uuid_v7()
-}
-
-fn uuid_v7() -> String {
-    // Kept local so the wire crate does not need the uuid crate's serde features.
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let millis = now.as_millis() as u64;
-    let mut rand_bytes = [0u8; 10];
-    fill_random(&mut rand_bytes);
-    let mut b = [0u8; 16];
-    b[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
-    b[6..].copy_from_slice(&rand_bytes);
-    b[6] = (b[6] & 0x0f) | 0x70;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    format!(
-        "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
-        b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]
-    )
-}
-
-fn fill_random(buf: &mut [u8]) {
-    use std::collections::hash_map::RandomState;
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    for chunk in buf.chunks_mut(8) {
-        let mut h = RandomState::new().build_hasher();
-        h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-        let v = h.finish().to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
+    uuid::Uuid::now_v7().to_string()
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! outside the workspace directory the agent can touch.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 
@@ -131,10 +131,6 @@ impl LocalRelays {
             .and_then(|exe| exe.parent().map(|d| d.join("agentplane-relay")))
             .filter(|p| p.is_file())
             .unwrap_or_else(|| PathBuf::from("agentplane-relay"))
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.workspace_root
     }
 }
 

@@ -150,10 +150,6 @@ impl NatsTransport {
         self.presence.clone()
     }
 
-    pub fn client(&self) -> &async_nats::Client {
-        &self.client
-    }
-
     pub fn subjects(&self) -> &Subjects {
         &self.subjects
     }
