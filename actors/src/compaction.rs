@@ -22,11 +22,11 @@ pub const MAX_TRIES: u32 = 3;
 /// The prompt's size in tokens: reported usage where there is one, estimated beyond it.
 pub fn prompt_tokens(input: &StepInput, history: &[Message]) -> u64 {
     match input.shared.reported_usage() {
+        // History is in position order: what came after the reported answer is a suffix.
         Some((tokens, at)) => {
-            let newer: Vec<Message> = history.iter().filter(|m| m.position > at).cloned().collect();
-            tokens + prompt::estimate_tokens(&prompt::prompt_messages(&newer))
+            tokens + prompt::estimate_tokens(&history[history.partition_point(|m| m.position <= at)..])
         }
-        None => prompt::estimate_tokens(&prompt::prompt_messages(history)),
+        None => prompt::estimate_tokens(history),
     }
 }
 

@@ -61,19 +61,25 @@ user's goals and constraints, decisions made, what was done (files created or ch
 run and their outcomes, the workspace in use), what is still open, and anything the user asked \
 you to remember. Be complete but concise. Answer with the summary only.";
 
-/// A rough token count of messages (4 characters a token), for what no usage report covers yet.
-pub fn estimate_tokens(messages: &[PromptMessage]) -> u64 {
-    let chars: usize = messages
-        .iter()
-        .flat_map(|m| m.parts.iter())
-        .map(|p| match p {
-            Part::Text { text } | Part::Reasoning { text, .. } => text.len(),
-            Part::ToolCall { args, .. } => args.to_string().len(),
-            Part::ToolResult { result, .. } => result.len(),
-            Part::Image { .. } => 4000,
-        })
-        .sum();
-    (chars / 4) as u64 + 4 * messages.len() as u64
+/// A rough token count (4 characters a token) of what the model would read of `history`: from
+/// its latest summary on, markers left out. For what no usage report covers yet; counts in place.
+pub fn estimate_tokens(history: &[Message]) -> u64 {
+    let start = history.iter().rposition(|m| m.role == Role::Summary).unwrap_or(0);
+    let read = history[start..].iter().filter(|m| m.role != Role::Marker);
+    let (chars, count) = read.fold((0usize, 0u64), |(chars, count), m| {
+        let size: usize = m
+            .parts
+            .iter()
+            .map(|p| match p {
+                Part::Text { text } | Part::Reasoning { text, .. } => text.len(),
+                Part::ToolCall { args, .. } => args.to_string().len(),
+                Part::ToolResult { result, .. } => result.len(),
+                Part::Image { .. } => 4000,
+            })
+            .sum();
+        (chars + size, count + 1)
+    });
+    (chars / 4) as u64 + 4 * count
 }
 
 #[cfg(test)]

@@ -85,9 +85,11 @@ enum Streamed {
     Interrupted,
 }
 
-pub async fn run_step(input: StepInput) -> StepResult {
+pub async fn run_step(mut input: StepInput) -> StepResult {
+    // The step works on the history it was given (the actor's copy); no second copy.
+    let history = std::mem::take(&mut input.history);
     let mut result = StepResult { outcome: StepOutcome::Done, committed: Vec::new(), dropped: Vec::new() };
-    result.outcome = match step(&input, &mut result).await {
+    result.outcome = match step(&input, history, &mut result).await {
         Ok(outcome) => outcome,
         Err(e) => StepOutcome::Failed(ChatError { kind: ChatErrorKind::Internal, message: e.to_string() }),
     };
@@ -114,7 +116,11 @@ async fn compact_into(
     }
 }
 
-async fn step(input: &StepInput, result: &mut StepResult) -> Result<StepOutcome, StoreError> {
+async fn step(
+    input: &StepInput,
+    mut history: Vec<Message>,
+    result: &mut StepResult,
+) -> Result<StepOutcome, StoreError> {
     let model = match input.deps.store.resolve_model(input.model_id.as_deref()).await {
         Ok(m) => m,
         Err(StoreError::NotFound(what)) => {
@@ -125,7 +131,6 @@ async fn step(input: &StepInput, result: &mut StepResult) -> Result<StepOutcome,
         }
         Err(e) => return Err(e),
     };
-    let mut history = input.history.clone();
     if input.compact_only {
         return Ok(match compact_into(input, &model, &mut history, result).await? {
             None => StepOutcome::Done,
@@ -281,14 +286,7 @@ async fn run_and_record(
     let mut outcome = if args.is_object() {
         tools::run(ctx, wire_id, call_id, name, args).await
     } else {
-        ToolOutcome {
-            output: format!("the arguments of `{name}` must be a JSON object, got: {args}"),
-            is_error: true,
-            interrupted: false,
-            exit_code: None,
-            duration_ms: None,
-            workspace_id: None,
-        }
+        ToolOutcome::error(format!("the arguments of `{name}` must be a JSON object, got: {args}"))
     };
     outcome.output = cut_middle(&outcome.output, result_cap);
     let status = if outcome.interrupted { ToolCallStatus::Interrupted } else { ToolCallStatus::Done };

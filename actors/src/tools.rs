@@ -43,7 +43,7 @@ impl ToolOutcome {
         }
     }
 
-    fn error(output: impl Into<String>) -> Self {
+    pub(crate) fn error(output: impl Into<String>) -> Self {
         ToolOutcome { is_error: true, ..Self::ok(output) }
     }
 

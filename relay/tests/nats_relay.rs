@@ -101,6 +101,16 @@ impl Fixture {
     }
 
     /// Sends a request the way the orchestrator does and checks that the relay took it.
+    /// Subscribes to the call's output and result, then sends it and waits for the output line
+    /// `started`; returns both subscriptions.
+    async fn start_until_started(&self, request: &ToolRequest) -> (async_nats::Subscriber, async_nats::Subscriber) {
+        let mut pieces = self.subscribe(self.subjects.output(&self.ws, &request.call_id)).await;
+        let results = self.subscribe(self.subjects.result(&self.ws, &request.call_id)).await;
+        self.send(request).await;
+        output_until(&mut pieces, "started").await;
+        (pieces, results)
+    }
+
     async fn send(&self, request: &ToolRequest) {
         let reply = self.try_send(request).await.expect("the relay answers the request");
         assert_eq!(reply.payload.as_ref(), ACK);
@@ -313,10 +323,7 @@ async fn a_copy_arriving_while_the_call_runs_does_not_run_it_again() {
     let fx = Fixture::start().await;
     let _relay = fx.relay().await;
     let run = execute("echo ran >> runs.txt; echo started; while [ ! -e gate ]; do sleep 0.05; done; echo done");
-    let mut pieces = fx.subscribe(fx.subjects.output(&fx.ws, &run.call_id)).await;
-    let mut results = fx.subscribe(fx.subjects.result(&fx.ws, &run.call_id)).await;
-    fx.send(&run).await;
-    output_until(&mut pieces, "started").await;
+    let (_pieces, mut results) = fx.start_until_started(&run).await;
 
     fx.send(&run).await;
     // The relay takes requests one after another: once a later one is acknowledged, the copy
@@ -343,10 +350,7 @@ async fn a_call_cut_off_by_a_crash_is_reported_interrupted_and_never_run_again()
     let fx = Fixture::start().await;
     let mut relay = fx.relay().await;
     let run = execute("echo $$ > pgid; echo ran >> runs.txt; echo started; sleep 30");
-    let mut pieces = fx.subscribe(fx.subjects.output(&fx.ws, &run.call_id)).await;
-    let mut results = fx.subscribe(fx.subjects.result(&fx.ws, &run.call_id)).await;
-    fx.send(&run).await;
-    output_until(&mut pieces, "started").await;
+    let (_pieces, mut results) = fx.start_until_started(&run).await;
     let pgid = wait_for_line(&fx.root().join("pgid")).await;
 
     relay.kill();
@@ -460,10 +464,7 @@ async fn sigterm_lets_a_running_call_finish_then_exits() {
     let fx = Fixture::start().await;
     let mut relay = fx.relay().await;
     let run = execute("echo started; sleep 0.5; echo finished");
-    let mut pieces = fx.subscribe(fx.subjects.output(&fx.ws, &run.call_id)).await;
-    let mut results = fx.subscribe(fx.subjects.result(&fx.ws, &run.call_id)).await;
-    fx.send(&run).await;
-    output_until(&mut pieces, "started").await;
+    let (_pieces, mut results) = fx.start_until_started(&run).await;
 
     relay.signal("-TERM");
     let result = next_result(&mut results).await;
@@ -478,10 +479,7 @@ async fn sigterm_cancels_calls_that_outlast_the_grace() {
     let fx = Fixture::start().await;
     let mut relay = fx.relay_with(&["--shutdown-grace-seconds", "1"]).await;
     let run = execute("echo started; sleep 30");
-    let mut pieces = fx.subscribe(fx.subjects.output(&fx.ws, &run.call_id)).await;
-    let mut results = fx.subscribe(fx.subjects.result(&fx.ws, &run.call_id)).await;
-    fx.send(&run).await;
-    output_until(&mut pieces, "started").await;
+    let (_pieces, mut results) = fx.start_until_started(&run).await;
 
     relay.signal("-TERM");
     let result = next_result(&mut results).await;

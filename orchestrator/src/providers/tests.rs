@@ -425,17 +425,19 @@ async fn tool_calls_parallel() {
     );
 }
 
+/// What `openai/chat_finish_length.sse` (max_tokens = 1) must turn into.
+fn finish_length_events() -> Vec<ModelEvent> {
+    vec![
+        ModelEvent::TextDelta("{\"".to_owned()),
+        ModelEvent::Usage(usage(79, 1)),
+        ModelEvent::Finish(StopReason::MaxTokens),
+    ]
+}
+
 #[tokio::test]
 async fn finish_length() {
     let events = replay("openai/chat_finish_length.sse").await;
-    assert_eq!(
-        events,
-        vec![
-            ModelEvent::TextDelta("{\"".to_owned()),
-            ModelEvent::Usage(usage(79, 1)),
-            ModelEvent::Finish(StopReason::MaxTokens),
-        ]
-    );
+    assert_eq!(events, finish_length_events());
 }
 
 #[tokio::test]
@@ -567,14 +569,7 @@ async fn event_stream_labelled_json_is_still_read() {
     reply.headers = vec![("content-type".into(), "application/json".into())];
     let (result, _) = run(reply).await;
     let events: Vec<ModelEvent> = result.expect("opens").into_iter().map(|i| i.expect("ok")).collect();
-    assert_eq!(
-        events,
-        vec![
-            ModelEvent::TextDelta("{\"".to_owned()),
-            ModelEvent::Usage(usage(79, 1)),
-            ModelEvent::Finish(StopReason::MaxTokens),
-        ]
-    );
+    assert_eq!(events, finish_length_events());
 }
 
 #[tokio::test]

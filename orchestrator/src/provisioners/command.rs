@@ -15,7 +15,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use agentplane_schema::api::{CommandProvisioner, Template, Workspace};
-use agentplane_schema::nats::Subjects;
 use serde_json::Value;
 
 use super::NatsBackend;
@@ -69,8 +68,8 @@ pub fn environment(
     action: Action,
     nats: &NatsBackend,
     creds_file: Option<&Path>,
-    subjects: &Subjects,
 ) -> Vec<(String, String)> {
+    let subjects = nats.transport.subjects();
     let mut env = vec![
         ("PATH".to_string(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())),
         ("HOME".to_string(), std::env::var("HOME").unwrap_or_else(|_| "/".into())),

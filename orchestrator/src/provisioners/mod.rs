@@ -214,7 +214,7 @@ impl Workspaces {
         };
         let timeout =
             Duration::from_secs(spec.timeout_seconds.unwrap_or(self.settings.workspaces.command_timeout_seconds));
-        let env = command::environment(ws, template, action, nats, creds_file.as_deref(), nats.transport.subjects());
+        let env = command::environment(ws, template, action, nats, creds_file.as_deref());
         let since = Instant::now();
         let run = command::run(script, &env, timeout).await;
         self.store.append_workspace_log(&ws.id, &run.log(action)).await.map_err(|e| e.to_string())?;
