@@ -5,7 +5,7 @@ use agentplane_schema::api::{BusyBehavior, SendOutcome};
 use agentplane_schema::message::{Part, QueuedMessage};
 
 use crate::chat::ChatActor;
-use crate::chat::messages::{Close, Compact, EditMessage, EditQueued, GenerateTitle, Interrupt, UserInput};
+use crate::chat::messages::{Close, Compact, EditMessage, EditQueued, GenerateTitle, Interrupt, UpdateChat, UserInput};
 use crate::error::ChatOpError;
 
 #[derive(Clone)]
@@ -55,6 +55,11 @@ impl ChatHandle {
     pub async fn edit_queued(&self, queued_id: &str, content: Vec<Part>) -> Result<Option<QueuedMessage>, ChatOpError> {
         let edit = EditQueued { queued_id: queued_id.to_string(), content: Some(content) };
         self.addr.send(edit).await.map_err(unreachable_actor)?
+    }
+
+    /// Renames and/or (un)archives the chat.
+    pub async fn update(&self, title: Option<String>, archived: Option<bool>) -> Result<(), ChatOpError> {
+        self.addr.send(UpdateChat { title, archived }).await.map_err(unreachable_actor)?
     }
 
     /// Generates the chat's title from its first message, in the background.

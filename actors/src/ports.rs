@@ -236,11 +236,8 @@ pub enum Op {
         id: String,
         content: Vec<Part>,
     },
-    /// Sets the title unless someone changed it from `unless_changed_from` meanwhile.
-    ReplaceTitle {
-        unless_changed_from: Option<String>,
-        title: String,
-    },
+    SetTitle(String),
+    SetArchived(bool),
     /// Soft-deletes the messages at `from_position` and after.
     DropMessagesFrom {
         from_position: i64,

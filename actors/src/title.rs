@@ -1,15 +1,14 @@
 //! Chat titles: one short model call on the first message, by the configured title model (a
-//! cheap one) or the chat's. The generated title replaces the placeholder only if nobody renamed
-//! the chat meanwhile; any failure leaves the placeholder.
+//! cheap one) or the chat's. The chat's actor applies the result only if nobody renamed the chat
+//! meanwhile; any failure leaves the placeholder.
 
 use std::sync::Arc;
 
-use agentplane_schema::event::EventBody;
 use agentplane_schema::message::{Part, Role};
 use futures::StreamExt;
 
 use crate::deps::Deps;
-use crate::ports::{ModelEvent, ModelRequest, Op, PromptMessage};
+use crate::ports::{ModelEvent, ModelRequest, PromptMessage};
 use crate::shared::ChatShared;
 
 const TITLE_CHARS: usize = 80;
@@ -20,13 +19,15 @@ pub async fn generate(
     deps: Arc<Deps>,
     shared: Arc<ChatShared>,
     model_id: Option<String>,
-    placeholder: Option<String>,
     first: String,
-) {
+) -> Option<String> {
     let configured = Some(deps.settings.agent.title_model_id.trim().to_string()).filter(|m| !m.is_empty());
     let model = match deps.store.resolve_model(configured.as_deref().or(model_id.as_deref())).await {
         Ok(m) => m,
-        Err(e) => return tracing::debug!(chat = %shared.chat_id, error = %e, "no model for a title"),
+        Err(e) => {
+            tracing::debug!(chat = %shared.chat_id, error = %e, "no model for a title");
+            return None;
+        }
     };
     let source: String = first.chars().take(SOURCE_CHARS).collect();
     let request = ModelRequest {
@@ -48,11 +49,17 @@ pub async fn generate(
                 match event {
                     Ok(ModelEvent::TextDelta(t)) => text.push_str(&t),
                     Ok(_) => {}
-                    Err(e) => return tracing::debug!(chat = %shared.chat_id, error = %e, "title call failed"),
+                    Err(e) => {
+                        tracing::debug!(chat = %shared.chat_id, error = %e, "title call failed");
+                        return None;
+                    }
                 }
             }
         }
-        Err(e) => return tracing::debug!(chat = %shared.chat_id, error = %e, "title call failed"),
+        Err(e) => {
+            tracing::debug!(chat = %shared.chat_id, error = %e, "title call failed");
+            return None;
+        }
     }
     let title: String = text
         .lines()
@@ -63,11 +70,5 @@ pub async fn generate(
         .chars()
         .take(TITLE_CHARS)
         .collect();
-    if title.is_empty() {
-        return;
-    }
-    let op = Op::ReplaceTitle { unless_changed_from: placeholder, title: title.clone() };
-    if let Err(e) = shared.commit(vec![op], vec![EventBody::Title { title }]).await {
-        tracing::warn!(chat = %shared.chat_id, error = %e, "could not store a title");
-    }
+    (!title.is_empty()).then_some(title)
 }

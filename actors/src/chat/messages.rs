@@ -114,3 +114,19 @@ pub struct Compact {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct GenerateTitle;
+
+/// From the API (`PATCH /chats/{id}`): rename and/or (un)archive. Answers once stored.
+#[derive(Message)]
+#[rtype(result = "Result<(), ChatOpError>")]
+pub struct UpdateChat {
+    pub title: Option<String>,
+    pub archived: Option<bool>,
+}
+
+/// From the title task: a generated title, to apply only if the title is still `placeholder`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TitleGenerated {
+    pub title: String,
+    pub placeholder: Option<String>,
+}

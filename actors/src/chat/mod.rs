@@ -8,6 +8,7 @@
 pub mod messages;
 mod tree;
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -25,7 +26,9 @@ use crate::error::ChatOpError;
 use crate::ports::{ChatState, Op, StoreError, ToolCallStatus};
 use crate::shared::ChatShared;
 use crate::step::{self, StepInput, StepOutcome, StepResult};
-use messages::{Close, Compact, EditMessage, EditQueued, GenerateTitle, Interrupt, UserInput};
+use messages::{
+    Close, Compact, EditMessage, EditQueued, GenerateTitle, Interrupt, TitleGenerated, UpdateChat, UserInput,
+};
 
 pub struct ChatActor {
     chat_id: String,
@@ -615,19 +618,71 @@ impl Handler<EditMessage> for ChatActor {
 impl Handler<GenerateTitle> for ChatActor {
     type Result = ();
 
-    fn handle(&mut self, _: GenerateTitle, _: &mut Context<Self>) {
+    fn handle(&mut self, _: GenerateTitle, ctx: &mut Context<Self>) {
         let Some(live) = self.live.as_ref() else { return };
         if !self.deps.settings.agent.generate_titles {
             return;
         }
         let Some(first) = live.history.iter().find(|m| m.role == Role::User).map(|m| m.text()) else { return };
-        actix::spawn(crate::title::generate(
-            self.deps.clone(),
-            live.shared.clone(),
-            live.chat.model_id.clone(),
-            live.chat.title.clone(),
-            first,
-        ));
+        let (deps, shared, model_id) = (self.deps.clone(), live.shared.clone(), live.chat.model_id.clone());
+        let placeholder = live.chat.title.clone();
+        let addr = ctx.address();
+        actix::spawn(async move {
+            if let Some(title) = crate::title::generate(deps, shared, model_id, first).await {
+                addr.do_send(TitleGenerated { title, placeholder });
+            }
+        });
+    }
+}
+
+impl ChatActor {
+    /// Records title and archive changes with a `title` event for a new title.
+    fn update_chat(
+        &mut self,
+        title: Option<String>,
+        archived: Option<bool>,
+    ) -> Pin<Box<dyn ActorFuture<Self, Output = Result<(), ChatOpError>>>> {
+        let Some(live) = self.live.as_mut() else {
+            return Box::pin(actix::fut::ready(Err(ChatOpError::unavailable("the chat is not loaded"))));
+        };
+        let mut ops = Vec::new();
+        let mut events = Vec::new();
+        if let Some(t) = &title {
+            live.chat.title = Some(t.clone());
+            ops.push(Op::SetTitle(t.clone()));
+            events.push(EventBody::Title { title: t.clone() });
+        }
+        if let Some(a) = archived {
+            live.chat.archived = a;
+            ops.push(Op::SetArchived(a));
+        }
+        let shared = live.shared.clone();
+        let fut = async move { shared.commit(ops, events).await };
+        Box::pin(fut.into_actor(self).map(|res, _, _| res.map_err(ChatOpError::store)))
+    }
+}
+
+impl Handler<UpdateChat> for ChatActor {
+    type Result = Reply<()>;
+
+    fn handle(&mut self, msg: UpdateChat, _: &mut Context<Self>) -> Self::Result {
+        AtomicResponse::new(self.update_chat(msg.title, msg.archived))
+    }
+}
+
+impl Handler<TitleGenerated> for ChatActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: TitleGenerated, ctx: &mut Context<Self>) {
+        // A user's rename since the placeholder wins.
+        if self.live.as_ref().is_some_and(|l| l.chat.title == msg.placeholder) {
+            let update = self.update_chat(Some(msg.title), None);
+            ctx.wait(update.map(|res, act, _| {
+                if let Err(e) = res {
+                    tracing::warn!(chat = %act.chat_id, error = %e, "could not store a title");
+                }
+            }));
+        }
     }
 }
 

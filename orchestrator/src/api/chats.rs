@@ -143,7 +143,8 @@ async fn patch(
     if body.title.as_deref().is_some_and(|t| t.trim().is_empty()) {
         return Err(ApiError::invalid("`title` must not be empty"));
     }
-    state.store.patch_chat(&chat.id, &body).await?;
+    let body = body.into_inner();
+    state.directory.chat(&chat.id).update(body.title, body.archived).await?;
     let chat = visible_chat(&state, &user, &path).await?;
     Ok(HttpResponse::Ok().json(chat))
 }

@@ -1,7 +1,7 @@
 //! Chat queries of the API: create, read, list, patch, delete, pages of messages, event replay.
 
 use agentplane_actors::ports::StoreError;
-use agentplane_schema::api::{Chat, ChatStatus, ForkRef, PatchChat};
+use agentplane_schema::api::{Chat, ChatStatus, ForkRef};
 use agentplane_schema::db::entities::{audit_events, chat_events, chats, messages, queued_messages};
 use agentplane_schema::event::StreamEvent;
 use agentplane_schema::message::{Message, QueuedMessage};
@@ -141,18 +141,6 @@ impl DbStore {
             .await
             .map_err(db_err)?;
         Ok(rows.into_iter().map(chat_from_row).collect())
-    }
-
-    pub async fn patch_chat(&self, id: &str, patch: &PatchChat) -> Result<(), StoreError> {
-        let mut row = chats::ActiveModel { updated_at: Set(Utc::now()), ..Default::default() };
-        if let Some(title) = &patch.title {
-            row.title = Set(Some(title.clone()));
-        }
-        if let Some(archived) = patch.archived {
-            row.archived = Set(archived);
-        }
-        chats::Entity::update_many().set(row).filter(chats::Column::Id.eq(id)).exec(&self.db).await.map_err(db_err)?;
-        Ok(())
     }
 
     /// Soft delete: the chat disappears from the API; its rows stay for the audit trail.

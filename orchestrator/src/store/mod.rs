@@ -154,19 +154,8 @@ impl Store for DbStore {
                 Op::DeleteQueued { id } => {
                     queued_messages::Entity::delete_by_id(id).exec(&txn).await.map_err(db_err)?;
                 }
-                Op::ReplaceTitle { unless_changed_from, title } => {
-                    let current = match &unless_changed_from {
-                        Some(t) => chat_rows::Column::Title.eq(t.clone()),
-                        None => chat_rows::Column::Title.is_null(),
-                    };
-                    chat_rows::Entity::update_many()
-                        .col_expr(chat_rows::Column::Title, Expr::value(title))
-                        .filter(chat_rows::Column::Id.eq(chat_id))
-                        .filter(current)
-                        .exec(&txn)
-                        .await
-                        .map_err(db_err)?;
-                }
+                Op::SetTitle(title) => chat.title = Set(Some(title)),
+                Op::SetArchived(archived) => chat.archived = Set(archived),
                 Op::DropMessagesFrom { from_position } => {
                     messages::Entity::update_many()
                         .col_expr(messages::Column::Deleted, Expr::value(true))

@@ -14,7 +14,12 @@ fn is_title_request(r: &RecordedRequest) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn titles_come_from_the_title_model_and_stay_editable() {
     let responder = |r: &RecordedRequest| {
-        if is_title_request(r) { Reply::text("\"Fixing the Flaky CI Build\"") } else { Reply::text("on it") }
+        // The title answer takes a moment, so a rename can come first.
+        if is_title_request(r) {
+            Reply::text("\"Fixing the Flaky CI Build\"").delay(std::time::Duration::from_millis(300))
+        } else {
+            Reply::text("on it")
+        }
     };
     let mut env =
         TestEnv::start_full(ScriptedLlm::with_responder(responder), Db::Sqlite, |s| s.agent.generate_titles = true)
@@ -72,4 +77,40 @@ async fn titles_come_from_the_title_model_and_stay_editable() {
     env.admin.wait_until_chat(&mine.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("idle");
     assert_eq!(env.llm.requests().into_iter().filter(is_title_request).count(), 1);
     assert_eq!(env.admin.get_chat(&mine.id).await.expect("chat").chat.title.as_deref(), Some("Mine"));
+
+    // Renamed while its title is being generated: the user's name stays, and no title event
+    // announces the generated one.
+    let raced = env.create_chat("another flaky test question").await;
+    let mut stream =
+        agentplane_tests::EventStream::connect(&env.base_url(), &raced.id, crate::common::ADMIN_TOKEN, Some(0))
+            .await
+            .expect("ws");
+    env.admin
+        .patch_chat(&raced.id, &PatchChat { title: Some("My own name".into()), archived: None })
+        .await
+        .expect("patch");
+    let deadline = std::time::Instant::now() + WAIT;
+    while env.llm.requests().into_iter().filter(is_title_request).count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the second title request was sent");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    env.llm.wait_until_idle(WAIT).await.expect("title answered");
+    // The chat's actor handles its mailbox in order: once this turn is done, the generated title
+    // (sent to it when the answer ended) has been considered.
+    env.send(&raced.id, "next").await;
+    env.admin.wait_until_chat(&raced.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("idle");
+    let events = stream
+        .wait_for(
+            |e| matches!(&e.body, agentplane_schema::event::EventBody::Title { title } if title == "My own name"),
+            WAIT,
+        )
+        .await
+        .expect("rename event");
+    assert!(
+        events.iter().all(
+            |e| !matches!(&e.body, agentplane_schema::event::EventBody::Title { title } if title.contains("Flaky"))
+        )
+    );
+    let after = env.admin.get_chat(&raced.id).await.expect("chat").chat;
+    assert_eq!(after.title.as_deref(), Some("My own name"));
 }
