@@ -68,6 +68,7 @@ pub async fn compact(
         system: "You summarise conversations for your own later use.".into(),
         messages,
         tools: vec![],
+        images: Default::default(),
     };
     let summary = match collect_text(input, request).await {
         Ok(text) if !text.trim().is_empty() => text,

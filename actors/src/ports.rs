@@ -2,6 +2,8 @@
 //! adapters (database, provider clients, NATS or in-process transport, provisioners); the actors
 //! never name a concrete one.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentplane_schema::api::{ChatErrorKind, ProviderType};
@@ -22,6 +24,8 @@ pub struct ModelTarget {
     pub api_key: Option<String>,
     pub model: String,
     pub max_output_tokens: Option<i64>,
+    /// The provider's settings with the model's own settings laid over them (model keys win):
+    /// dialect options such as Azure's `api_version`, Bedrock's `region`, OpenAI's `api`.
     pub settings: serde_json::Value,
 }
 
@@ -58,6 +62,22 @@ pub struct ModelRequest {
     pub system: String,
     pub messages: Vec<PromptMessage>,
     pub tools: Vec<ToolSpec>,
+    /// The bytes of every image the messages refer to (`Part::Image { file_id }`), by file id.
+    pub images: HashMap<String, ImageData>,
+}
+
+/// An uploaded image, checked by its magic bytes when it was stored.
+#[derive(Clone, PartialEq)]
+pub struct ImageData {
+    /// `image/png`, `image/jpeg`, `image/gif` or `image/webp`.
+    pub media_type: String,
+    pub bytes: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for ImageData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ImageData({}, {} bytes)", self.media_type, self.bytes.len())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -156,6 +156,7 @@ async fn step(
             system: prompt::system_prompt(&input.deps.settings.agent.system_prompt),
             messages: prompt::prompt_messages(&history),
             tools: tools::specs(),
+            images: Default::default(),
         };
         match stream_with_retries(input, &request, &mut draft).await? {
             Ok(s) => break s,

@@ -41,6 +41,7 @@ pub async fn generate(
             ))],
         }],
         tools: vec![],
+        images: Default::default(),
     };
     let mut text = String::new();
     match deps.model.stream(request).await {

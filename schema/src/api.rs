@@ -185,24 +185,48 @@ pub struct ChatDetail {
     pub children: Vec<Chat>,
 }
 
+/// The wire dialect of a provider. OpenRouter and Vercel AI Gateway speak OpenAI Chat
+/// Completions with their own quirks; `openai_compatible` is any other server that does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProviderType {
+    Anthropic,
+    Openai,
+    Gemini,
+    Azure,
+    Bedrock,
     OpenaiCompatible,
+    Openrouter,
+    Vercel,
 }
 
 impl ProviderType {
+    pub const ALL: [ProviderType; 8] = [
+        ProviderType::Anthropic,
+        ProviderType::Openai,
+        ProviderType::Gemini,
+        ProviderType::Azure,
+        ProviderType::Bedrock,
+        ProviderType::OpenaiCompatible,
+        ProviderType::Openrouter,
+        ProviderType::Vercel,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
+            ProviderType::Anthropic => "anthropic",
+            ProviderType::Openai => "openai",
+            ProviderType::Gemini => "gemini",
+            ProviderType::Azure => "azure",
+            ProviderType::Bedrock => "bedrock",
             ProviderType::OpenaiCompatible => "openai_compatible",
+            ProviderType::Openrouter => "openrouter",
+            ProviderType::Vercel => "vercel",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "openai_compatible" => Some(ProviderType::OpenaiCompatible),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
     }
 }
 

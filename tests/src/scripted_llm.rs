@@ -15,6 +15,7 @@
 //! Every completion request is recorded ([`ScriptedLlm::requests`]) and can be awaited
 //! ([`ScriptedLlm::wait_for_requests`]) without polling.
 
+mod dialect;
 mod http;
 mod reply;
 #[cfg(test)]
@@ -34,6 +35,7 @@ use tokio::sync::{oneshot, watch};
 
 use self::http::{Connection, LAST_CHUNK, Request, fixed_response, push_chunk, stream_head};
 use self::reply::{RenderContext, ReplyBody};
+pub use self::dialect::Dialect;
 pub use self::reply::{Reply, ScriptedCall, Usage};
 use crate::error::{Error, Result};
 
@@ -142,6 +144,7 @@ pub struct ScriptedLlmBuilder {
     workers: usize,
     record: bool,
     models: Vec<String>,
+    dialect: Dialect,
 }
 
 impl Default for ScriptedLlmBuilder {
@@ -152,6 +155,7 @@ impl Default for ScriptedLlmBuilder {
             workers: DEFAULT_WORKERS,
             record: true,
             models: vec!["scripted-model".to_string()],
+            dialect: Dialect::OpenAiChat,
         }
     }
 }
@@ -188,6 +192,13 @@ impl ScriptedLlmBuilder {
         self
     }
 
+    /// The wire format the server speaks (default OpenAI Chat Completions). The same scripted
+    /// replies are rendered in that provider's exact stream layout.
+    pub fn dialect(mut self, dialect: Dialect) -> Self {
+        self.dialect = dialect;
+        self
+    }
+
     /// Binds `127.0.0.1:0` and starts serving.
     ///
     /// # Panics
@@ -215,6 +226,7 @@ impl ScriptedLlmBuilder {
             next_completion: AtomicU64::new(1),
             chunk_chars: self.chunk_chars,
             models: self.models,
+            dialect: self.dialect,
         });
         let (stop_tx, stop_rx) = oneshot::channel();
         let server_shared = shared.clone();
@@ -231,6 +243,7 @@ impl ScriptedLlmBuilder {
 }
 
 struct Shared {
+    dialect: Dialect,
     script: Mutex<VecDeque<Reply>>,
     responder: Option<Responder>,
     record: bool,
@@ -435,7 +448,7 @@ async fn serve_connection(shared: Arc<Shared>, mut conn: Connection) {
         };
         let keep_alive = req.keep_alive;
         let keep_open = match (req.method.as_str(), req.path.as_str()) {
-            ("POST", "/v1/chat/completions") => serve_completion(&shared, &mut conn, req).await,
+            ("POST", path) if shared.dialect.serves(path) => serve_completion(&shared, &mut conn, req).await,
             ("GET", "/v1/models") => {
                 let data: Vec<Value> = shared
                     .models
@@ -474,10 +487,10 @@ async fn serve_completion(shared: &Shared, conn: &mut Connection, req: Request) 
         }
     };
     let recorded = RecordedRequest { method: req.method, path: req.path, headers: req.headers, body };
-    tracing::debug!(model = ?recorded.model(), stream = recorded.is_stream(), "scripted LLM request");
+    let stream = shared.dialect.is_stream(&recorded);
+    tracing::debug!(model = ?recorded.model(), stream, "scripted LLM request");
     let _active = ActiveGuard::new(&shared.active);
     let reply = shared.next_reply(&recorded);
-    let stream = recorded.is_stream();
     let include_usage =
         recorded.body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
     let model = recorded.model().unwrap_or("scripted-model").to_string();
@@ -512,6 +525,7 @@ async fn serve_completion(shared: &Shared, conn: &mut Connection, req: Request) 
         chunk_chars: reply.chunk_chars.unwrap_or(shared.chunk_chars),
         include_usage,
         request_bytes,
+        dialect: shared.dialect,
         next_call_id: &next_call_id,
     };
 
@@ -535,7 +549,7 @@ async fn serve_completion(shared: &Shared, conn: &mut Connection, req: Request) 
     let sent = cut.unwrap_or(messages.len());
     // Without a chunk delay the whole answer goes out in one write: benchmarks then measure the
     // orchestrator, not this server's syscalls.
-    let mut out = stream_head(&reply.headers, keep_alive);
+    let mut out = stream_head(shared.dialect.content_type(), &reply.headers, keep_alive);
     for (i, msg) in messages[..sent].iter().enumerate() {
         if i > 0 && !reply.chunk_delay.is_zero() {
             if conn.write(&out).await.is_err() {

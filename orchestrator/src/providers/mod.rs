@@ -53,6 +53,11 @@ impl ModelClient for Providers {
         );
         match request.target.provider_type {
             ProviderType::OpenaiCompatible => openai_compat::stream(&self.http, request).await,
+            // PLACEHOLDER while the dialect modules are written (issue 5).
+            other => Err(ModelError::new(
+                agentplane_schema::api::ChatErrorKind::Config,
+                format!("provider type {} is not supported yet", other.as_str()),
+            )),
         }
     }
 }

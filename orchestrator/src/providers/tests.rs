@@ -226,6 +226,7 @@ fn simple_request(base_url: &str) -> ModelRequest {
         system: "You are terse.".to_owned(),
         messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")] }],
         tools: Vec::new(),
+        images: Default::default(),
     }
 }
 
@@ -824,6 +825,7 @@ async fn request_shape() {
             description: "Run a command.".to_owned(),
             parameters: command_schema(),
         }],
+        images: Default::default(),
     };
     let events: Vec<_> = providers().stream(request).await.expect("opens").collect().await;
     assert!(events.iter().all(Result::is_ok));

@@ -8,6 +8,8 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use super::Dialect;
+
 /// One scripted answer. Build with [`Reply::text`], [`Reply::tool_calls`], [`Reply::error`],
 /// [`Reply::hang`] and refine with the builder methods.
 #[derive(Debug, Clone)]
@@ -217,6 +219,22 @@ pub(crate) struct RenderContext<'a> {
     pub request_bytes: usize,
     /// Assigns ids to calls that have none.
     pub next_call_id: &'a (dyn Fn() -> String + Sync),
+    pub dialect: Dialect,
+}
+
+/// A completion reply with everything resolved (call ids, usage, finish reason), as a
+/// dialect's renderer gets it.
+pub(crate) struct Completion<'a> {
+    pub reasoning: &'a str,
+    pub text: &'a str,
+    /// `(id, name, arguments)`; the arguments are the exact text the model "wrote".
+    pub calls: Vec<(String, String, String)>,
+    pub usage: Usage,
+    /// In OpenAI's words: `stop`, `tool_calls`, `length`, `content_filter`, or what the reply set.
+    pub finish: &'a str,
+    /// Stop before the end of the answer (the server then hangs).
+    pub hang: bool,
+    pub chunk_chars: usize,
 }
 
 #[derive(Serialize)]
@@ -342,9 +360,34 @@ impl Reply {
         }
     }
 
-    /// The SSE messages of a streamed completion, each a complete `data: …\n\n`. A hanging reply
-    /// stops before the final chunk. Error replies render nothing.
+    /// The messages of a streamed completion in the server's dialect, each one written as a
+    /// unit (an SSE event, an event-stream frame). A hanging reply stops before the end. Error
+    /// replies render nothing.
     pub(crate) fn render_stream(&self, ctx: &RenderContext<'_>) -> Vec<Vec<u8>> {
+        if ctx.dialect == Dialect::OpenAiChat {
+            return self.render_openai_chat_stream(ctx);
+        }
+        let ReplyBody::Completion { reasoning, text, calls } = &self.body else {
+            return Vec::new();
+        };
+        let calls = Self::resolved_calls(calls, ctx);
+        let output_chars = reasoning.chars().count()
+            + text.chars().count()
+            + calls.iter().map(|(_, _, a)| a.chars().count()).sum::<usize>();
+        let completion = Completion {
+            reasoning,
+            text,
+            usage: self.resolved_usage(ctx, output_chars),
+            finish: self.resolved_finish(!calls.is_empty()),
+            calls,
+            hang: self.hang,
+            chunk_chars: ctx.chunk_chars,
+        };
+        ctx.dialect.render_stream(&completion, ctx)
+    }
+
+    /// OpenAI Chat Completions: `data: {chunk}` events, a usage chunk when asked, `[DONE]`.
+    fn render_openai_chat_stream(&self, ctx: &RenderContext<'_>) -> Vec<Vec<u8>> {
         let ReplyBody::Completion { reasoning, text, calls } = &self.body else {
             return Vec::new();
         };

@@ -33,6 +33,33 @@ async fn start_server(settings: Settings) -> ServerHandle {
     tokio::task::spawn_blocking(move || spawn(settings, listener)).await.expect("join").expect("server starts")
 }
 
+/// The provider and default model a [`TestEnv`] is configured with.
+pub struct ProviderSetup {
+    pub provider_type: ProviderType,
+    pub base_url: String,
+    pub api_key: Option<String>,
+    pub settings: serde_json::Value,
+    /// The provider's name for the model.
+    pub model: String,
+    pub max_output_tokens: Option<i64>,
+    pub vision: bool,
+}
+
+impl ProviderSetup {
+    /// The scripted LLM as an OpenAI-compatible endpoint (what most tests use).
+    pub fn openai_compatible(llm: &ScriptedLlm) -> Self {
+        ProviderSetup {
+            provider_type: ProviderType::OpenaiCompatible,
+            base_url: llm.base_url(),
+            api_key: Some("sk-test-secret".into()),
+            settings: serde_json::Value::Null,
+            model: "scripted-1".into(),
+            max_output_tokens: None,
+            vision: false,
+        }
+    }
+}
+
 pub enum Db {
     Sqlite,
     Postgres,
@@ -86,6 +113,18 @@ impl TestEnv {
 
     /// With a scripted LLM of the caller's (e.g. one answering by request content).
     pub async fn start_full(llm: ScriptedLlm, db: Db, tweak: impl FnOnce(&mut Settings)) -> Self {
+        let provider = ProviderSetup::openai_compatible(&llm);
+        Self::start_with_provider(llm, provider, db, tweak).await
+    }
+
+    /// With the default model served by `provider` (whose far end is `llm`, speaking that
+    /// provider's dialect).
+    pub async fn start_with_provider(
+        llm: ScriptedLlm,
+        provider: ProviderSetup,
+        db: Db,
+        tweak: impl FnOnce(&mut Settings),
+    ) -> Self {
         agentplane_tests::init_tracing();
         let data_dir = tempfile::tempdir().expect("tempdir");
         let db = match db {
@@ -107,24 +146,24 @@ impl TestEnv {
         tweak(&mut settings);
         let server = start_server(settings.clone()).await;
         let admin = ApiClient::new(server.base_url(), ADMIN_TOKEN);
-        let provider = admin
+        let created = admin
             .create_provider(&CreateProvider {
-                provider_type: ProviderType::OpenaiCompatible,
+                provider_type: provider.provider_type,
                 name: "scripted".into(),
-                base_url: llm.base_url(),
-                api_key: Some("sk-test-secret".into()),
-                settings: serde_json::Value::Null,
+                base_url: provider.base_url,
+                api_key: provider.api_key,
+                settings: provider.settings,
             })
             .await
             .expect("provider");
         admin
             .create_model(&CreateModel {
-                provider_id: provider.id,
-                model: "scripted-1".into(),
+                provider_id: created.id,
+                model: provider.model,
                 display_name: Some("Scripted".into()),
                 context_window: 128_000,
-                max_output_tokens: None,
-                vision: false,
+                max_output_tokens: provider.max_output_tokens,
+                vision: provider.vision,
                 enabled: true,
                 is_default: true,
             })
