@@ -62,6 +62,7 @@ pub async fn compact(
         )));
     }
     let mut messages = prompt::prompt_messages(older);
+    prompt::images_as_notes(&mut messages);
     messages.push(PromptMessage { role: Role::User, parts: vec![Part::text(COMPACTION_PROMPT)] });
     let request = ModelRequest {
         target: model.target.clone(),

@@ -80,6 +80,9 @@ impl std::fmt::Debug for ImageData {
     }
 }
 
+/// Tokens of one model call. `input_tokens` is the whole prompt, cached tokens included (as
+/// OpenAI's `prompt_tokens`); `cache_read_tokens` and `cache_write_tokens` are the parts of it read
+/// from and written to the provider's prompt cache. `output_tokens` includes reasoning tokens.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub input_tokens: u64,
@@ -198,6 +201,9 @@ pub enum StoreError {
     Fenced,
     #[error("database: {0}")]
     Database(String),
+    /// The change would break something that depends on the row (named in the message).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// Everything an actor needs to (re)build a chat's live state.
@@ -233,6 +239,35 @@ pub struct ResolvedModel {
     pub context_window: i64,
     /// Share of the context window at which the conversation is compacted (default 0.7).
     pub compaction_threshold: f64,
+    /// Whether the model takes images.
+    pub vision: bool,
+    pub prices: Prices,
+}
+
+/// USD per million tokens; a missing price means the cost is unknown.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Prices {
+    pub input: Option<f64>,
+    pub output: Option<f64>,
+    /// Defaults to the input price.
+    pub cache_read: Option<f64>,
+    /// Defaults to the input price.
+    pub cache_write: Option<f64>,
+}
+
+impl Prices {
+    /// The cost of `usage`, when the input and output prices are known. Cached tokens are part
+    /// of `input_tokens` and are charged at their own price instead of the input price.
+    pub fn cost(&self, usage: &Usage) -> Option<f64> {
+        let (input, output) = (self.input?, self.output?);
+        let cached = usage.cache_read_tokens + usage.cache_write_tokens;
+        let fresh = usage.input_tokens.saturating_sub(cached) as f64;
+        let micro = fresh * input
+            + usage.cache_read_tokens as f64 * self.cache_read.unwrap_or(input)
+            + usage.cache_write_tokens as f64 * self.cache_write.unwrap_or(input)
+            + usage.output_tokens as f64 * output;
+        Some(micro / 1_000_000.0)
+    }
 }
 
 /// One state change of a chat. A [`Batch`] of them is committed in one transaction together with
@@ -286,6 +321,7 @@ pub enum Op {
         message_id: String,
         model_id: String,
         usage: Usage,
+        cost_usd: Option<f64>,
     },
     Audit {
         user_id: Option<String>,
@@ -330,6 +366,8 @@ pub trait Store: Send + Sync + 'static {
     async fn commit(&self, chat_id: &str, batch: Batch) -> Result<(), StoreError>;
     /// Creates a sub-agent's chat row (same owner, `parent_id` set).
     async fn create_child(&self, child: NewChild) -> Result<Chat, StoreError>;
+    /// The bytes of uploaded images, by file id; ids that do not exist are left out.
+    async fn load_images(&self, file_ids: &[String]) -> Result<HashMap<String, ImageData>, StoreError>;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -51,6 +51,29 @@ pub fn prompt_messages(history: &[Message]) -> Vec<PromptMessage> {
         .collect()
 }
 
+/// The file ids of the images `messages` show the model, each once.
+pub fn image_ids(messages: &[PromptMessage]) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::new();
+    for part in messages.iter().flat_map(|m| &m.parts) {
+        if let Part::Image { file_id } = part
+            && !ids.contains(file_id)
+        {
+            ids.push(file_id.clone());
+        }
+    }
+    ids
+}
+
+/// `messages` with each image replaced by a note that one was there (for calls that do not
+/// look at images, such as summarising).
+pub fn images_as_notes(messages: &mut [PromptMessage]) {
+    for part in messages.iter_mut().flat_map(|m| &mut m.parts) {
+        if let Part::Image { file_id } = part {
+            *part = Part::text(format!("[an image was attached here ({file_id})]"));
+        }
+    }
+}
+
 /// How the summary is introduced to the model.
 pub const SUMMARY_PREFIX: &str = "[Summary of the conversation so far, written by you for yourself]";
 

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentplane_schema::api::{ChatError, ChatErrorKind};
+use agentplane_schema::api::{ChatError, ChatErrorKind, UsageTotals};
 use agentplane_schema::event::{DeltaKind, EventBody, ToolPhase};
 use agentplane_schema::message::{Message, Part, Role};
 use agentplane_schema::new_id;
@@ -151,12 +151,25 @@ async fn step(
                 return Ok(StepOutcome::Failed(e));
             }
         }
+        let messages = prompt::prompt_messages(&history);
+        let image_ids = prompt::image_ids(&messages);
+        if !image_ids.is_empty() && !model.vision {
+            return Ok(StepOutcome::Failed(ChatError {
+                kind: ChatErrorKind::Config,
+                message: format!(
+                    "the model `{}` does not accept images (it is not marked `vision`); choose a vision model",
+                    model.target.model
+                ),
+            }));
+        }
+        let images =
+            if image_ids.is_empty() { Default::default() } else { input.deps.store.load_images(&image_ids).await? };
         let request = ModelRequest {
             target: model.target.clone(),
             system: prompt::system_prompt(&input.deps.settings.agent.system_prompt),
-            messages: prompt::prompt_messages(&history),
+            messages,
             tools: tools::specs(),
-            images: Default::default(),
+            images,
         };
         match stream_with_retries(input, &request, &mut draft).await? {
             Ok(s) => break s,
@@ -226,7 +239,25 @@ async fn step(
             workspace_id: workspace_id.clone(),
         });
     }
-    ops.push(Op::RecordUsage { message_id: assistant.id.clone(), model_id: model.id.clone(), usage: draft.usage });
+    let cost_usd = model.prices.cost(&draft.usage);
+    ops.push(Op::RecordUsage {
+        message_id: assistant.id.clone(),
+        model_id: model.id.clone(),
+        usage: draft.usage,
+        cost_usd,
+    });
+    events.push(EventBody::Usage {
+        message_id: assistant.id.clone(),
+        model_id: model.id.clone(),
+        usage: UsageTotals {
+            input_tokens: draft.usage.input_tokens,
+            output_tokens: draft.usage.output_tokens,
+            cache_read_tokens: draft.usage.cache_read_tokens,
+            cache_write_tokens: draft.usage.cache_write_tokens,
+            cost_usd: cost_usd.unwrap_or(0.0),
+            calls: 1,
+        },
+    });
     input.shared.commit(ops, events).await?;
     input.shared.record_usage(draft.usage.input_tokens + draft.usage.output_tokens, assistant.position);
     let assistant_id = assistant.id.clone();

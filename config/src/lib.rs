@@ -35,6 +35,7 @@ pub struct Settings {
     pub workspaces: WorkspaceSettings,
     pub nats: NatsSettings,
     pub auth: AuthSettings,
+    pub secrets: SecretsSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -154,6 +155,16 @@ impl NatsSettings {
     }
 }
 
+/// Where the key that encrypts provider API keys comes from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsSettings {
+    /// 32 bytes, base64. Default empty (use `key_file`).
+    pub key: String,
+    /// Default empty: `<data_dir>/secret.key`, created on first start.
+    pub key_file: String,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
@@ -269,6 +280,15 @@ impl Settings {
     }
 
     /// Directory of `local` workspaces.
+    /// The file holding the API-key encryption key when `secrets.key` is not set.
+    pub fn secret_key_file(&self) -> PathBuf {
+        if self.secrets.key_file.trim().is_empty() {
+            self.server.data_dir.join("secret.key")
+        } else {
+            PathBuf::from(&self.secrets.key_file)
+        }
+    }
+
     pub fn workspace_root(&self) -> PathBuf {
         if self.workspaces.root.trim().is_empty() {
             self.server.data_dir.join("workspaces")

@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
-use agentplane_schema::api::{CreateTemplate, ErrorBody, PatchTemplate, Template, Workspace, WorkspaceDetail};
+use agentplane_schema::api::{
+    CreateModel, CreateProvider, CreateTemplate, ErrorBody, Model, PatchModel, PatchProvider, PatchTemplate, Provider,
+    ProviderType, Template, Workspace, WorkspaceDetail,
+};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use reqwest::Method;
@@ -59,6 +62,95 @@ pub enum WorkspaceCommand {
     Delete {
         workspace: String,
     },
+}
+
+/// Where a provider's API key comes from: never a command-line argument (it would land in the
+/// shell history and the process list).
+#[derive(Args, Clone, Default)]
+pub struct KeySource {
+    /// Read the API key from this environment variable.
+    #[arg(long, value_name = "VAR")]
+    pub api_key_env: Option<String>,
+    /// Read the API key from the first line of standard input.
+    #[arg(long, conflicts_with = "api_key_env")]
+    pub api_key_stdin: bool,
+}
+
+impl KeySource {
+    fn read(&self) -> anyhow::Result<Option<String>> {
+        if let Some(var) = &self.api_key_env {
+            let key = std::env::var(var).with_context(|| format!("the environment variable {var} is not set"))?;
+            return Ok(Some(key.trim().to_string()));
+        }
+        if self.api_key_stdin {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).context("reading the API key from stdin")?;
+            return Ok(Some(line.trim().to_string()));
+        }
+        Ok(None)
+    }
+}
+
+#[derive(Subcommand)]
+pub enum ProviderCommand {
+    /// List providers.
+    Ls,
+    /// Add a provider.
+    Create {
+        /// anthropic, openai, gemini, azure, bedrock, openai_compatible, openrouter or vercel.
+        #[arg(long = "type")]
+        provider_type: String,
+        #[arg(long)]
+        name: String,
+        /// Leave out for the provider's public endpoint.
+        #[arg(long, default_value = "")]
+        base_url: String,
+        /// Dialect settings as a JSON object, e.g. '{"region":"us-east-1","access_key_id":"AKIA…"}'.
+        #[arg(long)]
+        settings: Option<String>,
+        #[command(flatten)]
+        key: KeySource,
+    },
+    /// Change a provider: the fields given change.
+    Update {
+        provider: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        base_url: Option<String>,
+        #[arg(long)]
+        settings: Option<String>,
+        #[command(flatten)]
+        key: KeySource,
+        /// Remove the stored API key.
+        #[arg(long, conflicts_with_all = ["api_key_env", "api_key_stdin"])]
+        remove_api_key: bool,
+    },
+    /// Delete a provider no model uses.
+    Delete { provider: String },
+}
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// List models.
+    Ls,
+    /// Add a model from a JSON file (the body of POST /api/v1/models).
+    Create {
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Change a model with a JSON file holding the fields to change.
+    Update {
+        model: String,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Delete a model.
+    Delete { model: String },
+}
+
+fn parse_settings(settings: Option<&str>) -> anyhow::Result<Option<serde_json::Value>> {
+    settings.map(|s| serde_json::from_str(s).context("--settings is not valid JSON")).transpose()
 }
 
 struct Client {
@@ -175,6 +267,84 @@ pub async fn workspaces(remote: Remote, command: WorkspaceCommand) -> anyhow::Re
         WorkspaceCommand::Delete { workspace } => {
             client.call::<serde_json::Value>(Method::DELETE, &format!("/workspaces/{workspace}"), NONE).await?;
             println!("deleted workspace {workspace}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn providers(remote: Remote, command: ProviderCommand) -> anyhow::Result<()> {
+    let client = Client::new(remote)?;
+    match command {
+        ProviderCommand::Ls => {
+            let list: Vec<Provider> = client.call(Method::GET, "/providers", NONE).await?.unwrap_or_default();
+            println!("{:<38} {:<18} {:<18} {:<4} BASE URL", "ID", "NAME", "TYPE", "KEY");
+            for p in list {
+                let key = if p.has_api_key { "yes" } else { "no" };
+                println!("{:<38} {:<18} {:<18} {key:<4} {}", p.id, p.name, p.provider_type.as_str(), p.base_url);
+            }
+        }
+        ProviderCommand::Create { provider_type, name, base_url, settings, key } => {
+            let provider_type = ProviderType::parse(&provider_type).with_context(|| {
+                let all: Vec<&str> = ProviderType::ALL.iter().map(|t| t.as_str()).collect();
+                format!("unknown provider type `{provider_type}` (one of {})", all.join(", "))
+            })?;
+            let body = CreateProvider {
+                provider_type,
+                name,
+                base_url,
+                api_key: key.read()?,
+                settings: parse_settings(settings.as_deref())?.unwrap_or_default(),
+            };
+            let p: Option<Provider> = client.call(Method::POST, "/providers", Some(&body)).await?;
+            print_json(&p)?;
+        }
+        ProviderCommand::Update { provider, name, base_url, settings, key, remove_api_key } => {
+            let api_key = if remove_api_key { Some(None) } else { key.read()?.map(Some) };
+            let body = PatchProvider { name, base_url, api_key, settings: parse_settings(settings.as_deref())? };
+            let p: Option<Provider> =
+                client.call(Method::PATCH, &format!("/providers/{provider}"), Some(&body)).await?;
+            print_json(&p)?;
+        }
+        ProviderCommand::Delete { provider } => {
+            client.call::<serde_json::Value>(Method::DELETE, &format!("/providers/{provider}"), NONE).await?;
+            println!("deleted provider {provider}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn models(remote: Remote, command: ModelCommand) -> anyhow::Result<()> {
+    let client = Client::new(remote)?;
+    match command {
+        ModelCommand::Ls => {
+            let list: Vec<Model> = client.call(Method::GET, "/models", NONE).await?.unwrap_or_default();
+            println!("{:<38} {:<28} {:<9} {:<7} {:<7} DEFAULT", "ID", "MODEL", "CONTEXT", "VISION", "ENABLED");
+            for m in list {
+                let yes = |b: bool| if b { "yes" } else { "no" };
+                println!(
+                    "{:<38} {:<28} {:<9} {:<7} {:<7} {}",
+                    m.id,
+                    m.model,
+                    m.context_window,
+                    yes(m.vision),
+                    yes(m.enabled),
+                    yes(m.is_default)
+                );
+            }
+        }
+        ModelCommand::Create { file } => {
+            let body: CreateModel = read_json(&file)?;
+            let m: Option<Model> = client.call(Method::POST, "/models", Some(&body)).await?;
+            print_json(&m)?;
+        }
+        ModelCommand::Update { model, file } => {
+            let body: PatchModel = read_json(&file)?;
+            let m: Option<Model> = client.call(Method::PATCH, &format!("/models/{model}"), Some(&body)).await?;
+            print_json(&m)?;
+        }
+        ModelCommand::Delete { model } => {
+            client.call::<serde_json::Value>(Method::DELETE, &format!("/models/{model}"), NONE).await?;
+            println!("deleted model {model}");
         }
     }
     Ok(())

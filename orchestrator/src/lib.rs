@@ -16,6 +16,7 @@ pub mod cli;
 pub mod nats_auth;
 pub mod providers;
 pub mod provisioners;
+pub mod secrets;
 pub mod server;
 pub mod state;
 pub mod store;

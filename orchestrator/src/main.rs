@@ -4,7 +4,7 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 
-use agentplane::cli::{self, Remote, TemplateCommand, WorkspaceCommand};
+use agentplane::cli::{self, ModelCommand, ProviderCommand, Remote, TemplateCommand, WorkspaceCommand};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
@@ -40,6 +40,21 @@ enum Command {
         remote: Remote,
         #[command(subcommand)]
         command: TemplateCommand,
+    },
+    /// Manage LLM providers (admin). API keys are read from an environment variable or stdin,
+    /// never from the command line.
+    Providers {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: ProviderCommand,
+    },
+    /// Manage models (admin; members may list the enabled ones).
+    Models {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: ModelCommand,
     },
     /// Manage your workspaces.
     Workspaces {
@@ -92,6 +107,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Nats { command: NatsCommand::Init { out, prefix } } => cli::nats_init(&out, &prefix),
         Command::Templates { remote, command } => runtime()?.block_on(cli::templates(remote, command)),
         Command::Workspaces { remote, command } => runtime()?.block_on(cli::workspaces(remote, command)),
+        Command::Providers { remote, command } => runtime()?.block_on(cli::providers(remote, command)),
+        Command::Models { remote, command } => runtime()?.block_on(cli::models(remote, command)),
     }
 }
 

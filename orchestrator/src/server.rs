@@ -12,7 +12,9 @@ use agentplane_actors::bus::LocalEventBus;
 use agentplane_actors::ports::{EventBus, ModelClient, ToolTransport};
 use agentplane_actors::{Deps, Directory};
 use agentplane_config::Settings;
-use agentplane_schema::api::{CreateTemplate, ProvisionerSpec, UserRole};
+use agentplane_schema::api::{
+    CreateModel, CreateProvider, CreateTemplate, ModelPrices, ProviderType, ProvisionerSpec, UserRole,
+};
 use agentplane_schema::nats::Subjects;
 use agentplane_schema::tool::ToolLimits;
 use anyhow::Context as _;
@@ -61,7 +63,17 @@ pub async fn prepare(settings: Settings) -> anyhow::Result<Prepared> {
     let db = agentplane_schema::db::connect_and_migrate(&settings.database_url(), settings.database.max_connections)
         .await
         .context("opening the database")?;
-    let store = DbStore::new(db);
+    let secrets = crate::secrets::SecretBox::load(&settings).context("loading the key that encrypts API keys")?;
+    let store = DbStore::new(db, secrets);
+    let sealed = store.check_provider_keys().await.map_err(|e| {
+        anyhow::anyhow!(
+            "{e}. The API keys in the database were encrypted with another key: start with the same secrets.key / \
+             AGENTPLANE_SECRET_KEY / secret key file as before"
+        )
+    })?;
+    if sealed > 0 {
+        tracing::info!(sealed, "encrypted provider API keys stored in plaintext by an older version");
+    }
     let admin_token = bootstrap(&store, &settings).await?;
 
     let backend = tool_backend(&settings).await?;
@@ -148,6 +160,9 @@ async fn bootstrap(store: &DbStore, settings: &Settings) -> anyhow::Result<Optio
         let (_, _, t) = store.create_user_with_token("admin", UserRole::Admin, configured).await?;
         token = Some(t);
     }
+    if store.list_providers().await?.is_empty() {
+        bootstrap_providers(store, |name| std::env::var(name).ok()).await?;
+    }
     if store.count_templates().await? == 0 {
         store
             .create_template(&CreateTemplate {
@@ -162,6 +177,91 @@ async fn bootstrap(store: &DbStore, settings: &Settings) -> anyhow::Result<Optio
             .await?;
     }
     Ok(token)
+}
+
+/// A provider made on first start from a key in the environment, with the model it starts with.
+struct EnvProvider {
+    env: &'static str,
+    provider_type: ProviderType,
+    model: &'static str,
+    display_name: &'static str,
+    context_window: i64,
+    max_output_tokens: i64,
+    /// USD per million tokens: input, output, cache read, cache write (list prices when written).
+    prices: [Option<f64>; 4],
+}
+
+const ENV_PROVIDERS: [EnvProvider; 3] = [
+    EnvProvider {
+        env: "ANTHROPIC_API_KEY",
+        provider_type: ProviderType::Anthropic,
+        model: "claude-sonnet-4-5",
+        display_name: "Claude Sonnet 4.5",
+        context_window: 200_000,
+        max_output_tokens: 64_000,
+        prices: [Some(3.0), Some(15.0), Some(0.3), Some(3.75)],
+    },
+    EnvProvider {
+        env: "OPENAI_API_KEY",
+        provider_type: ProviderType::Openai,
+        model: "gpt-5",
+        display_name: "GPT-5",
+        context_window: 400_000,
+        max_output_tokens: 128_000,
+        prices: [Some(1.25), Some(10.0), Some(0.125), None],
+    },
+    EnvProvider {
+        env: "GEMINI_API_KEY",
+        provider_type: ProviderType::Gemini,
+        model: "gemini-2.5-pro",
+        display_name: "Gemini 2.5 Pro",
+        context_window: 1_048_576,
+        max_output_tokens: 65_536,
+        prices: [Some(1.25), Some(10.0), Some(0.31), None],
+    },
+];
+
+/// On a first start without providers: one provider and model per API key found in the
+/// environment (`ANTHROPIC_API_KEY`, `OPENAI_API_KEY`, `GEMINI_API_KEY`); the first found is the
+/// default model. Returns how many were created.
+async fn bootstrap_providers(store: &DbStore, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<usize> {
+    let mut created = 0;
+    for p in &ENV_PROVIDERS {
+        let Some(key) = env(p.env).map(|k| k.trim().to_string()).filter(|k| !k.is_empty()) else { continue };
+        let provider = store
+            .create_provider(&CreateProvider {
+                provider_type: p.provider_type,
+                name: p.provider_type.as_str().into(),
+                base_url: p.provider_type.default_base_url().unwrap_or_default().into(),
+                api_key: Some(key),
+                settings: serde_json::json!({}),
+            })
+            .await?;
+        let [input, output, cache_read, cache_write] = p.prices;
+        store
+            .create_model(&CreateModel {
+                provider_id: provider.id,
+                model: p.model.into(),
+                display_name: Some(p.display_name.into()),
+                context_window: p.context_window,
+                max_output_tokens: Some(p.max_output_tokens),
+                vision: true,
+                enabled: true,
+                is_default: created == 0,
+                compaction_threshold: None,
+                prices: ModelPrices {
+                    input_per_mtok: input,
+                    output_per_mtok: output,
+                    cache_read_per_mtok: cache_read,
+                    cache_write_per_mtok: cache_write,
+                },
+                settings: serde_json::json!({}),
+            })
+            .await?;
+        tracing::info!(provider = p.provider_type.as_str(), model = p.model, "created a provider from {}", p.env);
+        created += 1;
+    }
+    Ok(created)
 }
 
 /// Serves on `listener` until the server is stopped (SIGINT/SIGTERM).

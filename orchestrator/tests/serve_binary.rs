@@ -19,15 +19,23 @@ fn free_port() -> u16 {
 }
 
 fn start(dir: &std::path::Path, port: u16) -> (Server, Vec<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_agentplane"))
+    start_with_env(dir, port, &[])
+}
+
+fn command(dir: &std::path::Path, port: u16, env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_agentplane"));
+    command
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .current_dir(dir)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("agentplane starts");
+        .envs(env.iter().copied());
+    command
+}
+
+fn start_with_env(dir: &std::path::Path, port: u16, env: &[(&str, &str)]) -> (Server, Vec<String>) {
+    let mut child =
+        command(dir, port, env).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("agentplane starts");
     let stdout = child.stdout.take().expect("stdout");
     let server = Server(child);
     let mut lines = Vec::new();
@@ -82,4 +90,72 @@ fn serve_starts_on_the_embedded_default_with_no_configuration() {
     drop(server);
     let (_server, lines) = start(dir.path(), free_port());
     assert!(lines.iter().all(|l| !l.contains("Admin token")), "{lines:?}");
+}
+
+const ANTHROPIC_KEY: &str = "sk-ant-envkey-0123456789abcdef";
+const OPENAI_KEY: &str = "sk-proj-envkey-fedcba9876543210";
+
+fn admin_token(lines: &[String]) -> String {
+    lines
+        .iter()
+        .find_map(|l| l.split("Admin token (shown once): ").nth(1))
+        .map(|t| t.trim().to_string())
+        .unwrap_or_else(|| panic!("no admin token printed: {lines:?}"))
+}
+
+/// Keys in the environment on first start become providers with a default model; the keys are
+/// stored encrypted (not in the database file in any form we can grep), never returned; a
+/// restart with another encryption key refuses to start and says why.
+#[test]
+fn first_start_takes_provider_keys_from_the_environment_and_stores_them_encrypted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let (server, lines) =
+        start_with_env(dir.path(), port, &[("ANTHROPIC_API_KEY", ANTHROPIC_KEY), ("OPENAI_API_KEY", OPENAI_KEY)]);
+    let token = admin_token(&lines);
+
+    let (status, providers) = get(port, "/api/v1/providers", Some(&token));
+    assert_eq!(status, 200, "{providers}");
+    let providers: serde_json::Value = serde_json::from_str(&providers).expect("json");
+    let mut types: Vec<&str> = providers.as_array().unwrap().iter().map(|p| p["type"].as_str().unwrap()).collect();
+    types.sort();
+    assert_eq!(types, ["anthropic", "openai"]);
+    assert!(providers.as_array().unwrap().iter().all(|p| p["has_api_key"] == true && p.get("api_key").is_none()));
+    let (_, models) = get(port, "/api/v1/models", Some(&token));
+    let models: serde_json::Value = serde_json::from_str(&models).expect("json");
+    let defaults: Vec<&str> = models
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["is_default"] == true)
+        .map(|m| m["model"].as_str().unwrap())
+        .collect();
+    assert_eq!(defaults, ["claude-sonnet-4-5"], "{models}");
+    drop(server);
+
+    let key_file = dir.path().join("data/secret.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key_file).expect("key file").permissions().mode() & 0o777, 0o600);
+    for file in std::fs::read_dir(dir.path().join("data")).unwrap() {
+        let bytes = std::fs::read(file.unwrap().path()).unwrap_or_default();
+        for key in [ANTHROPIC_KEY, OPENAI_KEY] {
+            assert!(!contains(&bytes, key.as_bytes()), "{key} found in plaintext");
+        }
+    }
+
+    // Another key: the server does not start and names the problem.
+    let wrong = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let output = command(dir.path(), free_port(), &[("AGENTPLANE_SECRET_KEY", wrong)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("encrypted with another key"), "{stderr}");
+    assert!(!stderr.contains(ANTHROPIC_KEY) && !stderr.contains(OPENAI_KEY));
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }

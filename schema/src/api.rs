@@ -185,6 +185,58 @@ pub struct ChatDetail {
     pub children: Vec<Chat>,
 }
 
+/// An uploaded file (`POST /files`): an image checked by its bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileInfo {
+    pub id: String,
+    pub content_type: String,
+    pub size: i64,
+    pub sha256: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Token counts and cost. `input_tokens` includes the cached tokens counted in `cache_read_tokens`
+/// and `cache_write_tokens`. `cost_usd` sums what is known: calls of models without prices add
+/// tokens but no cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageTotals {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub cost_usd: f64,
+    /// Model calls counted.
+    pub calls: u64,
+}
+
+impl UsageTotals {
+    pub fn add(&mut self, other: &UsageTotals) {
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cache_read_tokens += other.cache_read_tokens;
+        self.cache_write_tokens += other.cache_write_tokens;
+        self.cost_usd += other.cost_usd;
+        self.calls += other.calls;
+    }
+}
+
+/// Answer to `GET /chats/{id}/usage`: the chat's own model calls, each sub-agent's (all
+/// descendants, flattened), and the sum of both.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatUsage {
+    pub chat_id: String,
+    pub own: UsageTotals,
+    pub subagents: Vec<SubagentUsage>,
+    pub total: UsageTotals,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubagentUsage {
+    pub chat_id: String,
+    pub parent_id: String,
+    pub usage: UsageTotals,
+}
+
 /// The wire dialect of a provider. OpenRouter and Vercel AI Gateway speak OpenAI Chat
 /// Completions with their own quirks; `openai_compatible` is any other server that does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +280,20 @@ impl ProviderType {
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.as_str() == s)
     }
+
+    /// The public endpoint used when a provider is created without a base URL. Azure and
+    /// OpenAI-compatible servers have none (the URL names the resource); Bedrock's is derived
+    /// from the `region` setting.
+    pub fn default_base_url(self) -> Option<&'static str> {
+        match self {
+            ProviderType::Anthropic => Some("https://api.anthropic.com"),
+            ProviderType::Openai => Some("https://api.openai.com/v1"),
+            ProviderType::Gemini => Some("https://generativelanguage.googleapis.com/v1beta"),
+            ProviderType::Openrouter => Some("https://openrouter.ai/api/v1"),
+            ProviderType::Vercel => Some("https://ai-gateway.vercel.sh/v1"),
+            ProviderType::Azure | ProviderType::Bedrock | ProviderType::OpenaiCompatible => None,
+        }
+    }
 }
 
 /// `POST /providers` (admin). The key is write-only.
@@ -237,11 +303,38 @@ pub struct CreateProvider {
     #[serde(rename = "type")]
     pub provider_type: ProviderType,
     pub name: String,
+    /// Empty: the provider's public endpoint ([`ProviderType::default_base_url`]).
+    #[serde(default)]
     pub base_url: String,
     #[serde(default)]
     pub api_key: Option<String>,
+    /// Dialect options, e.g. `{"region": "eu-west-1", "access_key_id": "…"}` for Bedrock,
+    /// `{"api_version": "…"}` for Azure.
     #[serde(default)]
     pub settings: serde_json::Value,
+}
+
+/// `PATCH /providers/{id}` (admin): only the fields given change. `api_key: null` removes the key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchProvider {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    #[serde(default, deserialize_with = "some_even_if_null", skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<Option<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<serde_json::Value>,
+}
+
+/// `Some(None)` for an explicit `null`, so "remove" and "leave alone" differ.
+fn some_even_if_null<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -254,6 +347,20 @@ pub struct Provider {
     pub has_api_key: bool,
     pub settings: serde_json::Value,
     pub created_at: DateTime<Utc>,
+}
+
+/// Prices in USD per million tokens. Cache prices default to the input price.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrices {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_per_mtok: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_per_mtok: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_read_per_mtok: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_per_mtok: Option<f64>,
 }
 
 /// `POST /models` (admin).
@@ -273,6 +380,38 @@ pub struct CreateModel {
     pub enabled: bool,
     #[serde(default)]
     pub is_default: bool,
+    /// Share of the context window at which the conversation is compacted (default 0.7).
+    #[serde(default)]
+    pub compaction_threshold: Option<f64>,
+    #[serde(default)]
+    pub prices: ModelPrices,
+    /// Dialect options laid over the provider's, e.g. `{"api": "responses"}` for OpenAI.
+    #[serde(default)]
+    pub settings: serde_json::Value,
+}
+
+/// `PATCH /models/{id}` (admin): only the fields given change.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchModel {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_window: Option<i64>,
+    #[serde(default, deserialize_with = "some_even_if_null", skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<Option<i64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_default: Option<bool>,
+    #[serde(default, deserialize_with = "some_even_if_null", skip_serializing_if = "Option::is_none")]
+    pub compaction_threshold: Option<Option<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prices: Option<ModelPrices>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<serde_json::Value>,
 }
 
 fn yes() -> bool {
@@ -290,6 +429,9 @@ pub struct Model {
     pub vision: bool,
     pub enabled: bool,
     pub is_default: bool,
+    pub compaction_threshold: Option<f64>,
+    pub prices: ModelPrices,
+    pub settings: serde_json::Value,
     pub created_at: DateTime<Utc>,
 }
 

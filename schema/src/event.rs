@@ -127,6 +127,12 @@ pub enum EventBody {
     MessagesDropped {
         from_position: i64,
     },
+    /// Tokens and cost of one model call of this chat (its committed assistant message).
+    Usage {
+        message_id: String,
+        model_id: String,
+        usage: crate::api::UsageTotals,
+    },
     Retry {
         attempt: u32,
         delay_ms: u64,
@@ -161,6 +167,7 @@ impl EventBody {
             EventBody::MessagesDropped { .. } => "messages_dropped",
             EventBody::Subagent { .. } => "subagent",
             EventBody::Title { .. } => "title",
+            EventBody::Usage { .. } => "usage",
             EventBody::Retry { .. } => "retry",
             EventBody::Error { .. } => "error",
             EventBody::StreamReset => "stream_reset",

@@ -8,8 +8,9 @@
 use std::time::Duration;
 
 use agentplane_schema::api::{
-    Chat, ChatDetail, CreateChat, CreateModel, CreateProvider, CreateTemplate, CreateUser, IssuedToken, MessagePage,
-    Model, PatchChat, Provider, SendMessage, SendOutcome, Template, Workspace,
+    Chat, ChatDetail, ChatUsage, CreateChat, CreateModel, CreateProvider, CreateTemplate, CreateUser, FileInfo,
+    IssuedToken, MessagePage, Model, PatchChat, PatchModel, PatchProvider, Provider, SendMessage, SendOutcome,
+    Template, Workspace,
 };
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Serialize;
@@ -185,6 +186,40 @@ impl ApiClient {
 
     pub async fn create_provider(&self, body: &CreateProvider) -> Result<Provider> {
         self.call(Method::POST, "/api/v1/providers", Some(body)).await
+    }
+
+    pub async fn patch_provider(&self, id: &str, body: &PatchProvider) -> Result<Provider> {
+        self.call(Method::PATCH, &format!("/api/v1/providers/{id}"), Some(body)).await
+    }
+
+    pub async fn delete_provider(&self, id: &str) -> Result<()> {
+        self.call_ignoring_body(Method::DELETE, &format!("/api/v1/providers/{id}")).await
+    }
+
+    pub async fn patch_model(&self, id: &str, body: &PatchModel) -> Result<Model> {
+        self.call(Method::PATCH, &format!("/api/v1/models/{id}"), Some(body)).await
+    }
+
+    pub async fn delete_model(&self, id: &str) -> Result<()> {
+        self.call_ignoring_body(Method::DELETE, &format!("/api/v1/models/{id}")).await
+    }
+
+    /// `POST /files` with `bytes` as the body (the declared type is whatever the caller says).
+    pub async fn upload_file(&self, bytes: Vec<u8>, content_type: &str) -> Result<FileInfo> {
+        let req = self.request(Method::POST, "/api/v1/files").header("content-type", content_type).body(bytes);
+        let (status, value) = Self::exchange(req).await?;
+        if !status.is_success() {
+            return Err(Error::api(status, value));
+        }
+        serde_json::from_value(value.clone()).map_err(|source| Error::Decode {
+            what: "FileInfo",
+            raw: value.to_string(),
+            source,
+        })
+    }
+
+    pub async fn chat_usage(&self, chat_id: &str) -> Result<ChatUsage> {
+        self.call(Method::GET, &format!("/api/v1/chats/{chat_id}/usage"), None::<&()>).await
     }
 
     pub async fn list_providers(&self) -> Result<Vec<Provider>> {

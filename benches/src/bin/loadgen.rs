@@ -127,6 +127,9 @@ async fn setup(server: &ServerProcess, llm: &ScriptedLlm) -> anyhow::Result<ApiC
             vision: false,
             enabled: true,
             is_default: true,
+            compaction_threshold: None,
+            prices: Default::default(),
+            settings: serde_json::Value::Null,
         })
         .await?;
     Ok(admin)

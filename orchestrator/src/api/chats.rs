@@ -1,7 +1,7 @@
 //! Chats, their messages and queue, and interrupts.
 
 use actix_web::{HttpResponse, web};
-use agentplane_actors::ports::StoreError;
+use agentplane_actors::ports::{Store, StoreError};
 use agentplane_schema::api::{
     Chat, ChatDetail, CreateChat, EditMessage, EditQueuedMessage, ForkChat, MessagePage, PatchChat, SendMessage,
     WorkspaceStatus,
@@ -26,7 +26,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/chats/{id}/queue/{qid}").patch(edit_queued).delete(delete_queued))
         .service(web::resource("/chats/{id}/interrupt").post(interrupt))
         .service(web::resource("/chats/{id}/fork").post(fork))
-        .service(web::resource("/chats/{id}/compact").post(compact));
+        .service(web::resource("/chats/{id}/compact").post(compact))
+        .service(web::resource("/chats/{id}/usage").get(usage));
 }
 
 /// The chat if the caller may see it; another user's chat is indistinguishable from none.
@@ -48,17 +49,57 @@ pub fn validate_content(content: &[Part]) -> Result<(), ApiError> {
                 return Err(ApiError::invalid(format!("content[{i}]: text must not be empty")));
             }
             Part::Text { .. } => {}
-            Part::Image { .. } => {
-                return Err(ApiError::invalid(format!(
-                    "content[{i}]: image parts are not accepted by this server version"
-                )));
+            Part::Image { file_id } if file_id.trim().is_empty() => {
+                return Err(ApiError::invalid(format!("content[{i}]: `file_id` must not be empty")));
             }
+            Part::Image { .. } => {}
             _ => {
                 return Err(ApiError::invalid(format!(
                     "content[{i}]: users may send only `text` parts (tool calls, results and reasoning come from the agent)"
                 )));
             }
         }
+    }
+    Ok(())
+}
+
+/// [`validate_content`], then the images: each must be a file the user uploaded, and the model
+/// that will read them (`model_id`, else the default) must be marked `vision`. Refused here, the
+/// message is never stored and no model is called.
+pub async fn check_content(
+    state: &AppState,
+    user: &AuthUser,
+    model_id: Option<&str>,
+    content: &[Part],
+) -> Result<(), ApiError> {
+    validate_content(content)?;
+    let images: Vec<(usize, &str)> = content
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| match p {
+            Part::Image { file_id } => Some((i, file_id.as_str())),
+            _ => None,
+        })
+        .collect();
+    if images.is_empty() {
+        return Ok(());
+    }
+    for (i, file_id) in &images {
+        match state.store.file_info(file_id).await? {
+            Some((_, owner)) if owner == user.id() => {}
+            _ => return Err(ApiError::invalid(format!("content[{i}]: file `{file_id}` does not exist"))),
+        }
+    }
+    let model = match Store::resolve_model(&state.store, model_id).await {
+        Ok(model) => model,
+        Err(StoreError::NotFound(what)) => return Err(ApiError::invalid(format!("no usable model: {what}"))),
+        Err(e) => return Err(e.into()),
+    };
+    if !model.vision {
+        return Err(ApiError::invalid(format!(
+            "the model `{}` does not accept images (it is not marked `vision`); choose a vision model or send text only",
+            model.target.model
+        )));
     }
     Ok(())
 }
@@ -102,6 +143,7 @@ async fn create(
             _ => return Err(ApiError::invalid(format!("model `{model_id}` does not exist or is disabled"))),
         }
     }
+    check_content(&state, &user, body.model_id.as_deref(), &body.content).await?;
     if let Some(ws_id) = &body.workspace_id {
         match state.store.get_workspace(ws_id).await? {
             Some(ws) if ws.owner_id == user.id() && ws.status != WorkspaceStatus::Deleted => {}
@@ -131,6 +173,12 @@ async fn get(state: web::Data<AppState>, user: AuthUser, path: web::Path<String>
     let chat = visible_chat(&state, &user, &path).await?;
     let children = state.store.children(&chat.id).await?;
     Ok(HttpResponse::Ok().json(ChatDetail { chat, children }))
+}
+
+/// Tokens and cost of the chat and its sub-agents.
+async fn usage(state: web::Data<AppState>, user: AuthUser, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let chat = visible_chat(&state, &user, &path).await?;
+    Ok(HttpResponse::Ok().json(state.store.chat_usage(&chat.id).await?))
 }
 
 async fn patch(
@@ -184,7 +232,7 @@ async fn send(
 ) -> Result<HttpResponse, ApiError> {
     let chat = visible_chat(&state, &user, &path).await?;
     let body = body.into_inner();
-    validate_content(&body.content)?;
+    check_content(&state, &user, chat.model_id.as_deref(), &body.content).await?;
     let outcome = state.directory.chat(&chat.id).send(user.id(), body.content, body.busy_behavior).await?;
     Ok(HttpResponse::Ok().json(outcome))
 }
@@ -212,7 +260,7 @@ async fn edit_message(
 ) -> Result<HttpResponse, ApiError> {
     let (id, mid) = path.into_inner();
     let chat = visible_chat(&state, &user, &id).await?;
-    validate_content(&body.content)?;
+    check_content(&state, &user, chat.model_id.as_deref(), &body.content).await?;
     let message = state.directory.chat(&chat.id).edit_message(user.id(), &mid, body.into_inner().content).await?;
     Ok(HttpResponse::Ok().json(message))
 }
@@ -251,7 +299,7 @@ async fn edit_queued(
 ) -> Result<HttpResponse, ApiError> {
     let (id, qid) = path.into_inner();
     let chat = visible_chat(&state, &user, &id).await?;
-    validate_content(&body.content)?;
+    check_content(&state, &user, chat.model_id.as_deref(), &body.content).await?;
     match state.directory.chat(&chat.id).edit_queued(&qid, body.into_inner().content).await? {
         Some(queued) => Ok(HttpResponse::Ok().json(queued)),
         None => Err(ApiError::not_found(format!("queued message {qid}"))),

@@ -14,6 +14,8 @@ pub enum ApiErrorKind {
     Forbidden,
     NotFound,
     Conflict,
+    PayloadTooLarge,
+    UnsupportedMediaType,
     Unavailable,
     Internal,
 }
@@ -26,6 +28,8 @@ impl ApiErrorKind {
             ApiErrorKind::Forbidden => "forbidden",
             ApiErrorKind::NotFound => "not_found",
             ApiErrorKind::Conflict => "conflict",
+            ApiErrorKind::PayloadTooLarge => "payload_too_large",
+            ApiErrorKind::UnsupportedMediaType => "unsupported_media_type",
             ApiErrorKind::Unavailable => "unavailable",
             ApiErrorKind::Internal => "internal",
         }
@@ -38,6 +42,8 @@ impl ApiErrorKind {
             ApiErrorKind::Forbidden => StatusCode::FORBIDDEN,
             ApiErrorKind::NotFound => StatusCode::NOT_FOUND,
             ApiErrorKind::Conflict => StatusCode::CONFLICT,
+            ApiErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -92,6 +98,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound(what) => ApiError::not_found(what),
             StoreError::Fenced => ApiError::new(ApiErrorKind::Unavailable, "the chat moved to another replica; retry"),
+            StoreError::Conflict(m) => ApiError::conflict(m),
             StoreError::Database(m) if m.contains("UNIQUE") || m.contains("unique") || m.contains("duplicate key") => {
                 ApiError::conflict(format!("already exists: {m}"))
             }

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod chats;
 pub mod error;
+pub mod files;
 pub mod stream;
 
 use actix_web::{HttpResponse, web};
@@ -29,6 +30,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .configure(chats::routes)
                 .configure(stream::routes)
                 .configure(admin::routes)
+                .configure(files::routes)
                 .default_service(web::to(unknown_route)),
         )
         .default_service(web::to(unknown_route));

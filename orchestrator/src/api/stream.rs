@@ -12,7 +12,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::chats::{validate_content, visible_chat};
+use super::chats::{check_content, visible_chat};
 use super::error::ApiError;
 use crate::auth::AuthUser;
 use crate::state::AppState;
@@ -153,13 +153,13 @@ async fn run_session(
 async fn handle_frame(state: &AppState, user: &AuthUser, chat_id: &str, text: &str) -> Result<(), ApiError> {
     let frame: ClientFrame =
         serde_json::from_str(text).map_err(|e| ApiError::invalid(format!("unreadable frame: {e}")))?;
-    let chat = state.directory.chat(chat_id);
     match frame {
         ClientFrame::Send { content, busy_behavior } => {
-            validate_content(&content)?;
-            chat.send(user.id(), content, busy_behavior).await?;
+            let model_id = state.store.get_chat(chat_id).await?.and_then(|c| c.model_id);
+            check_content(state, user, model_id.as_deref(), &content).await?;
+            state.directory.chat(chat_id).send(user.id(), content, busy_behavior).await?;
         }
-        ClientFrame::Interrupt => chat.interrupt().await?,
+        ClientFrame::Interrupt => state.directory.chat(chat_id).interrupt().await?,
     }
     Ok(())
 }

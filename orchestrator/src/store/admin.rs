@@ -2,8 +2,8 @@
 
 use agentplane_actors::ports::StoreError;
 use agentplane_schema::api::{
-    CreateModel, CreateProvider, CreateTemplate, Model, PatchTemplate, Provider, ProviderType, ProvisionerSpec,
-    Template, User, UserRole, Workspace, WorkspaceDetail, WorkspaceStatus,
+    CreateModel, CreateProvider, CreateTemplate, Model, ModelPrices, PatchModel, PatchProvider, PatchTemplate,
+    Provider, ProviderType, ProvisionerSpec, Template, User, UserRole, Workspace, WorkspaceDetail, WorkspaceStatus,
 };
 use agentplane_schema::db::entities::{api_tokens, audit_events, models, providers, templates, users, workspaces};
 use agentplane_schema::new_id;
@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::convert::from_json;
 use super::{DbStore, db_err};
+use crate::secrets::SecretBox;
 
 /// SHA-256 of a token, hex: what the database keeps instead of the token.
 pub fn token_hash(token: &str) -> String {
@@ -59,8 +60,20 @@ fn model_from_row(r: models::Model) -> Model {
         vision: r.vision,
         enabled: r.enabled,
         is_default: r.is_default,
+        compaction_threshold: r.compaction_threshold,
+        prices: ModelPrices {
+            input_per_mtok: r.input_price_per_mtok,
+            output_per_mtok: r.output_price_per_mtok,
+            cache_read_per_mtok: r.cache_read_price_per_mtok,
+            cache_write_per_mtok: r.cache_write_price_per_mtok,
+        },
+        settings: r.settings.unwrap_or_else(|| serde_json::json!({})),
         created_at: r.created_at,
     }
+}
+
+fn settings_or_empty(settings: &serde_json::Value) -> serde_json::Value {
+    if settings.is_null() { serde_json::json!({}) } else { settings.clone() }
 }
 
 fn template_from_row(r: templates::Model) -> Result<Template, StoreError> {
@@ -147,15 +160,17 @@ impl DbStore {
         Ok(users::Entity::find_by_id(t.user_id).one(&self.db).await.map_err(db_err)?.map(user_from_row))
     }
 
+    /// Adds a provider; its API key is stored sealed (see [`crate::secrets`]).
     pub async fn create_provider(&self, p: &CreateProvider) -> Result<Provider, StoreError> {
         let now = Utc::now();
+        let id = new_id();
         let row = providers::Model {
-            id: new_id(),
+            api_key: p.api_key.as_deref().filter(|k| !k.is_empty()).map(|k| self.secrets.seal(&id, k)),
+            id,
             provider_type: p.provider_type.as_str().into(),
             name: p.name.clone(),
             base_url: p.base_url.clone(),
-            api_key: p.api_key.clone().filter(|k| !k.is_empty()),
-            settings: if p.settings.is_null() { serde_json::json!({}) } else { p.settings.clone() },
+            settings: settings_or_empty(&p.settings),
             created_at: now,
             updated_at: now,
         };
@@ -170,6 +185,78 @@ impl DbStore {
         let rows =
             providers::Entity::find().order_by_asc(providers::Column::Name).all(&self.db).await.map_err(db_err)?;
         Ok(rows.into_iter().filter_map(provider_from_row).collect())
+    }
+
+    /// Changes the fields given; `None` when there is no such provider.
+    pub async fn patch_provider(&self, id: &str, p: &PatchProvider) -> Result<Option<Provider>, StoreError> {
+        let Some(row) = providers::Entity::find_by_id(id).one(&self.db).await.map_err(db_err)? else {
+            return Ok(None);
+        };
+        let mut active = providers::ActiveModel::from(row);
+        if let Some(name) = &p.name {
+            active.name = Set(name.clone());
+        }
+        if let Some(url) = &p.base_url {
+            active.base_url = Set(url.clone());
+        }
+        if let Some(key) = &p.api_key {
+            active.api_key = Set(key.as_deref().filter(|k| !k.is_empty()).map(|k| self.secrets.seal(id, k)));
+        }
+        if let Some(settings) = &p.settings {
+            active.settings = Set(settings_or_empty(settings));
+        }
+        active.updated_at = Set(Utc::now());
+        let row = providers::Entity::update(active).exec(&self.db).await.map_err(db_err)?;
+        Ok(provider_from_row(row))
+    }
+
+    /// Deletes a provider that no model uses. `Err(Conflict)` names the models still using it.
+    pub async fn delete_provider(&self, id: &str) -> Result<bool, StoreError> {
+        let users: Vec<String> = models::Entity::find()
+            .filter(models::Column::ProviderId.eq(id))
+            .all(&self.db)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .map(|m| m.display_name)
+            .collect();
+        if !users.is_empty() {
+            return Err(StoreError::Conflict(format!(
+                "provider {id} is used by the models {}; delete or move them first",
+                users.join(", ")
+            )));
+        }
+        let result = providers::Entity::delete_by_id(id).exec(&self.db).await.map_err(db_err)?;
+        Ok(result.rows_affected > 0)
+    }
+
+    /// The decrypted API key of a provider row.
+    pub(crate) fn provider_api_key(&self, row: &providers::Model) -> Result<Option<String>, StoreError> {
+        let Some(stored) = row.api_key.as_deref() else { return Ok(None) };
+        self.secrets
+            .open(&row.id, stored)
+            .map(Some)
+            .map_err(|e| StoreError::Database(format!("the API key of provider `{}` {e}", row.name)))
+    }
+
+    /// Run at start: every stored API key must decrypt with the configured key (a wrong key
+    /// fails here, not at the first model call); keys an older version stored in plaintext are
+    /// sealed. Returns how many were sealed.
+    pub async fn check_provider_keys(&self) -> Result<usize, StoreError> {
+        let mut sealed = 0;
+        for row in providers::Entity::find().all(&self.db).await.map_err(db_err)? {
+            let Some(stored) = row.api_key.clone() else { continue };
+            if SecretBox::is_sealed(&stored) {
+                self.provider_api_key(&row)?;
+                continue;
+            }
+            let id = row.id.clone();
+            let mut active = providers::ActiveModel::from(row);
+            active.api_key = Set(Some(self.secrets.seal(&id, &stored)));
+            providers::Entity::update(active).exec(&self.db).await.map_err(db_err)?;
+            sealed += 1;
+        }
+        Ok(sealed)
     }
 
     pub async fn provider_exists(&self, id: &str) -> Result<bool, StoreError> {
@@ -188,9 +275,12 @@ impl DbStore {
             vision: m.vision,
             enabled: m.enabled,
             is_default: m.is_default,
-            compaction_threshold: None,
-            input_price_per_mtok: None,
-            output_price_per_mtok: None,
+            compaction_threshold: m.compaction_threshold,
+            input_price_per_mtok: m.prices.input_per_mtok,
+            output_price_per_mtok: m.prices.output_per_mtok,
+            cache_read_price_per_mtok: m.prices.cache_read_per_mtok,
+            cache_write_price_per_mtok: m.prices.cache_write_per_mtok,
+            settings: Some(settings_or_empty(&m.settings)),
             created_at: Utc::now(),
         };
         let txn = self.db.begin().await.map_err(db_err)?;
@@ -217,6 +307,62 @@ impl DbStore {
         }
         let rows = q.order_by_asc(models::Column::DisplayName).all(&self.db).await.map_err(db_err)?;
         Ok(rows.into_iter().map(model_from_row).collect())
+    }
+
+    /// Changes the fields given; a new default takes the flag from the previous one.
+    pub async fn patch_model(&self, id: &str, p: &PatchModel) -> Result<Option<Model>, StoreError> {
+        let txn = self.db.begin().await.map_err(db_err)?;
+        let Some(row) = models::Entity::find_by_id(id).one(&txn).await.map_err(db_err)? else {
+            return Ok(None);
+        };
+        if p.is_default == Some(true) {
+            models::Entity::update_many()
+                .col_expr(models::Column::IsDefault, Expr::value(false))
+                .filter(models::Column::IsDefault.eq(true))
+                .exec(&txn)
+                .await
+                .map_err(db_err)?;
+        }
+        let mut active = models::ActiveModel::from(row);
+        if let Some(v) = &p.display_name {
+            active.display_name = Set(v.clone());
+        }
+        if let Some(v) = p.context_window {
+            active.context_window = Set(v);
+        }
+        if let Some(v) = p.max_output_tokens {
+            active.max_output_tokens = Set(v);
+        }
+        if let Some(v) = p.vision {
+            active.vision = Set(v);
+        }
+        if let Some(v) = p.enabled {
+            active.enabled = Set(v);
+        }
+        if let Some(v) = p.is_default {
+            active.is_default = Set(v);
+        }
+        if let Some(v) = p.compaction_threshold {
+            active.compaction_threshold = Set(v);
+        }
+        if let Some(prices) = p.prices {
+            active.input_price_per_mtok = Set(prices.input_per_mtok);
+            active.output_price_per_mtok = Set(prices.output_per_mtok);
+            active.cache_read_price_per_mtok = Set(prices.cache_read_per_mtok);
+            active.cache_write_price_per_mtok = Set(prices.cache_write_per_mtok);
+        }
+        if let Some(settings) = &p.settings {
+            active.settings = Set(Some(settings_or_empty(settings)));
+        }
+        let row = models::Entity::update(active).exec(&txn).await.map_err(db_err)?;
+        txn.commit().await.map_err(db_err)?;
+        Ok(Some(model_from_row(row)))
+    }
+
+    /// Deletes a model. Chats that named it fall back to the default model on their next turn.
+    pub async fn delete_model(&self, id: &str) -> Result<bool, StoreError> {
+        let result = models::Entity::delete_by_id(id).exec(&self.db).await.map_err(db_err)?;
+        Ok(result.rows_affected > 0)
     }
 
     pub async fn get_model(&self, id: &str) -> Result<Option<Model>, StoreError> {

@@ -1,8 +1,8 @@
 //! Chat queries of the API: create, read, list, patch, delete, pages of messages, event replay.
 
 use agentplane_actors::ports::StoreError;
-use agentplane_schema::api::{Chat, ChatStatus, ForkRef};
-use agentplane_schema::db::entities::{audit_events, chat_events, chats, messages, queued_messages};
+use agentplane_schema::api::{Chat, ChatStatus, ChatUsage, ForkRef, SubagentUsage, UsageTotals};
+use agentplane_schema::db::entities::{audit_events, chat_events, chats, messages, queued_messages, usage};
 use agentplane_schema::event::StreamEvent;
 use agentplane_schema::message::{Message, QueuedMessage};
 use agentplane_schema::new_id;
@@ -141,6 +141,55 @@ impl DbStore {
             .await
             .map_err(db_err)?;
         Ok(rows.into_iter().map(chat_from_row).collect())
+    }
+
+    /// Token and cost totals of a chat and of each of its descendants (sub-agents, at any depth),
+    /// summed from the per-call usage records.
+    pub async fn chat_usage(&self, chat_id: &str) -> Result<ChatUsage, StoreError> {
+        // The tree, breadth first: (chat, parent).
+        let mut tree: Vec<(String, String)> = Vec::new();
+        let mut frontier = vec![chat_id.to_string()];
+        while !frontier.is_empty() {
+            let rows = chats::Entity::find()
+                .filter(chats::Column::ParentId.is_in(frontier.clone()))
+                .order_by_asc(chats::Column::CreatedAt)
+                .all(&self.db)
+                .await
+                .map_err(db_err)?;
+            frontier = rows.iter().map(|r| r.id.clone()).collect();
+            tree.extend(rows.into_iter().filter_map(|r| Some((r.id, r.parent_id?))));
+        }
+        let mut ids: Vec<String> = tree.iter().map(|(id, _)| id.clone()).collect();
+        ids.push(chat_id.to_string());
+        let mut totals: std::collections::HashMap<String, UsageTotals> = std::collections::HashMap::new();
+        for chunk in ids.chunks(500) {
+            let rows = usage::Entity::find()
+                .filter(usage::Column::ChatId.is_in(chunk.to_vec()))
+                .all(&self.db)
+                .await
+                .map_err(db_err)?;
+            for r in rows {
+                totals.entry(r.chat_id).or_default().add(&UsageTotals {
+                    input_tokens: r.input_tokens.max(0) as u64,
+                    output_tokens: r.output_tokens.max(0) as u64,
+                    cache_read_tokens: r.cache_read_tokens.max(0) as u64,
+                    cache_write_tokens: r.cache_write_tokens.max(0) as u64,
+                    cost_usd: r.cost_usd.unwrap_or(0.0),
+                    calls: 1,
+                });
+            }
+        }
+        let own = totals.get(chat_id).copied().unwrap_or_default();
+        let mut total = own;
+        let subagents: Vec<SubagentUsage> = tree
+            .into_iter()
+            .map(|(id, parent_id)| {
+                let usage = totals.get(&id).copied().unwrap_or_default();
+                total.add(&usage);
+                SubagentUsage { chat_id: id, parent_id, usage }
+            })
+            .collect();
+        Ok(ChatUsage { chat_id: chat_id.to_string(), own, subagents, total })
     }
 
     /// Soft delete: the chat disappears from the API; its rows stay for the audit trail.

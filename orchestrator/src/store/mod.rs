@@ -4,11 +4,15 @@
 mod admin;
 mod chats;
 mod convert;
+mod uploads;
 
-use agentplane_actors::ports::{Batch, ChatState, NewChild, Op, ResolvedModel, Store, StoreError};
+use std::collections::HashMap;
+
+use agentplane_actors::ports::{Batch, ChatState, ImageData, NewChild, Op, Prices, ResolvedModel, Store, StoreError};
 use agentplane_schema::api::{Chat, ProviderType};
 use agentplane_schema::db::entities::{
-    audit_events, chat_events, chats as chat_rows, messages, models, providers, queued_messages, tool_calls, usage,
+    audit_events, chat_events, chats as chat_rows, files, messages, models, providers, queued_messages, tool_calls,
+    usage,
 };
 use agentplane_schema::new_id;
 use chrono::Utc;
@@ -19,10 +23,27 @@ use sea_orm::{
 
 pub use chats::{NewChat, Snapshot};
 pub use convert::{chat_from_row, message_from_row};
+pub use uploads::{ImageKind, MAX_IMAGE_BYTES};
+
+use crate::secrets::SecretBox;
 
 #[derive(Clone)]
 pub struct DbStore {
     db: DatabaseConnection,
+    /// Seals and opens provider API keys.
+    secrets: SecretBox,
+}
+
+/// The provider's settings with the model's laid over them, key by key.
+fn merged_settings(provider: serde_json::Value, model: Option<serde_json::Value>) -> serde_json::Value {
+    match (provider, model) {
+        (serde_json::Value::Object(mut base), Some(serde_json::Value::Object(over))) => {
+            base.extend(over);
+            serde_json::Value::Object(base)
+        }
+        (serde_json::Value::Null, Some(over)) => over,
+        (base, _) => base,
+    }
 }
 
 pub(crate) fn db_err(e: DbErr) -> StoreError {
@@ -30,8 +51,8 @@ pub(crate) fn db_err(e: DbErr) -> StoreError {
 }
 
 impl DbStore {
-    pub fn new(db: DatabaseConnection) -> Self {
-        DbStore { db }
+    pub fn new(db: DatabaseConnection, secrets: SecretBox) -> Self {
+        DbStore { db, secrets }
     }
 
     pub fn connection(&self) -> &DatabaseConnection {
@@ -80,6 +101,15 @@ impl Store for DbStore {
         .await
     }
 
+    async fn load_images(&self, file_ids: &[String]) -> Result<HashMap<String, ImageData>, StoreError> {
+        let rows = files::Entity::find()
+            .filter(files::Column::Id.is_in(file_ids.to_vec()))
+            .all(&self.db)
+            .await
+            .map_err(db_err)?;
+        Ok(rows.into_iter().map(|r| (r.id, ImageData { media_type: r.content_type, bytes: r.bytes.into() })).collect())
+    }
+
     async fn resolve_model(&self, model_id: Option<&str>) -> Result<ResolvedModel, StoreError> {
         let model = match model_id {
             Some(id) => models::Entity::find_by_id(id).filter(models::Column::Enabled.eq(true)).one(&self.db).await,
@@ -105,17 +135,25 @@ impl Store for DbStore {
         let provider_type = ProviderType::parse(&provider.provider_type).ok_or_else(|| {
             StoreError::NotFound(format!("provider type `{}` is not supported", provider.provider_type))
         })?;
+        let api_key = self.provider_api_key(&provider)?;
         Ok(ResolvedModel {
             id: model.id,
             context_window: model.context_window,
             compaction_threshold: model.compaction_threshold.filter(|t| *t > 0.0 && *t <= 1.0).unwrap_or(0.7),
+            vision: model.vision,
+            prices: Prices {
+                input: model.input_price_per_mtok,
+                output: model.output_price_per_mtok,
+                cache_read: model.cache_read_price_per_mtok,
+                cache_write: model.cache_write_price_per_mtok,
+            },
             target: agentplane_actors::ports::ModelTarget {
                 provider_type,
                 base_url: provider.base_url,
-                api_key: provider.api_key,
+                api_key,
                 model: model.model,
                 max_output_tokens: model.max_output_tokens,
-                settings: provider.settings,
+                settings: merged_settings(provider.settings, model.settings),
             },
         })
     }
@@ -223,7 +261,7 @@ impl Store for DbStore {
                         .await
                         .map_err(db_err)?;
                 }
-                Op::RecordUsage { message_id, model_id, usage: u } => {
+                Op::RecordUsage { message_id, model_id, usage: u, cost_usd } => {
                     usage::Entity::insert(usage::ActiveModel {
                         id: Set(new_id()),
                         chat_id: Set(chat_id.to_string()),
@@ -233,7 +271,7 @@ impl Store for DbStore {
                         output_tokens: Set(u.output_tokens as i64),
                         cache_read_tokens: Set(u.cache_read_tokens as i64),
                         cache_write_tokens: Set(u.cache_write_tokens as i64),
-                        cost_usd: Set(None),
+                        cost_usd: Set(cost_usd),
                         created_at: Set(now),
                     })
                     .exec_without_returning(&txn)

@@ -109,6 +109,9 @@ async fn round_trip_every_entity(db: &DatabaseConnection) {
             compaction_threshold: Some(0.75),
             input_price_per_mtok: Some(3.0),
             output_price_per_mtok: None,
+            cache_read_price_per_mtok: Some(0.3),
+            cache_write_price_per_mtok: None,
+            settings: Some(json!({"api": "responses"})),
             created_at: ts(5),
         }
     );
@@ -429,7 +432,7 @@ async fn postgres_migrates_and_round_trips() {
             .expect("one row")
             .try_get_by_index::<i64>(0)
             .expect("count value");
-        assert_eq!(applied, 1);
+        assert_eq!(applied, <super::Migrator as sea_orm_migration::MigratorTrait>::migrations().len() as i64);
         db.close().await.expect("close pool");
     };
     // Drop the database even when an assertion fails, then report the failure.

@@ -166,6 +166,9 @@ impl TestEnv {
                 vision: provider.vision,
                 enabled: true,
                 is_default: true,
+                compaction_threshold: None,
+                prices: Default::default(),
+                settings: serde_json::Value::Null,
             })
             .await
             .expect("model");

@@ -35,6 +35,9 @@ async fn small_model_env() -> TestEnv {
             vision: false,
             enabled: true,
             is_default: true,
+            compaction_threshold: None,
+            prices: Default::default(),
+            settings: serde_json::Value::Null,
         })
         .await
         .expect("small default model");

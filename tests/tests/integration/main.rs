@@ -14,4 +14,5 @@ mod resume;
 mod retries;
 mod subagents;
 mod titles;
+mod usage;
 mod workspaces;

@@ -68,8 +68,18 @@ async fn interrupt_delivers_at_once_and_keeps_the_partial_answer() {
     let (chat, mut stream) = env.idle_chat("ready").await;
     env.llm.push_all([Reply::text("Let me think about this at length").then_hang(), Reply::text("changing course")]);
     env.send(&chat.id, "a long question").await;
+    // The whole partial answer has streamed (the model then hangs): that is what must be kept.
+    let mut streamed = String::new();
     stream
-        .wait_for(|e| matches!(&e.body, EventBody::MessageDelta { kind: DeltaKind::Text, .. }), WAIT)
+        .wait_for(
+            |e| {
+                if let EventBody::MessageDelta { kind: DeltaKind::Text, text, .. } = &e.body {
+                    streamed.push_str(text);
+                }
+                streamed == "Let me think about this at length"
+            },
+            WAIT,
+        )
         .await
         .expect("answer streams");
 

@@ -36,6 +36,9 @@ async fn titles_come_from_the_title_model_and_stay_editable() {
             vision: false,
             enabled: true,
             is_default: false,
+            compaction_threshold: None,
+            prices: Default::default(),
+            settings: serde_json::Value::Null,
         })
         .await
         .expect("cheap model");

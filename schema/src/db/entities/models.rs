@@ -21,6 +21,10 @@ pub struct Model {
     pub compaction_threshold: Option<f64>,
     pub input_price_per_mtok: Option<f64>,
     pub output_price_per_mtok: Option<f64>,
+    pub cache_read_price_per_mtok: Option<f64>,
+    pub cache_write_price_per_mtok: Option<f64>,
+    /// Dialect settings of this model, laid over its provider's (e.g. `{"api": "responses"}`).
+    pub settings: Option<Json>,
     pub created_at: DateTimeUtc,
 }
 
