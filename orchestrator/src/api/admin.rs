@@ -43,6 +43,9 @@ fn check_settings(settings: &serde_json::Value) -> Result<(), ApiError> {
 /// Settings a provider type cannot work without, and secrets that belong in `api_key`.
 fn check_provider(provider_type: ProviderType, base_url: &str, settings: &serde_json::Value) -> Result<(), ApiError> {
     check_settings(settings)?;
+    if provider_type == ProviderType::Bedrock && settings.get("region").and_then(|r| r.as_str()).is_none() {
+        return Err(ApiError::invalid("bedrock providers need `settings.region` (e.g. \"us-east-1\")"));
+    }
     if !valid_url(base_url) {
         return Err(ApiError::invalid(match provider_type.default_base_url() {
             Some(_) => "`base_url` must be an http:// or https:// URL".to_string(),
@@ -60,9 +63,6 @@ fn check_provider(provider_type: ProviderType, base_url: &str, settings: &serde_
                 "`settings.{secret}` would be stored unencrypted: put the secret in `api_key`"
             )));
         }
-    }
-    if provider_type == ProviderType::Bedrock && settings.get("region").and_then(|r| r.as_str()).is_none() {
-        return Err(ApiError::invalid("bedrock providers need `settings.region` (e.g. \"us-east-1\")"));
     }
     Ok(())
 }
