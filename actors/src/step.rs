@@ -50,6 +50,8 @@ pub enum StepOutcome {
     Done,
     Interrupted,
     Failed(ChatError),
+    /// The step's task panicked: nothing it held in memory can be trusted, only what it committed.
+    Crashed(String),
 }
 
 pub struct StepResult {

@@ -94,6 +94,9 @@ pub struct AgentSettings {
     pub max_depth: u32,
     /// Sub-agents running at once under one chat. Default 8.
     pub max_children: usize,
+    /// Times a crashed (panicked) step is restarted from the database before the turn fails.
+    /// Default 1.
+    pub step_crash_restarts: u32,
     /// Generate a chat's title from its first message with a short model call. Default true.
     pub generate_titles: bool,
     /// Model for titles; empty = the chat's model. Default empty.

@@ -51,6 +51,15 @@ fn tool_limits(settings: &Settings) -> ToolLimits {
 /// Opens the database, bootstraps it, builds the adapters and the directory, and resumes chats
 /// that were running. Must run inside an actix system.
 pub async fn prepare(settings: Settings) -> anyhow::Result<Prepared> {
+    prepare_with(settings, None).await
+}
+
+/// Wraps the model client the actors use (for instance to observe or fail calls in a test of
+/// supervision); the real provider clients stay underneath.
+pub type ModelLayer = Box<dyn FnOnce(Arc<dyn ModelClient>) -> Arc<dyn ModelClient> + Send>;
+
+/// [`prepare`], with the model client wrapped by `layer`.
+pub async fn prepare_with(settings: Settings, layer: Option<ModelLayer>) -> anyhow::Result<Prepared> {
     // reqwest and async-nats both use rustls; with more than one crypto backend linked, rustls
     // cannot choose one by itself. Already installed is fine.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -84,10 +93,13 @@ pub async fn prepare(settings: Settings) -> anyhow::Result<Prepared> {
     let workspaces = Arc::new(Workspaces::new(store.clone(), settings.clone(), backend));
     let restored = workspaces.restore().await.map_err(|e| anyhow::anyhow!(e.message))?;
     let bus: Arc<dyn EventBus> = Arc::new(LocalEventBus::new());
-    let model: Arc<dyn ModelClient> = Arc::new(Providers::new(
+    let mut model: Arc<dyn ModelClient> = Arc::new(Providers::new(
         Duration::from_millis(settings.llm.connect_timeout_ms),
         Duration::from_millis(settings.llm.read_timeout_ms),
     )?);
+    if let Some(layer) = layer {
+        model = layer(model);
+    }
     let deps = Deps {
         store: Arc::new(store.clone()),
         model,
@@ -341,13 +353,22 @@ impl Drop for ServerHandle {
 
 /// Starts a server for `settings` on `listener` in a thread of its own.
 pub fn spawn(settings: Settings, listener: TcpListener) -> anyhow::Result<ServerHandle> {
+    spawn_with(settings, listener, None)
+}
+
+/// [`spawn`], with the model client wrapped by `layer` (see [`prepare_with`]).
+pub fn spawn_with(
+    settings: Settings,
+    listener: TcpListener,
+    layer: Option<ModelLayer>,
+) -> anyhow::Result<ServerHandle> {
     let addr = listener.local_addr()?;
     let workers = settings.server.http_workers;
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new().name("agentplane-server".into()).spawn(move || {
         let system = actix_rt::System::new();
         system.block_on(async move {
-            let prepared = match prepare(settings).await {
+            let prepared = match prepare_with(settings, layer).await {
                 Ok(p) => p,
                 Err(e) => {
                     let _ = tx.send(Err(e));

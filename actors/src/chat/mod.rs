@@ -60,6 +60,8 @@ struct Turn {
     /// This turn only summarises the conversation.
     compact_only: bool,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// Crashed steps restarted in this turn.
+    restarts: u32,
 }
 
 impl Turn {
@@ -71,6 +73,7 @@ impl Turn {
             deliver_on_interrupt: false,
             compact_only: false,
             task: None,
+            restarts: 0,
         }
     }
 }
@@ -243,14 +246,7 @@ impl ChatActor {
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "unknown panic".into());
                     tracing::error!(panic = %what, "a step panicked");
-                    StepResult {
-                        outcome: StepOutcome::Failed(ChatError {
-                            kind: ChatErrorKind::Internal,
-                            message: format!("the step crashed: {what}"),
-                        }),
-                        committed: vec![],
-                        dropped: vec![],
-                    }
+                    StepResult { outcome: StepOutcome::Crashed(what), committed: vec![], dropped: vec![] }
                 }
             };
             addr.do_send(StepDone(result));
@@ -770,6 +766,40 @@ impl Handler<StepDone> for ChatActor {
             StepOutcome::Interrupted if turn.deliver_on_interrupt && has_queue => self.deliver_queue(ctx),
             StepOutcome::Interrupted => self.end_turn(None, ctx),
             StepOutcome::Failed(error) => self.end_turn(Some(error), ctx),
+            StepOutcome::Crashed(_) if turn.restarts < self.deps.settings.agent.step_crash_restarts => {
+                turn.restarts += 1;
+                tracing::warn!(chat = %self.chat_id, restart = turn.restarts, "restarting the crashed step from the database");
+                self.restart_from_database(ctx);
+            }
+            StepOutcome::Crashed(what) => self.end_turn(
+                Some(ChatError { kind: ChatErrorKind::Internal, message: format!("the step crashed: {what}") }),
+                ctx,
+            ),
         }
+    }
+}
+
+impl ChatActor {
+    /// After a crash: the history is re-read from the database (what the crashed step held in
+    /// memory is dropped; what it committed stays), then the step runs again.
+    fn restart_from_database(&mut self, ctx: &mut Context<Self>) {
+        let store = self.deps.store.clone();
+        let id = self.chat_id.clone();
+        ctx.wait(async move { store.load_chat(&id).await }.into_actor(self).map(|res, act, ctx| {
+            let Some(live) = act.live.as_mut() else { return };
+            match res {
+                Ok(state) => {
+                    live.history = state.messages;
+                    act.start_step(ctx);
+                }
+                Err(e) => act.end_turn(
+                    Some(ChatError {
+                        kind: ChatErrorKind::Internal,
+                        message: format!("the step crashed and the chat could not be reloaded: {e}"),
+                    }),
+                    ctx,
+                ),
+            }
+        }));
     }
 }

@@ -4,7 +4,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use agentplane::server::{ServerHandle, spawn};
+use agentplane::server::{ModelLayer, ServerHandle, spawn_with};
 use agentplane_config::Settings;
 use agentplane_schema::api::{Chat, ChatStatus, CreateChat, CreateModel, CreateProvider, ProviderType, SendMessage};
 use agentplane_schema::event::{EventBody, StreamEvent};
@@ -29,8 +29,15 @@ pub struct TestEnv {
 }
 
 async fn start_server(settings: Settings) -> ServerHandle {
+    start_server_with(settings, None).await
+}
+
+async fn start_server_with(settings: Settings, layer: Option<ModelLayer>) -> ServerHandle {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    tokio::task::spawn_blocking(move || spawn(settings, listener)).await.expect("join").expect("server starts")
+    tokio::task::spawn_blocking(move || spawn_with(settings, listener, layer))
+        .await
+        .expect("join")
+        .expect("server starts")
 }
 
 /// The provider and default model a [`TestEnv`] is configured with.
@@ -125,6 +132,17 @@ impl TestEnv {
         db: Db,
         tweak: impl FnOnce(&mut Settings),
     ) -> Self {
+        Self::start_layered(llm, provider, db, tweak, None).await
+    }
+
+    /// With the server's model client wrapped by `layer` (supervision tests make it crash).
+    pub async fn start_layered(
+        llm: ScriptedLlm,
+        provider: ProviderSetup,
+        db: Db,
+        tweak: impl FnOnce(&mut Settings),
+        layer: Option<ModelLayer>,
+    ) -> Self {
         agentplane_tests::init_tracing();
         let data_dir = tempfile::tempdir().expect("tempdir");
         let db = match db {
@@ -144,7 +162,7 @@ impl TestEnv {
         // Title calls would take replies from the scripted FIFO; the title test turns them on.
         settings.agent.generate_titles = false;
         tweak(&mut settings);
-        let server = start_server(settings.clone()).await;
+        let server = start_server_with(settings.clone(), layer).await;
         let admin = ApiClient::new(server.base_url(), ADMIN_TOKEN);
         let created = admin
             .create_provider(&CreateProvider {

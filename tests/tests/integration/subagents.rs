@@ -7,7 +7,12 @@ use agentplane_schema::message::Part;
 use agentplane_tests::{EventStream, RecordedRequest, Reply, ScriptedCall, ScriptedLlm};
 use serde_json::{Value, json};
 
-use crate::common::{ADMIN_TOKEN, Db, TestEnv, WAIT, is_status, tool_results};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use agentplane_actors::ports::{ModelClient, ModelError, ModelRequest, ModelStream};
+
+use crate::common::{ADMIN_TOKEN, Db, ProviderSetup, TestEnv, WAIT, is_status, tool_results};
 
 fn first_user_text(r: &RecordedRequest) -> String {
     r.messages()
@@ -325,4 +330,117 @@ async fn after_a_restart_the_tree_is_visible_and_the_root_answers() {
     // The resumed child is still under the root: interrupting the root reaches it.
     env.admin.interrupt(&child.id).await.expect("interrupt child");
     env.admin.wait_until_chat(&child.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("child idle");
+}
+
+/// The server's real model client, except that a step whose conversation starts with a prompt
+/// containing "crash" panics (like a bug in a provider client would): always for "crash always",
+/// the first time for "crash once".
+fn crashing_layer(crashes: Arc<AtomicUsize>) -> agentplane::server::ModelLayer {
+    struct Crashing {
+        inner: Arc<dyn ModelClient>,
+        crashes: Arc<AtomicUsize>,
+    }
+    #[async_trait::async_trait]
+    impl ModelClient for Crashing {
+        async fn stream(&self, request: ModelRequest) -> Result<ModelStream, ModelError> {
+            let first = request.messages.first().and_then(|m| match m.parts.first() {
+                Some(Part::Text { text }) => Some(text.clone()),
+                _ => None,
+            });
+            match first.as_deref() {
+                Some("crash always") => {
+                    self.crashes.fetch_add(1, Ordering::SeqCst);
+                    panic!("provider client bug");
+                }
+                Some("crash once") if self.crashes.fetch_add(1, Ordering::SeqCst) == 0 => {
+                    panic!("provider client bug");
+                }
+                _ => self.inner.stream(request).await,
+            }
+        }
+    }
+    Box::new(move |inner| Arc::new(Crashing { inner, crashes }))
+}
+
+/// Root: spawn one sub-agent with `prompt`, wait for it, then answer with what it reported.
+fn supervising_responder(prompt: &'static str) -> impl Fn(&RecordedRequest) -> Reply + Send + Sync + 'static {
+    move |r: &RecordedRequest| {
+        let first = first_user_text(r);
+        if first.starts_with("crash") {
+            return Reply::text("recovered and done");
+        }
+        let results = r.tool_results();
+        match results.len() {
+            0 => Reply::tool_call("spawn_agent", json!({"prompt": prompt})),
+            1 => {
+                let id = serde_json::from_str::<Value>(&results[0])
+                    .ok()
+                    .and_then(|v| v["agent_id"].as_str().map(str::to_string));
+                Reply::tool_call("wait_agent", json!({"agent_ids": [id], "timeout_seconds": 30}))
+            }
+            _ => Reply::text(format!("child said: {}", results[1])),
+        }
+    }
+}
+
+async fn supervised(
+    prompt: &'static str,
+    restarts: u32,
+) -> (TestEnv, Arc<AtomicUsize>, String, Vec<agentplane_schema::event::StreamEvent>) {
+    let crashes = Arc::new(AtomicUsize::new(0));
+    let llm = ScriptedLlm::with_responder(supervising_responder(prompt));
+    let provider = ProviderSetup::openai_compatible(&llm);
+    let env = TestEnv::start_layered(
+        llm,
+        provider,
+        Db::Sqlite,
+        |s| s.agent.step_crash_restarts = restarts,
+        Some(crashing_layer(crashes.clone())),
+    )
+    .await;
+    let chat = env.create_chat("delegate").await;
+    let mut stream = EventStream::connect(&env.base_url(), &chat.id, ADMIN_TOKEN, Some(0)).await.expect("ws");
+    let events = stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("root idle");
+    (env, crashes, chat.id, events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_sub_agent_is_reported_failed_and_nothing_else_is_hurt() {
+    let (env, crashes, root, events) = supervised("crash always", 0).await;
+    assert_eq!(crashes.load(Ordering::SeqCst), 1, "no restart with the policy at 0");
+    let answer = env.messages(&root).await.last().expect("answer").text();
+    assert!(
+        answer.contains("\"status\":\"failed\"") && answer.contains("the step crashed: provider client bug"),
+        "{answer}"
+    );
+    assert!(events.iter().any(|e| matches!(&e.body, EventBody::Subagent { status: Some(SubagentStatus::Failed), .. })));
+    let child = &env.admin.get_chat(&root).await.expect("root").children[0];
+    assert_eq!(child.status, ChatStatus::Error);
+    assert_eq!(child.error.as_ref().map(|e| e.kind), Some(agentplane_schema::api::ChatErrorKind::Internal));
+
+    // The root and an unrelated chat keep working.
+    let (other, _) = env.idle_chat("unrelated answer").await;
+    assert_eq!(env.messages(&other.id).await.last().expect("answer").text(), "unrelated answer");
+    let mut stream = EventStream::connect(&env.base_url(), &root, ADMIN_TOKEN, None).await.expect("ws");
+    env.llm.push(Reply::text("yes, still here"));
+    env.send(&root, "still there?").await;
+    stream.wait_for_status(ChatStatus::Idle, WAIT).await.expect("root answers again");
+    assert_eq!(env.messages(&root).await.last().expect("answer").text(), "yes, still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_step_is_restarted_from_the_database_by_default() {
+    let (env, crashes, root, events) = supervised("crash once", 1).await;
+    assert_eq!(crashes.load(Ordering::SeqCst), 2, "crashed once, then ran again");
+    let answer = env.messages(&root).await.last().expect("answer").text();
+    assert!(answer.contains("recovered and done") && answer.contains("\"status\":\"finished\""), "{answer}");
+    assert!(
+        events.iter().any(|e| matches!(&e.body, EventBody::Subagent { status: Some(SubagentStatus::Finished), .. }))
+    );
+    let child = &env.admin.get_chat(&root).await.expect("root").children[0];
+    assert_eq!(child.status, ChatStatus::Idle);
+    // The child's history holds its prompt and one answer: nothing of the crashed step.
+    let history = env.messages(&child.id).await;
+    let roles: Vec<_> = history.iter().map(|m| m.role).collect();
+    assert_eq!(roles, [agentplane_schema::message::Role::User, agentplane_schema::message::Role::Assistant]);
 }
