@@ -23,7 +23,8 @@ const MAX_MESSAGE_CHARS: usize = 1000;
 
 /// Phrases by which providers say the prompt does not fit the model's context window. There is
 /// no common code: OpenAI sends `context_length_exceeded`, vLLM and OpenRouter "maximum context
-/// length", Anthropic "prompt is too long", llama.cpp "context size", others "too many tokens".
+/// length", Anthropic "prompt is too long" (or, when the prompt and `max_tokens` together do
+/// not fit, "exceed context limit"), llama.cpp "context size", others "too many tokens".
 const CONTEXT_OVERFLOW_PHRASES: &[&str] = &[
     "context_length_exceeded",
     "maximum context length",
@@ -32,6 +33,7 @@ const CONTEXT_OVERFLOW_PHRASES: &[&str] = &[
     "context size",
     "too many tokens",
     "prompt is too long",
+    "context limit",
 ];
 
 /// Maps an error response to a [`ModelError`]. `body` may be empty or not JSON.

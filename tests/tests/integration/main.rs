@@ -10,6 +10,7 @@ mod edit;
 mod fork;
 mod images;
 mod interrupt;
+mod provider_anthropic;
 mod providers_admin;
 mod queue;
 mod resume;
