@@ -1,7 +1,7 @@
 //! The LLM provider clients behind the actors' [`ModelClient`] port.
 //!
 //! [`Providers`] owns one HTTP client for all providers and dispatches each request on its
-//! target's dialect. One file per dialect (`openai_compat` so far); `sse` parses the event
+//! target's dialect. One file per dialect (`openai_compat`, `gemini`, …); `sse` parses the event
 //! streams they answer with, and `http` turns HTTP failures into typed [`ModelError`]s.
 //!
 //! API keys travel only in request headers: they are never logged and are scrubbed from error
@@ -12,6 +12,7 @@ use std::time::Duration;
 use agentplane_actors::ports::{ModelClient, ModelError, ModelRequest, ModelStream};
 use agentplane_schema::api::ProviderType;
 
+mod gemini;
 mod http;
 mod openai_compat;
 mod sse;
@@ -53,6 +54,7 @@ impl ModelClient for Providers {
         );
         match request.target.provider_type {
             ProviderType::OpenaiCompatible => openai_compat::stream(&self.http, request).await,
+            ProviderType::Gemini => gemini::stream(&self.http, request).await,
             // PLACEHOLDER while the dialect modules are written (issue 5).
             other => Err(ModelError::new(
                 agentplane_schema::api::ChatErrorKind::Config,
