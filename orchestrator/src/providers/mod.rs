@@ -19,6 +19,8 @@ mod sse;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_gemini;
 
 /// The real model client: one connection pool shared by every provider and chat.
 #[derive(Clone)]

@@ -20,9 +20,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::Providers;
 
-const API_KEY: &str = "sk-test-0123456789abcdef";
+pub(super) const API_KEY: &str = "sk-test-0123456789abcdef";
 
-fn fixture(name: &str) -> Vec<u8> {
+pub(super) fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/../tests/fixtures/providers/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {path}: {e}"))
 }
@@ -32,41 +32,41 @@ fn fixture(name: &str) -> Vec<u8> {
 
 /// One request as the server saw it.
 #[derive(Debug, Clone)]
-struct Recorded {
-    method: String,
-    path: String,
+pub(super) struct Recorded {
+    pub(super) method: String,
+    pub(super) path: String,
     /// Names lower-cased.
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+    pub(super) headers: Vec<(String, String)>,
+    pub(super) body: Vec<u8>,
 }
 
 impl Recorded {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(super) fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
-    fn json(&self) -> Value {
+    pub(super) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).expect("request body is JSON")
     }
 }
 
 /// The canned answer the server gives to every request.
 #[derive(Debug, Clone)]
-struct Reply {
+pub(super) struct Reply {
     status: u16,
-    headers: Vec<(String, String)>,
-    parts: Vec<Vec<u8>>,
+    pub(super) headers: Vec<(String, String)>,
+    pub(super) parts: Vec<Vec<u8>>,
     /// Chunked transfer encoding (streams) instead of a content-length (error bodies).
     chunked: bool,
-    pause: Duration,
+    pub(super) pause: Duration,
     /// After the parts: close without ending the body (a reset mid-stream).
-    cut: bool,
+    pub(super) cut: bool,
     /// After the parts: send nothing more for a long time.
     stall: bool,
 }
 
 impl Reply {
-    fn json(status: u16, body: &str) -> Self {
+    pub(super) fn json(status: u16, body: &str) -> Self {
         Reply {
             status,
             headers: vec![("content-type".into(), "application/json".into())],
@@ -79,7 +79,7 @@ impl Reply {
     }
 
     /// An SSE body in pieces of `piece` bytes, which split lines, JSON and UTF-8 sequences.
-    fn sse(body: &[u8], piece: usize) -> Self {
+    pub(super) fn sse(body: &[u8], piece: usize) -> Self {
         Reply {
             status: 200,
             headers: vec![("content-type".into(), "text/event-stream; charset=utf-8".into())],
@@ -91,19 +91,19 @@ impl Reply {
         }
     }
 
-    fn header(mut self, name: &str, value: &str) -> Self {
+    pub(super) fn header(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.into(), value.into()));
         self
     }
 }
 
-struct TestServer {
-    base_url: String,
+pub(super) struct TestServer {
+    pub(super) base_url: String,
     requests: Arc<Mutex<Vec<Recorded>>>,
 }
 
 impl TestServer {
-    async fn start(reply: Reply) -> Self {
+    pub(super) async fn start(reply: Reply) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -117,7 +117,7 @@ impl TestServer {
         TestServer { base_url: format!("http://{addr}/v1/"), requests }
     }
 
-    fn requests(&self) -> Vec<Recorded> {
+    pub(super) fn requests(&self) -> Vec<Recorded> {
         self.requests.lock().expect("requests lock").clone()
     }
 }
@@ -205,7 +205,7 @@ async fn write_reply(socket: &mut TcpStream, reply: &Reply) -> std::io::Result<(
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-fn providers() -> Providers {
+pub(super) fn providers() -> Providers {
     Providers::new(Duration::from_secs(5), Duration::from_secs(5)).expect("client")
 }
 
@@ -251,7 +251,7 @@ async fn replay(name: &str) -> Vec<ModelEvent> {
 
 /// Invariants of every answer: `Finish` once and last, each tool call started once with dense
 /// indices, arguments only for started calls, no empty pieces.
-fn check_shape(events: &[ModelEvent]) {
+pub(super) fn check_shape(events: &[ModelEvent]) {
     let finishes = events.iter().filter(|e| matches!(e, ModelEvent::Finish(_))).count();
     assert_eq!(finishes, 1, "one Finish: {events:?}");
     assert!(matches!(events.last(), Some(ModelEvent::Finish(_))), "Finish last: {events:?}");
@@ -273,15 +273,15 @@ fn check_shape(events: &[ModelEvent]) {
 }
 
 #[derive(Debug, Default, PartialEq)]
-struct Answer {
-    text: String,
+pub(super) struct Answer {
+    pub(super) text: String,
     /// (call id, name, arguments)
-    calls: Vec<(String, String, Value)>,
-    usage: Option<Usage>,
-    finish: Option<StopReason>,
+    pub(super) calls: Vec<(String, String, Value)>,
+    pub(super) usage: Option<Usage>,
+    pub(super) finish: Option<StopReason>,
 }
 
-fn assemble(events: &[ModelEvent]) -> Answer {
+pub(super) fn assemble(events: &[ModelEvent]) -> Answer {
     let mut answer = Answer::default();
     let mut raw_args: Vec<String> = Vec::new();
     for event in events {
@@ -303,7 +303,7 @@ fn assemble(events: &[ModelEvent]) -> Answer {
     answer
 }
 
-fn usage(input: u64, output: u64) -> Usage {
+pub(super) fn usage(input: u64, output: u64) -> Usage {
     Usage { input_tokens: input, output_tokens: output, ..Usage::default() }
 }
 
@@ -315,7 +315,7 @@ fn args(index: usize, pieces: &[&str]) -> Vec<ModelEvent> {
     pieces.iter().map(|p| ModelEvent::ToolCallArgs { index, piece: (*p).to_owned() }).collect()
 }
 
-fn start(index: usize, call_id: &str, name: &str) -> ModelEvent {
+pub(super) fn start(index: usize, call_id: &str, name: &str) -> ModelEvent {
     ModelEvent::ToolCallStart { index, call_id: call_id.to_owned(), name: name.to_owned() }
 }
 
