@@ -845,9 +845,10 @@ impl ChunkDecoder {
         self.started_calls += 1;
         let call_id = match id.filter(|id| !id.is_empty()) {
             Some(id) => id,
-            // Gemini before version 3 sends no ids. The loop pairs results with calls by id and
-            // the ids go back to Gemini with the results, so they must be unique within the
-            // chat: the response id is, and a random one stands in when that is missing too.
+            // Gemini mostly sends no ids (the recorded Gemini 3 answers have none). The loop
+            // pairs results with calls by id and the ids go back to Gemini with the results, so
+            // they must be unique within the chat: the response id is, and a random one stands
+            // in when that is missing too.
             None => {
                 let response_id = self.response_id.clone();
                 let prefix = self.id_prefix.get_or_insert_with(|| match response_id {
