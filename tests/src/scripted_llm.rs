@@ -493,6 +493,11 @@ async fn serve_completion(shared: &Shared, conn: &mut Connection, req: Request) 
     let reply = shared.next_reply(&recorded);
     let include_usage =
         recorded.body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let stream_function_call_arguments = recorded
+        .body
+        .pointer("/toolConfig/functionCallingConfig/streamFunctionCallArguments")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let model = recorded.model().unwrap_or("scripted-model").to_string();
     let request_bytes = req.body.len();
     if shared.record {
@@ -524,6 +529,7 @@ async fn serve_completion(shared: &Shared, conn: &mut Connection, req: Request) 
         model: &model,
         chunk_chars: reply.chunk_chars.unwrap_or(shared.chunk_chars),
         include_usage,
+        stream_function_call_arguments,
         request_bytes,
         dialect: shared.dialect,
         next_call_id: &next_call_id,

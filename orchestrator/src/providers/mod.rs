@@ -1,7 +1,7 @@
 //! The LLM provider clients behind the actors' [`ModelClient`] port.
 //!
 //! [`Providers`] owns one HTTP client for all providers and dispatches each request on its
-//! target's dialect. One file per dialect (`openai_compat`, `anthropic`, …); `sse` parses the event
+//! target's dialect. One file per dialect (`openai_compat`, `anthropic`, `gemini`, …); `sse` parses the event
 //! streams they answer with, and `http` turns HTTP failures into typed [`ModelError`]s.
 //!
 //! API keys travel only in request headers: they are never logged and are scrubbed from error
@@ -13,6 +13,7 @@ use agentplane_actors::ports::{ModelClient, ModelError, ModelRequest, ModelStrea
 use agentplane_schema::api::ProviderType;
 
 mod anthropic;
+mod gemini;
 mod http;
 mod openai_compat;
 mod sse;
@@ -21,6 +22,8 @@ mod sse;
 mod tests;
 #[cfg(test)]
 mod tests_anthropic;
+#[cfg(test)]
+mod tests_gemini;
 
 /// The real model client: one connection pool shared by every provider and chat.
 #[derive(Clone)]
@@ -57,6 +60,7 @@ impl ModelClient for Providers {
         match request.target.provider_type {
             ProviderType::OpenaiCompatible => openai_compat::stream(&self.http, request).await,
             ProviderType::Anthropic => anthropic::stream(&self.http, request).await,
+            ProviderType::Gemini => gemini::stream(&self.http, request).await,
             // PLACEHOLDER while the dialect modules are written (issue 5).
             other => Err(ModelError::new(
                 agentplane_schema::api::ChatErrorKind::Config,

@@ -273,15 +273,15 @@ pub(super) fn check_shape(events: &[ModelEvent]) {
 }
 
 #[derive(Debug, Default, PartialEq)]
-struct Answer {
-    text: String,
+pub(super) struct Answer {
+    pub(super) text: String,
     /// (call id, name, arguments)
-    calls: Vec<(String, String, Value)>,
-    usage: Option<Usage>,
-    finish: Option<StopReason>,
+    pub(super) calls: Vec<(String, String, Value)>,
+    pub(super) usage: Option<Usage>,
+    pub(super) finish: Option<StopReason>,
 }
 
-fn assemble(events: &[ModelEvent]) -> Answer {
+pub(super) fn assemble(events: &[ModelEvent]) -> Answer {
     let mut answer = Answer::default();
     let mut raw_args: Vec<String> = Vec::new();
     for event in events {
@@ -303,7 +303,7 @@ fn assemble(events: &[ModelEvent]) -> Answer {
     answer
 }
 
-fn usage(input: u64, output: u64) -> Usage {
+pub(super) fn usage(input: u64, output: u64) -> Usage {
     Usage { input_tokens: input, output_tokens: output, ..Usage::default() }
 }
 
@@ -315,7 +315,7 @@ fn args(index: usize, pieces: &[&str]) -> Vec<ModelEvent> {
     pieces.iter().map(|p| ModelEvent::ToolCallArgs { index, piece: (*p).to_owned() }).collect()
 }
 
-fn start(index: usize, call_id: &str, name: &str) -> ModelEvent {
+pub(super) fn start(index: usize, call_id: &str, name: &str) -> ModelEvent {
     ModelEvent::ToolCallStart { index, call_id: call_id.to_owned(), name: name.to_owned() }
 }
 

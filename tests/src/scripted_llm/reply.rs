@@ -216,6 +216,9 @@ pub(crate) struct RenderContext<'a> {
     pub model: &'a str,
     pub chunk_chars: usize,
     pub include_usage: bool,
+    /// Gemini on Vertex: the request asked for streamed function-call arguments
+    /// (`toolConfig.functionCallingConfig.streamFunctionCallArguments`).
+    pub stream_function_call_arguments: bool,
     pub request_bytes: usize,
     /// Assigns ids to calls that have none.
     pub next_call_id: &'a (dyn Fn() -> String + Sync),

@@ -11,6 +11,7 @@ mod fork;
 mod images;
 mod interrupt;
 mod provider_anthropic;
+mod provider_gemini;
 mod providers_admin;
 mod queue;
 mod resume;

@@ -212,6 +212,7 @@ mod tests {
             request_bytes: 100,
             next_call_id,
             dialect: Dialect::Anthropic,
+            stream_function_call_arguments: false,
         }
     }
 
