@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentplane_actors::ports::{
-    ModelClient, ModelError, ModelEvent, ModelRequest, ModelTarget, PromptMessage, StopReason, ToolSpec, Usage,
+    ImageData, ModelClient, ModelError, ModelEvent, ModelRequest, ModelTarget, PromptMessage, StopReason, ToolSpec,
+    Usage,
 };
 use agentplane_schema::api::{ChatErrorKind, ProviderType};
 use agentplane_schema::message::{Part, Role};
@@ -20,9 +21,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::Providers;
 
-const API_KEY: &str = "sk-test-0123456789abcdef";
+pub(super) const API_KEY: &str = "sk-test-0123456789abcdef";
 
-fn fixture(name: &str) -> Vec<u8> {
+pub(super) fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/../tests/fixtures/providers/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {path}: {e}"))
 }
@@ -32,41 +33,41 @@ fn fixture(name: &str) -> Vec<u8> {
 
 /// One request as the server saw it.
 #[derive(Debug, Clone)]
-struct Recorded {
-    method: String,
-    path: String,
+pub(super) struct Recorded {
+    pub(super) method: String,
+    pub(super) path: String,
     /// Names lower-cased.
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+    pub(super) headers: Vec<(String, String)>,
+    pub(super) body: Vec<u8>,
 }
 
 impl Recorded {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(super) fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
-    fn json(&self) -> Value {
+    pub(super) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).expect("request body is JSON")
     }
 }
 
 /// The canned answer the server gives to every request.
 #[derive(Debug, Clone)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    parts: Vec<Vec<u8>>,
+pub(super) struct Reply {
+    pub(super) status: u16,
+    pub(super) headers: Vec<(String, String)>,
+    pub(super) parts: Vec<Vec<u8>>,
     /// Chunked transfer encoding (streams) instead of a content-length (error bodies).
     chunked: bool,
-    pause: Duration,
+    pub(super) pause: Duration,
     /// After the parts: close without ending the body (a reset mid-stream).
-    cut: bool,
+    pub(super) cut: bool,
     /// After the parts: send nothing more for a long time.
-    stall: bool,
+    pub(super) stall: bool,
 }
 
 impl Reply {
-    fn json(status: u16, body: &str) -> Self {
+    pub(super) fn json(status: u16, body: &str) -> Self {
         Reply {
             status,
             headers: vec![("content-type".into(), "application/json".into())],
@@ -79,7 +80,7 @@ impl Reply {
     }
 
     /// An SSE body in pieces of `piece` bytes, which split lines, JSON and UTF-8 sequences.
-    fn sse(body: &[u8], piece: usize) -> Self {
+    pub(super) fn sse(body: &[u8], piece: usize) -> Self {
         Reply {
             status: 200,
             headers: vec![("content-type".into(), "text/event-stream; charset=utf-8".into())],
@@ -91,19 +92,19 @@ impl Reply {
         }
     }
 
-    fn header(mut self, name: &str, value: &str) -> Self {
+    pub(super) fn header(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.into(), value.into()));
         self
     }
 }
 
-struct TestServer {
-    base_url: String,
+pub(super) struct TestServer {
+    pub(super) base_url: String,
     requests: Arc<Mutex<Vec<Recorded>>>,
 }
 
 impl TestServer {
-    async fn start(reply: Reply) -> Self {
+    pub(super) async fn start(reply: Reply) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -117,7 +118,7 @@ impl TestServer {
         TestServer { base_url: format!("http://{addr}/v1/"), requests }
     }
 
-    fn requests(&self) -> Vec<Recorded> {
+    pub(super) fn requests(&self) -> Vec<Recorded> {
         self.requests.lock().expect("requests lock").clone()
     }
 }
@@ -205,11 +206,11 @@ async fn write_reply(socket: &mut TcpStream, reply: &Reply) -> std::io::Result<(
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-fn providers() -> Providers {
+pub(super) fn providers() -> Providers {
     Providers::new(Duration::from_secs(5), Duration::from_secs(5)).expect("client")
 }
 
-fn target(base_url: &str) -> ModelTarget {
+pub(super) fn target(base_url: &str) -> ModelTarget {
     ModelTarget {
         provider_type: ProviderType::OpenaiCompatible,
         base_url: base_url.to_owned(),
@@ -220,7 +221,7 @@ fn target(base_url: &str) -> ModelTarget {
     }
 }
 
-fn simple_request(base_url: &str) -> ModelRequest {
+pub(super) fn simple_request(base_url: &str) -> ModelRequest {
     ModelRequest {
         target: target(base_url),
         system: "You are terse.".to_owned(),
@@ -231,7 +232,7 @@ fn simple_request(base_url: &str) -> ModelRequest {
 }
 
 /// Replays `reply` through the real client and returns every stream item.
-async fn run(reply: Reply) -> (Result<Vec<Result<ModelEvent, ModelError>>, ModelError>, Vec<Recorded>) {
+pub(super) async fn run(reply: Reply) -> (Result<Vec<Result<ModelEvent, ModelError>>, ModelError>, Vec<Recorded>) {
     let server = TestServer::start(reply).await;
     let result = match providers().stream(simple_request(&server.base_url)).await {
         Ok(stream) => Ok(stream.collect().await),
@@ -251,7 +252,7 @@ async fn replay(name: &str) -> Vec<ModelEvent> {
 
 /// Invariants of every answer: `Finish` once and last, each tool call started once with dense
 /// indices, arguments only for started calls, no empty pieces.
-fn check_shape(events: &[ModelEvent]) {
+pub(super) fn check_shape(events: &[ModelEvent]) {
     let finishes = events.iter().filter(|e| matches!(e, ModelEvent::Finish(_))).count();
     assert_eq!(finishes, 1, "one Finish: {events:?}");
     assert!(matches!(events.last(), Some(ModelEvent::Finish(_))), "Finish last: {events:?}");
@@ -273,15 +274,15 @@ fn check_shape(events: &[ModelEvent]) {
 }
 
 #[derive(Debug, Default, PartialEq)]
-struct Answer {
-    text: String,
+pub(super) struct Answer {
+    pub(super) text: String,
     /// (call id, name, arguments)
-    calls: Vec<(String, String, Value)>,
-    usage: Option<Usage>,
-    finish: Option<StopReason>,
+    pub(super) calls: Vec<(String, String, Value)>,
+    pub(super) usage: Option<Usage>,
+    pub(super) finish: Option<StopReason>,
 }
 
-fn assemble(events: &[ModelEvent]) -> Answer {
+pub(super) fn assemble(events: &[ModelEvent]) -> Answer {
     let mut answer = Answer::default();
     let mut raw_args: Vec<String> = Vec::new();
     for event in events {
@@ -303,23 +304,23 @@ fn assemble(events: &[ModelEvent]) -> Answer {
     answer
 }
 
-fn usage(input: u64, output: u64) -> Usage {
+pub(super) fn usage(input: u64, output: u64) -> Usage {
     Usage { input_tokens: input, output_tokens: output, ..Usage::default() }
 }
 
-fn text_events(pieces: &[&str]) -> Vec<ModelEvent> {
+pub(super) fn text_events(pieces: &[&str]) -> Vec<ModelEvent> {
     pieces.iter().map(|p| ModelEvent::TextDelta((*p).to_owned())).collect()
 }
 
-fn args(index: usize, pieces: &[&str]) -> Vec<ModelEvent> {
+pub(super) fn args(index: usize, pieces: &[&str]) -> Vec<ModelEvent> {
     pieces.iter().map(|p| ModelEvent::ToolCallArgs { index, piece: (*p).to_owned() }).collect()
 }
 
-fn start(index: usize, call_id: &str, name: &str) -> ModelEvent {
+pub(super) fn start(index: usize, call_id: &str, name: &str) -> ModelEvent {
     ModelEvent::ToolCallStart { index, call_id: call_id.to_owned(), name: name.to_owned() }
 }
 
-fn sse_body(chunks: &[Value]) -> Vec<u8> {
+pub(super) fn sse_body(chunks: &[Value]) -> Vec<u8> {
     chunks.iter().map(|c| format!("data: {c}\n\n")).collect::<String>().into_bytes()
 }
 
@@ -328,7 +329,7 @@ fn wire_call(id: &str, name: &str, arguments: &str) -> Value {
     json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
 }
 
-fn command_schema() -> Value {
+pub(super) fn command_schema() -> Value {
     json!({"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]})
 }
 
@@ -605,7 +606,7 @@ async fn non_streamed_json_answer_is_accepted() {
 // ---------------------------------------------------------------------------------------------
 // Errors
 
-async fn status_error(reply: Reply) -> ModelError {
+pub(super) async fn status_error(reply: Reply) -> ModelError {
     let (result, requests) = run(reply).await;
     assert_eq!(requests.len(), 1, "the client itself does not retry");
     match result {
@@ -825,7 +826,11 @@ async fn request_shape() {
             description: "Run a command.".to_owned(),
             parameters: command_schema(),
         }],
-        images: Default::default(),
+        images: [(
+            "file_9".to_owned(),
+            ImageData { media_type: "image/png".to_owned(), bytes: Arc::from(&b"\x89PNG"[..]) },
+        )]
+        .into(),
     };
     let events: Vec<_> = providers().stream(request).await.expect("opens").collect().await;
     assert!(events.iter().all(Result::is_ok));
@@ -860,7 +865,7 @@ async fn request_shape() {
                 {"role": "tool", "tool_call_id": "call_3", "content": ""},
                 {"role": "user", "content": [
                     {"type": "text", "text": "What is this?"},
-                    {"type": "text", "text": "[image file_9]"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw=="}},
                 ]},
             ],
             "tools": [{"type": "function", "function": {
