@@ -432,7 +432,7 @@ async fn responses_connection_reset_mid_stream_is_a_retryable_error_item() {
 async fn error_of(reply: Reply, build: impl Fn(&str) -> ModelRequest + Copy) -> ModelError {
     let (result, requests) = call(reply, build).await;
     assert_eq!(requests.len(), 1, "the client itself does not retry");
-    let error = result.err().expect("an error before the stream");
+    let error = result.expect_err("an error before the stream");
     assert!(!error.message.contains(API_KEY), "key leaked: {}", error.message);
     error
 }
@@ -861,7 +861,7 @@ async fn images_that_cannot_be_sent_are_config_errors_before_any_request() {
             request
         };
         let (result, requests) = call(Reply::json(200, "{}"), |base| with_image(base, Vec::new())).await;
-        let error = result.err().expect("missing image");
+        let error = result.expect_err("missing image");
         assert_eq!((error.kind, error.retryable), (ChatErrorKind::Config, false));
         assert!(error.message.contains("file_7"), "{}", error.message);
         assert!(requests.is_empty());
@@ -869,7 +869,7 @@ async fn images_that_cannot_be_sent_are_config_errors_before_any_request() {
         let bmp = ImageData { media_type: "image/bmp".to_owned(), bytes: Arc::from(&b"BM"[..]) };
         let (result, requests) =
             call(Reply::json(200, "{}"), |base| with_image(base, vec![("file_7".to_owned(), bmp)])).await;
-        let error = result.err().expect("unsupported type");
+        let error = result.expect_err("unsupported type");
         assert_eq!(error.kind, ChatErrorKind::Config);
         assert!(error.message.contains("image/bmp"), "{}", error.message);
         assert!(requests.is_empty());

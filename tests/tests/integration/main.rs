@@ -9,6 +9,7 @@ mod compaction;
 mod edit;
 mod fork;
 mod interrupt;
+mod provider_openai;
 mod queue;
 mod resume;
 mod retries;

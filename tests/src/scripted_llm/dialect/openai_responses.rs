@@ -35,12 +35,14 @@ pub(crate) fn render_stream(completion: &Completion<'_>, ctx: &RenderContext<'_>
     if !completion.reasoning.is_empty() {
         let item_id = format!("rs_{}_{}", ctx.id, output.len());
         let output_index = output.len();
-        let at = |extra: Value| merge(json!({"item_id": item_id, "output_index": output_index, "summary_index": 0}), extra);
+        let at =
+            |extra: Value| merge(json!({"item_id": item_id, "output_index": output_index, "summary_index": 0}), extra);
         stream.event(
             "response.output_item.added",
             json!({"output_index": output_index, "item": {"id": item_id, "type": "reasoning", "summary": []}}),
         );
-        stream.event("response.reasoning_summary_part.added", at(json!({"part": {"type": "summary_text", "text": ""}})));
+        stream
+            .event("response.reasoning_summary_part.added", at(json!({"part": {"type": "summary_text", "text": ""}})));
         for piece in pieces(completion.reasoning, completion.chunk_chars) {
             stream.event("response.reasoning_summary_text.delta", at(json!({"delta": piece})));
         }
@@ -64,12 +66,14 @@ pub(crate) fn render_stream(completion: &Completion<'_>, ctx: &RenderContext<'_>
     if has_message {
         let item_id = format!("msg_{}_{}", ctx.id, output.len());
         let output_index = output.len();
-        let at = |extra: Value| merge(json!({"item_id": item_id, "output_index": output_index, "content_index": 0}), extra);
+        let at =
+            |extra: Value| merge(json!({"item_id": item_id, "output_index": output_index, "content_index": 0}), extra);
         let text_part = |text: &str| json!({"type": "output_text", "annotations": [], "logprobs": [], "text": text});
-        let message = |status: &str, content: Value| {
-            json!({"id": item_id, "type": "message", "status": status, "content": content, "role": "assistant"})
-        };
-        stream.event("response.output_item.added", json!({"output_index": output_index, "item": message("in_progress", json!([]))}));
+        let message = |status: &str, content: Value| json!({"id": item_id, "type": "message", "status": status, "content": content, "role": "assistant"});
+        stream.event(
+            "response.output_item.added",
+            json!({"output_index": output_index, "item": message("in_progress", json!([]))}),
+        );
         stream.event("response.content_part.added", at(json!({"part": text_part("")})));
         for piece in pieces(completion.text, completion.chunk_chars) {
             stream.event("response.output_text.delta", at(json!({"delta": piece, "logprobs": []})));
@@ -90,7 +94,10 @@ pub(crate) fn render_stream(completion: &Completion<'_>, ctx: &RenderContext<'_>
                 "call_id": call_id, "name": name})
         };
         // Named in full when the item opens; only the arguments stream.
-        stream.event("response.output_item.added", json!({"output_index": output_index, "item": call("in_progress", "")}));
+        stream.event(
+            "response.output_item.added",
+            json!({"output_index": output_index, "item": call("in_progress", "")}),
+        );
         for piece in pieces(arguments, completion.chunk_chars) {
             stream.event("response.function_call_arguments.delta", at(json!({"delta": piece})));
         }
@@ -122,7 +129,9 @@ pub(crate) fn render_stream(completion: &Completion<'_>, ctx: &RenderContext<'_>
             "response.incomplete",
             json!({"response": response("incomplete", &output, usage, json!({"reason": reason}))}),
         ),
-        None => stream.event("response.completed", json!({"response": response("completed", &output, usage, Value::Null)})),
+        None => {
+            stream.event("response.completed", json!({"response": response("completed", &output, usage, Value::Null)}))
+        }
     }
     stream.out
 }
@@ -220,7 +229,10 @@ mod tests {
         assert_eq!(last["response"]["usage"]["input_tokens_details"]["cached_tokens"], 2);
         assert_eq!(last["response"]["output"].as_array().map(Vec::len), Some(3));
         let added = events.iter().find(|e| e["item"]["type"] == "function_call").expect("call item");
-        assert_eq!((added["item"]["call_id"].as_str(), added["item"]["name"].as_str()), (Some("call_1"), Some("execute")));
+        assert_eq!(
+            (added["item"]["call_id"].as_str(), added["item"]["name"].as_str()),
+            (Some("call_1"), Some("execute"))
+        );
     }
 
     #[test]
