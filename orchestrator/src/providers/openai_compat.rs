@@ -122,11 +122,10 @@ impl Endpoint {
         };
         let url = match (provider, api) {
             (ProviderType::Azure, Api::ChatCompletions) => {
-                let deployment = &model;
-                check_url_token("settings.deployment (or the model name)", deployment)?;
+                check_url_token("settings.deployment (or the model name)", &model)?;
                 let version = setting(target, "api_version")?.unwrap_or(AZURE_DEFAULT_API_VERSION);
                 check_url_token("settings.api_version", version)?;
-                format!("{base}/openai/deployments/{deployment}/chat/completions?api-version={version}")
+                format!("{base}/openai/deployments/{model}/chat/completions?api-version={version}")
             }
             // Azure's v1 API: no deployment in the path (the body's `model` names it) and no
             // `api-version`.

@@ -141,11 +141,18 @@ fn push_items(out: &mut Vec<Value>, message: &PromptMessage, request: &ModelRequ
         Role::Marker => {}
         // Output items in the order the model produced them: reasoning, text, calls.
         Role::Assistant => {
+            // OpenAI rejects a reasoning item that nothing follows, as an answer interrupted
+            // after its reasoning would leave it.
+            let answered = message.parts.iter().any(|p| match p {
+                Part::Text { text } => !text.is_empty(),
+                Part::ToolCall { .. } => true,
+                _ => false,
+            });
             for part in &message.parts {
                 match part {
                     // Reasoning without encrypted content (another provider's, or one cut off
                     // before its item ended) cannot be sent back.
-                    Part::Reasoning { text, signature: Some(encrypted) } if !encrypted.is_empty() => {
+                    Part::Reasoning { text, signature: Some(encrypted) } if answered && !encrypted.is_empty() => {
                         let summary: Vec<Value> = if text.is_empty() {
                             Vec::new()
                         } else {

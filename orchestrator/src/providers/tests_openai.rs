@@ -155,6 +155,15 @@ fn full_conversation(target: ModelTarget) -> ModelRequest {
                 ],
             },
             PromptMessage { role: Role::Tool, parts: vec![tool_result("call_3", "execute", "", false)] },
+            // An answer interrupted after its reasoning: nothing of it can be sent.
+            PromptMessage {
+                role: Role::Assistant,
+                parts: vec![Part::Reasoning {
+                    text: "Only thinking.".to_owned(),
+                    signature: Some("gAAAAlone".to_owned()),
+                }],
+            },
+            PromptMessage { role: Role::User, parts: vec![Part::text("Go on.")] },
         ],
         tools: vec![ToolSpec {
             name: "execute".to_owned(),
@@ -553,6 +562,7 @@ async fn responses_request_shape() {
                 {"type": "function_call_output", "call_id": "call_2", "output": "no such file"},
                 {"type": "function_call", "call_id": "call_3", "name": "execute", "arguments": "{not json"},
                 {"type": "function_call_output", "call_id": "call_3", "output": ""},
+                {"role": "user", "content": [{"type": "input_text", "text": "Go on."}]},
             ],
             "tools": [{
                 "type": "function",
@@ -643,6 +653,7 @@ async fn openai_chat_request_shape() {
                 {"role": "tool", "tool_call_id": "call_2", "content": "no such file"},
                 {"role": "assistant", "content": null, "tool_calls": [wire_call("call_3", "execute", "{not json")]},
                 {"role": "tool", "tool_call_id": "call_3", "content": ""},
+                {"role": "user", "content": "Go on."},
             ],
             "tools": [{"type": "function", "function": {
                 "name": "execute",
