@@ -53,7 +53,10 @@ type Responder = Arc<dyn Fn(&RecordedRequest) -> Reply + Send + Sync>;
 #[derive(Debug, Clone)]
 pub struct RecordedRequest {
     pub method: String,
+    /// Without the query string.
     pub path: String,
+    /// The query string after `?` (Azure's `api-version`), when there is one.
+    pub query: Option<String>,
     /// Header names are lower-case.
     pub headers: Vec<(String, String)>,
     pub body: Value,
@@ -486,7 +489,7 @@ async fn serve_completion(shared: &Shared, conn: &mut Connection, req: Request) 
             return conn.write(&fixed_response(400, "application/json", &[], &body, req.keep_alive)).await.is_ok();
         }
     };
-    let recorded = RecordedRequest { method: req.method, path: req.path, headers: req.headers, body };
+    let recorded = RecordedRequest { method: req.method, path: req.path, query: req.query, headers: req.headers, body };
     let stream = shared.dialect.is_stream(&recorded);
     tracing::debug!(model = ?recorded.model(), stream, "scripted LLM request");
     let _active = ActiveGuard::new(&shared.active);

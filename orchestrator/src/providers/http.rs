@@ -53,6 +53,8 @@ pub(crate) fn status_error(status: StatusCode, headers: &HeaderMap, body: &[u8],
         503 | 529 => (ChatErrorKind::Overloaded, true),
         408 => (ChatErrorKind::Timeout, true),
         401 | 403 => (ChatErrorKind::Auth, false),
+        // Azure OpenAI refuses prompts its content filter flags with a 400.
+        400 if code.as_deref() == Some("content_filter") => (ChatErrorKind::ContentFilter, false),
         400 | 413 | 422 if overflow => (ChatErrorKind::ContextOverflow, false),
         // 404 is an unknown model or a wrong base URL; 402 is an unpaid account (OpenRouter).
         400..=499 => (ChatErrorKind::Config, false),
@@ -93,6 +95,8 @@ pub(crate) fn stream_error(value: &Value, api_key: Option<&str>) -> ModelError {
         ChatErrorKind::Auth
     } else if lower_code.contains("timeout") {
         ChatErrorKind::Timeout
+    } else if lower_code == "content_filter" {
+        ChatErrorKind::ContentFilter
     } else {
         ChatErrorKind::Provider
     };
@@ -288,6 +292,14 @@ mod tests {
         assert_eq!(e.message, "HTTP 404 Not Found: model 'llama9' not found");
         let e = error(502, "<html>bad gateway</html>");
         assert_eq!(e.message, "HTTP 502 Bad Gateway: <html>bad gateway</html>");
+    }
+
+    #[test]
+    fn azure_content_filter_is_its_own_kind() {
+        let e = error(400, r#"{"error":{"message":"The response was filtered","code":"content_filter","status":400}}"#);
+        assert_eq!((e.kind, e.retryable), (ChatErrorKind::ContentFilter, false));
+        let e = stream_error(&serde_json::json!({"error": {"code": "content_filter", "message": "Filtered"}}), None);
+        assert_eq!((e.kind, e.retryable), (ChatErrorKind::ContentFilter, false));
     }
 
     #[test]

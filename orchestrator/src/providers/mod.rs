@@ -1,8 +1,10 @@
 //! The LLM provider clients behind the actors' [`ModelClient`] port.
 //!
 //! [`Providers`] owns one HTTP client for all providers and dispatches each request on its
-//! target's dialect. One file per dialect (`openai_compat`, `anthropic`, `gemini`, …); `sse` parses the event
-//! streams they answer with, and `http` turns HTTP failures into typed [`ModelError`]s.
+//! target's dialect. One file per dialect: `openai_compat` for Chat Completions (which also knows
+//! the endpoints of the OpenAI family), `openai_responses` for OpenAI's and Azure's Responses API,
+//! `anthropic`, `gemini`; `sse` parses the event streams they answer with, and `http` turns HTTP
+//! failures into typed [`ModelError`]s.
 //!
 //! API keys travel only in request headers: they are never logged and are scrubbed from error
 //! messages.
@@ -16,6 +18,7 @@ mod anthropic;
 mod gemini;
 mod http;
 mod openai_compat;
+mod openai_responses;
 mod sse;
 
 #[cfg(test)]
@@ -24,6 +27,8 @@ mod tests;
 mod tests_anthropic;
 #[cfg(test)]
 mod tests_gemini;
+#[cfg(test)]
+mod tests_openai;
 
 /// The real model client: one connection pool shared by every provider and chat.
 #[derive(Clone)]
@@ -58,7 +63,14 @@ impl ModelClient for Providers {
             "model call"
         );
         match request.target.provider_type {
-            ProviderType::OpenaiCompatible => openai_compat::stream(&self.http, request).await,
+            ProviderType::OpenaiCompatible
+            | ProviderType::Openai
+            | ProviderType::Azure
+            | ProviderType::Openrouter
+            | ProviderType::Vercel => match openai_compat::Api::for_target(&request.target)? {
+                openai_compat::Api::ChatCompletions => openai_compat::stream(&self.http, request).await,
+                openai_compat::Api::Responses => openai_responses::stream(&self.http, request).await,
+            },
             ProviderType::Anthropic => anthropic::stream(&self.http, request).await,
             ProviderType::Gemini => gemini::stream(&self.http, request).await,
             // PLACEHOLDER while the dialect modules are written (issue 5).

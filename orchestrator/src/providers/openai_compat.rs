@@ -1,20 +1,22 @@
-//! The OpenAI Chat Completions dialect, streamed: OpenAI itself and every server that copies it
-//! (vLLM, Ollama, llama.cpp, OpenRouter, Vercel AI Gateway, Groq, DeepSeek, Anthropic's and
-//! Gemini's compatibility endpoints).
+//! The OpenAI Chat Completions dialect, streamed: OpenAI itself, Azure OpenAI, OpenRouter,
+//! Vercel AI Gateway, and every server that copies it (vLLM, Ollama, llama.cpp, Groq, DeepSeek,
+//! Anthropic's and Gemini's compatibility endpoints).
 //!
-//! [`request_body`] turns the prompt into the JSON body; [`ChunkDecoder`] turns the streamed
-//! `chat.completion.chunk`s into [`ModelEvent`]s. The decoder is deliberately lenient, because
-//! the copies differ from OpenAI and from each other in small ways; each tolerance is commented
-//! where it is handled.
+//! [`Endpoint`] says where a request of the OpenAI family goes and how it is authenticated (the
+//! Responses API dialect uses it too); [`request_body`] turns the prompt into the JSON body;
+//! [`ChunkDecoder`] turns the streamed `chat.completion.chunk`s into [`ModelEvent`]s. The decoder
+//! is deliberately lenient, because the copies differ from OpenAI and from each other in small
+//! ways; each tolerance is commented where it is handled.
 
 use std::collections::{HashMap, VecDeque};
 
 use agentplane_actors::ports::{
-    ModelError, ModelEvent, ModelRequest, ModelStream, PromptMessage, StopReason, ToolSpec, Usage,
+    ModelError, ModelEvent, ModelRequest, ModelStream, ModelTarget, PromptMessage, StopReason, ToolSpec, Usage,
 };
-use agentplane_schema::api::ChatErrorKind;
+use agentplane_schema::api::{ChatErrorKind, ProviderType};
 use agentplane_schema::message::{Part, Role};
 use futures::StreamExt;
+use reqwest::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -22,31 +24,12 @@ use super::http;
 use super::sse::{SseEvent, SseParser, SseStream};
 
 /// Sends `request` and returns its answer as a stream. Errors up to and including the response
-/// headers (connect failures, error statuses) come from the outer `Result`.
+/// headers (bad settings, connect failures, error statuses) come from the outer `Result`.
 pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> Result<ModelStream, ModelError> {
-    let api_key = request.target.api_key.clone().filter(|key| !key.is_empty());
-    let url = format!("{}/chat/completions", request.target.base_url.trim_end_matches('/'));
-    let body = request_body(&request);
-
-    let mut builder = client.post(&url).header(reqwest::header::ACCEPT, "text/event-stream").json(&body);
-    if let Some(key) = &api_key {
-        builder = builder.bearer_auth(key);
-    }
-    let response = builder.send().await.map_err(|e| http::transport_error(e, api_key.as_deref()))?;
-
-    let status = response.status();
-    if !status.is_success() {
-        let headers = response.headers().clone();
-        let body = http::read_error_body(response).await;
-        let error = http::status_error(status, &headers, &body, api_key.as_deref());
-        tracing::warn!(
-            model = %request.target.model,
-            status = status.as_u16(),
-            kind = ?error.kind,
-            "model call failed"
-        );
-        return Err(error);
-    }
+    let endpoint = Endpoint::for_target(&request.target, Api::ChatCompletions)?;
+    let body = request_body(&request, &endpoint)?;
+    let response = endpoint.send(client, &body).await?;
+    let api_key = endpoint.api_key.clone();
 
     // Some compatible servers ignore `stream: true` and answer with one JSON completion.
     let is_json = response
@@ -67,21 +50,217 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
     Ok(futures::stream::unfold(state, StreamState::next).boxed())
 }
 
+/// Decodes a whole recorded Chat Completions body (SSE, or one JSON completion) without HTTP:
+/// the same events the stream would yield. For tests and the decoder benchmark.
+// Only tests call it until the decoder benchmark does.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn decode_body(body: &[u8]) -> Vec<Result<ModelEvent, ModelError>> {
+    decode_whole(body, None).into()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Endpoints of the OpenAI family
+
+/// The two OpenAI APIs a model can be called through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Api {
+    ChatCompletions,
+    Responses,
+}
+
+impl Api {
+    /// The API `settings.api` selects: `"chat_completions"` (the default) or `"responses"`, the
+    /// latter only where the provider has it (OpenAI and Azure).
+    pub(crate) fn for_target(target: &ModelTarget) -> Result<Api, ModelError> {
+        match setting(target, "api")? {
+            None | Some("chat_completions") => Ok(Api::ChatCompletions),
+            Some("responses") if matches!(target.provider_type, ProviderType::Openai | ProviderType::Azure) => {
+                Ok(Api::Responses)
+            }
+            Some("responses") => Err(config_error(format!(
+                "settings.api `responses` is not available for {} providers; use `chat_completions`",
+                target.provider_type.as_str()
+            ))),
+            Some(other) => {
+                Err(config_error(format!("settings.api must be `chat_completions` or `responses`, not `{other}`")))
+            }
+        }
+    }
+}
+
+/// The Azure OpenAI API version used for Chat Completions unless `settings.api_version` says
+/// otherwise: the latest GA release of the versioned data-plane API.
+const AZURE_DEFAULT_API_VERSION: &str = "2024-10-21";
+
+/// Where a request of the OpenAI family goes and how it is authenticated.
+pub(crate) struct Endpoint {
+    pub(crate) url: String,
+    /// The key header (`Authorization: Bearer …` or Azure's `api-key`), marked sensitive.
+    auth: Option<(HeaderName, HeaderValue)>,
+    /// OpenRouter's attribution headers.
+    extra_headers: Vec<(HeaderName, HeaderValue)>,
+    /// OpenAI and Azure renamed `max_tokens` to `max_completion_tokens`, and their reasoning
+    /// models reject the old name; most compatible servers know only the old one.
+    max_tokens_field: &'static str,
+    /// What the body's `model` says: the model name, or on Azure the deployment (which the
+    /// Chat Completions path names too).
+    pub(crate) model: String,
+    pub(crate) api_key: Option<String>,
+}
+
+impl Endpoint {
+    /// The endpoint of `target` for `api`. Settings that cannot make a valid request (an Azure
+    /// provider without a base URL, a deployment name that is not a path segment, header values
+    /// with line breaks) are `Config` errors here, before anything is sent.
+    pub(crate) fn for_target(target: &ModelTarget, api: Api) -> Result<Endpoint, ModelError> {
+        let api_key = target.api_key.clone().filter(|key| !key.is_empty());
+        let base = base_url(target)?;
+        let provider = target.provider_type;
+        let model = match provider {
+            ProviderType::Azure => setting(target, "deployment")?.unwrap_or(&target.model).to_owned(),
+            _ => target.model.clone(),
+        };
+        let url = match (provider, api) {
+            (ProviderType::Azure, Api::ChatCompletions) => {
+                check_url_token("settings.deployment (or the model name)", &model)?;
+                let version = setting(target, "api_version")?.unwrap_or(AZURE_DEFAULT_API_VERSION);
+                check_url_token("settings.api_version", version)?;
+                format!("{base}/openai/deployments/{model}/chat/completions?api-version={version}")
+            }
+            // Azure's v1 API: no deployment in the path (the body's `model` names it) and no
+            // `api-version`.
+            (ProviderType::Azure, Api::Responses) => format!("{base}/openai/v1/responses"),
+            (_, Api::ChatCompletions) => format!("{base}/chat/completions"),
+            (_, Api::Responses) => format!("{base}/responses"),
+        };
+        let auth = match &api_key {
+            None => None,
+            Some(key) => {
+                let (name, value) = match provider {
+                    ProviderType::Azure => (HeaderName::from_static("api-key"), key.clone()),
+                    _ => (reqwest::header::AUTHORIZATION, format!("Bearer {key}")),
+                };
+                let mut value = HeaderValue::from_str(&value)
+                    .map_err(|_| config_error("the API key contains characters not allowed in an HTTP header"))?;
+                value.set_sensitive(true);
+                Some((name, value))
+            }
+        };
+        let mut extra_headers = Vec::new();
+        if provider == ProviderType::Openrouter {
+            for (key, header) in [("referer", "http-referer"), ("title", "x-title")] {
+                if let Some(value) = setting(target, key)? {
+                    let value = HeaderValue::from_str(value).map_err(|_| {
+                        config_error(format!("settings.{key} contains characters not allowed in an HTTP header"))
+                    })?;
+                    extra_headers.push((HeaderName::from_static(header), value));
+                }
+            }
+        }
+        let max_tokens_field = match provider {
+            ProviderType::Openai | ProviderType::Azure => "max_completion_tokens",
+            _ => "max_tokens",
+        };
+        Ok(Endpoint { url, auth, extra_headers, max_tokens_field, model, api_key })
+    }
+
+    /// Posts `body` and returns the response once its status is known to be a success.
+    pub(crate) async fn send(&self, client: &reqwest::Client, body: &Value) -> Result<reqwest::Response, ModelError> {
+        let mut builder = client.post(&self.url).header(reqwest::header::ACCEPT, "text/event-stream").json(body);
+        if let Some((name, value)) = &self.auth {
+            builder = builder.header(name, value);
+        }
+        for (name, value) in &self.extra_headers {
+            builder = builder.header(name, value);
+        }
+        let response = builder.send().await.map_err(|e| http::transport_error(e, self.api_key.as_deref()))?;
+
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let headers = response.headers().clone();
+        let body = http::read_error_body(response).await;
+        let error = http::status_error(status, &headers, &body, self.api_key.as_deref());
+        tracing::warn!(model = %self.model, status = status.as_u16(), kind = ?error.kind, "model call failed");
+        Err(error)
+    }
+}
+
+/// The provider's base URL without a trailing slash; the well-known default for the hosted
+/// providers when none is set.
+fn base_url(target: &ModelTarget) -> Result<String, ModelError> {
+    let configured = target.base_url.trim().trim_end_matches('/');
+    if !configured.is_empty() {
+        let base = match target.provider_type {
+            // Admins paste Azure's endpoint in several forms; the paths are added here.
+            ProviderType::Azure => configured.trim_end_matches("/openai/v1").trim_end_matches("/openai"),
+            _ => configured,
+        };
+        return Ok(base.to_owned());
+    }
+    match target.provider_type {
+        ProviderType::Openai => Ok("https://api.openai.com/v1".to_owned()),
+        ProviderType::Openrouter => Ok("https://openrouter.ai/api/v1".to_owned()),
+        ProviderType::Vercel => Ok("https://ai-gateway.vercel.sh/v1".to_owned()),
+        other => Err(config_error(format!("a {} provider needs a base URL", other.as_str()))),
+    }
+}
+
+/// A string setting of the target; `None` when unset or null.
+pub(crate) fn setting<'a>(target: &'a ModelTarget, key: &str) -> Result<Option<&'a str>, ModelError> {
+    match target.settings.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(value)) => Ok(Some(value.as_str())),
+        Some(other) => Err(config_error(format!("settings.{key} must be a string, not {other}"))),
+    }
+}
+
+/// Values put into a URL path or query unencoded must not be able to change its shape.
+fn check_url_token(what: &str, value: &str) -> Result<(), ModelError> {
+    let valid = !value.is_empty() && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(config_error(format!("{what} `{value}` may only contain letters, digits, `-`, `_` and `.`")))
+    }
+}
+
+fn config_error(message: impl Into<String>) -> ModelError {
+    ModelError::new(ChatErrorKind::Config, message)
+}
+
+/// An image of the prompt as a `data:` URL, the form every OpenAI-family API takes inline.
+/// OpenAI accepts PNG, JPEG, WEBP and non-animated GIF.
+pub(crate) fn image_data_url(request: &ModelRequest, file_id: &str) -> Result<String, ModelError> {
+    let image = request
+        .images
+        .get(file_id)
+        .ok_or_else(|| config_error(format!("image {file_id} of the conversation could not be loaded")))?;
+    if !matches!(image.media_type.as_str(), "image/png" | "image/jpeg" | "image/gif" | "image/webp") {
+        return Err(config_error(format!(
+            "image {file_id} is {}, which OpenAI models do not accept (PNG, JPEG, GIF or WEBP)",
+            image.media_type
+        )));
+    }
+    Ok(format!("data:{};base64,{}", image.media_type, data_encoding::BASE64.encode(&image.bytes)))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Request
 
-/// The Chat Completions body for `request`.
-pub(crate) fn request_body(request: &ModelRequest) -> Value {
+/// The Chat Completions body for `request`, sent to `endpoint`.
+pub(crate) fn request_body(request: &ModelRequest, endpoint: &Endpoint) -> Result<Value, ModelError> {
     let mut messages = Vec::with_capacity(request.messages.len() + 1);
     if !request.system.is_empty() {
         messages.push(json!({"role": "system", "content": request.system}));
     }
     for message in &request.messages {
-        push_message(&mut messages, message);
+        push_message(&mut messages, message, request)?;
     }
 
     let mut body = json!({
-        "model": request.target.model,
+        "model": endpoint.model,
         "stream": true,
         "stream_options": {"include_usage": true},
         "messages": messages,
@@ -91,16 +270,18 @@ pub(crate) fn request_body(request: &ModelRequest) -> Value {
         body["tools"] = request.tools.iter().map(tool_definition).collect();
     }
     if let Some(max) = request.target.max_output_tokens.filter(|m| *m > 0) {
-        body["max_tokens"] = json!(max);
+        body[endpoint.max_tokens_field] = json!(max);
     }
-    body
+    Ok(body)
 }
 
-fn push_message(out: &mut Vec<Value>, message: &PromptMessage) {
+fn push_message(out: &mut Vec<Value>, message: &PromptMessage, request: &ModelRequest) -> Result<(), ModelError> {
     match message.role {
         // The loop turns summaries into user messages and drops markers before a prompt is built;
         // should one arrive anyway, a summary reads as user context and a marker is not sent.
-        Role::User | Role::Summary => out.push(json!({"role": "user", "content": user_content(&message.parts)})),
+        Role::User | Role::Summary => {
+            out.push(json!({"role": "user", "content": user_content(&message.parts, request)?}));
+        }
         Role::Marker => {}
         Role::Assistant => {
             let text: String = message
@@ -127,7 +308,7 @@ fn push_message(out: &mut Vec<Value>, message: &PromptMessage) {
             // only reasoning (say, interrupted early) leaves nothing to send, and OpenAI rejects
             // an assistant message with neither content nor tool calls, so it is dropped.
             if text.is_empty() && tool_calls.is_empty() {
-                return;
+                return Ok(());
             }
             let mut value = json!({
                 "role": "assistant",
@@ -146,11 +327,12 @@ fn push_message(out: &mut Vec<Value>, message: &PromptMessage) {
             _ => None,
         })),
     }
+    Ok(())
 }
 
 /// A plain string for text-only messages, which every compatible server accepts; the array form
 /// only when there is an image.
-fn user_content(parts: &[Part]) -> Value {
+fn user_content(parts: &[Part], request: &ModelRequest) -> Result<Value, ModelError> {
     let has_image = parts.iter().any(|p| matches!(p, Part::Image { .. }));
     if !has_image {
         let texts: Vec<&str> = parts
@@ -160,19 +342,20 @@ fn user_content(parts: &[Part]) -> Value {
                 _ => None,
             })
             .collect();
-        return Value::String(texts.join("\n"));
+        return Ok(Value::String(texts.join("\n")));
     }
-    parts
-        .iter()
-        .filter_map(|p| match p {
-            Part::Text { text } => Some(json!({"type": "text", "text": text})),
-            // An image part only names a stored file; its bytes (sent as an `image_url` data
-            // URL) arrive with the images feature. Until then the model is told an image was
-            // attached rather than silently seeing nothing.
-            Part::Image { file_id } => Some(json!({"type": "text", "text": format!("[image {file_id}]")})),
-            _ => None,
-        })
-        .collect()
+    let mut content = Vec::with_capacity(parts.len());
+    for part in parts {
+        match part {
+            Part::Text { text } => content.push(json!({"type": "text", "text": text})),
+            Part::Image { file_id } => content.push(json!({
+                "type": "image_url",
+                "image_url": {"url": image_data_url(request, file_id)?},
+            })),
+            _ => {}
+        }
+    }
+    Ok(Value::Array(content))
 }
 
 /// Arguments go over the wire as a JSON string. Arguments the model produced as invalid JSON are
@@ -241,33 +424,37 @@ impl StreamState {
 }
 
 /// A server that ignored `stream: true`: its one `chat.completion` is replayed through the same
-/// decoder, its `message` standing in for a delta. Proxies that label an event stream
-/// `application/json` exist too, so a body that is not a JSON object is read as SSE.
+/// decoder, its `message` standing in for a delta.
 async fn whole_completion(response: reqwest::Response, api_key: Option<String>) -> ModelStream {
-    let body = match response.bytes().await {
-        Ok(body) => body,
+    match response.bytes().await {
+        Ok(body) => futures::stream::iter(decode_whole(&body, api_key)).boxed(),
         Err(error) => {
             let error = http::transport_error(error, api_key.as_deref());
-            return futures::stream::iter([Err(error)]).boxed();
+            futures::stream::iter([Err(error)]).boxed()
         }
-    };
+    }
+}
+
+/// Runs the decoder over a complete body. Proxies that label an event stream
+/// `application/json` exist, so a body that is not a JSON object is read as SSE.
+fn decode_whole(body: &[u8], api_key: Option<String>) -> VecDeque<Result<ModelEvent, ModelError>> {
     let events = if body.trim_ascii_start().starts_with(b"{") {
-        let data = String::from_utf8_lossy(&body).into_owned();
+        let data = String::from_utf8_lossy(body).into_owned();
         vec![SseEvent { event: None, data }]
     } else {
         let mut parser = SseParser::new();
-        parser.push(&body);
+        parser.push(body);
         std::iter::from_fn(|| parser.finish()).collect()
     };
     let mut decoder = ChunkDecoder::new(api_key);
     let mut out = VecDeque::new();
     for event in &events {
         if decoder.on_event(event, &mut out).is_break() {
-            return futures::stream::iter(out).boxed();
+            return out;
         }
     }
     decoder.finish(&mut out);
-    futures::stream::iter(out).boxed()
+    out
 }
 
 /// One `chat.completion.chunk`, with every field optional: compatible servers leave out or null

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentplane_actors::ports::{
-    ModelClient, ModelError, ModelEvent, ModelRequest, ModelTarget, PromptMessage, StopReason, ToolSpec, Usage,
+    ImageData, ModelClient, ModelError, ModelEvent, ModelRequest, ModelTarget, PromptMessage, StopReason, ToolSpec,
+    Usage,
 };
 use agentplane_schema::api::{ChatErrorKind, ProviderType};
 use agentplane_schema::message::{Part, Role};
@@ -209,7 +210,7 @@ pub(super) fn providers() -> Providers {
     Providers::new(Duration::from_secs(5), Duration::from_secs(5)).expect("client")
 }
 
-fn target(base_url: &str) -> ModelTarget {
+pub(super) fn target(base_url: &str) -> ModelTarget {
     ModelTarget {
         provider_type: ProviderType::OpenaiCompatible,
         base_url: base_url.to_owned(),
@@ -220,7 +221,7 @@ fn target(base_url: &str) -> ModelTarget {
     }
 }
 
-fn simple_request(base_url: &str) -> ModelRequest {
+pub(super) fn simple_request(base_url: &str) -> ModelRequest {
     ModelRequest {
         target: target(base_url),
         system: "You are terse.".to_owned(),
@@ -231,7 +232,7 @@ fn simple_request(base_url: &str) -> ModelRequest {
 }
 
 /// Replays `reply` through the real client and returns every stream item.
-async fn run(reply: Reply) -> (Result<Vec<Result<ModelEvent, ModelError>>, ModelError>, Vec<Recorded>) {
+pub(super) async fn run(reply: Reply) -> (Result<Vec<Result<ModelEvent, ModelError>>, ModelError>, Vec<Recorded>) {
     let server = TestServer::start(reply).await;
     let result = match providers().stream(simple_request(&server.base_url)).await {
         Ok(stream) => Ok(stream.collect().await),
@@ -307,11 +308,11 @@ pub(super) fn usage(input: u64, output: u64) -> Usage {
     Usage { input_tokens: input, output_tokens: output, ..Usage::default() }
 }
 
-fn text_events(pieces: &[&str]) -> Vec<ModelEvent> {
+pub(super) fn text_events(pieces: &[&str]) -> Vec<ModelEvent> {
     pieces.iter().map(|p| ModelEvent::TextDelta((*p).to_owned())).collect()
 }
 
-fn args(index: usize, pieces: &[&str]) -> Vec<ModelEvent> {
+pub(super) fn args(index: usize, pieces: &[&str]) -> Vec<ModelEvent> {
     pieces.iter().map(|p| ModelEvent::ToolCallArgs { index, piece: (*p).to_owned() }).collect()
 }
 
@@ -319,7 +320,7 @@ pub(super) fn start(index: usize, call_id: &str, name: &str) -> ModelEvent {
     ModelEvent::ToolCallStart { index, call_id: call_id.to_owned(), name: name.to_owned() }
 }
 
-fn sse_body(chunks: &[Value]) -> Vec<u8> {
+pub(super) fn sse_body(chunks: &[Value]) -> Vec<u8> {
     chunks.iter().map(|c| format!("data: {c}\n\n")).collect::<String>().into_bytes()
 }
 
@@ -328,7 +329,7 @@ fn wire_call(id: &str, name: &str, arguments: &str) -> Value {
     json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
 }
 
-fn command_schema() -> Value {
+pub(super) fn command_schema() -> Value {
     json!({"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]})
 }
 
@@ -605,7 +606,7 @@ async fn non_streamed_json_answer_is_accepted() {
 // ---------------------------------------------------------------------------------------------
 // Errors
 
-async fn status_error(reply: Reply) -> ModelError {
+pub(super) async fn status_error(reply: Reply) -> ModelError {
     let (result, requests) = run(reply).await;
     assert_eq!(requests.len(), 1, "the client itself does not retry");
     match result {
@@ -825,7 +826,11 @@ async fn request_shape() {
             description: "Run a command.".to_owned(),
             parameters: command_schema(),
         }],
-        images: Default::default(),
+        images: [(
+            "file_9".to_owned(),
+            ImageData { media_type: "image/png".to_owned(), bytes: Arc::from(&b"\x89PNG"[..]) },
+        )]
+        .into(),
     };
     let events: Vec<_> = providers().stream(request).await.expect("opens").collect().await;
     assert!(events.iter().all(Result::is_ok));
@@ -860,7 +865,7 @@ async fn request_shape() {
                 {"role": "tool", "tool_call_id": "call_3", "content": ""},
                 {"role": "user", "content": [
                     {"type": "text", "text": "What is this?"},
-                    {"type": "text", "text": "[image file_9]"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw=="}},
                 ]},
             ],
             "tools": [{"type": "function", "function": {

@@ -23,6 +23,8 @@ pub(crate) struct Request {
     pub method: String,
     /// Path without the query string.
     pub path: String,
+    /// The query string after `?`, when there is one.
+    pub query: Option<String>,
     /// Names lower-cased, in arrival order.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
@@ -123,6 +125,7 @@ impl Connection {
         let mut req = Request {
             method: method.to_string(),
             path: target.split('?').next().unwrap_or_default().to_string(),
+            query: target.split_once('?').map(|(_, query)| query.to_string()),
             headers,
             body: Vec::new(),
             keep_alive,

@@ -13,6 +13,7 @@ mod interrupt;
 mod provider_anthropic;
 mod provider_gemini;
 mod providers_admin;
+mod provider_openai;
 mod queue;
 mod resume;
 mod retries;
