@@ -12,12 +12,15 @@ use std::time::Duration;
 use agentplane_actors::ports::{ModelClient, ModelError, ModelRequest, ModelStream};
 use agentplane_schema::api::ProviderType;
 
+mod bedrock;
 mod http;
 mod openai_compat;
 mod sse;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_bedrock;
 
 /// The real model client: one connection pool shared by every provider and chat.
 #[derive(Clone)]
@@ -53,6 +56,7 @@ impl ModelClient for Providers {
         );
         match request.target.provider_type {
             ProviderType::OpenaiCompatible => openai_compat::stream(&self.http, request).await,
+            ProviderType::Bedrock => bedrock::stream(&self.http, request).await,
             // PLACEHOLDER while the dialect modules are written (issue 5).
             other => Err(ModelError::new(
                 agentplane_schema::api::ChatErrorKind::Config,

@@ -22,7 +22,7 @@ use super::Providers;
 
 const API_KEY: &str = "sk-test-0123456789abcdef";
 
-fn fixture(name: &str) -> Vec<u8> {
+pub(super) fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/../tests/fixtures/providers/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {path}: {e}"))
 }
@@ -32,41 +32,41 @@ fn fixture(name: &str) -> Vec<u8> {
 
 /// One request as the server saw it.
 #[derive(Debug, Clone)]
-struct Recorded {
-    method: String,
-    path: String,
+pub(super) struct Recorded {
+    pub(super) method: String,
+    pub(super) path: String,
     /// Names lower-cased.
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+    pub(super) headers: Vec<(String, String)>,
+    pub(super) body: Vec<u8>,
 }
 
 impl Recorded {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(super) fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
-    fn json(&self) -> Value {
+    pub(super) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).expect("request body is JSON")
     }
 }
 
 /// The canned answer the server gives to every request.
 #[derive(Debug, Clone)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    parts: Vec<Vec<u8>>,
+pub(super) struct Reply {
+    pub(super) status: u16,
+    pub(super) headers: Vec<(String, String)>,
+    pub(super) parts: Vec<Vec<u8>>,
     /// Chunked transfer encoding (streams) instead of a content-length (error bodies).
-    chunked: bool,
-    pause: Duration,
+    pub(super) chunked: bool,
+    pub(super) pause: Duration,
     /// After the parts: close without ending the body (a reset mid-stream).
-    cut: bool,
+    pub(super) cut: bool,
     /// After the parts: send nothing more for a long time.
-    stall: bool,
+    pub(super) stall: bool,
 }
 
 impl Reply {
-    fn json(status: u16, body: &str) -> Self {
+    pub(super) fn json(status: u16, body: &str) -> Self {
         Reply {
             status,
             headers: vec![("content-type".into(), "application/json".into())],
@@ -91,7 +91,7 @@ impl Reply {
         }
     }
 
-    fn header(mut self, name: &str, value: &str) -> Self {
+    pub(super) fn header(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.into(), value.into()));
         self
     }
@@ -130,7 +130,7 @@ async fn serve_one(mut socket: TcpStream, reply: Reply, requests: Arc<Mutex<Vec<
     let _ = write_reply(&mut socket, &reply).await;
 }
 
-async fn read_request(socket: &mut TcpStream) -> std::io::Result<Recorded> {
+pub(super) async fn read_request(socket: &mut TcpStream) -> std::io::Result<Recorded> {
     let mut buf = Vec::new();
     let mut tmp = [0u8; 8192];
     let head_end = loop {
@@ -164,7 +164,7 @@ async fn read_request(socket: &mut TcpStream) -> std::io::Result<Recorded> {
     Ok(Recorded { method, path, headers, body: buf[head_end..head_end + length].to_vec() })
 }
 
-async fn write_reply(socket: &mut TcpStream, reply: &Reply) -> std::io::Result<()> {
+pub(super) async fn write_reply(socket: &mut TcpStream, reply: &Reply) -> std::io::Result<()> {
     let reason = reqwest::StatusCode::from_u16(reply.status).ok().and_then(|s| s.canonical_reason()).unwrap_or("X");
     let mut head = format!("HTTP/1.1 {} {reason}\r\n", reply.status);
     for (name, value) in &reply.headers {
@@ -205,7 +205,7 @@ async fn write_reply(socket: &mut TcpStream, reply: &Reply) -> std::io::Result<(
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-fn providers() -> Providers {
+pub(super) fn providers() -> Providers {
     Providers::new(Duration::from_secs(5), Duration::from_secs(5)).expect("client")
 }
 
@@ -251,7 +251,7 @@ async fn replay(name: &str) -> Vec<ModelEvent> {
 
 /// Invariants of every answer: `Finish` once and last, each tool call started once with dense
 /// indices, arguments only for started calls, no empty pieces.
-fn check_shape(events: &[ModelEvent]) {
+pub(super) fn check_shape(events: &[ModelEvent]) {
     let finishes = events.iter().filter(|e| matches!(e, ModelEvent::Finish(_))).count();
     assert_eq!(finishes, 1, "one Finish: {events:?}");
     assert!(matches!(events.last(), Some(ModelEvent::Finish(_))), "Finish last: {events:?}");
@@ -273,15 +273,15 @@ fn check_shape(events: &[ModelEvent]) {
 }
 
 #[derive(Debug, Default, PartialEq)]
-struct Answer {
-    text: String,
+pub(super) struct Answer {
+    pub(super) text: String,
     /// (call id, name, arguments)
-    calls: Vec<(String, String, Value)>,
-    usage: Option<Usage>,
-    finish: Option<StopReason>,
+    pub(super) calls: Vec<(String, String, Value)>,
+    pub(super) usage: Option<Usage>,
+    pub(super) finish: Option<StopReason>,
 }
 
-fn assemble(events: &[ModelEvent]) -> Answer {
+pub(super) fn assemble(events: &[ModelEvent]) -> Answer {
     let mut answer = Answer::default();
     let mut raw_args: Vec<String> = Vec::new();
     for event in events {
