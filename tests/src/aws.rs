@@ -84,6 +84,36 @@ pub fn jsonl_to_eventstream(jsonl: &str) -> Vec<u8> {
     out
 }
 
+/// One decoded frame: its string headers in order, and its payload.
+pub type Frame = (Vec<(String, String)>, Vec<u8>);
+
+/// The frames of an event-stream body, CRCs checked. For tests of what the scripted LLM sends;
+/// panics on anything malformed.
+pub fn parse_frames(mut bytes: &[u8]) -> Vec<Frame> {
+    let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    let mut frames = Vec::new();
+    while !bytes.is_empty() {
+        let total = be32(bytes);
+        let headers_len = be32(&bytes[4..]);
+        assert_eq!(be32(&bytes[8..]), crc32fast::hash(&bytes[..8]) as usize, "prelude CRC");
+        assert_eq!(be32(&bytes[total - 4..]), crc32fast::hash(&bytes[..total - 4]) as usize, "message CRC");
+        let mut headers = Vec::new();
+        let mut h = &bytes[12..12 + headers_len];
+        while !h.is_empty() {
+            let name_len = h[0] as usize;
+            let name = String::from_utf8(h[1..1 + name_len].to_vec()).expect("UTF-8 header name");
+            assert_eq!(h[1 + name_len], HEADER_TYPE_STRING, "string header");
+            let value_len = u16::from_be_bytes([h[2 + name_len], h[3 + name_len]]) as usize;
+            let value = String::from_utf8(h[4 + name_len..4 + name_len + value_len].to_vec()).expect("UTF-8 value");
+            headers.push((name, value));
+            h = &h[4 + name_len + value_len..];
+        }
+        frames.push((headers, bytes[12 + headers_len..total - 4].to_vec()));
+        bytes = &bytes[total..];
+    }
+    frames
+}
+
 // ---------------------------------------------------------------------------------------------
 // Signature Version 4
 

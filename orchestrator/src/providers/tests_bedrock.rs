@@ -518,7 +518,7 @@ fn corrupt_and_truncated_streams_are_errors() {
 
     // After `messageStop` only the usage is missing: the answer stands.
     let events: Vec<ModelEvent> = decode_body(&body[..950]).into_iter().map(|i| i.expect("ok")).collect();
-    assert_eq!(events, vec![text(&["OK", "."]), vec![ModelEvent::Finish(StopReason::EndTurn)]].concat());
+    assert_eq!(events, [text(&["OK", "."]), vec![ModelEvent::Finish(StopReason::EndTurn)]].concat());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -661,7 +661,7 @@ async fn a_reset_after_the_stop_reason_still_finishes() {
     reply.cut = true;
     let (result, _) = run(reply).await;
     let events: Vec<ModelEvent> = result.expect("opens").into_iter().map(|i| i.expect("ok")).collect();
-    assert_eq!(events, vec![text(&["OK", "."]), vec![ModelEvent::Finish(StopReason::EndTurn)]].concat());
+    assert_eq!(events, [text(&["OK", "."]), vec![ModelEvent::Finish(StopReason::EndTurn)]].concat());
 }
 
 #[tokio::test]

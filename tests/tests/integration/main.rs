@@ -9,6 +9,7 @@ mod compaction;
 mod edit;
 mod fork;
 mod interrupt;
+mod provider_bedrock;
 mod queue;
 mod resume;
 mod retries;
