@@ -295,6 +295,11 @@ fn request_body(request: &ModelRequest, settings: &Settings) -> Result<Value, Mo
     Ok(body)
 }
 
+/// Converse refuses text blocks that are empty or only whitespace.
+fn is_blank(text: &str) -> bool {
+    text.trim().is_empty()
+}
+
 fn cache_point() -> Value {
     json!({"cachePoint": {"type": "default"}})
 }
@@ -313,7 +318,7 @@ fn message_content(
         Role::User | Role::Summary => {
             for part in &message.parts {
                 match part {
-                    Part::Text { text } if !text.is_empty() => content.push(json!({"text": text})),
+                    Part::Text { text } if !is_blank(text) => content.push(json!({"text": text})),
                     Part::Image { file_id } => content.push(image_block(file_id, images)?),
                     _ => {}
                 }
@@ -326,7 +331,7 @@ fn message_content(
                     Part::Reasoning { text, signature: Some(signature) } => {
                         content.push(reasoning_block(text, signature));
                     }
-                    Part::Text { text } if !text.is_empty() => content.push(json!({"text": text})),
+                    Part::Text { text } if !is_blank(text) => content.push(json!({"text": text})),
                     Part::ToolCall { call_id, name, args } if tools_offered => content.push(json!({
                         "toolUse": {"toolUseId": call_id, "name": name, "input": tool_input(args)},
                     })),
@@ -420,7 +425,8 @@ fn status_error(status: StatusCode, headers: &HeaderMap, body: &[u8], api_key: O
         .map(|t| t.rsplit('#').next().unwrap_or(t))
         .filter(|t| !t.is_empty());
     let message = json.as_ref().and_then(aws_message).unwrap_or_default();
-    let Some((error_type, (kind, retryable))) = error_type.and_then(|t| Some((t, classify(t, &message)?))) else {
+    let classified = error_type.and_then(|t| classify(t, &message).map(|kind| (t, kind)));
+    let Some((error_type, (kind, retryable))) = classified else {
         let mut error = http::status_error(status, headers, body, api_key);
         if error.kind == ChatErrorKind::Config && mentions_overflow(&message) {
             error.kind = ChatErrorKind::ContextOverflow;

@@ -665,6 +665,20 @@ async fn a_reset_after_the_stop_reason_still_finishes() {
 }
 
 #[tokio::test]
+async fn a_stalled_stream_times_out() {
+    let body = fixture("bedrock/converse_stream_text_live.eventstream");
+    let mut reply = eventstream(vec![body[..359].to_vec()]);
+    reply.stall = true;
+    let server = BedrockServer::start(reply).await;
+    let providers = super::Providers::new(Duration::from_secs(5), Duration::from_millis(300)).expect("client");
+    let stream = providers.stream(simple_request(&server.base_url)).await.expect("opens");
+    let items: Items = tokio::time::timeout(Duration::from_secs(10), stream.collect()).await.expect("ends");
+    assert_eq!(items[0], Ok(ModelEvent::TextDelta("OK".to_owned())));
+    let error = last_error(&items);
+    assert_eq!((error.kind, error.retryable), (ChatErrorKind::Timeout, true));
+}
+
+#[tokio::test]
 async fn settings_errors_are_config_errors_before_any_request() {
     let cases: [(&str, Value, Option<&str>, &str); 3] = [
         ("", json!({"access_key_id": ACCESS_KEY_ID}), Some(SECRET), "`region` is required when the base URL is empty"),
@@ -729,6 +743,7 @@ fn conversation() -> Vec<PromptMessage> {
             parts: vec![
                 Part::Reasoning { text: "Use ls.".to_owned(), signature: Some("sig-1".to_owned()) },
                 Part::text("Listing."),
+                Part::text("\n\n"),
                 call("call_1", "execute", json!({"command": "ls"})),
                 call("call_2", "read_file", json!({"path": "a"})),
             ],
