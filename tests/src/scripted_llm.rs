@@ -33,9 +33,9 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
+pub use self::dialect::Dialect;
 use self::http::{Connection, LAST_CHUNK, Request, fixed_response, push_chunk, stream_head};
 use self::reply::{RenderContext, ReplyBody};
-pub use self::dialect::Dialect;
 pub use self::reply::{Reply, ScriptedCall, Usage};
 use crate::error::{Error, Result};
 

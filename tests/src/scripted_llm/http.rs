@@ -224,7 +224,9 @@ pub(crate) fn fixed_response(
 /// The head of a chunked `text/event-stream` response.
 pub(crate) fn stream_head(content_type: &str, extra_headers: &[(String, String)], keep_alive: bool) -> Vec<u8> {
     let mut head = status_line(200);
-    head.push_str(&format!("content-type: {content_type}\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n"));
+    head.push_str(&format!(
+        "content-type: {content_type}\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n"
+    ));
     head.push_str(connection_header(keep_alive));
     for (name, value) in extra_headers {
         head.push_str(&format!("{name}: {value}\r\n"));
