@@ -8,12 +8,14 @@
 //! - [`ws`]: a client for a chat's WebSocket event stream, with waiting helpers.
 //! - [`pg`]: a fresh PostgreSQL (or SQLite) database per test, dropped afterwards.
 //! - [`error`]: the one error type, with the API's typed error body.
+//! - [`aws`]: AWS event-stream frames and an independent SigV4 check, for the Bedrock dialect.
 //!
 //! The library does not link the orchestrator: it talks to it over HTTP and WebSocket only, so it
 //! builds while the orchestrator changes and is shared with the load benchmarks. The integration
 //! tests (one file per surface, under `tests/`) start the orchestrator themselves.
 
 pub mod api;
+pub mod aws;
 pub mod error;
 pub mod nats;
 pub mod pg;

@@ -60,6 +60,8 @@ pub struct RecordedRequest {
     /// Header names are lower-case.
     pub headers: Vec<(String, String)>,
     pub body: Value,
+    /// The body as it arrived (what a request signature covers).
+    pub raw_body: Vec<u8>,
 }
 
 impl RecordedRequest {
@@ -489,7 +491,15 @@ async fn serve_completion(shared: &Shared, conn: &mut Connection, req: Request) 
             return conn.write(&fixed_response(400, "application/json", &[], &body, req.keep_alive)).await.is_ok();
         }
     };
-    let recorded = RecordedRequest { method: req.method, path: req.path, query: req.query, headers: req.headers, body };
+    let request_bytes = req.body.len();
+    let recorded = RecordedRequest {
+        method: req.method,
+        path: req.path,
+        query: req.query,
+        headers: req.headers,
+        body,
+        raw_body: req.body,
+    };
     let stream = shared.dialect.is_stream(&recorded);
     tracing::debug!(model = ?recorded.model(), stream, "scripted LLM request");
     let _active = ActiveGuard::new(&shared.active);
@@ -502,7 +512,6 @@ async fn serve_completion(shared: &Shared, conn: &mut Connection, req: Request) 
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let model = recorded.model().unwrap_or("scripted-model").to_string();
-    let request_bytes = req.body.len();
     if shared.record {
         shared.requests.lock().unwrap_or_else(PoisonError::into_inner).push(recorded);
     }

@@ -161,7 +161,7 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
-fn mentions_context_overflow(text: &str) -> bool {
+pub(crate) fn mentions_context_overflow(text: &str) -> bool {
     let lower = text.to_ascii_lowercase();
     CONTEXT_OVERFLOW_PHRASES.iter().any(|phrase| lower.contains(phrase))
 }
@@ -216,7 +216,7 @@ fn root_cause(error: &dyn std::error::Error) -> String {
 }
 
 /// Bounds a message and scrubs the API key from it: some proxies echo the key they rejected.
-fn clean_message(message: &str, api_key: Option<&str>) -> String {
+pub(crate) fn clean_message(message: &str, api_key: Option<&str>) -> String {
     let mut message = match api_key {
         // Short keys would match ordinary words; real keys are long.
         Some(key) if key.len() >= 8 => message.replace(key, "<redacted>"),

@@ -15,6 +15,7 @@ use agentplane_actors::ports::{ModelClient, ModelError, ModelRequest, ModelStrea
 use agentplane_schema::api::ProviderType;
 
 mod anthropic;
+mod bedrock;
 mod gemini;
 mod http;
 mod openai_compat;
@@ -25,6 +26,8 @@ mod sse;
 mod tests;
 #[cfg(test)]
 mod tests_anthropic;
+#[cfg(test)]
+mod tests_bedrock;
 #[cfg(test)]
 mod tests_gemini;
 #[cfg(test)]
@@ -73,11 +76,7 @@ impl ModelClient for Providers {
             },
             ProviderType::Anthropic => anthropic::stream(&self.http, request).await,
             ProviderType::Gemini => gemini::stream(&self.http, request).await,
-            // PLACEHOLDER while the dialect modules are written (issue 5).
-            other => Err(ModelError::new(
-                agentplane_schema::api::ChatErrorKind::Config,
-                format!("provider type {} is not supported yet", other.as_str()),
-            )),
+            ProviderType::Bedrock => bedrock::stream(&self.http, request).await,
         }
     }
 }

@@ -131,7 +131,7 @@ async fn serve_one(mut socket: TcpStream, reply: Reply, requests: Arc<Mutex<Vec<
     let _ = write_reply(&mut socket, &reply).await;
 }
 
-async fn read_request(socket: &mut TcpStream) -> std::io::Result<Recorded> {
+pub(super) async fn read_request(socket: &mut TcpStream) -> std::io::Result<Recorded> {
     let mut buf = Vec::new();
     let mut tmp = [0u8; 8192];
     let head_end = loop {
@@ -165,7 +165,7 @@ async fn read_request(socket: &mut TcpStream) -> std::io::Result<Recorded> {
     Ok(Recorded { method, path, headers, body: buf[head_end..head_end + length].to_vec() })
 }
 
-async fn write_reply(socket: &mut TcpStream, reply: &Reply) -> std::io::Result<()> {
+pub(super) async fn write_reply(socket: &mut TcpStream, reply: &Reply) -> std::io::Result<()> {
     let reason = reqwest::StatusCode::from_u16(reply.status).ok().and_then(|s| s.canonical_reason()).unwrap_or("X");
     let mut head = format!("HTTP/1.1 {} {reason}\r\n", reply.status);
     for (name, value) in &reply.headers {
