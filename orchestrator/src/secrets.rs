@@ -138,7 +138,7 @@ mod tests {
         let sealed = a.seal("row-1", "sk-live-123");
         assert!(SecretBox::is_sealed(&sealed));
         assert!(!sealed.contains("sk-live-123"));
-        assert_eq!(a.open("row-1", &sealed).unwrap(), "sk-live-123");
+        assert_eq!(a.open("row-1", &sealed).expect("test"), "sk-live-123");
         assert!(matches!(a.open("row-2", &sealed), Err(SecretError::WrongKey)));
         assert!(matches!(b.open("row-1", &sealed), Err(SecretError::WrongKey)));
         assert!(matches!(a.open("row-1", "sk-live-123"), Err(SecretError::NotSealed)));
@@ -149,13 +149,13 @@ mod tests {
     #[test]
     fn the_key_file_is_created_once_and_private() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test");
         let path = dir.path().join("nested/secret.key");
-        let first = read_or_create_key_file(&path).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(read_or_create_key_file(&path).unwrap(), first);
-        std::fs::write(&path, "short").unwrap();
-        let err = read_or_create_key_file(&path).unwrap_err();
+        let first = read_or_create_key_file(&path).expect("test");
+        assert_eq!(std::fs::metadata(&path).expect("test").permissions().mode() & 0o777, 0o600);
+        assert_eq!(read_or_create_key_file(&path).expect("test"), first);
+        std::fs::write(&path, "short").expect("test");
+        let err = read_or_create_key_file(&path).expect_err("a short key is refused");
         assert!(format!("{err:#}").contains("secret key file"), "{err:#}");
     }
 }

@@ -44,7 +44,7 @@ async fn the_api_key_reaches_the_provider_and_nothing_else() {
     let nats = NatsServer::start();
     let llm = ScriptedLlm::with_responder(responder);
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("test setup").local_addr().expect("test setup").port();
     let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_agentplane"));
     let relay = exe.with_file_name("agentplane-relay");
     assert!(relay.is_file(), "{} is missing: build the workspace first", relay.display());
@@ -58,7 +58,7 @@ async fn the_api_key_reaches_the_provider_and_nothing_else() {
     let sink = traffic.clone();
     tokio::spawn(async move {
         while let Some(m) = all.next().await {
-            let mut sink = sink.lock().unwrap();
+            let mut sink = sink.lock().expect("test setup");
             sink.extend_from_slice(m.subject.as_bytes());
             for (name, values) in m.headers.iter().flat_map(|h| h.iter()) {
                 sink.extend_from_slice(name.to_string().as_bytes());
@@ -105,7 +105,7 @@ async fn the_api_key_reaches_the_provider_and_nothing_else() {
         })
         .await
         .expect("provider");
-    responses.extend(serde_json::to_vec(&provider).unwrap());
+    responses.extend(serde_json::to_vec(&provider).expect("test setup"));
     let model = admin
         .create_model(&CreateModel {
             provider_id: provider.id.clone(),
@@ -122,7 +122,7 @@ async fn the_api_key_reaches_the_provider_and_nothing_else() {
         })
         .await
         .expect("model");
-    responses.extend(serde_json::to_vec(&model).unwrap());
+    responses.extend(serde_json::to_vec(&model).expect("test setup"));
     let chat = admin
         .create_chat(&CreateChat {
             content: vec![Part::text("look around")],
@@ -135,15 +135,15 @@ async fn the_api_key_reaches_the_provider_and_nothing_else() {
     let mut stream = EventStream::connect(&base, &chat.id, TOKEN, Some(0)).await.expect("ws");
     let events = stream.wait_for_status(ChatStatus::Idle, WAIT).await.expect("turn ends");
     for e in &events {
-        responses.extend(serde_json::to_vec(e).unwrap());
+        responses.extend(serde_json::to_vec(e).expect("test setup"));
     }
     let messages = admin.messages(&chat.id).await.expect("messages");
     assert_eq!(messages.messages.last().expect("answer").text(), "finished");
-    responses.extend(serde_json::to_vec(&messages).unwrap());
-    responses.extend(serde_json::to_vec(&admin.list_providers().await.unwrap()).unwrap());
-    responses.extend(serde_json::to_vec(&admin.get_chat(&chat.id).await.unwrap()).unwrap());
+    responses.extend(serde_json::to_vec(&messages).expect("test setup"));
+    responses.extend(serde_json::to_vec(&admin.list_providers().await.expect("test setup")).expect("test setup"));
+    responses.extend(serde_json::to_vec(&admin.get_chat(&chat.id).await.expect("test setup")).expect("test setup"));
     for path in ["/api/v1/workspaces", "/api/v1/models", "/api/v1/chats"] {
-        let (_, body) = admin.raw(reqwest::Method::GET, path, None).await.unwrap();
+        let (_, body) = admin.raw(reqwest::Method::GET, path, None).await.expect("test setup");
         responses.extend(body.to_string().into_bytes());
     }
 
@@ -153,7 +153,7 @@ async fn the_api_key_reaches_the_provider_and_nothing_else() {
     assert!(requests.len() >= 3, "{} requests", requests.len());
     assert!(requests.iter().all(|r| r.header("authorization") == Some(&format!("Bearer {KEY}"))));
     // The tool ran over NATS and its output (the workspace's environment) came back through it.
-    let traffic = traffic.lock().unwrap().clone();
+    let traffic = traffic.lock().expect("test setup").clone();
     assert!(contains(&traffic, "PATH="), "the execute output crossed NATS");
     assert!(contains(&responses, "PATH="), "the env output is in the API answers");
 
@@ -163,9 +163,9 @@ async fn the_api_key_reaches_the_provider_and_nothing_else() {
     assert!(log.len() > 10_000, "trace logging was on ({} bytes)", log.len());
     assert!(!contains(&log, KEY), "the key is in the log");
     for file in std::fs::read_dir(dir.path().join("data")).expect("data dir") {
-        let path = file.unwrap().path();
+        let path = file.expect("test setup").path();
         if path.is_file() {
-            assert!(!contains(&std::fs::read(&path).unwrap(), KEY), "the key is in {}", path.display());
+            assert!(!contains(&std::fs::read(&path).expect("test setup"), KEY), "the key is in {}", path.display());
         }
     }
 }

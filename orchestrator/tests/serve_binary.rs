@@ -117,18 +117,19 @@ fn first_start_takes_provider_keys_from_the_environment_and_stores_them_encrypte
     let (status, providers) = get(port, "/api/v1/providers", Some(&token));
     assert_eq!(status, 200, "{providers}");
     let providers: serde_json::Value = serde_json::from_str(&providers).expect("json");
-    let mut types: Vec<&str> = providers.as_array().unwrap().iter().map(|p| p["type"].as_str().unwrap()).collect();
+    let mut types: Vec<&str> =
+        providers.as_array().expect("test").iter().map(|p| p["type"].as_str().expect("test")).collect();
     types.sort();
     assert_eq!(types, ["anthropic", "openai"]);
-    assert!(providers.as_array().unwrap().iter().all(|p| p["has_api_key"] == true && p.get("api_key").is_none()));
+    assert!(providers.as_array().expect("test").iter().all(|p| p["has_api_key"] == true && p.get("api_key").is_none()));
     let (_, models) = get(port, "/api/v1/models", Some(&token));
     let models: serde_json::Value = serde_json::from_str(&models).expect("json");
     let defaults: Vec<&str> = models
         .as_array()
-        .unwrap()
+        .expect("test")
         .iter()
         .filter(|m| m["is_default"] == true)
-        .map(|m| m["model"].as_str().unwrap())
+        .map(|m| m["model"].as_str().expect("test"))
         .collect();
     assert_eq!(defaults, ["claude-sonnet-4-5"], "{models}");
     drop(server);
@@ -136,8 +137,8 @@ fn first_start_takes_provider_keys_from_the_environment_and_stores_them_encrypte
     let key_file = dir.path().join("data/secret.key");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&key_file).expect("key file").permissions().mode() & 0o777, 0o600);
-    for file in std::fs::read_dir(dir.path().join("data")).unwrap() {
-        let bytes = std::fs::read(file.unwrap().path()).unwrap_or_default();
+    for file in std::fs::read_dir(dir.path().join("data")).expect("test") {
+        let bytes = std::fs::read(file.expect("test").path()).unwrap_or_default();
         for key in [ANTHROPIC_KEY, OPENAI_KEY] {
             assert!(!contains(&bytes, key.as_bytes()), "{key} found in plaintext");
         }

@@ -60,7 +60,8 @@ async fn uploads_are_checked_by_their_bytes_and_belong_to_their_owner() {
         .await
         .expect("member");
     let eve = env.admin.with_token(member.token);
-    let (status, _) = eve.raw(reqwest::Method::GET, &format!("/api/v1/files/{}/content", file.id), None).await.unwrap();
+    let (status, _) =
+        eve.raw(reqwest::Method::GET, &format!("/api/v1/files/{}/content", file.id), None).await.expect("test");
     assert_eq!(status, StatusCode::NOT_FOUND);
     let err = eve
         .create_chat(&CreateChat {
@@ -98,11 +99,11 @@ async fn an_image_for_a_model_without_vision_is_refused_before_anything_happens(
     assert!(err.to_string().contains("does not accept images"), "{err}");
     // Nothing stored, no model called.
     assert_eq!(env.messages(&chat.id).await.len(), 2);
-    assert_eq!(env.admin.list_chats().await.unwrap().len(), 1);
+    assert_eq!(env.admin.list_chats().await.expect("test").len(), 1);
     assert_eq!(env.llm.request_count(), requests_before);
 
     // Marked `vision`, the same image-only message goes through and reaches the model.
-    let model = env.admin.list_models().await.unwrap().remove(0);
+    let model = env.admin.list_models().await.expect("test").remove(0);
     env.admin.patch_model(&model.id, &PatchModel { vision: Some(true), ..Default::default() }).await.expect("vision");
     env.llm.push(Reply::text("a single pixel"));
     env.admin
@@ -113,7 +114,7 @@ async fn an_image_for_a_model_without_vision_is_refused_before_anything_happens(
     let messages = env.messages(&chat.id).await;
     assert_eq!(messages[2].role, Role::User);
     assert_eq!(messages[2].parts, [Part::Image { file_id: file.id.clone() }]);
-    assert_eq!(messages.last().unwrap().text(), "a single pixel");
+    assert_eq!(messages.last().expect("test").text(), "a single pixel");
     // Chat Completions carries it as a data URL in an `image_url` part.
     let request = env.llm.requests().pop().expect("request");
     let user = request.messages().iter().rev().find(|m| m["role"] == "user").expect("user message").clone();

@@ -49,7 +49,7 @@ async fn providers_get_default_endpoints_and_keys_stay_write_only() {
         .admin
         .raw(Method::POST, "/api/v1/providers", Some(json!({"type": "cohere", "name": "x", "base_url": "https://x"})))
         .await
-        .unwrap();
+        .expect("test");
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 
     // Updates: the key can be replaced or removed, never read.
@@ -73,7 +73,7 @@ async fn providers_get_default_endpoints_and_keys_stay_write_only() {
         .expect("key set");
     assert!(updated.has_api_key);
     assert_eq!(updated.base_url, "https://proxy.internal/anthropic");
-    let (_, list) = env.admin.raw(Method::GET, "/api/v1/providers", None).await.unwrap();
+    let (_, list) = env.admin.raw(Method::GET, "/api/v1/providers", None).await.expect("test");
     assert!(!list.to_string().contains("sk-"), "{list}");
 
     // A provider in use cannot be deleted; once its models are gone it can.
@@ -103,8 +103,8 @@ async fn providers_get_default_endpoints_and_keys_stay_write_only() {
     // Members see enabled models only, and cannot manage providers.
     let member = env.admin.create_user(&CreateUser { name: "m".into(), role: UserRole::Member }).await.expect("member");
     let member = env.admin.with_token(member.token);
-    assert!(member.list_models().await.unwrap().iter().all(|m| m.id != model.id));
-    let (status, _) = member.raw(Method::GET, &format!("/api/v1/models/{}", model.id), None).await.unwrap();
+    assert!(member.list_models().await.expect("test").iter().all(|m| m.id != model.id));
+    let (status, _) = member.raw(Method::GET, &format!("/api/v1/models/{}", model.id), None).await.expect("test");
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(member.list_providers().await.expect_err("admin only").status(), Some(StatusCode::FORBIDDEN));
     let enabled = env
@@ -113,9 +113,9 @@ async fn providers_get_default_endpoints_and_keys_stay_write_only() {
         .await
         .expect("enabled");
     assert!(enabled.is_default);
-    assert!(member.list_models().await.unwrap().iter().any(|m| m.id == model.id));
+    assert!(member.list_models().await.expect("test").iter().any(|m| m.id == model.id));
     // Only one default.
-    assert_eq!(env.admin.list_models().await.unwrap().iter().filter(|m| m.is_default).count(), 1);
+    assert_eq!(env.admin.list_models().await.expect("test").iter().filter(|m| m.is_default).count(), 1);
     let err = env
         .admin
         .patch_model(&model.id, &PatchModel { compaction_threshold: Some(Some(1.5)), ..Default::default() })
@@ -125,5 +125,5 @@ async fn providers_get_default_endpoints_and_keys_stay_write_only() {
 
     env.admin.delete_model(&model.id).await.expect("model deleted");
     env.admin.delete_provider(&anthropic.id).await.expect("provider deleted");
-    assert!(env.admin.list_providers().await.unwrap().iter().all(|p| p.id != anthropic.id));
+    assert!(env.admin.list_providers().await.expect("test").iter().all(|p| p.id != anthropic.id));
 }

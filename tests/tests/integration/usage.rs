@@ -50,7 +50,7 @@ async fn usage_and_cost_of_a_chat_and_its_sub_agents_add_up() {
         let results = r.tool_results();
         let n = results.len() as u64;
         let usage = (1_000 + 137 * n + if is_child { 11 } else { 0 }, 40 + n, 250 * n);
-        let mut given = record.lock().unwrap();
+        let mut given = record.lock().expect("test");
         let reply = if is_child {
             given.child.push(usage);
             Reply::text("one two three")
@@ -83,7 +83,7 @@ async fn usage_and_cost_of_a_chat_and_its_sub_agents_add_up() {
     let events = stream.wait_for(crate::common::is_status(ChatStatus::Idle), WAIT).await.expect("idle");
     assert_eq!(env.messages(&chat.id).await.last().expect("answer").text(), "the sub-agent counted");
 
-    let given = std::mem::take(&mut *given.lock().unwrap());
+    let given = std::mem::take(&mut *given.lock().expect("test"));
     assert_eq!((given.root.len(), given.child.len()), (3, 1));
     let usage = env.admin.chat_usage(&chat.id).await.expect("usage");
     assert_eq!(tokens(&usage.own), totals(&given.root));
