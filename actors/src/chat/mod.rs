@@ -661,7 +661,13 @@ impl ChatActor {
 impl Handler<UpdateChat> for ChatActor {
     type Result = Reply<()>;
 
-    fn handle(&mut self, msg: UpdateChat, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: UpdateChat, ctx: &mut Context<Self>) -> Self::Result {
+        // Archiving puts the chat and its whole tree away: running work stops (the rows of the
+        // descendants are archived by the caller, which knows the tree in the database).
+        if msg.archived == Some(true) && self.live.is_some() {
+            self.interrupt(ctx);
+            self.interrupt_children();
+        }
         AtomicResponse::new(self.update_chat(msg.title, msg.archived))
     }
 }

@@ -193,6 +193,9 @@ async fn patch(
     }
     let body = body.into_inner();
     state.directory.chat(&chat.id).update(body.title, body.archived).await?;
+    if let Some(archived) = body.archived {
+        state.store.archive_descendants(&chat.id, archived).await?;
+    }
     let chat = visible_chat(&state, &user, &path).await?;
     Ok(HttpResponse::Ok().json(chat))
 }

@@ -143,10 +143,9 @@ impl DbStore {
         Ok(rows.into_iter().map(chat_from_row).collect())
     }
 
-    /// Token and cost totals of a chat and of each of its descendants (sub-agents, at any depth),
-    /// summed from the per-call usage records.
-    pub async fn chat_usage(&self, chat_id: &str) -> Result<ChatUsage, StoreError> {
-        // The tree, breadth first: (chat, parent).
+    /// Ids of every descendant of a chat (sub-agents at any depth), parents before children, each
+    /// with its parent.
+    pub async fn descendants(&self, chat_id: &str) -> Result<Vec<(String, String)>, StoreError> {
         let mut tree: Vec<(String, String)> = Vec::new();
         let mut frontier = vec![chat_id.to_string()];
         while !frontier.is_empty() {
@@ -159,6 +158,27 @@ impl DbStore {
             frontier = rows.iter().map(|r| r.id.clone()).collect();
             tree.extend(rows.into_iter().filter_map(|r| Some((r.id, r.parent_id?))));
         }
+        Ok(tree)
+    }
+
+    /// Sets the archived flag of every descendant of a chat.
+    pub async fn archive_descendants(&self, chat_id: &str, archived: bool) -> Result<(), StoreError> {
+        let ids: Vec<String> = self.descendants(chat_id).await?.into_iter().map(|(id, _)| id).collect();
+        for chunk in ids.chunks(500) {
+            chats::Entity::update_many()
+                .col_expr(chats::Column::Archived, sea_orm::sea_query::Expr::value(archived))
+                .filter(chats::Column::Id.is_in(chunk.to_vec()))
+                .exec(&self.db)
+                .await
+                .map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    /// Token and cost totals of a chat and of each of its descendants (sub-agents, at any depth),
+    /// summed from the per-call usage records.
+    pub async fn chat_usage(&self, chat_id: &str) -> Result<ChatUsage, StoreError> {
+        let tree = self.descendants(chat_id).await?;
         let mut ids: Vec<String> = tree.iter().map(|(id, _)| id.clone()).collect();
         ids.push(chat_id.to_string());
         let mut totals: std::collections::HashMap<String, UsageTotals> = std::collections::HashMap::new();

@@ -212,6 +212,34 @@ async fn close_agent_stops_a_child_and_its_child_and_nothing_runs_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupting_the_root_stops_all_running_descendants() {
+    let (env, chat, mut stream) = root_with_a_streaming_child().await;
+    env.admin.interrupt(&chat.id).await.expect("interrupt");
+    stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("root idle");
+    let child = env.admin.get_chat(&chat.id).await.expect("root").children.pop().expect("child");
+    env.admin.wait_until_chat(&child.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("child idle");
+    wait_no_active_replies(&env).await;
+    assert!(env.messages(&child.id).await.last().expect("partial").interrupted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archiving_the_root_stops_and_archives_the_whole_tree() {
+    let (env, chat, mut stream) = root_with_a_streaming_child().await;
+    let patched = env
+        .admin
+        .patch_chat(&chat.id, &agentplane_schema::api::PatchChat { title: None, archived: Some(true) })
+        .await
+        .expect("archive");
+    assert!(patched.archived);
+    stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("root idle");
+    let child = env.admin.get_chat(&chat.id).await.expect("root").children.pop().expect("child");
+    let child = env.admin.wait_until_chat(&child.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("child idle");
+    assert!(child.archived, "the sub-agent is archived with its root");
+    wait_no_active_replies(&env).await;
+    assert!(env.messages(&child.id).await.last().expect("partial").interrupted);
+}
+
+/// A root whose sub-agent is streaming an answer that never ends, while the root streams too.
+async fn root_with_a_streaming_child() -> (TestEnv, agentplane_schema::api::Chat, EventStream) {
     let responder = |r: &RecordedRequest| {
         let first = first_user_text(r);
         match (first.as_str(), r.tool_results().len()) {
@@ -233,12 +261,7 @@ async fn interrupting_the_root_stops_all_running_descendants() {
         assert!(std::time::Instant::now() < deadline, "both streams open");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    env.admin.interrupt(&chat.id).await.expect("interrupt");
-    stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("root idle");
-    let child = env.admin.get_chat(&chat.id).await.expect("root").children.pop().expect("child");
-    env.admin.wait_until_chat(&child.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("child idle");
-    wait_no_active_replies(&env).await;
-    assert!(env.messages(&child.id).await.last().expect("partial").interrupted);
+    (env, chat, stream)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
