@@ -315,6 +315,8 @@ fn tracing_actix() -> actix_web::middleware::Logger {
 pub struct ServerHandle {
     pub addr: SocketAddr,
     pub admin_token: Option<String>,
+    /// The replica's chat actors, for in-process measurements (e.g. mailbox throughput).
+    pub directory: Directory,
     handle: actix_web::dev::ServerHandle,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -383,11 +385,11 @@ pub fn spawn_with(
                     return;
                 }
             };
-            let _ = tx.send(Ok((server.handle(), prepared.admin_token)));
+            let _ = tx.send(Ok((server.handle(), prepared.admin_token, directory.clone())));
             let _ = server.await;
             directory.shutdown().await;
         });
     })?;
-    let (handle, admin_token) = rx.recv().context("server thread ended before it was ready")??;
-    Ok(ServerHandle { addr, admin_token, handle, thread: Some(thread) })
+    let (handle, admin_token, directory) = rx.recv().context("server thread ended before it was ready")??;
+    Ok(ServerHandle { addr, admin_token, directory, handle, thread: Some(thread) })
 }

@@ -5,6 +5,8 @@
 //! - `first-delta`: one chat, N sequential turns; time from `POST /messages` to the first
 //!   `message_delta` on the chat's WebSocket, and to the turn's `idle`.
 //! - `idle`: N chats each run one turn and stay loaded; server RSS before and after.
+//! - `subagents`: one root spawns N sub-agents and closes them, for several rounds; time and RSS.
+//! - `mailbox`: messages per second through one ChatActor (an in-process server).
 //!
 //! Tool-transport scenarios (no `agentplane serve`: the bench process *is* the orchestrator side,
 //! calling the real `NatsTransport` against `agentplane-relay` processes over a nats-server with
@@ -51,10 +53,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// A root chat spawns N sub-agents in one step (each answers once), then closes them all.
+    /// A root chat spawns N sub-agents in one step (each answers once), then closes them all;
+    /// repeated `rounds` times in the same server to tell a leak from memory kept for reuse.
     Subagents {
         #[arg(long, default_value_t = 1000)]
         agents: usize,
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
+    /// Messages per second through one ChatActor's mailbox (in-process server), with 1, 8 and 64
+    /// concurrent senders.
+    Mailbox {
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
     },
     /// Time to first delta over sequential turns of one chat.
     FirstDelta {
@@ -108,6 +119,12 @@ enum Scenario {
 
 async fn setup(server: &ServerProcess, llm: &ScriptedLlm) -> anyhow::Result<ApiClient> {
     let admin = ApiClient::new(server.base_url.clone(), ADMIN_TOKEN);
+    setup_provider(&admin, llm).await?;
+    Ok(admin)
+}
+
+/// The scripted LLM as the default model.
+async fn setup_provider(admin: &ApiClient, llm: &ScriptedLlm) -> anyhow::Result<()> {
     let provider = admin
         .create_provider(&CreateProvider {
             provider_type: ProviderType::OpenaiCompatible,
@@ -132,7 +149,7 @@ async fn setup(server: &ServerProcess, llm: &ScriptedLlm) -> anyhow::Result<ApiC
             settings: serde_json::Value::Null,
         })
         .await?;
-    Ok(admin)
+    Ok(())
 }
 
 fn text(t: &str) -> Vec<Part> {
@@ -666,7 +683,11 @@ async fn tool_inflight(
 
 /// Root: spawn `agents` sub-agents in one step, then close them all in the next; each sub-agent
 /// answers its prompt once. Measures the time of each phase and the server's memory.
-async fn subagents(bin: Option<PathBuf>, agents: usize) -> anyhow::Result<(serde_json::Value, Option<String>)> {
+async fn subagents(
+    bin: Option<PathBuf>,
+    agents: usize,
+    rounds: usize,
+) -> anyhow::Result<(serde_json::Value, Option<String>)> {
     use agentplane_tests::{RecordedRequest, Reply, ScriptedCall};
     let responder = move |r: &RecordedRequest| {
         let results = r.tool_results();
@@ -694,6 +715,38 @@ async fn subagents(bin: Option<PathBuf>, agents: usize) -> anyhow::Result<(serde
         .await?;
     admin.wait_until_chat(&warm.id, |c| c.status == ChatStatus::Idle, WAIT).await?;
     let baseline = server.rss_kib()?;
+    let mut rounds_out = Vec::new();
+    let mut failure = None;
+    for round in 1..=rounds {
+        let (figures, problem) = fan_out_round(&server, &admin, agents).await?;
+        println!(
+            "round {round}: all {agents} spawned and finished {:.2} s; closed and root idle {:.2} s; RSS {:.1} MiB \
+             (baseline {:.1} MiB)",
+            figures["spawn_and_finish_s"].as_f64().unwrap_or_default(),
+            figures["total_s"].as_f64().unwrap_or_default(),
+            figures["rss_after_close_kib"].as_f64().unwrap_or_default() / 1024.0,
+            baseline as f64 / 1024.0,
+        );
+        rounds_out.push(figures);
+        failure = failure.or(problem);
+    }
+    println!(
+        "scenario subagents: {rounds} round(s) of one root spawning {agents} sub-agents in one step (each answers \
+         once), then closing them all"
+    );
+    Ok((
+        json!({"scenario": "subagents", "agents": agents, "rss_baseline_kib": baseline, "rounds": rounds_out}),
+        failure,
+    ))
+}
+
+/// One root chat spawns `agents` sub-agents, waits for them to finish, closes them; returns the
+/// figures and, when the tree did not behave, what went wrong.
+async fn fan_out_round(
+    server: &ServerProcess,
+    admin: &ApiClient,
+    agents: usize,
+) -> anyhow::Result<(serde_json::Value, Option<String>)> {
     let started = Instant::now();
     let chat = admin
         .create_chat(&CreateChat { content: text("fan out"), model_id: None, workspace_id: None, title: None })
@@ -704,17 +757,14 @@ async fn subagents(bin: Option<PathBuf>, agents: usize) -> anyhow::Result<(serde
     let events = stream
         .wait_for(
             |e| {
-                match &e.body {
-                    EventBody::Subagent {
-                        status: Some(agentplane_schema::event::SubagentStatus::Finished), ..
-                    } => {
-                        finished += 1;
-                        if finished == agents {
-                            spawned_at = Some(started.elapsed());
-                        }
+                if let EventBody::Subagent {
+                    status: Some(agentplane_schema::event::SubagentStatus::Finished), ..
+                } = &e.body
+                {
+                    finished += 1;
+                    if finished == agents {
+                        spawned_at = Some(started.elapsed());
                     }
-                    EventBody::Subagent { .. } => {}
-                    _ => {}
                 }
                 matches!(&e.body, EventBody::Status { status: ChatStatus::Idle, .. })
             },
@@ -742,26 +792,66 @@ async fn subagents(bin: Option<PathBuf>, agents: usize) -> anyhow::Result<(serde
         )
     });
     let spawn_all = spawned_at.unwrap_or(total);
-    println!(
-        "scenario subagents: one root spawns {agents} sub-agents in one step (each answers once), then closes them all"
-    );
-    println!(
-        "all {agents} spawned and finished: {:.2} s; closed and root idle: {:.2} s total",
-        spawn_all.as_secs_f64(),
-        total.as_secs_f64()
-    );
-    println!(
-        "server RSS: baseline {:.1} MiB, after closing {:.1} MiB ({:.1} KiB per closed sub-agent kept)",
-        baseline as f64 / 1024.0,
-        after as f64 / 1024.0,
-        after.saturating_sub(baseline) as f64 / agents as f64
-    );
     Ok((
-        json!({"scenario": "subagents", "agents": agents, "spawn_and_finish_s": spawn_all.as_secs_f64(),
-               "total_s": total.as_secs_f64(), "rss_baseline_kib": baseline, "rss_after_close_kib": after,
-               "children": detail.children.len(), "finished": finished, "closed": closed}),
+        json!({"spawn_and_finish_s": spawn_all.as_secs_f64(), "total_s": total.as_secs_f64(),
+               "rss_after_close_kib": after, "children": detail.children.len(), "finished": finished,
+               "closed": closed}),
         failure,
     ))
+}
+
+/// Round trips through one idle chat's actor from outside actix (a `delete_queued` of an id that
+/// is not queued: answered from the actor's memory, no database), as fast as `senders` tasks can
+/// go.
+async fn mailbox(seconds: f64) -> anyhow::Result<serde_json::Value> {
+    let llm = ScriptedLlm::builder().record(false).start();
+    let dir = tempfile::tempdir()?;
+    let mut settings = agentplane_config::Settings::defaults();
+    settings.server.data_dir = dir.path().to_path_buf();
+    settings.auth.bootstrap_token = ADMIN_TOKEN.into();
+    settings.agent.generate_titles = false;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let server = tokio::task::spawn_blocking(move || agentplane::server::spawn(settings, listener)).await??;
+    let admin = ApiClient::new(server.base_url(), ADMIN_TOKEN);
+    setup_provider(&admin, &llm).await?;
+    let chat =
+        admin.create_chat(&CreateChat { content: text("hi"), model_id: None, workspace_id: None, title: None }).await?;
+    admin.wait_until_chat(&chat.id, |c| c.status == ChatStatus::Idle, WAIT).await?;
+    let handle = server.directory.chat(&chat.id);
+    println!("scenario mailbox: round trips to one idle ChatActor (answered from memory), {seconds} s per row");
+    println!("{:<10} {:>14} {:>10} {:>10} {:>10}", "senders", "messages/s", "p50 µs", "p99 µs", "max µs");
+    let mut rows = Vec::new();
+    for senders in [1usize, 8, 64] {
+        let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+        let tasks: Vec<_> = (0..senders)
+            .map(|_| {
+                let handle = handle.clone();
+                tokio::spawn(async move {
+                    let mut times = Vec::new();
+                    while Instant::now() < deadline {
+                        let t0 = Instant::now();
+                        let found = handle.delete_queued("not-queued").await;
+                        times.push(t0.elapsed().as_secs_f64() * 1e6);
+                        if !matches!(found, Ok(false)) {
+                            return Err(anyhow::anyhow!("unexpected answer from the actor: {found:?}"));
+                        }
+                    }
+                    Ok(times)
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await??);
+        }
+        let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+        let latency = summarize(all);
+        println!("{senders:<10} {rate:>14.0} {:>10.1} {:>10.1} {:>10.1}", latency.p50, latency.p99, latency.max);
+        rows.push(json!({"senders": senders, "messages_per_s": rate, "latency_us": latency}));
+    }
+    tokio::task::spawn_blocking(move || server.stop()).await?;
+    Ok(json!({"scenario": "mailbox", "rows": rows}))
 }
 
 #[tokio::main]
@@ -769,7 +859,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // A scenario that measured but found the system misbehaving still reports, then fails.
     let (report, failure) = match cli.scenario {
-        Scenario::Subagents { agents } => subagents(cli.server_bin, agents).await?,
+        Scenario::Subagents { agents, rounds } => subagents(cli.server_bin, agents, rounds).await?,
+        Scenario::Mailbox { seconds } => (mailbox(seconds).await?, None),
         Scenario::FirstDelta { turns, warmup } => (first_delta(cli.server_bin, turns, warmup).await?, None),
         Scenario::Idle { chats, concurrency } => (idle(cli.server_bin, chats, concurrency).await?, None),
         Scenario::ToolRoundtrip { rate, seconds, warmup_seconds, workspaces } => {
