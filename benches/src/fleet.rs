@@ -191,3 +191,14 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?.write_all(contents.as_bytes())
 }
+
+/// A nats-server trusting a fresh agentplane operator and account, and a directory holding what
+/// `agentplane nats init` writes (for `nats.credentials_dir` of a server process that provisions
+/// its own relays).
+pub fn nats_with_auth() -> anyhow::Result<(NatsServer, tempfile::TempDir)> {
+    let auth = bootstrap("ap")?;
+    let dir = tempfile::tempdir()?;
+    agentplane::nats_auth::write_bootstrap(&auth, dir.path())?;
+    let nats = NatsServer::start_with_config(&auth.server_config);
+    Ok((nats, dir))
+}

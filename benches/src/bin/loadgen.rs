@@ -61,6 +61,25 @@ enum Scenario {
         #[arg(long, default_value_t = 2)]
         rounds: usize,
     },
+    /// C chats run turns concurrently, each turn K steps with one tool call (`write_file`) per
+    /// step over NATS to relay processes, then a final answer. `--steps 1` with closed-loop
+    /// clients is the `runs` scenario.
+    Steps {
+        #[arg(long, default_value_t = 50)]
+        chats: usize,
+        /// Tool steps per turn.
+        #[arg(long, default_value_t = 1)]
+        steps: usize,
+        /// Turns each chat runs, one after the other.
+        #[arg(long, default_value_t = 20)]
+        turns: usize,
+        /// Workspaces (one relay process each) the chats share.
+        #[arg(long, default_value_t = 10)]
+        workspaces: usize,
+        /// PostgreSQL URL instead of the embedded SQLite.
+        #[arg(long)]
+        database_url: Option<String>,
+    },
     /// Messages per second through one ChatActor's mailbox (in-process server), with 1, 8 and 64
     /// concurrent senders.
     Mailbox {
@@ -800,6 +819,201 @@ async fn fan_out_round(
     ))
 }
 
+/// What one chat saw in one turn, from its WebSocket.
+#[derive(Default)]
+struct TurnTimes {
+    to_first_delta: Option<f64>,
+    /// From each tool result (`tool_call` finished) to the next model output of the turn: the
+    /// orchestration added per step (committing the result, building the prompt, the model call
+    /// starting), since the model answers at once.
+    step_gaps: Vec<f64>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn steps_scenario(
+    bin: Option<PathBuf>,
+    relay_bin: Option<PathBuf>,
+    chats: usize,
+    steps: usize,
+    turns: usize,
+    workspaces: usize,
+    database_url: Option<String>,
+) -> anyhow::Result<(serde_json::Value, Option<String>)> {
+    use agentplane_schema::event::ToolPhase;
+    use agentplane_tests::{RecordedRequest, Reply};
+
+    // Each turn: `steps` tool calls (one per step), then the answer. The chat's number is in its
+    // first message, so every chat writes its own file.
+    let responder = move |r: &RecordedRequest| {
+        let messages = r.messages();
+        let last_user = messages.iter().rposition(|m| m["role"] == "user").unwrap_or(0);
+        let done = messages[last_user..].iter().filter(|m| m["role"] == "tool").count();
+        if done < steps {
+            let chat =
+                r.messages().iter().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str()).unwrap_or("x");
+            let file = format!("{}.txt", chat.replace(' ', "-"));
+            Reply::tool_call("write_file", json!({"path": file, "content": format!("step {done}")}))
+        } else {
+            Reply::text("done")
+        }
+    };
+    let llm = ScriptedLlm::builder().record(false).workers(1).responder(responder).start();
+    let (nats, creds_dir) = agentplane_benches::fleet::nats_with_auth()?;
+    let relay = match relay_bin {
+        Some(r) => r,
+        None => std::env::current_exe()?.with_file_name("agentplane-relay"),
+    };
+    let mut env = vec![
+        ("AGENTPLANE__NATS__URL", nats.url()),
+        ("AGENTPLANE__NATS__CREDENTIALS_DIR", creds_dir.path().display().to_string()),
+        ("AGENTPLANE__NATS__RELAY_BINARY", relay.display().to_string()),
+        ("AGENTPLANE__AGENT__GENERATE_TITLES", "false".to_string()),
+    ];
+    if let Some(url) = &database_url {
+        env.push(("AGENTPLANE__DATABASE__URL", url.clone()));
+    }
+    let server = ServerProcess::start(bin, &env).await?;
+    let admin = setup(&server, &llm).await?;
+    let templates = admin.list_templates().await?;
+    let local = templates.iter().find(|t| t.name == "local").context("no local template")?;
+    let mut workspace_ids = Vec::new();
+    for i in 0..workspaces {
+        let (status, body) = admin
+            .raw(
+                reqwest::Method::POST,
+                "/api/v1/workspaces",
+                Some(json!({"template_id": local.id, "name": format!("bench-{i}")})),
+            )
+            .await?;
+        if !status.is_success() {
+            bail!("creating workspace {i}: {status} {body}");
+        }
+        workspace_ids.push(body["id"].as_str().context("workspace id")?.to_string());
+    }
+    eprintln!("steps: {workspaces} workspaces (relay processes) up; starting {chats} chats");
+
+    let cpu_before = server.cpu_time()?;
+    let started = Instant::now();
+    let clients = (0..chats).map(|c| {
+        let admin = admin.clone();
+        let base = server.base_url.clone();
+        let workspace = workspace_ids[c % workspace_ids.len()].clone();
+        tokio::spawn(async move {
+            let chat = admin
+                .create_chat(&CreateChat {
+                    content: text(&format!("chat {c}")),
+                    model_id: None,
+                    workspace_id: Some(workspace),
+                    title: None,
+                })
+                .await?;
+            let mut stream = EventStream::connect(&base, &chat.id, ADMIN_TOKEN, Some(0)).await?;
+            let mut all = Vec::with_capacity(turns);
+            for turn in 0..turns {
+                if turn > 0 {
+                    admin
+                        .send(&chat.id, &SendMessage { content: text("again"), busy_behavior: Default::default() })
+                        .await?;
+                }
+                let t0 = Instant::now();
+                let mut times = TurnTimes::default();
+                let mut last_result: Option<Instant> = None;
+                stream
+                    .wait_for(
+                        |e| {
+                            let now = Instant::now();
+                            match &e.body {
+                                EventBody::MessageDelta { .. } => {
+                                    times.to_first_delta.get_or_insert_with(|| (now - t0).as_secs_f64() * 1000.0);
+                                    if let Some(at) = last_result.take() {
+                                        times.step_gaps.push((now - at).as_secs_f64() * 1000.0);
+                                    }
+                                }
+                                EventBody::ToolCall { phase: ToolPhase::Finished, .. } => last_result = Some(now),
+                                _ => {}
+                            }
+                            matches!(&e.body, EventBody::Status { status: ChatStatus::Idle | ChatStatus::Error, .. })
+                        },
+                        WAIT,
+                    )
+                    .await?;
+                all.push(times);
+            }
+            // Every turn is in the history exactly once: user, K × (call, result), answer.
+            let messages = admin.messages_page(&chat.id, None, Some(1000)).await?.messages;
+            let expected = turns * (2 + 2 * steps);
+            let answers = messages.iter().filter(|m| m.text() == "done").count();
+            if messages.len() != expected || answers != turns {
+                bail!(
+                    "chat {c}: {} messages ({answers} answers), expected {expected} ({turns} answers)",
+                    messages.len()
+                );
+            }
+            anyhow::Ok(all)
+        })
+    });
+    let clients: Vec<_> = clients.collect();
+    let mut to_delta = Vec::new();
+    let mut gaps = Vec::new();
+    let mut problems = Vec::new();
+    for client in clients {
+        match client.await? {
+            Ok(turns) => {
+                for t in turns {
+                    to_delta.extend(t.to_first_delta);
+                    gaps.extend(t.step_gaps);
+                }
+            }
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    let wall = started.elapsed();
+    let cpu = server.cpu_time()?.saturating_sub(cpu_before);
+    let total_steps = chats * turns * (steps + 1);
+    let tool_steps = chats * turns * steps;
+    let delta = summarize(to_delta);
+    let gap = summarize(gaps);
+    let db = if database_url.is_some() { "PostgreSQL" } else { "SQLite" };
+    println!(
+        "scenario steps: {chats} chats × {turns} turns × ({steps} tool step(s) + answer), tools over NATS to \
+         {workspaces} relays, {db}"
+    );
+    println!(
+        "model calls (steps): {total_steps} in {:.2} s = {:.0} steps/s ({:.0} tool steps/s, {:.0} turns/s)",
+        wall.as_secs_f64(),
+        total_steps as f64 / wall.as_secs_f64(),
+        tool_steps as f64 / wall.as_secs_f64(),
+        (chats * turns) as f64 / wall.as_secs_f64()
+    );
+    println!(
+        "server CPU: {:.2} s per 1,000 steps ({:.2} ms per turn)",
+        cpu.as_secs_f64() * 1000.0 / total_steps as f64,
+        cpu.as_secs_f64() * 1000.0 / (chats * turns) as f64
+    );
+    println!("{:<40} {:>9} {:>9} {:>9} {:>9}", "", "p50 ms", "p90 ms", "p99 ms", "max ms");
+    println!(
+        "{:<40} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+        "turn start → first delta", delta.p50, delta.p90, delta.p99, delta.max
+    );
+    println!(
+        "{:<40} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+        "tool result → next model output", gap.p50, gap.p90, gap.p99, gap.max
+    );
+    println!("errors: {}", problems.len());
+    for p in problems.iter().take(5) {
+        println!("  {p}");
+    }
+    drop(nats);
+    let failure = (!problems.is_empty()).then(|| format!("{} chat(s) lost or repeated messages", problems.len()));
+    Ok((
+        json!({"scenario": "steps", "chats": chats, "turns": turns, "steps_per_turn": steps, "workspaces": workspaces,
+               "database": db, "wall_s": wall.as_secs_f64(), "steps_per_s": total_steps as f64 / wall.as_secs_f64(),
+               "server_cpu_s_per_1000_steps": cpu.as_secs_f64() * 1000.0 / total_steps as f64,
+               "to_first_delta_ms": delta, "step_gap_ms": gap, "errors": problems}),
+        failure,
+    ))
+}
+
 /// Round trips through one idle chat's actor from outside actix (a `delete_queued` of an id that
 /// is not queued: answered from the actor's memory, no database), as fast as `senders` tasks can
 /// go.
@@ -861,6 +1075,9 @@ async fn main() -> anyhow::Result<()> {
     let (report, failure) = match cli.scenario {
         Scenario::Subagents { agents, rounds } => subagents(cli.server_bin, agents, rounds).await?,
         Scenario::Mailbox { seconds } => (mailbox(seconds).await?, None),
+        Scenario::Steps { chats, steps, turns, workspaces, database_url } => {
+            steps_scenario(cli.server_bin, cli.relay_bin, chats, steps, turns, workspaces, database_url).await?
+        }
         Scenario::FirstDelta { turns, warmup } => (first_delta(cli.server_bin, turns, warmup).await?, None),
         Scenario::Idle { chats, concurrency } => (idle(cli.server_bin, chats, concurrency).await?, None),
         Scenario::ToolRoundtrip { rate, seconds, warmup_seconds, workspaces } => {
