@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::http;
-use super::sse::{SseEvent, SseParser, SseStream};
+use super::sse::{self, SseEvent};
 
 /// The API version every request names; the event and body shapes below are this version's.
 const ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -62,13 +62,7 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
         return Err(error);
     }
 
-    let state = StreamState {
-        events: SseStream::new(response.bytes_stream().boxed()),
-        decoder: EventDecoder::new(api_key),
-        pending: VecDeque::new(),
-        done: false,
-    };
-    Ok(futures::stream::unfold(state, StreamState::next).boxed())
+    Ok(sse::decode_stream(response.bytes_stream().boxed(), EventDecoder::new(api_key)))
 }
 
 /// Runs the decoder over a whole recorded response body, without HTTP: what [`stream`] would
@@ -76,17 +70,7 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
 // Used by the tests and by the decoding throughput benchmark.
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn decode_body(body: &[u8]) -> Vec<Result<ModelEvent, ModelError>> {
-    let mut parser = SseParser::new();
-    parser.push(body);
-    let mut decoder = EventDecoder::new(None);
-    let mut out = VecDeque::new();
-    while let Some(event) = parser.finish() {
-        if decoder.on_event(&event, &mut out).is_break() {
-            return out.into();
-        }
-    }
-    decoder.end_of_stream(&mut out);
-    out.into()
+    sse::decode_sse_body(body, EventDecoder::new(None))
 }
 
 /// `{base}/v1/messages`; a base URL that already ends in `/v1` (as admins often copy it) is not
@@ -336,44 +320,22 @@ fn tool_definition(tool: &ToolSpec) -> Value {
 // ---------------------------------------------------------------------------------------------
 // Response
 
-struct StreamState {
-    events: SseStream<futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>>,
-    decoder: EventDecoder,
-    pending: VecDeque<Result<ModelEvent, ModelError>>,
-    done: bool,
-}
+impl sse::SseDecoder for EventDecoder {
+    fn on_event(&mut self, event: &SseEvent, out: &mut VecDeque<Result<ModelEvent, ModelError>>) -> ControlFlow<()> {
+        EventDecoder::on_event(self, event, out)
+    }
 
-impl StreamState {
-    async fn next(mut self) -> Option<(Result<ModelEvent, ModelError>, Self)> {
-        loop {
-            if let Some(item) = self.pending.pop_front() {
-                return Some((item, self));
-            }
-            if self.done {
-                return None;
-            }
-            match self.events.next().await {
-                Some(Ok(event)) => self.done = self.decoder.on_event(&event, &mut self.pending).is_break(),
-                Some(Err(error)) => {
-                    self.done = true;
-                    if self.decoder.stop_reason.is_some() {
-                        // The answer was complete; only `message_stop` was lost. Retrying would
-                        // pay for the whole answer again.
-                        let error = error.without_url();
-                        tracing::warn!(%error, "model stream cut after its stop reason");
-                        self.decoder.finish(&mut self.pending);
-                    } else {
-                        let error = http::transport_error(error, self.decoder.api_key.as_deref());
-                        tracing::warn!(%error, "model stream failed");
-                        self.pending.push_back(Err(error));
-                    }
-                }
-                None => {
-                    self.done = true;
-                    self.decoder.end_of_stream(&mut self.pending);
-                }
-            }
-        }
+    fn end_of_body(&mut self, out: &mut VecDeque<Result<ModelEvent, ModelError>>) {
+        self.end_of_stream(out);
+    }
+
+    /// `message_delta` carried the stop reason; only `message_stop` is missing.
+    fn answer_complete(&self) -> bool {
+        self.stop_reason.is_some()
+    }
+
+    fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref()
     }
 }
 

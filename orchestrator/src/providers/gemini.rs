@@ -33,7 +33,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::http;
-use super::sse::{SseEvent, SseParser, SseStream};
+use super::sse::{self, SseEvent, SseParser};
 
 /// The value Google documents for a `functionCall` replayed without the signature Gemini gave
 /// it (history written by another model, or an answer that came without one): Gemini 3 then
@@ -98,13 +98,7 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
         return Ok(futures::stream::iter(items).boxed());
     }
 
-    let state = StreamState {
-        events: SseStream::new(response.bytes_stream().boxed()),
-        decoder: ChunkDecoder::new(api_key),
-        pending: VecDeque::new(),
-        done: false,
-    };
-    Ok(futures::stream::unfold(state, StreamState::next).boxed())
+    Ok(sse::decode_stream(response.bytes_stream().boxed(), ChunkDecoder::new(api_key)))
 }
 
 /// Runs the decoder over a whole response body, without HTTP: an SSE body as `alt=sse` sends
@@ -495,44 +489,22 @@ fn parse_duration(text: &str) -> Option<Duration> {
 // ---------------------------------------------------------------------------------------------
 // Response
 
-struct StreamState {
-    events: SseStream<futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>>,
-    decoder: ChunkDecoder,
-    pending: VecDeque<Result<ModelEvent, ModelError>>,
-    done: bool,
-}
+impl sse::SseDecoder for ChunkDecoder {
+    fn on_event(&mut self, event: &SseEvent, out: &mut VecDeque<Result<ModelEvent, ModelError>>) -> ControlFlow<()> {
+        ChunkDecoder::on_event(self, event, out)
+    }
 
-impl StreamState {
-    async fn next(mut self) -> Option<(Result<ModelEvent, ModelError>, Self)> {
-        loop {
-            if let Some(item) = self.pending.pop_front() {
-                return Some((item, self));
-            }
-            if self.done {
-                return None;
-            }
-            match self.events.next().await {
-                Some(Ok(event)) => self.done = self.decoder.on_event(&event, &mut self.pending).is_break(),
-                Some(Err(error)) => {
-                    self.done = true;
-                    if self.decoder.finish_reason.is_some() {
-                        // The chunk with the finish reason is the last one, so the answer was
-                        // complete; retrying would pay for all of it again.
-                        let error = error.without_url();
-                        tracing::warn!(%error, "model stream cut after its finish reason");
-                        self.decoder.finish(&mut self.pending);
-                    } else {
-                        let error = http::transport_error(error, self.decoder.api_key.as_deref());
-                        tracing::warn!(%error, "model stream failed");
-                        self.pending.push_back(Err(error));
-                    }
-                }
-                None => {
-                    self.done = true;
-                    self.decoder.finish(&mut self.pending);
-                }
-            }
-        }
+    fn end_of_body(&mut self, out: &mut VecDeque<Result<ModelEvent, ModelError>>) {
+        self.finish(out);
+    }
+
+    /// The chunk with the finish reason is the last one.
+    fn answer_complete(&self) -> bool {
+        self.finish_reason.is_some()
+    }
+
+    fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref()
     }
 }
 

@@ -9,6 +9,7 @@
 //! ways; each tolerance is commented where it is handled.
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::ControlFlow;
 
 use agentplane_actors::ports::{
     ModelError, ModelEvent, ModelRequest, ModelStream, ModelTarget, PromptMessage, StopReason, ToolSpec, Usage,
@@ -21,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::http;
-use super::sse::{SseEvent, SseParser, SseStream};
+use super::sse::{self, SseEvent, SseParser};
 
 /// Sends `request` and returns its answer as a stream. Errors up to and including the response
 /// headers (bad settings, connect failures, error statuses) come from the outer `Result`.
@@ -41,13 +42,7 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
         return Ok(whole_completion(response, api_key).await);
     }
 
-    let state = StreamState {
-        events: SseStream::new(response.bytes_stream().boxed()),
-        decoder: ChunkDecoder::new(api_key),
-        pending: VecDeque::new(),
-        done: false,
-    };
-    Ok(futures::stream::unfold(state, StreamState::next).boxed())
+    Ok(sse::decode_stream(response.bytes_stream().boxed(), ChunkDecoder::new(api_key)))
 }
 
 /// Decodes a whole recorded Chat Completions body (SSE, or one JSON completion) without HTTP:
@@ -381,45 +376,23 @@ fn tool_definition(tool: &ToolSpec) -> Value {
 // ---------------------------------------------------------------------------------------------
 // Response
 
-struct StreamState {
-    events: SseStream<futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>>,
-    decoder: ChunkDecoder,
-    pending: VecDeque<Result<ModelEvent, ModelError>>,
-    done: bool,
-}
+impl sse::SseDecoder for ChunkDecoder {
+    fn on_event(&mut self, event: &SseEvent, out: &mut VecDeque<Result<ModelEvent, ModelError>>) -> ControlFlow<()> {
+        ChunkDecoder::on_event(self, event, out)
+    }
 
-impl StreamState {
-    async fn next(mut self) -> Option<(Result<ModelEvent, ModelError>, Self)> {
-        loop {
-            if let Some(item) = self.pending.pop_front() {
-                return Some((item, self));
-            }
-            if self.done {
-                return None;
-            }
-            match self.events.next().await {
-                Some(Ok(event)) => self.done = self.decoder.on_event(&event, &mut self.pending).is_break(),
-                Some(Err(error)) => {
-                    self.done = true;
-                    if self.decoder.finish_reason.is_some() {
-                        // The answer was complete; only the trailing usage chunk or `[DONE]` was
-                        // lost. Retrying would pay for the whole answer again.
-                        let error = error.without_url();
-                        tracing::warn!(%error, "model stream cut after its finish reason");
-                        self.decoder.finish(&mut self.pending);
-                    } else {
-                        let error = http::transport_error(error, self.decoder.api_key.as_deref());
-                        tracing::warn!(%error, "model stream failed");
-                        self.pending.push_back(Err(error));
-                    }
-                }
-                None => {
-                    // No `[DONE]`: Anthropic's and some local servers' streams just end.
-                    self.done = true;
-                    self.decoder.finish(&mut self.pending);
-                }
-            }
-        }
+    /// No `[DONE]`: Anthropic's compatibility layer and some local servers just end the body.
+    fn end_of_body(&mut self, out: &mut VecDeque<Result<ModelEvent, ModelError>>) {
+        self.finish(out);
+    }
+
+    /// The finish reason came; only the trailing usage chunk or `[DONE]` can be missing.
+    fn answer_complete(&self) -> bool {
+        self.finish_reason.is_some()
+    }
+
+    fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref()
     }
 }
 

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use super::http;
 use super::openai_compat::{Api, Endpoint, image_data_url, setting};
-use super::sse::{SseEvent, SseParser, SseStream};
+use super::sse::{self, SseEvent};
 
 /// Sends `request` and returns its answer as a stream. Errors up to and including the response
 /// headers (bad settings, connect failures, error statuses) come from the outer `Result`.
@@ -31,13 +31,7 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
     let endpoint = Endpoint::for_target(&request.target, Api::Responses)?;
     let body = request_body(&request, &endpoint)?;
     let response = endpoint.send(client, &body).await?;
-    let state = StreamState {
-        events: SseStream::new(response.bytes_stream().boxed()),
-        decoder: EventDecoder::new(endpoint.api_key.clone()),
-        pending: VecDeque::new(),
-        done: false,
-    };
-    Ok(futures::stream::unfold(state, StreamState::next).boxed())
+    Ok(sse::decode_stream(response.bytes_stream().boxed(), EventDecoder::new(endpoint.api_key.clone())))
 }
 
 /// Decodes a whole recorded Responses API body (SSE) without HTTP: the same events the stream
@@ -45,17 +39,7 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
 // Only tests call it until the decoder benchmark does.
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn decode_body(body: &[u8]) -> Vec<Result<ModelEvent, ModelError>> {
-    let mut parser = SseParser::new();
-    parser.push(body);
-    let mut decoder = EventDecoder::new(None);
-    let mut out = VecDeque::new();
-    while let Some(event) = parser.finish() {
-        if decoder.on_event(&event, &mut out).is_break() {
-            return out.into();
-        }
-    }
-    decoder.end_of_body(&mut out);
-    out.into()
+    sse::decode_sse_body(body, EventDecoder::new(None))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -212,38 +196,23 @@ fn tool_definition(tool: &ToolSpec) -> Value {
 // ---------------------------------------------------------------------------------------------
 // Response
 
-struct StreamState {
-    events: SseStream<futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>>,
-    decoder: EventDecoder,
-    pending: VecDeque<Result<ModelEvent, ModelError>>,
-    done: bool,
-}
+impl sse::SseDecoder for EventDecoder {
+    fn on_event(&mut self, event: &SseEvent, out: &mut VecDeque<Result<ModelEvent, ModelError>>) -> ControlFlow<()> {
+        EventDecoder::on_event(self, event, out)
+    }
 
-impl StreamState {
-    async fn next(mut self) -> Option<(Result<ModelEvent, ModelError>, Self)> {
-        loop {
-            if let Some(item) = self.pending.pop_front() {
-                return Some((item, self));
-            }
-            if self.done {
-                return None;
-            }
-            match self.events.next().await {
-                Some(Ok(event)) => self.done = self.decoder.on_event(&event, &mut self.pending).is_break(),
-                Some(Err(error)) => {
-                    // The terminal event ends the stream before any later failure is read, so a
-                    // failure here always means an unfinished answer.
-                    self.done = true;
-                    let error = http::transport_error(error, self.decoder.api_key.as_deref());
-                    tracing::warn!(%error, "model stream failed");
-                    self.pending.push_back(Err(error));
-                }
-                None => {
-                    self.done = true;
-                    self.decoder.end_of_body(&mut self.pending);
-                }
-            }
-        }
+    fn end_of_body(&mut self, out: &mut VecDeque<Result<ModelEvent, ModelError>>) {
+        EventDecoder::end_of_body(self, out);
+    }
+
+    /// The terminal event ends the stream before any later failure is read, so a failure always
+    /// means an unfinished answer.
+    fn answer_complete(&self) -> bool {
+        false
+    }
+
+    fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref()
     }
 }
 

@@ -11,8 +11,15 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::collections::VecDeque;
+use std::ops::ControlFlow;
+
+use agentplane_actors::ports::{ModelError, ModelEvent, ModelStream};
 use bytes::Bytes;
-use futures::Stream;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+
+use super::http;
 
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +180,90 @@ where
                     return Poll::Ready(Some(Err(err)));
                 }
                 Poll::Ready(None) => this.inner_done = true,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driving a dialect's decoder
+
+/// What a dialect's stream decoder does with the events of one answer; [`decode_stream`] and
+/// [`decode_sse_body`] drive it over a live response or a whole recorded body alike.
+pub(crate) trait SseDecoder: Send + 'static {
+    /// Handles one event; `Break` when the stream is over (its end marker, or an error). What
+    /// to emit goes to `out` either way.
+    fn on_event(&mut self, event: &SseEvent, out: &mut VecDeque<ModelItem>) -> ControlFlow<()>;
+    /// The body ended: emit what was held back and `Finish`, or an error when the answer is
+    /// unfinished. Called at most once, and not after `on_event` broke.
+    fn end_of_body(&mut self, out: &mut VecDeque<ModelItem>);
+    /// Whether the answer is complete but for trailing metadata (the stop reason came): a
+    /// connection lost after that ends the answer normally instead of failing it, since
+    /// retrying would pay for the whole answer again.
+    fn answer_complete(&self) -> bool;
+    /// Scrubbed from transport error messages.
+    fn api_key(&self) -> Option<&str>;
+}
+
+pub(crate) type ModelItem = Result<ModelEvent, ModelError>;
+
+/// The model events of a streamed SSE response.
+pub(crate) fn decode_stream<D: SseDecoder>(
+    bytes: BoxStream<'static, reqwest::Result<Bytes>>,
+    decoder: D,
+) -> ModelStream {
+    let state = DecodeState { events: SseStream::new(bytes), decoder, pending: VecDeque::new(), done: false };
+    futures::stream::unfold(state, DecodeState::next).boxed()
+}
+
+/// What [`decode_stream`] would yield for a server that sent exactly `body`.
+pub(crate) fn decode_sse_body<D: SseDecoder>(body: &[u8], mut decoder: D) -> Vec<ModelItem> {
+    let mut parser = SseParser::new();
+    parser.push(body);
+    let mut out = VecDeque::new();
+    while let Some(event) = parser.finish() {
+        if decoder.on_event(&event, &mut out).is_break() {
+            return out.into();
+        }
+    }
+    decoder.end_of_body(&mut out);
+    out.into()
+}
+
+struct DecodeState<D> {
+    events: SseStream<BoxStream<'static, reqwest::Result<Bytes>>>,
+    decoder: D,
+    pending: VecDeque<ModelItem>,
+    done: bool,
+}
+
+impl<D: SseDecoder> DecodeState<D> {
+    async fn next(mut self) -> Option<(ModelItem, Self)> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some((item, self));
+            }
+            if self.done {
+                return None;
+            }
+            match self.events.next().await {
+                Some(Ok(event)) => self.done = self.decoder.on_event(&event, &mut self.pending).is_break(),
+                Some(Err(error)) => {
+                    self.done = true;
+                    if self.decoder.answer_complete() {
+                        let error = error.without_url();
+                        tracing::warn!(%error, "model stream cut after its stop reason");
+                        self.decoder.end_of_body(&mut self.pending);
+                    } else {
+                        let error = http::transport_error(error, self.decoder.api_key());
+                        tracing::warn!(%error, "model stream failed");
+                        self.pending.push_back(Err(error));
+                    }
+                }
+                None => {
+                    self.done = true;
+                    self.decoder.end_of_body(&mut self.pending);
+                }
             }
         }
     }

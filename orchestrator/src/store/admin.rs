@@ -359,7 +359,7 @@ impl DbStore {
         Ok(Some(model_from_row(row)))
     }
 
-    /// Deletes a model. Chats that named it fall back to the default model on their next turn.
+    /// Deletes a model. A chat that named it gets a clear `config` error on its next turn.
     pub async fn delete_model(&self, id: &str) -> Result<bool, StoreError> {
         let result = models::Entity::delete_by_id(id).exec(&self.db).await.map_err(db_err)?;
         Ok(result.rows_affected > 0)
