@@ -909,6 +909,9 @@ async fn steps_scenario(
                 .await?;
             let mut stream = EventStream::connect(&base, &chat.id, ADMIN_TOKEN, Some(0)).await?;
             let mut all = Vec::with_capacity(turns);
+            // Durable events arrive in order with no gap and no repeat.
+            let mut last_seq: Option<i64> = None;
+            let mut seq_problem: Option<String> = None;
             for turn in 0..turns {
                 if turn > 0 {
                     admin
@@ -922,6 +925,14 @@ async fn steps_scenario(
                     .wait_for(
                         |e| {
                             let now = Instant::now();
+                            if let Some(seq) = e.seq {
+                                if let Some(last) = last_seq
+                                    && seq != last + 1
+                                {
+                                    seq_problem.get_or_insert_with(|| format!("seq {seq} after {last}"));
+                                }
+                                last_seq = Some(seq);
+                            }
                             match &e.body {
                                 EventBody::MessageDelta { .. } => {
                                     times.to_first_delta.get_or_insert_with(|| (now - t0).as_secs_f64() * 1000.0);
@@ -938,6 +949,9 @@ async fn steps_scenario(
                     )
                     .await?;
                 all.push(times);
+            }
+            if let Some(problem) = seq_problem {
+                bail!("chat {c}: event stream out of order: {problem}");
             }
             // Every turn is in the history exactly once: user, K × (call, result), answer.
             let messages = admin.messages_page(&chat.id, None, Some(1000)).await?.messages;
