@@ -2,7 +2,9 @@
 //! `agentplane serve` process and measures it over its public API, or, for the tool transport,
 //! a nats-server, `agentplane-relay` processes and the orchestrator's `NatsTransport`; this
 //! library holds what the scenarios share: the server process, the relay fleet
-//! ([`fleet`]), percentiles, and per-process RSS and CPU time from `/proc`.
+//! ([`fleet`]), percentiles, and per-process RSS and CPU time from `/proc`, and the scenarios
+//! that live in their own module ([`delta_latency`]). The criterion benches under `benches/`
+//! time code in-process: `provider_parsing` the provider clients' stream decoders.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -10,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+pub mod delta_latency;
 pub mod fleet;
 
 pub const ADMIN_TOKEN: &str = "ap_loadgen_admin";

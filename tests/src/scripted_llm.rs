@@ -13,7 +13,9 @@
 //! script: HTTP errors with headers, delays, hanging until the client leaves, resets mid-stream.
 //!
 //! Every completion request is recorded ([`ScriptedLlm::requests`]) and can be awaited
-//! ([`ScriptedLlm::wait_for_requests`]) without polling.
+//! ([`ScriptedLlm::wait_for_requests`]) without polling. Benchmarks can also have the time of
+//! every streamed write logged ([`ScriptedLlmBuilder::write_log`]), and render a reply's whole
+//! body in any dialect without a server ([`render_body`]).
 
 mod dialect;
 mod http;
@@ -27,7 +29,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -150,6 +152,7 @@ pub struct ScriptedLlmBuilder {
     record: bool,
     models: Vec<String>,
     dialect: Dialect,
+    write_log: bool,
 }
 
 impl Default for ScriptedLlmBuilder {
@@ -161,6 +164,7 @@ impl Default for ScriptedLlmBuilder {
             record: true,
             models: vec!["scripted-model".to_string()],
             dialect: Dialect::OpenAiChat,
+            write_log: false,
         }
     }
 }
@@ -204,6 +208,13 @@ impl ScriptedLlmBuilder {
         self
     }
 
+    /// Log when each streamed write went out ([`ScriptedLlm::write_times`]; default off), for
+    /// latency benchmarks that compare it with when the client saw the piece.
+    pub fn write_log(mut self, on: bool) -> Self {
+        self.write_log = on;
+        self
+    }
+
     /// Binds `127.0.0.1:0` and starts serving.
     ///
     /// # Panics
@@ -232,6 +243,7 @@ impl ScriptedLlmBuilder {
             chunk_chars: self.chunk_chars,
             models: self.models,
             dialect: self.dialect,
+            write_log: self.write_log.then(|| Mutex::new(Vec::new())),
         });
         let (stop_tx, stop_rx) = oneshot::channel();
         let server_shared = shared.clone();
@@ -262,9 +274,33 @@ struct Shared {
     next_completion: AtomicU64,
     chunk_chars: usize,
     models: Vec<String>,
+    /// With [`ScriptedLlmBuilder::write_log`].
+    write_log: Option<Mutex<Vec<Written>>>,
+}
+
+/// One write of a streamed reply, logged with [`ScriptedLlmBuilder::write_log`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// The completion request, counted from 0 in arrival order (its index in
+    /// [`ScriptedLlm::requests`]).
+    pub request: usize,
+    /// The last stream message the write carried, counted from 0 in the order the dialect
+    /// renders them (for OpenAI Chat the role chunk is message 0). With a
+    /// [`Reply::chunk_delay`] every message has its own write; without one the whole answer goes
+    /// out in a single write, logged with the last message's index.
+    pub message: usize,
+    /// When the write returned, i.e. the bytes were in the socket's send buffer.
+    pub at: Instant,
 }
 
 impl Shared {
+    fn log_write(&self, request: usize, message: usize) {
+        if let Some(log) = &self.write_log {
+            let at = Instant::now();
+            log.lock().unwrap_or_else(PoisonError::into_inner).push(Written { request, message, at });
+        }
+    }
+
     fn next_reply(&self, req: &RecordedRequest) -> Reply {
         if let Some(reply) = self.script.lock().unwrap_or_else(PoisonError::into_inner).pop_front() {
             return reply;
@@ -375,6 +411,16 @@ impl ScriptedLlm {
                 Err(Error::Timeout { after: timeout, what: format!("{n} LLM requests (got {})", self.request_count()) })
             }
         }
+    }
+
+    /// Every streamed write so far, in the order they happened (empty without
+    /// [`ScriptedLlmBuilder::write_log`]).
+    pub fn write_times(&self) -> Vec<Written> {
+        self.shared
+            .write_log
+            .as_ref()
+            .map(|log| log.lock().unwrap_or_else(PoisonError::into_inner).clone())
+            .unwrap_or_default()
     }
 
     /// Completion replies being served right now (hanging ones included).
@@ -512,10 +558,19 @@ async fn serve_completion(shared: &Shared, conn: &mut Connection, req: Request) 
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let model = recorded.model().unwrap_or("scripted-model").to_string();
-    if shared.record {
-        shared.requests.lock().unwrap_or_else(PoisonError::into_inner).push(recorded);
-    }
-    shared.request_count.send_modify(|n| *n += 1);
+    // Counted under the lock so that the index is also the request's place in `requests`.
+    let request_index = {
+        let mut requests = shared.requests.lock().unwrap_or_else(PoisonError::into_inner);
+        if shared.record {
+            requests.push(recorded);
+        }
+        let mut index = 0;
+        shared.request_count.send_modify(|n| {
+            index = *n;
+            *n += 1;
+        });
+        index
+    };
 
     let cancelled = || {
         shared.cancelled.fetch_add(1, Ordering::SeqCst);
@@ -573,6 +628,7 @@ async fn serve_completion(shared: &Shared, conn: &mut Connection, req: Request) 
             if conn.write(&out).await.is_err() {
                 return cancelled();
             }
+            shared.log_write(request_index, i - 1);
             out.clear();
             if !conn.pause(reply.chunk_delay).await {
                 return cancelled();
@@ -580,15 +636,19 @@ async fn serve_completion(shared: &Shared, conn: &mut Connection, req: Request) 
         }
         push_chunk(&mut out, msg);
     }
+    let last = sent.saturating_sub(1);
     if cut.is_some() {
         // Close without the last chunk: the client sees the body end early.
-        let _ = conn.write(&out).await;
+        if conn.write(&out).await.is_ok() {
+            shared.log_write(request_index, last);
+        }
         return false;
     }
     if reply.hang {
         if conn.write(&out).await.is_err() {
             return cancelled();
         }
+        shared.log_write(request_index, last);
         conn.closed().await;
         return cancelled();
     }
@@ -596,5 +656,28 @@ async fn serve_completion(shared: &Shared, conn: &mut Connection, req: Request) 
     if conn.write(&out).await.is_err() {
         return cancelled();
     }
+    shared.log_write(request_index, last);
     true
+}
+
+/// The whole body of a streamed answer with `reply` in `dialect`, as the server would send it
+/// (without HTTP's chunked framing): for benchmarks of the provider clients' decoders. OpenAI
+/// Chat ends with the usage chunk and `[DONE]`; Gemini streams function-call arguments in
+/// pieces as Vertex does when asked to. `chunk_chars` applies unless the reply sets its own.
+/// Error replies render an empty body; a hanging reply stops where it would hang.
+pub fn render_body(dialect: Dialect, reply: &Reply, chunk_chars: usize) -> Vec<u8> {
+    let calls = AtomicU64::new(1);
+    let next_call_id = || format!("call_{}", calls.fetch_add(1, Ordering::Relaxed));
+    let ctx = RenderContext {
+        id: "chatcmpl-scripted-1",
+        created: unix_now(),
+        model: "scripted-model",
+        chunk_chars: reply.chunk_chars.unwrap_or(chunk_chars.max(1)),
+        include_usage: true,
+        stream_function_call_arguments: true,
+        request_bytes: 0,
+        dialect,
+        next_call_id: &next_call_id,
+    };
+    reply.render_stream(&ctx).concat()
 }

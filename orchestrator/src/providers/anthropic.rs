@@ -67,8 +67,6 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
 
 /// Runs the decoder over a whole recorded response body, without HTTP: what [`stream`] would
 /// yield for a server that sent exactly these bytes.
-// Used by the tests and by the decoding throughput benchmark.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn decode_body(body: &[u8]) -> Vec<Result<ModelEvent, ModelError>> {
     sse::decode_sse_body(body, EventDecoder::new(None))
 }

@@ -120,7 +120,6 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
 }
 
 /// Runs the decoder over a whole recorded response body, as if it had arrived in one piece.
-#[cfg_attr(not(test), allow(dead_code, reason = "for tests and the decoder benchmark"))]
 pub(crate) fn decode_body(body: &[u8]) -> Vec<Result<ModelEvent, ModelError>> {
     let mut decoder = StreamDecoder::new(None);
     let mut out = VecDeque::new();

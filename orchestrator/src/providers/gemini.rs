@@ -103,7 +103,6 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
 
 /// Runs the decoder over a whole response body, without HTTP: an SSE body as `alt=sse` sends
 /// it, or the JSON array (or single object) of the other forms. For tests and benchmarks.
-#[cfg_attr(not(test), allow(dead_code, reason = "used by tests and the decoding benchmark"))]
 pub(crate) fn decode_body(body: &[u8]) -> Vec<Result<ModelEvent, ModelError>> {
     decode(body, None)
 }

@@ -3,15 +3,16 @@
 //! [`Providers`] owns one HTTP client for all providers and dispatches each request on its
 //! target's dialect. One file per dialect: `openai_compat` for Chat Completions (which also knows
 //! the endpoints of the OpenAI family), `openai_responses` for OpenAI's and Azure's Responses API,
-//! `anthropic`, `gemini`; `sse` parses the event streams they answer with, and `http` turns HTTP
-//! failures into typed [`ModelError`]s.
+//! `anthropic`, `gemini`, `bedrock`; `sse` parses the event streams they answer with, and `http`
+//! turns HTTP failures into typed [`ModelError`]s. [`decode_recorded`] runs a dialect's decoder
+//! over a whole body, for the decoder benchmark.
 //!
 //! API keys travel only in request headers: they are never logged and are scrubbed from error
 //! messages.
 
 use std::time::Duration;
 
-use agentplane_actors::ports::{ModelClient, ModelError, ModelRequest, ModelStream};
+use agentplane_actors::ports::{ModelClient, ModelError, ModelEvent, ModelRequest, ModelStream};
 use agentplane_schema::api::ProviderType;
 
 mod anthropic;
@@ -32,6 +33,36 @@ mod tests_bedrock;
 mod tests_gemini;
 #[cfg(test)]
 mod tests_openai;
+
+/// A provider wire format, to name a decoder in [`decode_recorded`].
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireDialect {
+    /// Chat Completions SSE (OpenAI, Azure, OpenRouter, Vercel and compatible servers).
+    OpenAiChat,
+    /// The Responses API SSE (OpenAI and Azure).
+    OpenAiResponses,
+    /// Anthropic Messages SSE.
+    Anthropic,
+    /// Gemini `streamGenerateContent` (SSE or a JSON array).
+    Gemini,
+    /// Bedrock ConverseStream, AWS event-stream frames.
+    Bedrock,
+}
+
+/// Runs `dialect`'s streaming decoder over a whole response body, without HTTP: the items the
+/// provider client would yield for a server that sent exactly these bytes. Not an API: it exists
+/// for the decoder benchmark (`benches/benches/provider_parsing.rs`).
+#[doc(hidden)]
+pub fn decode_recorded(dialect: WireDialect, body: &[u8]) -> Vec<Result<ModelEvent, ModelError>> {
+    match dialect {
+        WireDialect::OpenAiChat => openai_compat::decode_body(body),
+        WireDialect::OpenAiResponses => openai_responses::decode_body(body),
+        WireDialect::Anthropic => anthropic::decode_body(body),
+        WireDialect::Gemini => gemini::decode_body(body),
+        WireDialect::Bedrock => bedrock::decode_body(body),
+    }
+}
 
 /// The real model client: one connection pool shared by every provider and chat.
 #[derive(Clone)]

@@ -47,8 +47,6 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
 
 /// Decodes a whole recorded Chat Completions body (SSE, or one JSON completion) without HTTP:
 /// the same events the stream would yield. For tests and the decoder benchmark.
-// Only tests call it until the decoder benchmark does.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn decode_body(body: &[u8]) -> Vec<Result<ModelEvent, ModelError>> {
     decode_whole(body, None).into()
 }

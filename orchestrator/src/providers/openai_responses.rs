@@ -36,8 +36,6 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
 
 /// Decodes a whole recorded Responses API body (SSE) without HTTP: the same events the stream
 /// would yield. For tests and the decoder benchmark.
-// Only tests call it until the decoder benchmark does.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn decode_body(body: &[u8]) -> Vec<Result<ModelEvent, ModelError>> {
     sse::decode_sse_body(body, EventDecoder::new(None))
 }

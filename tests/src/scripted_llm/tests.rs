@@ -276,6 +276,39 @@ async fn delays_are_applied() {
 }
 
 #[tokio::test]
+async fn write_log_times_every_paced_message() {
+    let llm = ScriptedLlm::builder().write_log(true).start();
+    llm.push(Reply::text("abcdefgh").chunk_chars(4).chunk_delay(Duration::from_millis(10)));
+    llm.push(Reply::text("whole"));
+    let started = Instant::now();
+    post(&llm, &chat_body("x", true, false)).await.text().await.expect("body");
+    post(&llm, &chat_body("y", true, false)).await.text().await.expect("body");
+    let log = llm.write_times();
+    // role, 2 text pieces, final chunk, [DONE] each in its own write; then one write for all.
+    let order: Vec<(usize, usize)> = log.iter().map(|w| (w.request, w.message)).collect();
+    assert_eq!(order, [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 4)]);
+    assert!(log.windows(2).all(|w| w[0].at <= w[1].at) && log[0].at >= started);
+    assert!(log[4].at.duration_since(log[0].at) >= Duration::from_millis(40), "the delays sit between writes");
+    assert!(ScriptedLlm::start().write_times().is_empty(), "off by default");
+}
+
+#[test]
+fn render_body_is_what_the_server_streams() {
+    let reply = Reply::text("Hello, world").with_reasoning("hmm");
+    let body = String::from_utf8(render_body(Dialect::OpenAiChat, &reply, 5)).expect("UTF-8");
+    let payloads = sse_payloads(&body);
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    let chunks = parse_chunks(&payloads);
+    assert_eq!(content_of(&chunks, "content"), ["Hello", ", wor", "ld"]);
+    assert_eq!(content_of(&chunks, "reasoning_content"), ["hmm"]);
+    assert!(chunks.last().and_then(|c| c.get("usage")).is_some(), "ends with the usage chunk");
+    for dialect in [Dialect::OpenAiResponses, Dialect::Anthropic, Dialect::Gemini, Dialect::Bedrock] {
+        let call = Reply::tool_call("edit", json!({"path": "a.rs", "text": "fn main() {}"})).with_text("ok");
+        assert!(!render_body(dialect, &call, 3).is_empty(), "{dialect:?}");
+    }
+}
+
+#[tokio::test]
 async fn responder_answers_concurrent_requests_by_content() {
     let llm = ScriptedLlm::with_responder(|req| {
         if req.tool_result_count() > 0 {

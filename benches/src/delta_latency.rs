@@ -1,0 +1,233 @@
+//! The `delta-latency` scenario: how much time agentplane adds between a provider writing a
+//! piece of text and a WebSocket client receiving it as a `message_delta`.
+//!
+//! The scripted LLM runs in this process and logs when it wrote each piece
+//! ([`ScriptedLlmBuilder::write_log`](agentplane_tests::scripted_llm::ScriptedLlmBuilder::write_log));
+//! a real `agentplane serve` process streams the chat's events to this process's WebSocket
+//! client, which notes when each text delta arrived. Both clocks are this process's monotonic
+//! clock, so the difference is the whole path: the server's socket read, SSE and JSON decoding,
+//! the chat actor, the event fan-out, WebSocket framing and the client's read. Pieces are paced
+//! (`piece_delay_ms` apart) as a model streams them, so each one travels alone.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use agentplane_schema::api::{ChatStatus, CreateChat, CreateModel, CreateProvider, ProviderType, SendMessage};
+use agentplane_schema::event::{DeltaKind, EventBody};
+use agentplane_schema::message::Part;
+use agentplane_tests::{ApiClient, EventStream, Reply, ScriptedLlm};
+use anyhow::{Context, bail, ensure};
+use serde_json::json;
+
+use crate::{ADMIN_TOKEN, ServerProcess, machine, summarize};
+
+pub const DEFAULT_TURNS: usize = 50;
+pub const DEFAULT_PIECES: usize = 40;
+pub const DEFAULT_PIECE_DELAY_MS: u64 = 5;
+
+/// How long one turn may take before the run fails.
+const WAIT: Duration = Duration::from_secs(60);
+/// The user messages of measured turns start with this; anything else (the chat's first
+/// message) is answered with a plain `ok`.
+const TURN_PREFIX: &str = "delta-latency turn ";
+
+/// Runs `turns` sequential turns of one chat, each answered with `pieces` text pieces written
+/// `piece_delay_ms` apart, and returns the added latency per piece (percentiles in ms). Fails if
+/// any written piece did not arrive as its own delta, or a delta arrived that was not written.
+pub async fn run(
+    server_bin: Option<PathBuf>,
+    turns: usize,
+    pieces: usize,
+    piece_delay_ms: u64,
+) -> anyhow::Result<serde_json::Value> {
+    // Without a delay the scripted LLM writes the whole answer at once: no per-piece times.
+    ensure!(piece_delay_ms > 0, "--piece-delay-ms must be at least 1");
+    ensure!(turns > 0 && pieces > 0, "turns and pieces must be at least 1");
+    let machine = machine();
+    let piece_chars = piece_width(pieces);
+    let delay = Duration::from_millis(piece_delay_ms);
+    let llm = ScriptedLlm::builder()
+        .write_log(true)
+        .responder(move |req| match req.last_user_text() {
+            Some(text) if text.starts_with(TURN_PREFIX) => {
+                Reply::text(turn_text(pieces)).chunk_chars(piece_chars).chunk_delay(delay)
+            }
+            _ => Reply::text("ok"),
+        })
+        .start();
+    // Title calls would be model requests outside the turns; they are not what is measured.
+    let server = ServerProcess::start(server_bin, &[("AGENTPLANE__AGENT__GENERATE_TITLES", "false".into())]).await?;
+    let admin = setup(&server, &llm).await?;
+    let chat = admin
+        .create_chat(&CreateChat { content: vec![Part::text("hi")], model_id: None, workspace_id: None, title: None })
+        .await?;
+    let mut stream = EventStream::connect(&server.base_url, &chat.id, ADMIN_TOKEN, Some(0)).await?;
+    stream.wait_for_status(ChatStatus::Idle, WAIT).await?;
+
+    // Per turn, each text delta's arrival time and text, in order.
+    let mut arrivals: Vec<Vec<(Instant, String)>> = Vec::with_capacity(turns);
+    let started = Instant::now();
+    for turn in 0..turns {
+        let mut deltas = Vec::with_capacity(pieces);
+        admin
+            .send(
+                &chat.id,
+                &SendMessage {
+                    content: vec![Part::text(format!("{TURN_PREFIX}{turn}"))],
+                    busy_behavior: Default::default(),
+                },
+            )
+            .await?;
+        stream
+            .wait_for(
+                |e| match &e.body {
+                    EventBody::MessageDelta { kind: DeltaKind::Text, text, .. } => {
+                        deltas.push((Instant::now(), text.clone()));
+                        false
+                    }
+                    EventBody::Status { status: ChatStatus::Idle, .. } => true,
+                    _ => false,
+                },
+                WAIT,
+            )
+            .await
+            .with_context(|| format!("turn {turn}"))?;
+        arrivals.push(deltas);
+    }
+    let wall = started.elapsed();
+
+    let written = llm.write_times();
+    let requests = llm.requests();
+    let expected: Vec<String> = (0..pieces).map(|k| piece(k, piece_chars)).collect();
+    let mut latencies = Vec::with_capacity(turns * pieces);
+    for (turn, deltas) in arrivals.iter().enumerate() {
+        let message = format!("{TURN_PREFIX}{turn}");
+        let request: Vec<usize> = requests
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.last_user_text().as_deref() == Some(message.as_str()))
+            .map(|(i, _)| i)
+            .collect();
+        let [request] = request[..] else {
+            bail!("turn {turn}: {} model requests instead of one (a retry?)", request.len());
+        };
+        // The role chunk is message 0 and carries no text; text piece k is message k + 1.
+        let mut writes: Vec<(usize, Instant)> = written
+            .iter()
+            .filter(|w| w.request == request && (1..=pieces).contains(&w.message))
+            .map(|w| (w.message - 1, w.at))
+            .collect();
+        writes.sort_by_key(|(k, _)| *k);
+        if writes.len() != pieces || deltas.len() != pieces {
+            bail!("turn {turn}: {} of {pieces} pieces written, {} text deltas received", writes.len(), deltas.len());
+        }
+        for ((k, wrote), (arrived, text)) in writes.iter().zip(deltas) {
+            ensure!(
+                *text == expected[*k],
+                "turn {turn}: delta {k} is {text:?}, the piece written was {:?}",
+                expected[*k]
+            );
+            latencies.push(signed_ms(*arrived, *wrote));
+        }
+    }
+    let matched = latencies.len();
+    let early = latencies.iter().filter(|ms| **ms < 0.0).count();
+    let summary = summarize(latencies);
+
+    println!(
+        "scenario delta-latency: {turns} turns × {pieces} text pieces of {piece_chars} chars, \
+         {piece_delay_ms} ms apart; one chat, scripted model in this process"
+    );
+    println!("{:<34} {:>9} {:>9} {:>9} {:>9}", "", "p50 ms", "p90 ms", "p99 ms", "max ms");
+    println!(
+        "{:<34} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+        "provider write → WebSocket delta", summary.p50, summary.p90, summary.p99, summary.max
+    );
+    println!("pieces matched: {matched} of {}; wall {:.1} s", turns * pieces, wall.as_secs_f64());
+    if early > 0 {
+        // The write is timed after `write` returns; a fast server can beat that clock read.
+        println!("{early} pieces arrived before the write was timed (counted as negative latency)");
+    }
+    println!("machine: {} cores, load average {} at start", machine["cores"], machine["load_average"]);
+    Ok(json!({
+        "scenario": "delta-latency",
+        "turns": turns,
+        "pieces": pieces,
+        "piece_chars": piece_chars,
+        "piece_delay_ms": piece_delay_ms,
+        "matched": matched,
+        "arrived_before_write_timed": early,
+        "added_latency_ms": summary,
+        "machine": machine,
+    }))
+}
+
+/// Characters per piece: room for the largest piece number and a space, at least a token's 4.
+fn piece_width(pieces: usize) -> usize {
+    (pieces.saturating_sub(1).to_string().len() + 1).max(4)
+}
+
+/// Piece `k`: its number right-aligned and a space, so every piece is distinct and exactly
+/// `width` characters (the scripted LLM cuts the text at that width).
+fn piece(k: usize, width: usize) -> String {
+    format!("{k:>w$} ", w = width - 1)
+}
+
+fn turn_text(pieces: usize) -> String {
+    let width = piece_width(pieces);
+    (0..pieces).map(|k| piece(k, width)).collect()
+}
+
+/// `later − earlier` in ms, negative when `later` came first.
+fn signed_ms(later: Instant, earlier: Instant) -> f64 {
+    match later.checked_duration_since(earlier) {
+        Some(d) => d.as_secs_f64() * 1000.0,
+        None => -(earlier.duration_since(later).as_secs_f64() * 1000.0),
+    }
+}
+
+/// An OpenAI-compatible provider for the scripted LLM and its default model (as `loadgen`'s
+/// other scenarios set up).
+async fn setup(server: &ServerProcess, llm: &ScriptedLlm) -> anyhow::Result<ApiClient> {
+    let admin = ApiClient::new(server.base_url.clone(), ADMIN_TOKEN);
+    let provider = admin
+        .create_provider(&CreateProvider {
+            provider_type: ProviderType::OpenaiCompatible,
+            name: "scripted".into(),
+            base_url: llm.base_url(),
+            api_key: None,
+            settings: serde_json::Value::Null,
+        })
+        .await?;
+    admin
+        .create_model(&CreateModel {
+            provider_id: provider.id,
+            model: "scripted".into(),
+            display_name: None,
+            context_window: 1_000_000,
+            max_output_tokens: None,
+            vision: false,
+            enabled: true,
+            is_default: true,
+            compaction_threshold: None,
+            prices: Default::default(),
+            settings: serde_json::Value::Null,
+        })
+        .await?;
+    Ok(admin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_are_distinct_and_as_wide_as_the_cut() {
+        assert_eq!(piece_width(40), 4);
+        assert_eq!(piece_width(1000), 4);
+        assert_eq!(piece_width(1001), 5);
+        assert_eq!(turn_text(3), "  0   1   2 ");
+        let all: std::collections::BTreeSet<String> = (0..1001).map(|k| piece(k, 5)).collect();
+        assert!(all.len() == 1001 && all.iter().all(|p| p.chars().count() == 5));
+    }
+}
