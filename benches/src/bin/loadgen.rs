@@ -7,6 +7,8 @@
 //! - `idle`: N chats each run one turn and stay loaded; server RSS before and after.
 //! - `subagents`: one root spawns N sub-agents and closes them, for several rounds; time and RSS.
 //! - `mailbox`: messages per second through one ChatActor (an in-process server).
+//! - `delta-latency`: provider byte written → WebSocket delta, per piece of streamed answers.
+//! - `steps`: concurrent chats running tool steps over NATS relays (also the `runs` scenario).
 //!
 //! Tool-transport scenarios (no `agentplane serve`: the bench process *is* the orchestrator side,
 //! calling the real `NatsTransport` against `agentplane-relay` processes over a nats-server with
@@ -79,6 +81,15 @@ enum Scenario {
         /// PostgreSQL URL instead of the embedded SQLite.
         #[arg(long)]
         database_url: Option<String>,
+    },
+    /// Time from the provider writing a piece of the answer to its delta on the WebSocket.
+    DeltaLatency {
+        #[arg(long, default_value_t = agentplane_benches::delta_latency::DEFAULT_TURNS)]
+        turns: usize,
+        #[arg(long, default_value_t = agentplane_benches::delta_latency::DEFAULT_PIECES)]
+        pieces: usize,
+        #[arg(long, default_value_t = agentplane_benches::delta_latency::DEFAULT_PIECE_DELAY_MS)]
+        piece_delay_ms: u64,
     },
     /// Messages per second through one ChatActor's mailbox (in-process server), with 1, 8 and 64
     /// concurrent senders.
@@ -1089,6 +1100,9 @@ async fn main() -> anyhow::Result<()> {
     let (report, failure) = match cli.scenario {
         Scenario::Subagents { agents, rounds } => subagents(cli.server_bin, agents, rounds).await?,
         Scenario::Mailbox { seconds } => (mailbox(seconds).await?, None),
+        Scenario::DeltaLatency { turns, pieces, piece_delay_ms } => {
+            (agentplane_benches::delta_latency::run(cli.server_bin, turns, pieces, piece_delay_ms).await?, None)
+        }
         Scenario::Steps { chats, steps, turns, workspaces, database_url } => {
             steps_scenario(cli.server_bin, cli.relay_bin, chats, steps, turns, workspaces, database_url).await?
         }
