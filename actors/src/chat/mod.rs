@@ -619,7 +619,12 @@ impl Handler<GenerateTitle> for ChatActor {
         if !self.deps.settings.agent.generate_titles {
             return;
         }
-        let Some(first) = live.history.iter().find(|m| m.role == Role::User).map(|m| m.text()) else { return };
+        // An image-only first message has no words to title; it keeps its placeholder.
+        let Some(first) =
+            live.history.iter().find(|m| m.role == Role::User).map(|m| m.text()).filter(|t| !t.trim().is_empty())
+        else {
+            return;
+        };
         let (deps, shared, model_id) = (self.deps.clone(), live.shared.clone(), live.chat.model_id.clone());
         let placeholder = live.chat.title.clone();
         let addr = ctx.address();

@@ -122,3 +122,26 @@ async fn an_image_for_a_model_without_vision_is_refused_before_anything_happens(
     let expected = format!("data:image/png;base64,{}", data_encoding::BASE64.encode(PNG));
     assert_eq!(url, expected, "{user}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_only_first_message_gets_no_title_call() {
+    let env = TestEnv::start_with(crate::common::Db::Sqlite, |s| s.agent.generate_titles = true).await;
+    let model = env.admin.list_models().await.expect("models").remove(0);
+    env.admin.patch_model(&model.id, &PatchModel { vision: Some(true), ..Default::default() }).await.expect("vision");
+    let file = env.admin.upload_file(PNG.to_vec(), "image/png").await.expect("png");
+    env.llm.push(Reply::text("a pixel"));
+    let chat = env
+        .admin
+        .create_chat(&CreateChat {
+            content: vec![Part::Image { file_id: file.id }],
+            model_id: None,
+            workspace_id: None,
+            title: None,
+        })
+        .await
+        .expect("created");
+    let chat = env.admin.wait_until_chat(&chat.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("idle");
+    assert_eq!(chat.title, None);
+    // Only the turn's model call: no title was asked for an image.
+    assert_eq!(env.llm.request_count(), 1);
+}
