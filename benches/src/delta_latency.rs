@@ -40,14 +40,29 @@ pub async fn run(
     pieces: usize,
     piece_delay_ms: u64,
 ) -> anyhow::Result<serde_json::Value> {
+    run_fanout(server_bin, 1, 1, turns, pieces, piece_delay_ms).await
+}
+
+/// The `fanout` scenario: `chats` chats stream their turns at the same time, each watched by
+/// `watchers` WebSocket clients; the latency of every piece at every watcher is measured as in
+/// [`run`] (which is this with one chat and one watcher).
+pub async fn run_fanout(
+    server_bin: Option<PathBuf>,
+    chats: usize,
+    watchers: usize,
+    turns: usize,
+    pieces: usize,
+    piece_delay_ms: u64,
+) -> anyhow::Result<serde_json::Value> {
     // Without a delay the scripted LLM writes the whole answer at once: no per-piece times.
     ensure!(piece_delay_ms > 0, "--piece-delay-ms must be at least 1");
-    ensure!(turns > 0 && pieces > 0, "turns and pieces must be at least 1");
+    ensure!(turns > 0 && pieces > 0 && chats > 0 && watchers > 0, "counts must be at least 1");
     let machine = machine();
     let piece_chars = piece_width(pieces);
     let delay = Duration::from_millis(piece_delay_ms);
     let llm = ScriptedLlm::builder()
         .write_log(true)
+        .workers(2)
         .responder(move |req| match req.last_user_text() {
             Some(text) if text.starts_with(TURN_PREFIX) => {
                 Reply::text(turn_text(pieces)).chunk_chars(piece_chars).chunk_delay(delay)
@@ -58,99 +73,89 @@ pub async fn run(
     // Title calls would be model requests outside the turns; they are not what is measured.
     let server = ServerProcess::start(server_bin, &[("AGENTPLANE__AGENT__GENERATE_TITLES", "false".into())]).await?;
     let admin = setup(&server, &llm).await?;
-    let chat = admin
-        .create_chat(&CreateChat { content: vec![Part::text("hi")], model_id: None, workspace_id: None, title: None })
-        .await?;
-    let mut stream = EventStream::connect(&server.base_url, &chat.id, ADMIN_TOKEN, Some(0)).await?;
-    stream.wait_for_status(ChatStatus::Idle, WAIT).await?;
 
-    // Per turn, each text delta's arrival time and text, in order.
-    let mut arrivals: Vec<Vec<(Instant, String)>> = Vec::with_capacity(turns);
     let started = Instant::now();
-    for turn in 0..turns {
-        let mut deltas = Vec::with_capacity(pieces);
-        admin
-            .send(
-                &chat.id,
-                &SendMessage {
-                    content: vec![Part::text(format!("{TURN_PREFIX}{turn}"))],
-                    busy_behavior: Default::default(),
-                },
-            )
-            .await?;
-        stream
-            .wait_for(
-                |e| match &e.body {
-                    EventBody::MessageDelta { kind: DeltaKind::Text, text, .. } => {
-                        deltas.push((Instant::now(), text.clone()));
-                        false
-                    }
-                    EventBody::Status { status: ChatStatus::Idle, .. } => true,
-                    _ => false,
-                },
-                WAIT,
-            )
-            .await
-            .with_context(|| format!("turn {turn}"))?;
-        arrivals.push(deltas);
+    let drivers: Vec<_> = (0..chats)
+        .map(|c| {
+            let admin = admin.clone();
+            let base = server.base_url.clone();
+            tokio::spawn(async move { drive_chat(admin, base, c, watchers, turns, pieces).await })
+        })
+        .collect();
+    // Per chat, per watcher, per turn: each text delta's arrival time and text, in order.
+    let mut arrivals = Vec::with_capacity(chats);
+    for driver in drivers {
+        arrivals.push(driver.await??);
     }
     let wall = started.elapsed();
 
     let written = llm.write_times();
     let requests = llm.requests();
     let expected: Vec<String> = (0..pieces).map(|k| piece(k, piece_chars)).collect();
-    let mut latencies = Vec::with_capacity(turns * pieces);
-    for (turn, deltas) in arrivals.iter().enumerate() {
-        let message = format!("{TURN_PREFIX}{turn}");
-        let request: Vec<usize> = requests
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.last_user_text().as_deref() == Some(message.as_str()))
-            .map(|(i, _)| i)
-            .collect();
-        let [request] = request[..] else {
-            bail!("turn {turn}: {} model requests instead of one (a retry?)", request.len());
-        };
-        // The role chunk is message 0 and carries no text; text piece k is message k + 1.
-        let mut writes: Vec<(usize, Instant)> = written
-            .iter()
-            .filter(|w| w.request == request && (1..=pieces).contains(&w.message))
-            .map(|w| (w.message - 1, w.at))
-            .collect();
-        writes.sort_by_key(|(k, _)| *k);
-        if writes.len() != pieces || deltas.len() != pieces {
-            bail!("turn {turn}: {} of {pieces} pieces written, {} text deltas received", writes.len(), deltas.len());
-        }
-        for ((k, wrote), (arrived, text)) in writes.iter().zip(deltas) {
-            ensure!(
-                *text == expected[*k],
-                "turn {turn}: delta {k} is {text:?}, the piece written was {:?}",
-                expected[*k]
-            );
-            latencies.push(signed_ms(*arrived, *wrote));
+    let mut latencies = Vec::with_capacity(chats * watchers * turns * pieces);
+    for (c, per_watcher) in arrivals.iter().enumerate() {
+        for turn in 0..turns {
+            let message = turn_message(c, turn);
+            let request: Vec<usize> = requests
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.last_user_text().as_deref() == Some(message.as_str()))
+                .map(|(i, _)| i)
+                .collect();
+            let [request] = request[..] else {
+                bail!("chat {c} turn {turn}: {} model requests instead of one (a retry?)", request.len());
+            };
+            // The role chunk is message 0 and carries no text; text piece k is message k + 1.
+            let mut writes: Vec<(usize, Instant)> = written
+                .iter()
+                .filter(|w| w.request == request && (1..=pieces).contains(&w.message))
+                .map(|w| (w.message - 1, w.at))
+                .collect();
+            writes.sort_by_key(|(k, _)| *k);
+            for (w, turns_seen) in per_watcher.iter().enumerate() {
+                let deltas = &turns_seen[turn];
+                if writes.len() != pieces || deltas.len() != pieces {
+                    bail!(
+                        "chat {c} turn {turn} watcher {w}: {} of {pieces} pieces written, {} text deltas received",
+                        writes.len(),
+                        deltas.len()
+                    );
+                }
+                for ((k, wrote), (arrived, text)) in writes.iter().zip(deltas) {
+                    ensure!(
+                        *text == expected[*k],
+                        "chat {c} turn {turn}: delta {k} is {text:?}, the piece written was {:?}",
+                        expected[*k]
+                    );
+                    latencies.push(signed_ms(*arrived, *wrote));
+                }
+            }
         }
     }
     let matched = latencies.len();
     let early = latencies.iter().filter(|ms| **ms < 0.0).count();
     let summary = summarize(latencies);
 
+    let scenario = if chats == 1 && watchers == 1 { "delta-latency" } else { "fanout" };
     println!(
-        "scenario delta-latency: {turns} turns × {pieces} text pieces of {piece_chars} chars, \
-         {piece_delay_ms} ms apart; one chat, scripted model in this process"
+        "scenario {scenario}: {chats} chat(s) × {watchers} watcher(s), {turns} turns × {pieces} text pieces of \
+         {piece_chars} chars, {piece_delay_ms} ms apart; scripted model in this process"
     );
     println!("{:<34} {:>9} {:>9} {:>9} {:>9}", "", "p50 ms", "p90 ms", "p99 ms", "max ms");
     println!(
         "{:<34} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
         "provider write → WebSocket delta", summary.p50, summary.p90, summary.p99, summary.max
     );
-    println!("pieces matched: {matched} of {}; wall {:.1} s", turns * pieces, wall.as_secs_f64());
+    println!("pieces matched: {matched} of {}; wall {:.1} s", chats * watchers * turns * pieces, wall.as_secs_f64());
     if early > 0 {
         // The write is timed after `write` returns; a fast server can beat that clock read.
         println!("{early} pieces arrived before the write was timed (counted as negative latency)");
     }
     println!("machine: {} cores, load average {} at start", machine["cores"], machine["load_average"]);
     Ok(json!({
-        "scenario": "delta-latency",
+        "scenario": scenario,
+        "chats": chats,
+        "watchers": watchers,
         "turns": turns,
         "pieces": pieces,
         "piece_chars": piece_chars,
@@ -160,6 +165,78 @@ pub async fn run(
         "added_latency_ms": summary,
         "machine": machine,
     }))
+}
+
+fn turn_message(chat: usize, turn: usize) -> String {
+    format!("{TURN_PREFIX}{chat}-{turn}")
+}
+
+type Arrivals = Vec<Vec<(Instant, String)>>;
+
+/// Creates chat `c`, opens `watchers` streams on it, runs its turns one after the other, and
+/// returns what each watcher saw per turn.
+async fn drive_chat(
+    admin: ApiClient,
+    base: String,
+    c: usize,
+    watchers: usize,
+    turns: usize,
+    pieces: usize,
+) -> anyhow::Result<Vec<Arrivals>> {
+    let chat = admin
+        .create_chat(&CreateChat { content: vec![Part::text("hi")], model_id: None, workspace_id: None, title: None })
+        .await?;
+    let mut first = EventStream::connect(&base, &chat.id, ADMIN_TOKEN, Some(0)).await?;
+    first.wait_for_status(ChatStatus::Idle, WAIT).await?;
+    // The other watchers join now and see only what follows.
+    let mut streams = vec![first];
+    for _ in 1..watchers {
+        streams.push(EventStream::connect(&base, &chat.id, ADMIN_TOKEN, None).await?);
+    }
+    let mut tasks = Vec::with_capacity(watchers);
+    let (go_tx, go_rx) = tokio::sync::watch::channel(0usize);
+    for mut stream in streams {
+        let mut go = go_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen: Arrivals = Vec::with_capacity(turns);
+            for turn in 0..turns {
+                go.wait_for(|t| *t > turn).await?;
+                let mut deltas = Vec::with_capacity(pieces);
+                stream
+                    .wait_for(
+                        |e| match &e.body {
+                            EventBody::MessageDelta { kind: DeltaKind::Text, text, .. } => {
+                                deltas.push((Instant::now(), text.clone()));
+                                false
+                            }
+                            EventBody::Status { status: ChatStatus::Idle, .. } => true,
+                            _ => false,
+                        },
+                        WAIT,
+                    )
+                    .await
+                    .with_context(|| format!("turn {turn}"))?;
+                seen.push(deltas);
+            }
+            anyhow::Ok(seen)
+        }));
+    }
+    let mut done = Vec::with_capacity(watchers);
+    for turn in 0..turns {
+        admin
+            .send(
+                &chat.id,
+                &SendMessage { content: vec![Part::text(turn_message(c, turn))], busy_behavior: Default::default() },
+            )
+            .await?;
+        go_tx.send_replace(turn + 1);
+        // The next turn starts when the chat is idle again.
+        admin.wait_until_chat(&chat.id, |ch| ch.status == ChatStatus::Idle, WAIT).await?;
+    }
+    for task in tasks {
+        done.push(task.await??);
+    }
+    Ok(done)
 }
 
 /// Characters per piece: room for the largest piece number and a space, at least a token's 4.

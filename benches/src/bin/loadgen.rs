@@ -7,7 +7,9 @@
 //! - `idle`: N chats each run one turn and stay loaded; server RSS before and after.
 //! - `subagents`: one root spawns N sub-agents and closes them, for several rounds; time and RSS.
 //! - `mailbox`: messages per second through one ChatActor (an in-process server).
+//! - `burst`: M users, each with a chat, send at the same instant; time to each first delta.
 //! - `delta-latency`: provider byte written → WebSocket delta, per piece of streamed answers.
+//! - `fanout`: the same with many chats streaming at once, each with several watchers.
 //! - `steps`: concurrent chats running tool steps over NATS relays (also the `runs` scenario).
 //!
 //! Tool-transport scenarios (no `agentplane serve`: the bench process *is* the orchestrator side,
@@ -90,6 +92,25 @@ enum Scenario {
         pieces: usize,
         #[arg(long, default_value_t = agentplane_benches::delta_latency::DEFAULT_PIECE_DELAY_MS)]
         piece_delay_ms: u64,
+    },
+    /// S chats stream at once, each watched by W WebSocket clients: provider write → delta at
+    /// every watcher.
+    Fanout {
+        #[arg(long, default_value_t = 200)]
+        chats: usize,
+        #[arg(long, default_value_t = 2)]
+        watchers: usize,
+        #[arg(long, default_value_t = 3)]
+        turns: usize,
+        #[arg(long, default_value_t = 20)]
+        pieces: usize,
+        #[arg(long, default_value_t = agentplane_benches::delta_latency::DEFAULT_PIECE_DELAY_MS)]
+        piece_delay_ms: u64,
+    },
+    /// M users (each with their own token and chat) send a message at the same instant.
+    Burst {
+        #[arg(long, default_value_t = 200)]
+        users: usize,
     },
     /// Messages per second through one ChatActor's mailbox (in-process server), with 1, 8 and 64
     /// concurrent senders.
@@ -830,6 +851,95 @@ async fn fan_out_round(
     ))
 }
 
+async fn burst(bin: Option<PathBuf>, users: usize) -> anyhow::Result<(serde_json::Value, Option<String>)> {
+    let llm = ScriptedLlm::builder().record(false).start();
+    let server = ServerProcess::start(bin, &[("AGENTPLANE__AGENT__GENERATE_TITLES", "false".into())]).await?;
+    let admin = setup(&server, &llm).await?;
+    // Each user: a token, an idle chat, a stream on it.
+    let mut prepared = Vec::with_capacity(users);
+    for u in 0..users {
+        let issued = admin
+            .create_user(&agentplane_schema::api::CreateUser {
+                name: format!("user-{u}"),
+                role: agentplane_schema::api::UserRole::Member,
+            })
+            .await?;
+        let client = admin.with_token(issued.token.clone());
+        let chat = client
+            .create_chat(&CreateChat { content: text("hello"), model_id: None, workspace_id: None, title: None })
+            .await?;
+        let mut stream = EventStream::connect(&server.base_url, &chat.id, &issued.token, Some(0)).await?;
+        stream.wait_for_status(ChatStatus::Idle, WAIT).await?;
+        prepared.push((client, chat.id, stream));
+    }
+    eprintln!("burst: {users} users ready");
+    let cpu_before = server.cpu_time()?;
+    let barrier = Arc::new(tokio::sync::Barrier::new(users));
+    let started = Instant::now();
+    let tasks: Vec<_> = prepared
+        .into_iter()
+        .map(|(client, chat_id, mut stream)| {
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let t0 = Instant::now();
+                client.send(&chat_id, &SendMessage { content: text("now"), busy_behavior: Default::default() }).await?;
+                let accepted = t0.elapsed();
+                let mut first = None;
+                stream
+                    .wait_for(
+                        |e| {
+                            if first.is_none() && matches!(e.body, EventBody::MessageDelta { .. }) {
+                                first = Some(t0.elapsed());
+                            }
+                            matches!(&e.body, EventBody::Status { status: ChatStatus::Idle, .. })
+                        },
+                        WAIT,
+                    )
+                    .await?;
+                let idle = t0.elapsed();
+                let messages = client.messages_page(&chat_id, None, Some(10)).await?.messages;
+                if messages.len() != 4 || messages.last().map(|m| m.text()) != Some("ok".into()) {
+                    bail!("chat {chat_id}: {} messages after the burst, expected 4", messages.len());
+                }
+                anyhow::Ok((accepted, first.context("no delta")?, idle))
+            })
+        })
+        .collect();
+    let (mut accepted, mut first, mut idle, mut problems) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for task in tasks {
+        match task.await? {
+            Ok((a, f, i)) => {
+                accepted.push(ms(a));
+                first.push(ms(f));
+                idle.push(ms(i));
+            }
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    let wall = started.elapsed();
+    let cpu = server.cpu_time()?.saturating_sub(cpu_before);
+    let (accepted, first, idle) = (summarize(accepted), summarize(first), summarize(idle));
+    println!("scenario burst: {users} users, each with a chat, send at the same instant");
+    println!("{:<34} {:>9} {:>9} {:>9} {:>9}", "", "p50 ms", "p90 ms", "p99 ms", "max ms");
+    print_percentiles("POST /messages answered", &accepted);
+    print_percentiles("POST /messages → first delta", &first);
+    print_percentiles("POST /messages → idle", &idle);
+    println!(
+        "all done in {:.2} s; server CPU {:.2} s; errors: {}",
+        wall.as_secs_f64(),
+        cpu.as_secs_f64(),
+        problems.len()
+    );
+    let failure = (!problems.is_empty()).then(|| format!("{} burst turn(s) failed: {}", problems.len(), problems[0]));
+    Ok((
+        json!({"scenario": "burst", "users": users, "accepted_ms": accepted, "to_first_delta_ms": first,
+               "to_idle_ms": idle, "wall_s": wall.as_secs_f64(), "server_cpu_s": cpu.as_secs_f64(),
+               "errors": problems}),
+        failure,
+    ))
+}
+
 /// What one chat saw in one turn, from its WebSocket.
 #[derive(Default)]
 struct TurnTimes {
@@ -1100,6 +1210,19 @@ async fn main() -> anyhow::Result<()> {
     let (report, failure) = match cli.scenario {
         Scenario::Subagents { agents, rounds } => subagents(cli.server_bin, agents, rounds).await?,
         Scenario::Mailbox { seconds } => (mailbox(seconds).await?, None),
+        Scenario::Burst { users } => burst(cli.server_bin, users).await?,
+        Scenario::Fanout { chats, watchers, turns, pieces, piece_delay_ms } => (
+            agentplane_benches::delta_latency::run_fanout(
+                cli.server_bin,
+                chats,
+                watchers,
+                turns,
+                pieces,
+                piece_delay_ms,
+            )
+            .await?,
+            None,
+        ),
         Scenario::DeltaLatency { turns, pieces, piece_delay_ms } => {
             (agentplane_benches::delta_latency::run(cli.server_bin, turns, pieces, piece_delay_ms).await?, None)
         }
