@@ -25,6 +25,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// REST calls are short (streams go over the WebSocket), so a total deadline is safe here and
 /// turns a stuck server into a failing test instead of a hung one.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an idle pooled connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// First and largest pause between polls of [`ApiClient::wait_until_chat`].
 const POLL_START: Duration = Duration::from_millis(10);
 const POLL_MAX: Duration = Duration::from_millis(200);
@@ -43,6 +45,9 @@ impl ApiClient {
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
+            // Shorter than the server's keep-alive (5 s), so a pooled connection is never reused
+            // just as the server closes it (the request would fail with "error sending request").
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build()
             .expect("reqwest client with rustls");
         let token = token.into();

@@ -1139,7 +1139,8 @@ async fn steps_scenario(
         println!("  {p}");
     }
     drop(nats);
-    let failure = (!problems.is_empty()).then(|| format!("{} chat(s) lost or repeated messages", problems.len()));
+    let failure =
+        (!problems.is_empty()).then(|| format!("{} chat(s) failed; the first: {}", problems.len(), problems[0]));
     Ok((
         json!({"scenario": "steps", "chats": chats, "turns": turns, "steps_per_turn": steps, "workspaces": workspaces,
                "database": db, "wall_s": wall.as_secs_f64(), "steps_per_s": total_steps as f64 / wall.as_secs_f64(),
