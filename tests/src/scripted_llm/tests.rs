@@ -283,6 +283,12 @@ async fn write_log_times_every_paced_message() {
     let started = Instant::now();
     post(&llm, &chat_body("x", true, false)).await.text().await.expect("body");
     post(&llm, &chat_body("y", true, false)).await.text().await.expect("body");
+    // A write is logged once `write` has returned in the server's thread, which can be just
+    // after the client has read the bytes.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while llm.write_times().len() < 6 && Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
     let log = llm.write_times();
     // role, 2 text pieces, final chunk, [DONE] each in its own write; then one write for all.
     let order: Vec<(usize, usize)> = log.iter().map(|w| (w.request, w.message)).collect();
