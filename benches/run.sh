@@ -58,5 +58,9 @@ say "provider_parsing (criterion)"
 { echo "== provider_parsing: cargo bench -p agentplane-benches --bench provider_parsing"; } >> "$report"
 cargo bench -p agentplane-benches --bench provider_parsing 2>/dev/null | grep -E "^[a-z_]+/|thrpt:" >> "$report" || failed=1
 
+say "step_commit (criterion)"
+{ echo "== step_commit: cargo bench -p agentplane-benches --bench step_commit"; } >> "$report"
+cargo bench -p agentplane-benches --bench step_commit 2>/dev/null | grep -E "^step_commit/|time:" >> "$report" || failed=1
+
 say "report: $report"
 exit "$failed"
