@@ -57,7 +57,7 @@ fn check_provider(provider_type: ProviderType, base_url: &str, settings: &serde_
             }
         }));
     }
-    for secret in ["secret_access_key", "api_key", "password", "token"] {
+    for secret in ["secret_access_key", "session_token", "api_key", "password", "token"] {
         if settings.get(secret).is_some() {
             return Err(ApiError::invalid(format!(
                 "`settings.{secret}` would be stored unencrypted: put the secret in `api_key`"

@@ -3,7 +3,8 @@
 //!
 //! [`request_body`] turns the prompt into the Converse JSON body. The request is signed with
 //! SigV4 when `settings.access_key_id` is set (the provider's API key is then the secret access
-//! key); otherwise the API key is a Bedrock API key, sent as a bearer token. The answer is a
+//! key, or `<secret access key>:<session token>` for temporary credentials, so both secrets are
+//! stored encrypted); otherwise the API key is a Bedrock API key, sent as a bearer token. The answer is a
 //! binary `application/vnd.amazon.eventstream`: [`FrameReader`] cuts it into CRC-checked frames
 //! (with `aws-smithy-eventstream`) and [`EventDecoder`] turns their JSON payloads into
 //! [`ModelEvent`]s.
@@ -11,7 +12,8 @@
 //! Settings (the provider's, with the model's laid over them):
 //! - `region`: the AWS region, e.g. `us-east-1`. Needed to sign and for the default endpoint
 //!   `https://bedrock-runtime.{region}.amazonaws.com` (used when the base URL is empty).
-//! - `access_key_id`, `session_token`: IAM credentials to sign with (the token for temporary ones).
+//! - `access_key_id`: the IAM access key to sign with (its secret, and the session token of
+//!   temporary credentials, are in the API key).
 //! - `cache_points`: `true` adds Converse `cachePoint`s after the system prompt and after the last
 //!   message. Off by default: models without prompt caching reject the request with them.
 //! - `additional_model_request_fields`: an object sent as `additionalModelRequestFields`, for
@@ -73,11 +75,16 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
 
     let mut builder = client.post(url.clone()).header(reqwest::header::CONTENT_TYPE, "application/json");
     match (&settings.access_key_id, &secret) {
-        (Some(access_key_id), Some(secret_key)) => {
+        (Some(access_key_id), Some(secret)) => {
+            // Secret access keys and session tokens are base64: a colon can only be the separator.
+            let (secret_key, session_token) = match secret.split_once(':') {
+                Some((key, token)) => (key, Some(token)),
+                None => (secret.as_str(), None),
+            };
             let credentials = Credentials {
                 access_key_id,
                 secret_access_key: secret_key,
-                session_token: settings.session_token.as_deref(),
+                session_token,
                 region: settings.region.as_deref().ok_or_else(|| config_error("`region` is required to sign"))?,
             };
             for (name, value) in sign(&url, &body, &credentials, SystemTime::now())? {
@@ -141,7 +148,6 @@ fn config_error(message: &str) -> ModelError {
 struct Settings {
     region: Option<String>,
     access_key_id: Option<String>,
-    session_token: Option<String>,
     cache_points: bool,
     additional_model_request_fields: Option<Value>,
 }
@@ -155,7 +161,6 @@ impl Settings {
         Settings {
             region: text("region"),
             access_key_id: text("access_key_id"),
-            session_token: text("session_token"),
             cache_points: settings.get("cache_points").and_then(Value::as_bool).unwrap_or(false),
             additional_model_request_fields: settings
                 .get("additional_model_request_fields")

@@ -907,8 +907,8 @@ async fn temporary_credentials_sign_the_session_token() {
     let body = fixture("bedrock/converse_stream_text_live.eventstream");
     let (result, requests) = run_with(eventstream(vec![body]), |base_url| {
         let mut request = simple_request(base_url);
-        request.target.settings =
-            json!({"region": REGION, "access_key_id": ACCESS_KEY_ID, "session_token": SESSION_TOKEN});
+        // The session token travels with the secret in the (encrypted) API key.
+        request.target.api_key = Some(format!("{SECRET}:{SESSION_TOKEN}"));
         request
     })
     .await;

@@ -38,6 +38,10 @@ async fn providers_get_default_endpoints_and_keys_stay_write_only() {
         (provider(ProviderType::Azure, "", json!({})), "`base_url` is required for azure"),
         (provider(ProviderType::Bedrock, "", json!({})), "settings.region"),
         (provider(ProviderType::Openai, "", json!({"secret_access_key": "x"})), "would be stored unencrypted"),
+        (
+            provider(ProviderType::Bedrock, "", json!({"region": "us-east-1", "session_token": "t"})),
+            "would be stored unencrypted",
+        ),
         (provider(ProviderType::Openai, "ftp://x", json!({})), "http:// or https://"),
         (provider(ProviderType::Openai, "", json!([1])), "must be an object"),
     ] {
