@@ -18,8 +18,10 @@ use agentplane_schema::new_id;
 use chrono::Utc;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, TransactionTrait,
 };
+use tokio::sync::mpsc;
 
 pub use chats::{NewChat, Snapshot};
 pub use convert::{chat_from_row, message_from_row};
@@ -32,6 +34,81 @@ pub struct DbStore {
     db: DatabaseConnection,
     /// Seals and opens provider API keys.
     secrets: SecretBox,
+    /// Where chats' batches wait for the next group commit.
+    committer: mpsc::UnboundedSender<PendingCommit>,
+}
+
+/// Batches of different chats committed in one transaction at most.
+const MAX_GROUP: usize = 256;
+
+/// A chat's batch waiting to be committed, and who to tell.
+struct PendingCommit {
+    chat_id: String,
+    batch: Batch,
+    done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Group commit: takes every batch waiting and commits them in one transaction, then tells each
+/// caller, so many chats stepping at once pay for one transaction (one WAL append on SQLite, one
+/// round trip of BEGIN/COMMIT on PostgreSQL) instead of one each. A caller hears `Ok` only after
+/// that transaction committed. Should the group's transaction fail, each batch is committed on
+/// its own, so a batch that cannot be written fails alone. Per chat, batches arrive in order (a
+/// chat commits one batch at a time) and are applied in that order.
+async fn commit_loop(db: DatabaseConnection, mut queue: mpsc::UnboundedReceiver<PendingCommit>) {
+    let mut group = Vec::new();
+    while let Some(first) = queue.recv().await {
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        commit_group(&db, std::mem::take(&mut group)).await;
+    }
+}
+
+async fn commit_group(db: &DatabaseConnection, mut group: Vec<PendingCommit>) {
+    let now = Utc::now();
+    if group.len() == 1 {
+        let PendingCommit { chat_id, batch, done } = group.remove(0);
+        let _ = done.send(commit_alone(db, &chat_id, batch, now).await);
+        return;
+    }
+    // The originals stay for the fallback; the copies go into the group's transaction.
+    let copies: Vec<Batch> = group.iter().map(|p| p.batch.clone()).collect();
+    let together = async {
+        let txn = db.begin().await.map_err(db_err)?;
+        for (pending, batch) in group.iter().zip(copies) {
+            apply_batch(&txn, &pending.chat_id, batch, now).await?;
+        }
+        txn.commit().await.map_err(db_err)
+    }
+    .await;
+    match together {
+        Ok(()) => {
+            for pending in group {
+                let _ = pending.done.send(Ok(()));
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, batches = group.len(), "group commit failed; committing its batches one by one");
+            for PendingCommit { chat_id, batch, done } in group {
+                let _ = done.send(commit_alone(db, &chat_id, batch, now).await);
+            }
+        }
+    }
+}
+
+async fn commit_alone(
+    db: &DatabaseConnection,
+    chat_id: &str,
+    batch: Batch,
+    now: chrono::DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let txn = db.begin().await.map_err(db_err)?;
+    apply_batch(&txn, chat_id, batch, now).await?;
+    txn.commit().await.map_err(db_err)
 }
 
 /// The provider's settings with the model's laid over them, key by key.
@@ -51,8 +128,11 @@ pub(crate) fn db_err(e: DbErr) -> StoreError {
 }
 
 impl DbStore {
+    /// Must be called inside a Tokio runtime: it starts the group-commit task there.
     pub fn new(db: DatabaseConnection, secrets: SecretBox) -> Self {
-        DbStore { db, secrets }
+        let (committer, queue) = mpsc::unbounded_channel();
+        tokio::spawn(commit_loop(db.clone(), queue));
+        DbStore { db, secrets, committer }
     }
 
     pub fn connection(&self) -> &DatabaseConnection {
@@ -158,163 +238,277 @@ impl Store for DbStore {
         })
     }
 
+    /// Applies `batch` atomically, grouped with the batches other chats commit at the same moment
+    /// (see [`commit_loop`]); returns once the transaction holding it has committed.
     async fn commit(&self, chat_id: &str, batch: Batch) -> Result<(), StoreError> {
-        let now = Utc::now();
-        let txn = self.db.begin().await.map_err(db_err)?;
-        let mut chat = chat_rows::ActiveModel { updated_at: Set(now), ..Default::default() };
-        for op in batch.ops {
-            match op {
-                Op::InsertMessage(m) => {
-                    messages::Entity::insert(convert::message_to_row(&m)?)
-                        .exec_without_returning(&txn)
-                        .await
-                        .map_err(db_err)?;
-                }
-                Op::SetStatus { status, error } => {
-                    chat.status = Set(status.as_str().to_string());
-                    chat.error_kind = Set(error.as_ref().map(|e| convert::enum_str(&e.kind)));
-                    chat.error_message = Set(error.map(|e| e.message));
-                }
-                Op::SetWorkspace(w) => chat.workspace_id = Set(w),
-                Op::InsertQueued { message, position } => {
-                    queued_messages::Entity::insert(queued_messages::ActiveModel {
-                        id: Set(message.id),
-                        chat_id: Set(message.chat_id),
-                        position: Set(position),
-                        content: Set(convert::to_json(&message.content)?),
-                        user_id: Set(message.user_id),
-                        created_at: Set(message.created_at),
-                    })
-                    .exec_without_returning(&txn)
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.committer
+            .send(PendingCommit { chat_id: chat_id.to_string(), batch, done })
+            .map_err(|_| StoreError::Database("the commit queue is closed (shutting down)".into()))?;
+        result.await.map_err(|_| StoreError::Database("the commit queue stopped before committing".into()))?
+    }
+}
+
+/// Writes one chat's batch inside `txn`.
+async fn apply_batch(
+    txn: &DatabaseTransaction,
+    chat_id: &str,
+    batch: Batch,
+    now: chrono::DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let mut chat = chat_rows::ActiveModel { updated_at: Set(now), ..Default::default() };
+    for op in batch.ops {
+        match op {
+            Op::InsertMessage(m) => {
+                messages::Entity::insert(convert::message_to_row(&m)?)
+                    .exec_without_returning(txn)
                     .await
                     .map_err(db_err)?;
-                }
-                Op::DeleteQueued { id } => {
-                    queued_messages::Entity::delete_by_id(id).exec(&txn).await.map_err(db_err)?;
-                }
-                Op::SetTitle(title) => chat.title = Set(Some(title)),
-                Op::SetArchived(archived) => chat.archived = Set(archived),
-                Op::DropMessagesFrom { from_position } => {
-                    messages::Entity::update_many()
-                        .col_expr(messages::Column::Deleted, Expr::value(true))
-                        .filter(messages::Column::ChatId.eq(chat_id))
-                        .filter(messages::Column::Position.gte(from_position))
-                        .exec(&txn)
-                        .await
-                        .map_err(db_err)?;
-                }
-                Op::UpdateQueued { id, content } => {
-                    queued_messages::Entity::update_many()
-                        .col_expr(queued_messages::Column::Content, Expr::value(convert::to_json(&content)?))
-                        .filter(queued_messages::Column::Id.eq(id))
-                        .exec(&txn)
-                        .await
-                        .map_err(db_err)?;
-                }
-                Op::InsertToolCall { id, call_id, message_id, name, args, user_id, workspace_id } => {
-                    tool_calls::Entity::insert(tool_calls::ActiveModel {
-                        id: Set(id),
-                        call_id: Set(call_id),
-                        chat_id: Set(chat_id.to_string()),
-                        message_id: Set(message_id),
-                        name: Set(name),
-                        args: Set(args),
-                        status: Set("dispatched".into()),
-                        result: Set(None),
-                        is_error: Set(false),
-                        user_id: Set(user_id),
-                        workspace_id: Set(workspace_id),
-                        exit_code: Set(None),
-                        duration_ms: Set(None),
-                        created_at: Set(now),
-                        finished_at: Set(None),
-                    })
-                    .exec_without_returning(&txn)
+            }
+            Op::SetStatus { status, error } => {
+                chat.status = Set(status.as_str().to_string());
+                chat.error_kind = Set(error.as_ref().map(|e| convert::enum_str(&e.kind)));
+                chat.error_message = Set(error.map(|e| e.message));
+            }
+            Op::SetWorkspace(w) => chat.workspace_id = Set(w),
+            Op::InsertQueued { message, position } => {
+                queued_messages::Entity::insert(queued_messages::ActiveModel {
+                    id: Set(message.id),
+                    chat_id: Set(message.chat_id),
+                    position: Set(position),
+                    content: Set(convert::to_json(&message.content)?),
+                    user_id: Set(message.user_id),
+                    created_at: Set(message.created_at),
+                })
+                .exec_without_returning(txn)
+                .await
+                .map_err(db_err)?;
+            }
+            Op::DeleteQueued { id } => {
+                queued_messages::Entity::delete_by_id(id).exec(txn).await.map_err(db_err)?;
+            }
+            Op::SetTitle(title) => chat.title = Set(Some(title)),
+            Op::SetArchived(archived) => chat.archived = Set(archived),
+            Op::DropMessagesFrom { from_position } => {
+                messages::Entity::update_many()
+                    .col_expr(messages::Column::Deleted, Expr::value(true))
+                    .filter(messages::Column::ChatId.eq(chat_id))
+                    .filter(messages::Column::Position.gte(from_position))
+                    .exec(txn)
                     .await
                     .map_err(db_err)?;
-                }
-                Op::FinishToolCall {
-                    call_id,
-                    message_id,
-                    status,
-                    result,
-                    is_error,
-                    exit_code,
-                    duration_ms,
-                    workspace_id,
-                } => {
-                    let mut update = tool_calls::Entity::update_many()
-                        .col_expr(tool_calls::Column::Status, Expr::value(status.as_str()))
-                        .col_expr(tool_calls::Column::Result, Expr::value(result))
-                        .col_expr(tool_calls::Column::IsError, Expr::value(is_error))
-                        .col_expr(tool_calls::Column::ExitCode, Expr::value(exit_code))
-                        .col_expr(tool_calls::Column::DurationMs, Expr::value(duration_ms.map(|d| d as i64)))
-                        .col_expr(tool_calls::Column::FinishedAt, Expr::value(now));
-                    if workspace_id.is_some() {
-                        update = update.col_expr(tool_calls::Column::WorkspaceId, Expr::value(workspace_id));
-                    }
-                    update
-                        .filter(tool_calls::Column::ChatId.eq(chat_id))
-                        .filter(tool_calls::Column::CallId.eq(call_id))
-                        .filter(tool_calls::Column::MessageId.eq(message_id))
-                        .exec(&txn)
-                        .await
-                        .map_err(db_err)?;
-                }
-                Op::RecordUsage { message_id, model_id, usage: u, cost_usd } => {
-                    usage::Entity::insert(usage::ActiveModel {
-                        id: Set(new_id()),
-                        chat_id: Set(chat_id.to_string()),
-                        message_id: Set(Some(message_id)),
-                        model_id: Set(Some(model_id)),
-                        input_tokens: Set(u.input_tokens as i64),
-                        output_tokens: Set(u.output_tokens as i64),
-                        cache_read_tokens: Set(u.cache_read_tokens as i64),
-                        cache_write_tokens: Set(u.cache_write_tokens as i64),
-                        cost_usd: Set(cost_usd),
-                        created_at: Set(now),
-                    })
-                    .exec_without_returning(&txn)
+            }
+            Op::UpdateQueued { id, content } => {
+                queued_messages::Entity::update_many()
+                    .col_expr(queued_messages::Column::Content, Expr::value(convert::to_json(&content)?))
+                    .filter(queued_messages::Column::Id.eq(id))
+                    .exec(txn)
                     .await
                     .map_err(db_err)?;
+            }
+            Op::InsertToolCall { id, call_id, message_id, name, args, user_id, workspace_id } => {
+                tool_calls::Entity::insert(tool_calls::ActiveModel {
+                    id: Set(id),
+                    call_id: Set(call_id),
+                    chat_id: Set(chat_id.to_string()),
+                    message_id: Set(message_id),
+                    name: Set(name),
+                    args: Set(args),
+                    status: Set("dispatched".into()),
+                    result: Set(None),
+                    is_error: Set(false),
+                    user_id: Set(user_id),
+                    workspace_id: Set(workspace_id),
+                    exit_code: Set(None),
+                    duration_ms: Set(None),
+                    created_at: Set(now),
+                    finished_at: Set(None),
+                })
+                .exec_without_returning(txn)
+                .await
+                .map_err(db_err)?;
+            }
+            Op::FinishToolCall {
+                call_id,
+                message_id,
+                status,
+                result,
+                is_error,
+                exit_code,
+                duration_ms,
+                workspace_id,
+            } => {
+                let mut update = tool_calls::Entity::update_many()
+                    .col_expr(tool_calls::Column::Status, Expr::value(status.as_str()))
+                    .col_expr(tool_calls::Column::Result, Expr::value(result))
+                    .col_expr(tool_calls::Column::IsError, Expr::value(is_error))
+                    .col_expr(tool_calls::Column::ExitCode, Expr::value(exit_code))
+                    .col_expr(tool_calls::Column::DurationMs, Expr::value(duration_ms.map(|d| d as i64)))
+                    .col_expr(tool_calls::Column::FinishedAt, Expr::value(now));
+                if workspace_id.is_some() {
+                    update = update.col_expr(tool_calls::Column::WorkspaceId, Expr::value(workspace_id));
                 }
-                Op::Audit { user_id, action, target_type, target_id, details } => {
-                    audit_events::Entity::insert(convert::audit_row(
-                        user_id,
-                        &action,
-                        &target_type,
-                        target_id,
-                        details,
-                    ))
-                    .exec_without_returning(&txn)
+                update
+                    .filter(tool_calls::Column::ChatId.eq(chat_id))
+                    .filter(tool_calls::Column::CallId.eq(call_id))
+                    .filter(tool_calls::Column::MessageId.eq(message_id))
+                    .exec(txn)
                     .await
                     .map_err(db_err)?;
-                }
+            }
+            Op::RecordUsage { message_id, model_id, usage: u, cost_usd } => {
+                usage::Entity::insert(usage::ActiveModel {
+                    id: Set(new_id()),
+                    chat_id: Set(chat_id.to_string()),
+                    message_id: Set(Some(message_id)),
+                    model_id: Set(Some(model_id)),
+                    input_tokens: Set(u.input_tokens as i64),
+                    output_tokens: Set(u.output_tokens as i64),
+                    cache_read_tokens: Set(u.cache_read_tokens as i64),
+                    cache_write_tokens: Set(u.cache_write_tokens as i64),
+                    cost_usd: Set(cost_usd),
+                    created_at: Set(now),
+                })
+                .exec_without_returning(txn)
+                .await
+                .map_err(db_err)?;
+            }
+            Op::Audit { user_id, action, target_type, target_id, details } => {
+                audit_events::Entity::insert(convert::audit_row(user_id, &action, &target_type, target_id, details))
+                    .exec_without_returning(txn)
+                    .await
+                    .map_err(db_err)?;
             }
         }
-        if let Some(last) = batch.events.iter().filter_map(|e| e.seq).max() {
-            let rows = batch
-                .events
-                .iter()
-                .map(|e| {
-                    Ok(chat_events::ActiveModel {
-                        chat_id: Set(chat_id.to_string()),
-                        seq: Set(e.seq.unwrap_or_default()),
-                        kind: Set(e.body.kind().to_string()),
-                        payload: Set(convert::to_json(e)?),
-                        created_at: Set(now),
-                    })
+    }
+    if let Some(last) = batch.events.iter().filter_map(|e| e.seq).max() {
+        let rows = batch
+            .events
+            .iter()
+            .map(|e| {
+                Ok(chat_events::ActiveModel {
+                    chat_id: Set(chat_id.to_string()),
+                    seq: Set(e.seq.unwrap_or_default()),
+                    kind: Set(e.body.kind().to_string()),
+                    payload: Set(convert::to_json(e)?),
+                    created_at: Set(now),
                 })
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            chat_events::Entity::insert_many(rows).exec_without_returning(&txn).await.map_err(db_err)?;
-            chat.last_seq = Set(last);
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        chat_events::Entity::insert_many(rows).exec_without_returning(txn).await.map_err(db_err)?;
+        chat.last_seq = Set(last);
+    }
+    chat_rows::Entity::update_many()
+        .set(chat)
+        .filter(chat_rows::Column::Id.eq(chat_id))
+        .exec(txn)
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use agentplane_schema::event::{EventBody, StreamEvent};
+    use agentplane_schema::message::{Message, Part, Role};
+
+    use super::*;
+
+    fn message(chat_id: &str, id: &str) -> Message {
+        Message {
+            id: id.to_string(),
+            chat_id: chat_id.to_string(),
+            position: 1,
+            role: Role::User,
+            parts: vec![Part::text("hi")],
+            interrupted: false,
+            user_id: Some("u".into()),
+            model_id: None,
+            created_at: Utc::now(),
         }
-        chat_rows::Entity::update_many()
-            .set(chat)
-            .filter(chat_rows::Column::Id.eq(chat_id))
-            .exec(&txn)
+    }
+
+    fn batch(chat_id: &str, message_id: &str) -> Batch {
+        let m = message(chat_id, message_id);
+        Batch {
+            ops: vec![Op::InsertMessage(m.clone())],
+            events: vec![StreamEvent {
+                seq: Some(1),
+                chat_id: chat_id.to_string(),
+                body: EventBody::Message { message: m },
+            }],
+        }
+    }
+
+    /// Many chats commit at once: their batches share a transaction, each caller hears the
+    /// outcome of its own batch, and a batch that cannot be written fails alone.
+    #[tokio::test]
+    async fn concurrent_batches_are_committed_together_and_a_bad_one_fails_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("db.sqlite").display());
+        let db = agentplane_schema::db::connect_and_migrate(&url, 4).await.expect("database");
+        let store = DbStore::new(db, SecretBox::new(&[1; 32]));
+        let mut chats = Vec::new();
+        for _ in 0..40 {
+            let chat = store
+                .create_chat(NewChat {
+                    owner_id: "u".into(),
+                    title: None,
+                    model_id: None,
+                    workspace_id: None,
+                    parent_id: None,
+                })
+                .await
+                .expect("chat");
+            chats.push(chat.id);
+        }
+        // One message id already taken (by another chat): that batch violates the primary key.
+        let other = store
+            .create_chat(NewChat {
+                owner_id: "u".into(),
+                title: None,
+                model_id: None,
+                workspace_id: None,
+                parent_id: None,
+            })
             .await
-            .map_err(db_err)?;
-        txn.commit().await.map_err(db_err)
+            .expect("chat");
+        store.commit(&other.id, batch(&other.id, "taken")).await.expect("first use");
+        // One group, as the commit loop makes it when 40 chats step at once.
+        let mut outcomes = Vec::new();
+        let group: Vec<PendingCommit> = chats
+            .iter()
+            .enumerate()
+            .map(|(i, chat)| {
+                let id = if i == 13 { "taken".to_string() } else { format!("m{i}") };
+                let (done, outcome) = tokio::sync::oneshot::channel();
+                outcomes.push(outcome);
+                PendingCommit { chat_id: chat.clone(), batch: batch(chat, &id), done }
+            })
+            .collect();
+        commit_group(&store.db, group).await;
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            let result = outcome.await.expect("answered");
+            assert_eq!(result.is_ok(), i != 13, "chat {i}: {result:?}");
+        }
+        // Through the store's own queue too.
+        let commits = chats.iter().map(|chat| {
+            let store = store.clone();
+            let chat = chat.clone();
+            async move {
+                let mut b = batch(&chat, &format!("{chat}-2"));
+                if let Op::InsertMessage(m) = &mut b.ops[0] {
+                    m.position = 2;
+                }
+                b.events[0].seq = Some(2);
+                store.commit(&chat, b).await
+            }
+        });
+        assert!(futures::future::join_all(commits).await.iter().all(Result::is_ok));
+        for (i, chat) in chats.iter().enumerate() {
+            let state = store.load_chat(chat).await.expect("load");
+            assert_eq!(state.messages.len(), 1 + usize::from(i != 13), "chat {i}");
+            assert_eq!(state.last_seq, 2, "chat {i}");
+        }
     }
 }
