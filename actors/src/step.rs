@@ -28,7 +28,8 @@ use crate::{compaction, prompt};
 pub struct StepInput {
     pub deps: Arc<Deps>,
     pub shared: Arc<ChatShared>,
-    pub history: Vec<Message>,
+    /// The chat's history when the step started: the actor's snapshot, shared, not copied.
+    pub history: Arc<Vec<Message>>,
     pub model_id: Option<String>,
     pub user_id: String,
     pub cancel: CancellationToken,
@@ -88,7 +89,7 @@ enum Streamed {
 }
 
 pub async fn run_step(mut input: StepInput) -> StepResult {
-    // The step works on the history it was given (the actor's copy); no second copy.
+    // The step reads the actor's snapshot; only compaction, which changes it, makes a copy.
     let history = std::mem::take(&mut input.history);
     let mut result = StepResult { outcome: StepOutcome::Done, committed: Vec::new(), dropped: Vec::new() };
     result.outcome = match step(&input, history, &mut result).await {
@@ -120,7 +121,7 @@ async fn compact_into(
 
 async fn step(
     input: &StepInput,
-    mut history: Vec<Message>,
+    mut history: Arc<Vec<Message>>,
     result: &mut StepResult,
 ) -> Result<StepOutcome, StoreError> {
     let model = match input.deps.store.resolve_model(input.model_id.as_deref()).await {
@@ -134,7 +135,7 @@ async fn step(
         Err(e) => return Err(e),
     };
     if input.compact_only {
-        return Ok(match compact_into(input, &model, &mut history, result).await? {
+        return Ok(match compact_into(input, &model, Arc::make_mut(&mut history), result).await? {
             None => StepOutcome::Done,
             Some(e) => StepOutcome::Failed(e),
         });
@@ -149,7 +150,7 @@ async fn step(
                 ))));
             }
             tries += 1;
-            if let Some(e) = compact_into(input, &model, &mut history, result).await? {
+            if let Some(e) = compact_into(input, &model, Arc::make_mut(&mut history), result).await? {
                 return Ok(StepOutcome::Failed(e));
             }
         }
@@ -178,7 +179,7 @@ async fn step(
             // The provider counts better than we estimate: summarise and try again.
             Err(e) if e.kind == ChatErrorKind::ContextOverflow && tries < compaction::MAX_TRIES => {
                 tries += 1;
-                if let Some(e) = compact_into(input, &model, &mut history, result).await? {
+                if let Some(e) = compact_into(input, &model, Arc::make_mut(&mut history), result).await? {
                     return Ok(StepOutcome::Failed(e));
                 }
             }

@@ -42,7 +42,9 @@ pub struct ChatActor {
 struct Live {
     shared: Arc<ChatShared>,
     chat: Chat,
-    history: Vec<Message>,
+    /// Shared with the running step as a snapshot (the step holds a reference, not a copy);
+    /// changed copy-on-write, which copies nothing once the step has ended.
+    history: Arc<Vec<Message>>,
     queue: Vec<QueuedMessage>,
     last_queue_position: i64,
     turn: Option<Turn>,
@@ -123,7 +125,7 @@ impl ChatActor {
         self.live = Some(Live {
             shared,
             chat: state.chat,
-            history: state.messages,
+            history: Arc::new(state.messages),
             last_queue_position: state.queued.len() as i64,
             queue: state.queued,
             turn: None,
@@ -136,7 +138,7 @@ impl ChatActor {
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok((recovered, resume)) => {
                 let Some(live) = act.live.as_mut() else { return };
-                live.history.extend(recovered);
+                Arc::make_mut(&mut live.history).extend(recovered);
                 if resume {
                     let user = live.chat.owner_id.clone();
                     live.turn = Some(Turn::new(user));
@@ -311,7 +313,7 @@ impl ChatActor {
         ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(()) => {
                 if let Some(live) = act.live.as_mut() {
-                    live.history.extend(delivered);
+                    Arc::make_mut(&mut live.history).extend(delivered);
                 }
                 act.start_step(ctx);
             }
@@ -422,7 +424,7 @@ impl Handler<UserInput> for ChatActor {
                     Ok(()) => {
                         live.chat.status = ChatStatus::Running;
                         live.chat.error = None;
-                        live.history.extend(delivered);
+                        Arc::make_mut(&mut live.history).extend(delivered);
                         act.notify_parent(SubagentStatus::Running, None);
                         act.start_step(ctx);
                         Ok(SendOutcome { queued: false, message: Some(message), queued_message: None })
@@ -593,8 +595,9 @@ impl Handler<EditMessage> for ChatActor {
             let live = act.live.as_mut().ok_or_else(|| ChatOpError::unavailable("the chat is not loaded"))?;
             match res {
                 Ok(()) => {
-                    live.history.retain(|m| m.position < old.position);
-                    live.history.push(message.clone());
+                    let history = Arc::make_mut(&mut live.history);
+                    history.retain(|m| m.position < old.position);
+                    history.push(message.clone());
                     live.chat.status = ChatStatus::Running;
                     live.chat.error = None;
                     act.notify_parent(SubagentStatus::Running, None);
@@ -765,8 +768,11 @@ impl Handler<StepDone> for ChatActor {
 
     fn handle(&mut self, StepDone(result): StepDone, ctx: &mut Context<Self>) {
         let Some(live) = self.live.as_mut() else { return };
-        live.history.retain(|m| !result.dropped.contains(&m.id));
-        live.history.extend(result.committed);
+        let history = Arc::make_mut(&mut live.history);
+        if !result.dropped.is_empty() {
+            history.retain(|m| !result.dropped.contains(&m.id));
+        }
+        history.extend(result.committed);
         let Some(turn) = live.turn.as_mut() else { return };
         turn.task = None;
         let has_queue = !live.queue.is_empty();
@@ -800,7 +806,7 @@ impl ChatActor {
             let Some(live) = act.live.as_mut() else { return };
             match res {
                 Ok(state) => {
-                    live.history = state.messages;
+                    live.history = Arc::new(state.messages);
                     act.start_step(ctx);
                 }
                 Err(e) => act.end_turn(
