@@ -162,6 +162,7 @@ impl DbStore {
 
     /// Adds a provider; its API key is stored sealed (see [`crate::secrets`]).
     pub async fn create_provider(&self, p: &CreateProvider) -> Result<Provider, StoreError> {
+        self.forget_models();
         let now = Utc::now();
         let id = new_id();
         let row = providers::Model {
@@ -189,6 +190,7 @@ impl DbStore {
 
     /// Changes the fields given; `None` when there is no such provider.
     pub async fn patch_provider(&self, id: &str, p: &PatchProvider) -> Result<Option<Provider>, StoreError> {
+        self.forget_models();
         let Some(row) = providers::Entity::find_by_id(id).one(&self.db).await.map_err(db_err)? else {
             return Ok(None);
         };
@@ -212,6 +214,7 @@ impl DbStore {
 
     /// Deletes a provider that no model uses. `Err(Conflict)` names the models still using it.
     pub async fn delete_provider(&self, id: &str) -> Result<bool, StoreError> {
+        self.forget_models();
         let users: Vec<String> = models::Entity::find()
             .filter(models::Column::ProviderId.eq(id))
             .all(&self.db)
@@ -265,6 +268,7 @@ impl DbStore {
 
     /// Adds a model; a new default takes the flag from the previous one.
     pub async fn create_model(&self, m: &CreateModel) -> Result<Model, StoreError> {
+        self.forget_models();
         let row = models::Model {
             id: new_id(),
             provider_id: m.provider_id.clone(),
@@ -311,6 +315,7 @@ impl DbStore {
 
     /// Changes the fields given; a new default takes the flag from the previous one.
     pub async fn patch_model(&self, id: &str, p: &PatchModel) -> Result<Option<Model>, StoreError> {
+        self.forget_models();
         let txn = self.db.begin().await.map_err(db_err)?;
         let Some(row) = models::Entity::find_by_id(id).one(&txn).await.map_err(db_err)? else {
             return Ok(None);
@@ -361,6 +366,7 @@ impl DbStore {
 
     /// Deletes a model. A chat that named it gets a clear `config` error on its next turn.
     pub async fn delete_model(&self, id: &str) -> Result<bool, StoreError> {
+        self.forget_models();
         let result = models::Entity::delete_by_id(id).exec(&self.db).await.map_err(db_err)?;
         Ok(result.rows_affected > 0)
     }

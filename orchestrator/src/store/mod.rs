@@ -7,6 +7,7 @@ mod convert;
 mod uploads;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use agentplane_actors::ports::{Batch, ChatState, ImageData, NewChild, Op, Prices, ResolvedModel, Store, StoreError};
 use agentplane_schema::api::{Chat, ProviderType};
@@ -36,7 +37,18 @@ pub struct DbStore {
     secrets: SecretBox,
     /// Where chats' batches wait for the next group commit.
     committer: mpsc::UnboundedSender<PendingCommit>,
+    /// Models as the loop uses them (provider row joined, key decrypted), by the id asked for
+    /// (`None`: the default): every step resolves its model, and the rows rarely change. Emptied
+    /// by every provider or model change made through this store, and entries expire after
+    /// [`MODEL_CACHE_TTL`] in case another process changed the rows.
+    models: Arc<std::sync::Mutex<ModelCache>>,
 }
+
+/// Resolved models with when they were resolved, by the id asked for.
+type ModelCache = HashMap<Option<String>, (std::time::Instant, ResolvedModel)>;
+
+/// How long a resolved model is reused.
+const MODEL_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Batches of different chats committed in one transaction at most.
 const MAX_GROUP: usize = 256;
@@ -132,11 +144,64 @@ impl DbStore {
     pub fn new(db: DatabaseConnection, secrets: SecretBox) -> Self {
         let (committer, queue) = mpsc::unbounded_channel();
         tokio::spawn(commit_loop(db.clone(), queue));
-        DbStore { db, secrets, committer }
+        DbStore { db, secrets, committer, models: Default::default() }
     }
 
     pub fn connection(&self) -> &DatabaseConnection {
         &self.db
+    }
+
+    async fn resolve_model_uncached(&self, model_id: Option<&str>) -> Result<ResolvedModel, StoreError> {
+        let model = match model_id {
+            Some(id) => models::Entity::find_by_id(id).filter(models::Column::Enabled.eq(true)).one(&self.db).await,
+            None => {
+                models::Entity::find()
+                    .filter(models::Column::Enabled.eq(true))
+                    .order_by_desc(models::Column::IsDefault)
+                    .order_by_asc(models::Column::CreatedAt)
+                    .one(&self.db)
+                    .await
+            }
+        }
+        .map_err(db_err)?
+        .ok_or_else(|| match model_id {
+            Some(id) => StoreError::NotFound(format!("model {id} does not exist or is disabled")),
+            None => StoreError::NotFound("no enabled model is configured".into()),
+        })?;
+        let provider = providers::Entity::find_by_id(&model.provider_id)
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| StoreError::NotFound(format!("provider {} of model {}", model.provider_id, model.id)))?;
+        let provider_type = ProviderType::parse(&provider.provider_type).ok_or_else(|| {
+            StoreError::NotFound(format!("provider type `{}` is not supported", provider.provider_type))
+        })?;
+        let api_key = self.provider_api_key(&provider)?;
+        Ok(ResolvedModel {
+            id: model.id,
+            context_window: model.context_window,
+            compaction_threshold: model.compaction_threshold.filter(|t| *t > 0.0 && *t <= 1.0).unwrap_or(0.7),
+            vision: model.vision,
+            prices: Prices {
+                input: model.input_price_per_mtok,
+                output: model.output_price_per_mtok,
+                cache_read: model.cache_read_price_per_mtok,
+                cache_write: model.cache_write_price_per_mtok,
+            },
+            target: agentplane_actors::ports::ModelTarget {
+                provider_type,
+                base_url: provider.base_url,
+                api_key,
+                model: model.model,
+                max_output_tokens: model.max_output_tokens,
+                settings: merged_settings(provider.settings, model.settings),
+            },
+        })
+    }
+
+    /// Forgets every resolved model (a provider or model changed).
+    pub(crate) fn forget_models(&self) {
+        self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
     }
 }
 
@@ -191,51 +256,18 @@ impl Store for DbStore {
     }
 
     async fn resolve_model(&self, model_id: Option<&str>) -> Result<ResolvedModel, StoreError> {
-        let model = match model_id {
-            Some(id) => models::Entity::find_by_id(id).filter(models::Column::Enabled.eq(true)).one(&self.db).await,
-            None => {
-                models::Entity::find()
-                    .filter(models::Column::Enabled.eq(true))
-                    .order_by_desc(models::Column::IsDefault)
-                    .order_by_asc(models::Column::CreatedAt)
-                    .one(&self.db)
-                    .await
-            }
+        let key = model_id.map(str::to_string);
+        if let Some((at, model)) = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key)
+            && at.elapsed() < MODEL_CACHE_TTL
+        {
+            return Ok(model.clone());
         }
-        .map_err(db_err)?
-        .ok_or_else(|| match model_id {
-            Some(id) => StoreError::NotFound(format!("model {id} does not exist or is disabled")),
-            None => StoreError::NotFound("no enabled model is configured".into()),
-        })?;
-        let provider = providers::Entity::find_by_id(&model.provider_id)
-            .one(&self.db)
-            .await
-            .map_err(db_err)?
-            .ok_or_else(|| StoreError::NotFound(format!("provider {} of model {}", model.provider_id, model.id)))?;
-        let provider_type = ProviderType::parse(&provider.provider_type).ok_or_else(|| {
-            StoreError::NotFound(format!("provider type `{}` is not supported", provider.provider_type))
-        })?;
-        let api_key = self.provider_api_key(&provider)?;
-        Ok(ResolvedModel {
-            id: model.id,
-            context_window: model.context_window,
-            compaction_threshold: model.compaction_threshold.filter(|t| *t > 0.0 && *t <= 1.0).unwrap_or(0.7),
-            vision: model.vision,
-            prices: Prices {
-                input: model.input_price_per_mtok,
-                output: model.output_price_per_mtok,
-                cache_read: model.cache_read_price_per_mtok,
-                cache_write: model.cache_write_price_per_mtok,
-            },
-            target: agentplane_actors::ports::ModelTarget {
-                provider_type,
-                base_url: provider.base_url,
-                api_key,
-                model: model.model,
-                max_output_tokens: model.max_output_tokens,
-                settings: merged_settings(provider.settings, model.settings),
-            },
-        })
+        let resolved = self.resolve_model_uncached(model_id).await?;
+        self.models
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, (std::time::Instant::now(), resolved.clone()));
+        Ok(resolved)
     }
 
     /// Applies `batch` atomically, grouped with the batches other chats commit at the same moment

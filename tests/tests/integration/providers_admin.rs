@@ -131,3 +131,21 @@ async fn providers_get_default_endpoints_and_keys_stay_write_only() {
     env.admin.delete_provider(&anthropic.id).await.expect("provider deleted");
     assert!(env.admin.list_providers().await.expect("test").iter().all(|p| p.id != anthropic.id));
 }
+
+/// A rotated key is used by the very next model call (resolved models are cached per step, and
+/// a change through the API empties that cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_is_used_by_the_next_call() {
+    let env = TestEnv::start().await;
+    let (chat, mut stream) = env.idle_chat("first").await;
+    assert_eq!(env.llm.requests().last().expect("call").header("authorization"), Some("Bearer sk-test-secret"));
+    let provider = env.admin.list_providers().await.expect("providers").remove(0);
+    env.admin
+        .patch_provider(&provider.id, &PatchProvider { api_key: Some(Some("sk-rotated".into())), ..Default::default() })
+        .await
+        .expect("rotated");
+    env.llm.push(agentplane_tests::Reply::text("second"));
+    env.send(&chat.id, "again").await;
+    stream.wait_for_status(agentplane_schema::api::ChatStatus::Idle, crate::common::WAIT).await.expect("idle");
+    assert_eq!(env.llm.requests().last().expect("call").header("authorization"), Some("Bearer sk-rotated"));
+}
