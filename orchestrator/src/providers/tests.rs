@@ -231,14 +231,31 @@ pub(super) fn simple_request(base_url: &str) -> ModelRequest {
     }
 }
 
-/// Replays `reply` through the real client and returns every stream item.
-pub(super) async fn run(reply: Reply) -> (Result<Vec<Result<ModelEvent, ModelError>>, ModelError>, Vec<Recorded>) {
+/// Every item of one answer stream.
+pub(super) type Items = Vec<Result<ModelEvent, ModelError>>;
+
+/// Serves `reply` and sends the request `build` makes for the server's base URL through the real
+/// client; returns the stream's items (or the error before it) and the requests the server saw.
+pub(super) async fn call(
+    reply: Reply,
+    build: impl FnOnce(&str) -> ModelRequest,
+) -> (Result<Items, ModelError>, Vec<Recorded>) {
     let server = TestServer::start(reply).await;
-    let result = match providers().stream(simple_request(&server.base_url)).await {
+    let result = match providers().stream(build(&server.base_url)).await {
         Ok(stream) => Ok(stream.collect().await),
         Err(error) => Err(error),
     };
     (result, server.requests())
+}
+
+/// Replays `reply` through the real client and returns every stream item.
+pub(super) async fn run(reply: Reply) -> (Result<Items, ModelError>, Vec<Recorded>) {
+    call(reply, simple_request).await
+}
+
+/// The events of a stream that must have no error item.
+pub(super) fn all_ok(items: Items) -> Vec<ModelEvent> {
+    items.into_iter().map(|item| item.expect("no error item")).collect()
 }
 
 /// Replays a fixture and returns its events, which must all be `Ok`.
@@ -310,6 +327,19 @@ pub(super) fn usage(input: u64, output: u64) -> Usage {
 
 pub(super) fn text_events(pieces: &[&str]) -> Vec<ModelEvent> {
     pieces.iter().map(|p| ModelEvent::TextDelta((*p).to_owned())).collect()
+}
+
+pub(super) fn reasoning_events(pieces: &[&str]) -> Vec<ModelEvent> {
+    pieces.iter().map(|p| ModelEvent::ReasoningDelta { text: (*p).to_owned(), signature: None }).collect()
+}
+
+/// A reasoning signature on its own (what the dialects emit when the signature arrives).
+pub(super) fn signature_event(signature: &str) -> ModelEvent {
+    ModelEvent::ReasoningDelta { text: String::new(), signature: Some(signature.to_owned()) }
+}
+
+pub(super) fn usage_event(input: u64, output: u64) -> ModelEvent {
+    ModelEvent::Usage(usage(input, output))
 }
 
 pub(super) fn args(index: usize, pieces: &[&str]) -> Vec<ModelEvent> {

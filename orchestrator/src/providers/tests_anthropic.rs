@@ -18,7 +18,10 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use super::anthropic::decode_body;
-use super::tests::{API_KEY, Recorded, Reply, TestServer, check_shape, fixture, providers};
+use super::tests::{
+    API_KEY, Items, Recorded, Reply, TestServer, all_ok, args, call as serve_and_send, check_shape, fixture, providers,
+    reasoning_events as thinking, signature_event as signature, start, text_events as text, usage_event as usage,
+};
 
 fn target(base_url: &str) -> ModelTarget {
     ModelTarget {
@@ -41,25 +44,17 @@ fn simple_request(base_url: &str) -> ModelRequest {
     }
 }
 
-type Items = Vec<Result<ModelEvent, ModelError>>;
-
 /// Sends `request` (its base URL pointed at a server answering `reply`) through the real client.
 async fn run_request(reply: Reply, mut request: ModelRequest) -> (Result<Items, ModelError>, Vec<Recorded>) {
-    let server = TestServer::start(reply).await;
-    request.target.base_url = server.base_url.clone();
-    let result = match providers().stream(request).await {
-        Ok(stream) => Ok(stream.collect().await),
-        Err(error) => Err(error),
-    };
-    (result, server.requests())
+    serve_and_send(reply, move |base_url: &str| {
+        request.target.base_url = base_url.to_owned();
+        request
+    })
+    .await
 }
 
 async fn run(reply: Reply) -> (Result<Items, ModelError>, Vec<Recorded>) {
     run_request(reply, simple_request("")).await
-}
-
-fn all_ok(items: Items) -> Vec<ModelEvent> {
-    items.into_iter().map(|item| item.expect("no error item")).collect()
 }
 
 /// Replays a raw fixture in 7-byte pieces (splitting lines, JSON and UTF-8 sequences) and checks
@@ -74,30 +69,6 @@ async fn replay_body(body: &[u8]) -> Vec<ModelEvent> {
 
 async fn replay(name: &str) -> Vec<ModelEvent> {
     replay_body(&fixture(&format!("anthropic/{name}"))).await
-}
-
-fn text(pieces: &[&str]) -> Vec<ModelEvent> {
-    pieces.iter().map(|p| ModelEvent::TextDelta((*p).to_owned())).collect()
-}
-
-fn thinking(pieces: &[&str]) -> Vec<ModelEvent> {
-    pieces.iter().map(|p| ModelEvent::ReasoningDelta { text: (*p).to_owned(), signature: None }).collect()
-}
-
-fn signature(signature: &str) -> ModelEvent {
-    ModelEvent::ReasoningDelta { text: String::new(), signature: Some(signature.to_owned()) }
-}
-
-fn start(index: usize, call_id: &str, name: &str) -> ModelEvent {
-    ModelEvent::ToolCallStart { index, call_id: call_id.to_owned(), name: name.to_owned() }
-}
-
-fn args(index: usize, pieces: &[&str]) -> Vec<ModelEvent> {
-    pieces.iter().map(|p| ModelEvent::ToolCallArgs { index, piece: (*p).to_owned() }).collect()
-}
-
-fn usage(input: u64, output: u64) -> ModelEvent {
-    ModelEvent::Usage(Usage { input_tokens: input, output_tokens: output, ..Usage::default() })
 }
 
 /// SSE events as the API names them: `event: <type>` and the JSON as data.

@@ -21,7 +21,11 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use super::bedrock::{StreamDecoder, decode_body, endpoint};
-use super::tests::{Recorded, Reply, assemble, check_shape, fixture, providers, read_request, write_reply};
+use super::tests::{
+    Items, Recorded, Reply, args, assemble, check_shape, fixture, providers, read_request,
+    reasoning_events as reasoning, signature_event as signature, start, text_events as text, usage_event as usage,
+    write_reply,
+};
 
 const ACCESS_KEY_ID: &str = "AKIDEXAMPLE";
 const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
@@ -164,8 +168,6 @@ fn ragged(bytes: &[u8]) -> Vec<Vec<u8>> {
     parts
 }
 
-type Items = Vec<Result<ModelEvent, ModelError>>;
-
 async fn run_with(
     reply: Reply,
     request: impl FnOnce(&str) -> ModelRequest,
@@ -191,30 +193,6 @@ async fn replay(reply: Reply) -> Vec<ModelEvent> {
         result.expect("stream opens").into_iter().map(|item| item.expect("no error item")).collect();
     check_shape(&events);
     events
-}
-
-fn text(pieces: &[&str]) -> Vec<ModelEvent> {
-    pieces.iter().map(|p| ModelEvent::TextDelta((*p).to_owned())).collect()
-}
-
-fn reasoning(pieces: &[&str]) -> Vec<ModelEvent> {
-    pieces.iter().map(|p| ModelEvent::ReasoningDelta { text: (*p).to_owned(), signature: None }).collect()
-}
-
-fn signature(signature: &str) -> ModelEvent {
-    ModelEvent::ReasoningDelta { text: String::new(), signature: Some(signature.to_owned()) }
-}
-
-fn start(index: usize, call_id: &str, name: &str) -> ModelEvent {
-    ModelEvent::ToolCallStart { index, call_id: call_id.to_owned(), name: name.to_owned() }
-}
-
-fn args(index: usize, pieces: &[&str]) -> Vec<ModelEvent> {
-    pieces.iter().map(|p| ModelEvent::ToolCallArgs { index, piece: (*p).to_owned() }).collect()
-}
-
-fn usage(input: u64, output: u64) -> ModelEvent {
-    ModelEvent::Usage(Usage { input_tokens: input, output_tokens: output, ..Usage::default() })
 }
 
 fn last_error(items: &[Result<ModelEvent, ModelError>]) -> &ModelError {

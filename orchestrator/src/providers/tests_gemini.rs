@@ -16,7 +16,10 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use super::gemini;
-use super::tests::{API_KEY, Recorded, Reply, TestServer, assemble, check_shape, fixture, providers, start, usage};
+use super::tests::{
+    API_KEY, Items, Recorded, Reply, TestServer, all_ok, assemble, call, check_shape, fixture, providers,
+    signature_event, start, usage,
+};
 
 const MODEL: &str = "gemini-3-pro-preview";
 
@@ -69,26 +72,8 @@ fn simple_request(base_url: &str) -> ModelRequest {
     }
 }
 
-type Items = Vec<Result<ModelEvent, ModelError>>;
-
-async fn run_request(
-    reply: Reply,
-    request: impl FnOnce(&str) -> ModelRequest,
-) -> (Result<Items, ModelError>, Vec<Recorded>) {
-    let server = TestServer::start(reply).await;
-    let result = match providers().stream(request(&server.base_url)).await {
-        Ok(stream) => Ok(stream.collect().await),
-        Err(error) => Err(error),
-    };
-    (result, server.requests())
-}
-
 async fn run(reply: Reply) -> (Result<Items, ModelError>, Vec<Recorded>) {
-    run_request(reply, simple_request).await
-}
-
-fn all_ok(items: Items) -> Vec<ModelEvent> {
-    items.into_iter().map(|item| item.expect("no error item")).collect()
+    call(reply, simple_request).await
 }
 
 /// Replays a fixture in 97-byte pieces through the real client, checks the events have the
@@ -101,10 +86,6 @@ async fn replay(name: &str) -> Vec<ModelEvent> {
     let decoded: Vec<ModelEvent> = gemini::decode_body(&body).into_iter().map(|i| i.expect("ok")).collect();
     assert_eq!(decoded, events, "decode_body agrees with the streamed decoding");
     events
-}
-
-fn reasoning_signature(sig: &str) -> ModelEvent {
-    ModelEvent::ReasoningDelta { text: String::new(), signature: Some(sig.to_owned()) }
 }
 
 fn args_event(index: usize, value: Value) -> ModelEvent {
@@ -137,7 +118,7 @@ async fn text_with_trailing_signature() {
         vec![
             ModelEvent::TextDelta("There are **3**".to_owned()),
             ModelEvent::TextDelta(" \"r\"s in strawberry.\n\nst**r**awbe**rr**y".to_owned()),
-            reasoning_signature(sig),
+            signature_event(sig),
             // Output counts the 185 thought tokens as well.
             ModelEvent::Usage(usage(9, 23 + 185)),
             ModelEvent::Finish(StopReason::EndTurn),
@@ -152,7 +133,7 @@ async fn whole_function_call_gets_an_id_and_its_signature() {
     assert_eq!(
         events,
         vec![
-            reasoning_signature(sig),
+            signature_event(sig),
             start(0, "call_b36LacjwM668nsEP2tbsgQQ_0", "weather"),
             args_event(0, json!({"location": "San Francisco"})),
             ModelEvent::Usage(usage(29, 15 + 45)),
@@ -169,7 +150,7 @@ async fn vertex_streamed_arguments() {
     assert_eq!(
         normalise(events),
         vec![
-            reasoning_signature(sig),
+            signature_event(sig),
             start(0, "call_dqHOab6xGLzWodAPkPuViA4_0", "getWeather"),
             args_event(0, json!({"location": "Boston"})),
             start(1, "call_dqHOab6xGLzWodAPkPuViA4_1", "getWeather"),
@@ -193,7 +174,7 @@ async fn vertex_thought_then_a_no_args_call_and_parallel_streamed_calls() {
     assert_eq!(
         normalise(events[1..].to_vec()),
         vec![
-            reasoning_signature(sig),
+            signature_event(sig),
             start(0, &id(0), "read_theme"),
             args_event(0, json!({})),
             start(1, &id(1), "read_screen"),
@@ -775,7 +756,7 @@ async fn images_gemini_cannot_take_fail_before_sending() {
     );
 
     for (request, words) in [(missing, "file_gone"), (bmp, "image/bmp"), (broken_gif, "cannot convert the GIF")] {
-        let (result, requests) = run_request(Reply::sse(&sse_fixture("text_thought_signature.jsonl"), 4096), |base| {
+        let (result, requests) = call(Reply::sse(&sse_fixture("text_thought_signature.jsonl"), 4096), |base| {
             let mut request = request;
             request.target.base_url = base.to_owned();
             request

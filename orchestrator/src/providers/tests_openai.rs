@@ -19,14 +19,12 @@ use serde_json::{Value, json};
 use super::openai_compat::{self, Api, Endpoint};
 use super::openai_responses;
 use super::tests::{
-    API_KEY, Answer, Recorded, Reply, TestServer, args, assemble, check_shape, command_schema, fixture, providers,
+    API_KEY, Answer, Items, Reply, TestServer, args, assemble, call, check_shape, command_schema, fixture, providers,
     sse_body, start, text_events, usage,
 };
 
 /// Small enough to split every event, JSON string and multi-byte character somewhere.
 const PIECE: usize = 13;
-
-type Items = Vec<Result<ModelEvent, ModelError>>;
 
 fn target_of(provider_type: ProviderType, base_url: &str, model: &str, settings: Value) -> ModelTarget {
     ModelTarget {
@@ -54,18 +52,9 @@ fn responses_target(base_url: &str, model: &str) -> ModelTarget {
     target_of(ProviderType::Openai, base_url, model, json!({"api": "responses"}))
 }
 
-/// Serves `reply` and sends the request `build` makes for the server's base URL.
-async fn call(reply: Reply, build: impl FnOnce(&str) -> ModelRequest) -> (Result<Items, ModelError>, Vec<Recorded>) {
-    let server = TestServer::start(reply).await;
-    let result = match providers().stream(build(&server.base_url)).await {
-        Ok(stream) => Ok(stream.collect().await),
-        Err(error) => Err(error),
-    };
-    (result, server.requests())
-}
-
+/// The events of a stream with no error item, checked for the shape every answer has.
 fn all_ok(items: Items) -> Vec<ModelEvent> {
-    let events: Vec<ModelEvent> = items.into_iter().map(|item| item.expect("no error item")).collect();
+    let events = super::tests::all_ok(items);
     check_shape(&events);
     events
 }
