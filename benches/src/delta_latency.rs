@@ -12,14 +12,14 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use agentplane_schema::api::{ChatStatus, CreateChat, CreateModel, CreateProvider, ProviderType, SendMessage};
+use agentplane_schema::api::{ChatStatus, CreateChat, SendMessage};
 use agentplane_schema::event::{DeltaKind, EventBody};
 use agentplane_schema::message::Part;
 use agentplane_tests::{ApiClient, EventStream, Reply, ScriptedLlm};
 use anyhow::{Context, bail, ensure};
 use serde_json::json;
 
-use crate::{ADMIN_TOKEN, ServerProcess, machine, summarize};
+use crate::{ADMIN_TOKEN, ServerProcess, machine, setup, summarize};
 
 pub const DEFAULT_TURNS: usize = 50;
 pub const DEFAULT_PIECES: usize = 40;
@@ -261,37 +261,6 @@ fn signed_ms(later: Instant, earlier: Instant) -> f64 {
         Some(d) => d.as_secs_f64() * 1000.0,
         None => -(earlier.duration_since(later).as_secs_f64() * 1000.0),
     }
-}
-
-/// An OpenAI-compatible provider for the scripted LLM and its default model (as `loadgen`'s
-/// other scenarios set up).
-async fn setup(server: &ServerProcess, llm: &ScriptedLlm) -> anyhow::Result<ApiClient> {
-    let admin = ApiClient::new(server.base_url.clone(), ADMIN_TOKEN);
-    let provider = admin
-        .create_provider(&CreateProvider {
-            provider_type: ProviderType::OpenaiCompatible,
-            name: "scripted".into(),
-            base_url: llm.base_url(),
-            api_key: None,
-            settings: serde_json::Value::Null,
-        })
-        .await?;
-    admin
-        .create_model(&CreateModel {
-            provider_id: provider.id,
-            model: "scripted".into(),
-            display_name: None,
-            context_window: 1_000_000,
-            max_output_tokens: None,
-            vision: false,
-            enabled: true,
-            is_default: true,
-            compaction_threshold: None,
-            prices: Default::default(),
-            settings: serde_json::Value::Null,
-        })
-        .await?;
-    Ok(admin)
 }
 
 #[cfg(test)]

@@ -15,6 +15,50 @@ use anyhow::{Context, bail};
 pub mod delta_latency;
 pub mod fleet;
 
+/// The scripted LLM as an OpenAI-compatible provider with the default model, on the server
+/// `admin` talks to (what every scenario against a server starts with).
+pub async fn setup_provider(
+    admin: &agentplane_tests::ApiClient,
+    llm: &agentplane_tests::ScriptedLlm,
+) -> anyhow::Result<()> {
+    use agentplane_schema::api::{CreateModel, CreateProvider, ProviderType};
+    let provider = admin
+        .create_provider(&CreateProvider {
+            provider_type: ProviderType::OpenaiCompatible,
+            name: "scripted".into(),
+            base_url: llm.base_url(),
+            api_key: None,
+            settings: serde_json::Value::Null,
+        })
+        .await?;
+    admin
+        .create_model(&CreateModel {
+            provider_id: provider.id,
+            model: "scripted".into(),
+            display_name: None,
+            context_window: 1_000_000,
+            max_output_tokens: None,
+            vision: false,
+            enabled: true,
+            is_default: true,
+            compaction_threshold: None,
+            prices: Default::default(),
+            settings: serde_json::Value::Null,
+        })
+        .await?;
+    Ok(())
+}
+
+/// An admin client of `server` with [`setup_provider`] done.
+pub async fn setup(
+    server: &ServerProcess,
+    llm: &agentplane_tests::ScriptedLlm,
+) -> anyhow::Result<agentplane_tests::ApiClient> {
+    let admin = agentplane_tests::ApiClient::new(server.base_url.clone(), ADMIN_TOKEN);
+    setup_provider(&admin, llm).await?;
+    Ok(admin)
+}
+
 pub const ADMIN_TOKEN: &str = "ap_loadgen_admin";
 
 /// A running `agentplane serve` process with its own data directory; killed on drop.

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use agentplane::transport::nats::NatsTransport;
 use agentplane_actors::ports::ToolTransport as _;
 use agentplane_benches::fleet::{Fleet, workspace_ids};
-use agentplane_benches::{ADMIN_TOKEN, ServerProcess, Summary, cpu_time, machine, summarize};
-use agentplane_schema::api::{ChatStatus, CreateChat, CreateModel, CreateProvider, ProviderType, SendMessage};
+use agentplane_benches::{ADMIN_TOKEN, ServerProcess, Summary, cpu_time, machine, setup, setup_provider, summarize};
+use agentplane_schema::api::{ChatStatus, CreateChat, SendMessage};
 use agentplane_schema::event::EventBody;
 use agentplane_schema::message::Part;
 use agentplane_schema::tool::{ToolRequest, ToolResult};
@@ -166,41 +166,6 @@ enum Scenario {
         #[arg(long)]
         resend_while_running: bool,
     },
-}
-
-async fn setup(server: &ServerProcess, llm: &ScriptedLlm) -> anyhow::Result<ApiClient> {
-    let admin = ApiClient::new(server.base_url.clone(), ADMIN_TOKEN);
-    setup_provider(&admin, llm).await?;
-    Ok(admin)
-}
-
-/// The scripted LLM as the default model.
-async fn setup_provider(admin: &ApiClient, llm: &ScriptedLlm) -> anyhow::Result<()> {
-    let provider = admin
-        .create_provider(&CreateProvider {
-            provider_type: ProviderType::OpenaiCompatible,
-            name: "scripted".into(),
-            base_url: llm.base_url(),
-            api_key: None,
-            settings: serde_json::Value::Null,
-        })
-        .await?;
-    admin
-        .create_model(&CreateModel {
-            provider_id: provider.id,
-            model: "scripted".into(),
-            display_name: None,
-            context_window: 1_000_000,
-            max_output_tokens: None,
-            vision: false,
-            enabled: true,
-            is_default: true,
-            compaction_threshold: None,
-            prices: Default::default(),
-            settings: serde_json::Value::Null,
-        })
-        .await?;
-    Ok(())
 }
 
 fn text(t: &str) -> Vec<Part> {
