@@ -7,6 +7,7 @@
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::AggregatedMessage;
+use agentplane_schema::api::Chat;
 use agentplane_schema::event::{ClientFrame, EventBody, StreamEvent};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -42,7 +43,7 @@ async fn stream(
     let chat = visible_chat(&state, &user, &path).await?;
     let (response, session, messages) = actix_ws::handle(&req, body)?;
     let messages = messages.max_frame_size(MAX_FRAME_BYTES).aggregate_continuations();
-    actix_web::rt::spawn(run_session(state.into_inner(), user, chat.id, q.after_seq, session, messages));
+    actix_web::rt::spawn(run_session(state.into_inner(), user, chat, q.after_seq, session, messages));
     Ok(response)
 }
 
@@ -66,11 +67,12 @@ async fn replay(state: &AppState, chat_id: &str, last: &mut i64, session: &mut a
 async fn run_session(
     state: std::sync::Arc<AppState>,
     user: AuthUser,
-    chat_id: String,
+    chat: Chat,
     after_seq: Option<i64>,
     mut session: actix_ws::Session,
     mut incoming: actix_ws::AggregatedMessageStream,
 ) {
+    let chat_id = chat.id.clone();
     let mut live = state.bus.subscribe(&chat_id);
     let snapshot = match state.store.snapshot(&chat_id, SNAPSHOT_MESSAGES).await {
         Ok(Some(s)) => s,
@@ -129,7 +131,7 @@ async fn run_session(
             },
             frame = incoming.next() => match frame {
                 Some(Ok(AggregatedMessage::Text(text))) => {
-                    if let Err(e) = handle_frame(&state, &user, &chat_id, &text).await {
+                    if let Err(e) = handle_frame(&state, &user, &chat, &text).await {
                         let body = serde_json::json!({"type": "error", "chat_id": chat_id, "error": {
                             "kind": "invalid_request", "message": e.message }});
                         if session.text(body.to_string()).await.is_err() {
@@ -150,16 +152,17 @@ async fn run_session(
     let _ = session.close(None).await;
 }
 
-async fn handle_frame(state: &AppState, user: &AuthUser, chat_id: &str, text: &str) -> Result<(), ApiError> {
+/// A frame from the client; the chat is the one the socket was opened on (its model never
+/// changes, so its images are checked against that model without reading the row again).
+async fn handle_frame(state: &AppState, user: &AuthUser, chat: &Chat, text: &str) -> Result<(), ApiError> {
     let frame: ClientFrame =
         serde_json::from_str(text).map_err(|e| ApiError::invalid(format!("unreadable frame: {e}")))?;
     match frame {
         ClientFrame::Send { content, busy_behavior } => {
-            let model_id = state.store.get_chat(chat_id).await?.and_then(|c| c.model_id);
-            check_content(state, user, model_id.as_deref(), &content).await?;
-            state.directory.chat(chat_id).send(user.id(), content, busy_behavior).await?;
+            check_content(state, user, chat.model_id.as_deref(), &content).await?;
+            state.directory.chat(&chat.id).send(user.id(), content, busy_behavior).await?;
         }
-        ClientFrame::Interrupt => state.directory.chat(chat_id).interrupt().await?,
+        ClientFrame::Interrupt => state.directory.chat(&chat.id).interrupt().await?,
     }
     Ok(())
 }

@@ -162,7 +162,6 @@ impl DbStore {
 
     /// Adds a provider; its API key is stored sealed (see [`crate::secrets`]).
     pub async fn create_provider(&self, p: &CreateProvider) -> Result<Provider, StoreError> {
-        self.forget_models();
         let now = Utc::now();
         let id = new_id();
         let row = providers::Model {
@@ -179,6 +178,7 @@ impl DbStore {
             .exec_without_returning(&self.db)
             .await
             .map_err(db_err)?;
+        self.forget_models();
         provider_from_row(row).ok_or_else(|| StoreError::Database("unknown provider type".into()))
     }
 
@@ -190,7 +190,6 @@ impl DbStore {
 
     /// Changes the fields given; `None` when there is no such provider.
     pub async fn patch_provider(&self, id: &str, p: &PatchProvider) -> Result<Option<Provider>, StoreError> {
-        self.forget_models();
         let Some(row) = providers::Entity::find_by_id(id).one(&self.db).await.map_err(db_err)? else {
             return Ok(None);
         };
@@ -209,12 +208,12 @@ impl DbStore {
         }
         active.updated_at = Set(Utc::now());
         let row = providers::Entity::update(active).exec(&self.db).await.map_err(db_err)?;
+        self.forget_models();
         Ok(provider_from_row(row))
     }
 
     /// Deletes a provider that no model uses. `Err(Conflict)` names the models still using it.
     pub async fn delete_provider(&self, id: &str) -> Result<bool, StoreError> {
-        self.forget_models();
         let users: Vec<String> = models::Entity::find()
             .filter(models::Column::ProviderId.eq(id))
             .all(&self.db)
@@ -230,6 +229,7 @@ impl DbStore {
             )));
         }
         let result = providers::Entity::delete_by_id(id).exec(&self.db).await.map_err(db_err)?;
+        self.forget_models();
         Ok(result.rows_affected > 0)
     }
 
@@ -268,7 +268,6 @@ impl DbStore {
 
     /// Adds a model; a new default takes the flag from the previous one.
     pub async fn create_model(&self, m: &CreateModel) -> Result<Model, StoreError> {
-        self.forget_models();
         let row = models::Model {
             id: new_id(),
             provider_id: m.provider_id.clone(),
@@ -301,6 +300,7 @@ impl DbStore {
             .await
             .map_err(db_err)?;
         txn.commit().await.map_err(db_err)?;
+        self.forget_models();
         Ok(model_from_row(row))
     }
 
@@ -315,7 +315,6 @@ impl DbStore {
 
     /// Changes the fields given; a new default takes the flag from the previous one.
     pub async fn patch_model(&self, id: &str, p: &PatchModel) -> Result<Option<Model>, StoreError> {
-        self.forget_models();
         let txn = self.db.begin().await.map_err(db_err)?;
         let Some(row) = models::Entity::find_by_id(id).one(&txn).await.map_err(db_err)? else {
             return Ok(None);
@@ -361,13 +360,14 @@ impl DbStore {
         }
         let row = models::Entity::update(active).exec(&txn).await.map_err(db_err)?;
         txn.commit().await.map_err(db_err)?;
+        self.forget_models();
         Ok(Some(model_from_row(row)))
     }
 
     /// Deletes a model. A chat that named it gets a clear `config` error on its next turn.
     pub async fn delete_model(&self, id: &str) -> Result<bool, StoreError> {
-        self.forget_models();
         let result = models::Entity::delete_by_id(id).exec(&self.db).await.map_err(db_err)?;
+        self.forget_models();
         Ok(result.rows_affected > 0)
     }
 

@@ -45,7 +45,13 @@ pub struct DbStore {
 }
 
 /// Resolved models with when they were resolved, by the id asked for.
-type ModelCache = HashMap<Option<String>, (std::time::Instant, ResolvedModel)>;
+#[derive(Default)]
+struct ModelCache {
+    entries: HashMap<Option<String>, (std::time::Instant, ResolvedModel)>,
+    /// Bumped by every change: a resolution that read the rows before a change does not store
+    /// its (old) result after it.
+    generation: u64,
+}
 
 /// How long a resolved model is reused.
 const MODEL_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
@@ -199,9 +205,11 @@ impl DbStore {
         })
     }
 
-    /// Forgets every resolved model (a provider or model changed).
+    /// Forgets every resolved model; called after a provider or model row changed.
     pub(crate) fn forget_models(&self) {
-        self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        let mut cache = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache.entries.clear();
+        cache.generation += 1;
     }
 }
 
@@ -257,16 +265,20 @@ impl Store for DbStore {
 
     async fn resolve_model(&self, model_id: Option<&str>) -> Result<ResolvedModel, StoreError> {
         let key = model_id.map(str::to_string);
-        if let Some((at, model)) = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key)
-            && at.elapsed() < MODEL_CACHE_TTL
-        {
-            return Ok(model.clone());
-        }
+        let generation = {
+            let cache = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((at, model)) = cache.entries.get(&key)
+                && at.elapsed() < MODEL_CACHE_TTL
+            {
+                return Ok(model.clone());
+            }
+            cache.generation
+        };
         let resolved = self.resolve_model_uncached(model_id).await?;
-        self.models
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key, (std::time::Instant::now(), resolved.clone()));
+        let mut cache = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.generation == generation {
+            cache.entries.insert(key, (std::time::Instant::now(), resolved.clone()));
+        }
         Ok(resolved)
     }
 
