@@ -5,13 +5,14 @@
 //! change and its events in one transaction, and only then publishes — all under one lock, so
 //! watchers see durable events in `seq` order and never one that is not stored.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use agentplane_schema::event::{EventBody, StreamEvent};
 use tokio::sync::Mutex;
 
-use crate::ports::{Batch, EventBus, Op, Store, StoreError};
+use crate::ports::{Batch, EventBus, ImageData, Op, Store, StoreError};
 
 pub struct ChatShared {
     pub chat_id: String,
@@ -26,6 +27,9 @@ pub struct ChatShared {
     /// Tokens of the last model call (prompt + answer) and the position of its answer: what the
     /// provider reported, for deciding when to compact.
     reported_usage: std::sync::Mutex<Option<(u64, i64)>>,
+    /// Image bytes the prompts of the current turn show, read from the store once per turn (an
+    /// uploaded file never changes); dropped when the turn ends so an idle chat holds none.
+    images: std::sync::Mutex<HashMap<String, ImageData>>,
 }
 
 impl ChatShared {
@@ -48,7 +52,26 @@ impl ChatShared {
             workspace_id: std::sync::Mutex::new(workspace_id),
             workspace_lock: Mutex::new(()),
             reported_usage: std::sync::Mutex::new(None),
+            images: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The bytes of the images `ids` names; those not read yet in this turn come from the store.
+    /// Ids that do not exist are left out.
+    pub async fn images(&self, ids: &[String]) -> Result<HashMap<String, ImageData>, StoreError> {
+        let missing: Vec<String> = {
+            let cached = self.images.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            ids.iter().filter(|id| !cached.contains_key(*id)).cloned().collect()
+        };
+        let loaded = if missing.is_empty() { HashMap::new() } else { self.store.load_images(&missing).await? };
+        let mut cached = self.images.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        cached.extend(loaded);
+        Ok(ids.iter().filter_map(|id| Some((id.clone(), cached.get(id)?.clone()))).collect())
+    }
+
+    /// Drops the image bytes read in the turn that ended.
+    pub fn forget_images(&self) {
+        self.images.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
     }
 
     /// Commits `ops` with the durable `events`, then publishes the events.

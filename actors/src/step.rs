@@ -165,8 +165,7 @@ async fn step(
                 ),
             }));
         }
-        let images =
-            if image_ids.is_empty() { Default::default() } else { input.deps.store.load_images(&image_ids).await? };
+        let images = if image_ids.is_empty() { Default::default() } else { input.shared.images(&image_ids).await? };
         let request = ModelRequest {
             target: model.target.clone(),
             system: prompt::system_prompt(&input.deps.settings.agent.system_prompt),

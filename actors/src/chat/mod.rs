@@ -259,6 +259,7 @@ impl ChatActor {
     fn end_turn(&mut self, error: Option<ChatError>, ctx: &mut Context<Self>) {
         let Some(live) = self.live.as_mut() else { return };
         live.turn = None;
+        live.shared.forget_images();
         let status = if error.is_some() { ChatStatus::Error } else { ChatStatus::Idle };
         match &error {
             Some(e) => self.notify_parent(SubagentStatus::Failed, Some(e.message.clone())),
