@@ -255,6 +255,17 @@ impl TestEnv {
     }
 }
 
+/// `(attempt, delay_ms, error kind)` of each `retry` event.
+pub fn retries(events: &[StreamEvent]) -> Vec<(u32, u64, agentplane_schema::api::ChatErrorKind)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::Retry { attempt, delay_ms, error } => Some((*attempt, *delay_ms, error.kind)),
+            _ => None,
+        })
+        .collect()
+}
+
 pub fn is_status(status: ChatStatus) -> impl FnMut(&StreamEvent) -> bool {
     move |e| matches!(&e.body, EventBody::Status { status: s, .. } if *s == status)
 }

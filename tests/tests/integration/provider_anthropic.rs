@@ -10,7 +10,7 @@ use agentplane_tests::scripted_llm::Dialect;
 use agentplane_tests::{EventStream, RecordedRequest, Reply, ScriptedCall, ScriptedLlm};
 use serde_json::json;
 
-use crate::common::{ADMIN_TOKEN, Db, ProviderSetup, TestEnv, WAIT, is_status, tool_results};
+use crate::common::{ADMIN_TOKEN, Db, ProviderSetup, TestEnv, WAIT, is_status, retries, tool_results};
 
 const API_KEY: &str = "sk-ant-test-secret-0123456789";
 
@@ -185,16 +185,6 @@ async fn a_turn_with_tools_runs_through_the_messages_api() {
 
 fn anthropic_error(status: u16, kind: &str, message: &str) -> Reply {
     Reply::error(status, json!({"type": "error", "error": {"type": kind, "message": message}}))
-}
-
-fn retries(events: &[agentplane_schema::event::StreamEvent]) -> Vec<(u32, u64, ChatErrorKind)> {
-    events
-        .iter()
-        .filter_map(|e| match &e.body {
-            EventBody::Retry { attempt, delay_ms, error } => Some((*attempt, *delay_ms, error.kind)),
-            _ => None,
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use agentplane_tests::scripted_llm::Dialect;
 use agentplane_tests::{EventStream, RecordedRequest, Reply, ScriptedLlm};
 use serde_json::{Value, json};
 
-use crate::common::{ADMIN_TOKEN, Db, ProviderSetup, TestEnv, WAIT, is_status, tool_results};
+use crate::common::{ADMIN_TOKEN, Db, ProviderSetup, TestEnv, WAIT, is_status, retries, tool_results};
 
 const ACCESS_KEY_ID: &str = "AKIDEXAMPLE";
 const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
@@ -164,13 +164,7 @@ async fn throttling_with_retry_after_is_retried() {
         Reply::text("made it"),
     ]);
     let (chat_id, events) = turn(&env, "go").await;
-    let retries: Vec<(u32, u64, ChatErrorKind)> = events
-        .iter()
-        .filter_map(|e| match &e.body {
-            EventBody::Retry { attempt, delay_ms, error } => Some((*attempt, *delay_ms, error.kind)),
-            _ => None,
-        })
-        .collect();
+    let retries = retries(&events);
     assert_eq!(retries, [(1, 1000, ChatErrorKind::RateLimit)], "retry-after sets the delay");
     assert_eq!(env.messages(&chat_id).await.last().expect("last").text(), "made it");
     let requests = env.llm.requests();

@@ -9,7 +9,7 @@ use agentplane_tests::scripted_llm::Dialect;
 use agentplane_tests::{EventStream, RecordedRequest, Reply, ScriptedLlm};
 use serde_json::{Value, json};
 
-use crate::common::{ADMIN_TOKEN, Db, ProviderSetup, TestEnv, WAIT, is_status, tool_results};
+use crate::common::{ADMIN_TOKEN, Db, ProviderSetup, TestEnv, WAIT, is_status, retries, tool_results};
 
 const KEY: &str = "gemini-test-key-0123456789";
 const MODEL: &str = "gemini-3-flash-preview";
@@ -175,13 +175,7 @@ async fn a_429_with_retry_info_is_retried_after_its_delay() {
             {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1s"}]}});
     env.llm.push_all([Reply::error(429, quota), Reply::text("made it")]);
     let (chat_id, events) = run_turn(&env, "go", ChatStatus::Idle).await;
-    let retries: Vec<(u32, u64, ChatErrorKind)> = events
-        .iter()
-        .filter_map(|e| match &e.body {
-            EventBody::Retry { attempt, delay_ms, error } => Some((*attempt, *delay_ms, error.kind)),
-            _ => None,
-        })
-        .collect();
+    let retries = retries(&events);
     assert_eq!(retries, [(1, 1000, ChatErrorKind::RateLimit)], "RetryInfo sets the delay");
     assert_eq!(env.messages(&chat_id).await.last().expect("last").text(), "made it");
     assert_eq!(env.llm.request_count(), 2);

@@ -6,7 +6,7 @@ use agentplane_schema::event::EventBody;
 use agentplane_tests::Reply;
 use serde_json::json;
 
-use crate::common::{TestEnv, WAIT, is_status};
+use crate::common::{TestEnv, WAIT, is_status, retries};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_with_retry_after_is_retried_and_completes() {
@@ -15,13 +15,7 @@ async fn rate_limit_with_retry_after_is_retried_and_completes() {
     env.llm.push_all([Reply::rate_limited(1), Reply::text("made it")]);
     env.send(&chat.id, "go").await;
     let events = stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
-    let retries: Vec<(u32, u64, ChatErrorKind)> = events
-        .iter()
-        .filter_map(|e| match &e.body {
-            EventBody::Retry { attempt, delay_ms, error } => Some((*attempt, *delay_ms, error.kind)),
-            _ => None,
-        })
-        .collect();
+    let retries = retries(&events);
     assert_eq!(retries, [(1, 1000, ChatErrorKind::RateLimit)], "retry-after sets the delay");
     assert_eq!(env.messages(&chat.id).await.last().expect("last").text(), "made it");
     assert_eq!(env.llm.request_count(), 3);
