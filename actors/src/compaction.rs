@@ -7,6 +7,8 @@
 //! estimate of what came after it. At most [`MAX_TRIES`] compactions per model call; a prompt
 //! that still does not fit ends the turn with `context_overflow`, never a loop.
 
+use std::sync::Arc;
+
 use agentplane_schema::api::{ChatError, ChatErrorKind};
 use agentplane_schema::event::EventBody;
 use agentplane_schema::message::{Message, Part, Role};
@@ -63,12 +65,12 @@ pub async fn compact(
     }
     let mut messages = prompt::prompt_messages(older);
     prompt::images_as_notes(&mut messages);
-    messages.push(PromptMessage { role: Role::User, parts: vec![Part::text(COMPACTION_PROMPT)] });
+    messages.push(PromptMessage { role: Role::User, parts: Arc::new(vec![Part::text(COMPACTION_PROMPT)]) });
     let request = ModelRequest {
         target: model.target.clone(),
         system: "You summarise conversations for your own later use.".into(),
         messages,
-        tools: vec![],
+        tools: Arc::new([]),
         images: Default::default(),
     };
     let summary = match collect_text(input, request).await {
@@ -81,7 +83,7 @@ pub async fn compact(
         chat_id: input.shared.chat_id.clone(),
         position: input.shared.next_position(),
         role,
-        parts: vec![Part::text(text)],
+        parts: Arc::new(vec![Part::text(text)]),
         interrupted: false,
         user_id: Some(input.user_id.clone()),
         model_id: Some(model.id.clone()),

@@ -44,7 +44,8 @@ impl std::fmt::Debug for ModelTarget {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptMessage {
     pub role: Role,
-    pub parts: Vec<Part>,
+    /// The history message's own parts, shared.
+    pub parts: Arc<Vec<Part>>,
 }
 
 /// A tool the model may call.
@@ -61,7 +62,8 @@ pub struct ModelRequest {
     pub target: ModelTarget,
     pub system: String,
     pub messages: Vec<PromptMessage>,
-    pub tools: Vec<ToolSpec>,
+    /// Shared: the same definitions go with every request.
+    pub tools: Arc<[ToolSpec]>,
     /// The bytes of every image the messages refer to (`Part::Image { file_id }`), by file id.
     pub images: HashMap<String, ImageData>,
 }

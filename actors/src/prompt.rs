@@ -1,5 +1,7 @@
 //! The system prompt and the prompt built from a chat's history.
 
+use std::sync::Arc;
+
 use agentplane_schema::message::{Message, Part, Role};
 
 use crate::ports::PromptMessage;
@@ -43,7 +45,7 @@ pub fn prompt_messages(history: &[Message]) -> Vec<PromptMessage> {
             Role::Marker => None,
             Role::Summary => Some(PromptMessage {
                 role: Role::User,
-                parts: vec![Part::text(format!("{SUMMARY_PREFIX}\n{}", m.text()))],
+                parts: Arc::new(vec![Part::text(format!("{SUMMARY_PREFIX}\n{}", m.text()))]),
             }),
             _ if m.parts.is_empty() && m.role != Role::User => None,
             _ => Some(PromptMessage { role: m.role, parts: m.parts.clone() }),
@@ -54,7 +56,7 @@ pub fn prompt_messages(history: &[Message]) -> Vec<PromptMessage> {
 /// The file ids of the images `messages` show the model, each once.
 pub fn image_ids(messages: &[PromptMessage]) -> Vec<String> {
     let mut ids: Vec<String> = Vec::new();
-    for part in messages.iter().flat_map(|m| &m.parts) {
+    for part in messages.iter().flat_map(|m| m.parts.iter()) {
         if let Part::Image { file_id } = part
             && !ids.contains(file_id)
         {
@@ -67,7 +69,9 @@ pub fn image_ids(messages: &[PromptMessage]) -> Vec<String> {
 /// `messages` with each image replaced by a note that one was there (for calls that do not
 /// look at images, such as summarising).
 pub fn images_as_notes(messages: &mut [PromptMessage]) {
-    for part in messages.iter_mut().flat_map(|m| &mut m.parts) {
+    // Only messages with an image get parts of their own; the others stay shared.
+    let with_images = messages.iter_mut().filter(|m| m.parts.iter().any(|p| matches!(p, Part::Image { .. })));
+    for part in with_images.flat_map(|m| Arc::make_mut(&mut m.parts).iter_mut()) {
         if let Part::Image { file_id } = part {
             *part = Part::text(format!("[an image was attached here ({file_id})]"));
         }

@@ -283,40 +283,83 @@ async fn step(
         agent: input.agent.clone(),
     };
     let result_cap = (model.context_window.max(1) as f64 * 4.0 * TOOL_RESULT_SHARE) as usize;
-    let runs = calls.iter().zip(&wire_ids).map(|((call_id, name, args), wire_id)| {
-        run_and_record(&ctx, &assistant_id, wire_id, call_id, name, args, result_cap)
-    });
-    let outcomes = futures::future::join_all(runs).await;
-    let mut result_parts = Vec::with_capacity(calls.len());
-    let mut interrupted = false;
-    for ((call_id, name, _), outcome) in calls.iter().zip(outcomes) {
-        let outcome = outcome?;
-        interrupted |= outcome.interrupted;
-        result_parts.push(Part::ToolResult {
-            call_id: call_id.clone(),
-            name: name.clone(),
-            result: outcome.output,
-            is_error: outcome.is_error,
-        });
-    }
-    let results = new_message(input, Role::Tool, result_parts, interrupted, None);
-    input
-        .shared
-        .commit(vec![Op::InsertMessage(results.clone())], vec![EventBody::Message { message: results.clone() }])
-        .await?;
+    let finishing = Finishing {
+        calls: &calls,
+        wire_ids: &wire_ids,
+        message_id: &assistant_id,
+        result_cap,
+        committed: std::sync::Mutex::new(vec![None; calls.len()]),
+        results: Default::default(),
+    };
+    let runs = (0..calls.len()).map(|index| run_and_record(&ctx, input, &finishing, index));
+    let outcomes = futures::future::join_all(runs).await.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let interrupted = outcomes.iter().any(|o| o.interrupted);
+    let results = match finishing.results.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(results) => results,
+        // Calls finished together and none saw all the others committed: the results alone.
+        None => {
+            let results = results_message(input, &calls, outcomes.iter());
+            input
+                .shared
+                .commit(vec![Op::InsertMessage(results.clone())], vec![EventBody::Message { message: results.clone() }])
+                .await?;
+            results
+        }
+    };
     committed.push(results);
     Ok(if interrupted || input.cancel.is_cancelled() { StepOutcome::Interrupted } else { StepOutcome::Continue })
 }
 
+/// A step's tool calls as they finish. Each call's finish is committed as soon as it has run; the
+/// call that finishes when every other one is already committed also commits the tool results
+/// message in the same transaction (with one call, always), which saves a commit per step.
+struct Finishing<'a> {
+    /// Each call's id, name and arguments.
+    calls: &'a [(String, String, Value)],
+    /// Our own id of each call.
+    wire_ids: &'a [String],
+    /// The assistant message that made the calls.
+    message_id: &'a str,
+    /// The longest result kept.
+    result_cap: usize,
+    /// The outcomes of the calls whose finish is committed, by call.
+    committed: std::sync::Mutex<Vec<Option<ToolOutcome>>>,
+    /// The results message, once a call committed it.
+    results: std::sync::Mutex<Option<Message>>,
+}
+
+/// The tool results message: one result part per call, in the calls' order.
+fn results_message<'a>(
+    input: &StepInput,
+    calls: &[(String, String, Value)],
+    outcomes: impl Iterator<Item = &'a ToolOutcome>,
+) -> Message {
+    let mut interrupted = false;
+    let parts = calls
+        .iter()
+        .zip(outcomes)
+        .map(|((call_id, name, _), outcome)| {
+            interrupted |= outcome.interrupted;
+            Part::ToolResult {
+                call_id: call_id.clone(),
+                name: name.clone(),
+                result: outcome.output.clone(),
+                is_error: outcome.is_error,
+            }
+        })
+        .collect();
+    new_message(input, Role::Tool, parts, interrupted, None)
+}
+
+/// Runs call `index` and commits its finish (see [`Finishing`]).
 async fn run_and_record(
     ctx: &ToolContext,
-    message_id: &str,
-    wire_id: &str,
-    call_id: &str,
-    name: &str,
-    args: &Value,
-    result_cap: usize,
+    input: &StepInput,
+    finishing: &Finishing<'_>,
+    index: usize,
 ) -> Result<ToolOutcome, StoreError> {
+    let (call_id, name, args) = &finishing.calls[index];
+    let (wire_id, message_id, result_cap) = (&finishing.wire_ids[index], finishing.message_id, finishing.result_cap);
     let mut outcome = if args.is_object() {
         tools::run(ctx, wire_id, call_id, name, args).await
     } else {
@@ -324,44 +367,63 @@ async fn run_and_record(
     };
     outcome.output = cut_middle(&outcome.output, result_cap);
     let status = if outcome.interrupted { ToolCallStatus::Interrupted } else { ToolCallStatus::Done };
-    ctx.shared
-        .commit(
-            vec![
-                Op::FinishToolCall {
-                    call_id: call_id.to_string(),
-                    message_id: message_id.to_string(),
-                    status,
-                    result: outcome.output.clone(),
-                    is_error: outcome.is_error,
-                    exit_code: outcome.exit_code,
-                    duration_ms: outcome.duration_ms,
-                    workspace_id: outcome.workspace_id.clone(),
-                },
-                Op::Audit {
-                    user_id: Some(ctx.user_id.clone()),
-                    action: "tool.executed".into(),
-                    target_type: "tool_call".into(),
-                    target_id: Some(call_id.to_string()),
-                    details: json!({
-                        "chat_id": ctx.shared.chat_id,
-                        "tool": name,
-                        "workspace_id": outcome.workspace_id,
-                        "is_error": outcome.is_error,
-                        "status": status.as_str(),
-                    }),
-                },
-            ],
-            vec![EventBody::ToolCall {
-                phase: ToolPhase::Finished,
-                call_id: call_id.to_string(),
-                name: name.to_string(),
-                args: None,
-                output: Some(outcome.output.clone()),
-                is_error: Some(outcome.is_error),
-                workspace_id: outcome.workspace_id.clone(),
-            }],
-        )
-        .await?;
+    let mut ops = vec![
+        Op::FinishToolCall {
+            call_id: call_id.to_string(),
+            message_id: message_id.to_string(),
+            status,
+            result: outcome.output.clone(),
+            is_error: outcome.is_error,
+            exit_code: outcome.exit_code,
+            duration_ms: outcome.duration_ms,
+            workspace_id: outcome.workspace_id.clone(),
+        },
+        Op::Audit {
+            user_id: Some(ctx.user_id.clone()),
+            action: "tool.executed".into(),
+            target_type: "tool_call".into(),
+            target_id: Some(call_id.to_string()),
+            details: json!({
+                "chat_id": ctx.shared.chat_id,
+                "tool": name,
+                "workspace_id": outcome.workspace_id,
+                "is_error": outcome.is_error,
+                "status": status.as_str(),
+            }),
+        },
+    ];
+    let mut events = vec![EventBody::ToolCall {
+        phase: ToolPhase::Finished,
+        call_id: call_id.to_string(),
+        name: name.to_string(),
+        args: None,
+        output: Some(outcome.output.clone()),
+        is_error: Some(outcome.is_error),
+        workspace_id: outcome.workspace_id.clone(),
+    }];
+    // Every other call committed: this one is the last, and its commit carries the results.
+    // Only a call that did not take this role records its outcome, after its commit, so at
+    // most one call takes it.
+    let results = {
+        let done = finishing.committed.lock().unwrap_or_else(|p| p.into_inner());
+        let others = done.iter().enumerate().filter(|(i, _)| *i != index);
+        match others.map(|(_, o)| o.as_ref()).collect::<Option<Vec<_>>>() {
+            Some(mut outcomes) => {
+                outcomes.insert(index, &outcome);
+                Some(results_message(input, finishing.calls, outcomes.into_iter()))
+            }
+            None => None,
+        }
+    };
+    if let Some(results) = &results {
+        ops.push(Op::InsertMessage(results.clone()));
+        events.push(EventBody::Message { message: results.clone() });
+    }
+    ctx.shared.commit(ops, events).await?;
+    match results {
+        Some(results) => *finishing.results.lock().unwrap_or_else(|p| p.into_inner()) = Some(results),
+        None => finishing.committed.lock().unwrap_or_else(|p| p.into_inner())[index] = Some(outcome.clone()),
+    }
     Ok(outcome)
 }
 
@@ -533,7 +595,7 @@ fn new_message(
         chat_id: input.shared.chat_id.clone(),
         position: input.shared.next_position(),
         role,
-        parts,
+        parts: Arc::new(parts),
         interrupted,
         user_id: Some(input.user_id.clone()),
         model_id: model.map(|m| m.id.clone()),

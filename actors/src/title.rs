@@ -35,12 +35,12 @@ pub async fn generate(
         system: "You write short, specific titles for conversations.".into(),
         messages: vec![PromptMessage {
             role: Role::User,
-            parts: vec![Part::text(format!(
+            parts: Arc::new(vec![Part::text(format!(
                 "Write a title of at most six words for a conversation that begins with this message. \
                  Answer with the title only.\n\n{source}"
-            ))],
+            ))]),
         }],
-        tools: vec![],
+        tools: Arc::new([]),
         images: Default::default(),
     };
     let mut text = String::new();

@@ -66,8 +66,13 @@ pub struct ToolContext {
 const WAIT_AGENT_MAX_SECONDS: u64 = 3600;
 const WAIT_AGENT_DEFAULT_SECONDS: u64 = 600;
 
-/// Definitions sent to the model.
-pub fn specs() -> Vec<ToolSpec> {
+/// Definitions sent to the model: built once, shared by every request.
+pub fn specs() -> Arc<[ToolSpec]> {
+    static SPECS: std::sync::LazyLock<Arc<[ToolSpec]>> = std::sync::LazyLock::new(|| build_specs().into());
+    SPECS.clone()
+}
+
+fn build_specs() -> Vec<ToolSpec> {
     fn spec(name: &str, description: &str, parameters: Value) -> ToolSpec {
         ToolSpec { name: name.into(), description: description.into(), parameters }
     }
@@ -522,7 +527,7 @@ mod tests {
 
     #[test]
     fn specs_are_valid_object_schemas() {
-        for s in specs() {
+        for s in specs().iter() {
             assert_eq!(s.parameters["type"], "object", "{}", s.name);
         }
     }

@@ -54,7 +54,8 @@ fn step_batch(t: &Target) -> Batch {
         parts: vec![
             Part::text("I'll write the file."),
             Part::ToolCall { call_id: format!("call_{n}"), name: "write_file".into(), args: args.clone() },
-        ],
+        ]
+        .into(),
         interrupted: false,
         user_id: Some("bench".into()),
         model_id: Some("m".into()),

@@ -1,5 +1,7 @@
 //! Chat messages and their parts, as stored and as sent over the API.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -84,7 +86,9 @@ pub struct Message {
     /// Position in the chat, 1-based, strictly increasing.
     pub position: i64,
     pub role: Role,
-    pub parts: Vec<Part>,
+    /// Shared, not copied, by every holder of the message (history snapshots, prompts, events,
+    /// batches): a message's parts never change once it is made.
+    pub parts: Arc<Vec<Part>>,
     /// The answer was cut short by an interrupt.
     #[serde(default)]
     pub interrupted: bool,

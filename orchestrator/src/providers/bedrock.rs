@@ -320,7 +320,7 @@ fn message_content(
         // should one arrive anyway, a summary reads as user context and a marker is not sent.
         Role::Marker => return Ok(("user", Vec::new())),
         Role::User | Role::Summary => {
-            for part in &message.parts {
+            for part in message.parts.iter() {
                 match part {
                     Part::Text { text } if !is_blank(text) => content.push(json!({"text": text})),
                     Part::Image { file_id } => content.push(image_block(file_id, images)?),
@@ -330,7 +330,7 @@ fn message_content(
             "user"
         }
         Role::Assistant => {
-            for part in &message.parts {
+            for part in message.parts.iter() {
                 match part {
                     Part::Reasoning { text, signature: Some(signature) } => {
                         content.push(reasoning_block(text, signature));
@@ -352,7 +352,7 @@ fn message_content(
             "assistant"
         }
         Role::Tool => {
-            for part in &message.parts {
+            for part in message.parts.iter() {
                 let Part::ToolResult { call_id, name, result, is_error } = part else {
                     continue;
                 };

@@ -269,7 +269,7 @@ fn content(
         Role::Marker => return Ok(None),
         Role::User | Role::Summary => {
             let mut parts = Vec::with_capacity(message.parts.len());
-            for part in &message.parts {
+            for part in message.parts.iter() {
                 match part {
                     // Gemini rejects empty text parts.
                     Part::Text { text } if !text.is_empty() => parts.push(json!({"text": text})),

@@ -107,7 +107,7 @@ fn push_items(out: &mut Vec<Value>, message: &PromptMessage, request: &ModelRequ
         // should one arrive anyway, a summary reads as user context and a marker is not sent.
         Role::User | Role::Summary => {
             let mut content = Vec::with_capacity(message.parts.len());
-            for part in &message.parts {
+            for part in message.parts.iter() {
                 match part {
                     Part::Text { text } => content.push(json!({"type": "input_text", "text": text})),
                     Part::Image { file_id } => {
@@ -130,7 +130,7 @@ fn push_items(out: &mut Vec<Value>, message: &PromptMessage, request: &ModelRequ
                 Part::ToolCall { .. } => true,
                 _ => false,
             });
-            for part in &message.parts {
+            for part in message.parts.iter() {
                 match part {
                     // Reasoning without encrypted content (another provider's, or one cut off
                     // before its item ended) cannot be sent back.
@@ -160,7 +160,7 @@ fn push_items(out: &mut Vec<Value>, message: &PromptMessage, request: &ModelRequ
         // The dialect has no error flag on a function's output; the result text says what went
         // wrong.
         Role::Tool => {
-            for part in &message.parts {
+            for part in message.parts.iter() {
                 if let Part::ToolResult { call_id, result, .. } = part {
                     out.push(json!({"type": "function_call_output", "call_id": call_id, "output": result}));
                 }

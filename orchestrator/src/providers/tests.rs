@@ -225,8 +225,8 @@ pub(super) fn simple_request(base_url: &str) -> ModelRequest {
     ModelRequest {
         target: target(base_url),
         system: "You are terse.".to_owned(),
-        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")] }],
-        tools: Vec::new(),
+        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")].into() }],
+        tools: Vec::new().into(),
         images: Default::default(),
     }
 }
@@ -794,7 +794,7 @@ async fn request_shape() {
         target: target(&server.base_url),
         system: "You are a coding agent.".to_owned(),
         messages: vec![
-            PromptMessage { role: Role::User, parts: vec![Part::text("List the files.")] },
+            PromptMessage { role: Role::User, parts: vec![Part::text("List the files.")].into() },
             PromptMessage {
                 role: Role::Assistant,
                 parts: vec![
@@ -810,7 +810,8 @@ async fn request_shape() {
                         name: "read_file".to_owned(),
                         args: json!({"path": "a"}),
                     },
-                ],
+                ]
+                .into(),
             },
             PromptMessage {
                 role: Role::Tool,
@@ -827,7 +828,8 @@ async fn request_shape() {
                         result: "no such file".to_owned(),
                         is_error: true,
                     },
-                ],
+                ]
+                .into(),
             },
             PromptMessage {
                 role: Role::Assistant,
@@ -835,7 +837,8 @@ async fn request_shape() {
                     call_id: "call_3".to_owned(),
                     name: "execute".to_owned(),
                     args: json!({}),
-                }],
+                }]
+                .into(),
             },
             PromptMessage {
                 role: Role::Tool,
@@ -844,18 +847,20 @@ async fn request_shape() {
                     name: "execute".to_owned(),
                     result: String::new(),
                     is_error: false,
-                }],
+                }]
+                .into(),
             },
             PromptMessage {
                 role: Role::User,
-                parts: vec![Part::text("What is this?"), Part::Image { file_id: "file_9".to_owned() }],
+                parts: vec![Part::text("What is this?"), Part::Image { file_id: "file_9".to_owned() }].into(),
             },
         ],
         tools: vec![ToolSpec {
             name: "execute".to_owned(),
             description: "Run a command.".to_owned(),
             parameters: command_schema(),
-        }],
+        }]
+        .into(),
         images: [(
             "file_9".to_owned(),
             ImageData { media_type: "image/png".to_owned(), bytes: Arc::from(&b"\x89PNG"[..]) },

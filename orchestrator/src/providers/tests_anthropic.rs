@@ -38,8 +38,8 @@ fn simple_request(base_url: &str) -> ModelRequest {
     ModelRequest {
         target: target(base_url),
         system: "You are terse.".to_owned(),
-        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")] }],
-        tools: Vec::new(),
+        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")].into() }],
+        tools: Vec::new().into(),
         images: HashMap::new(),
     }
 }
@@ -482,7 +482,7 @@ fn result(call_id: &str, result: &str, is_error: bool) -> Part {
 }
 
 fn message(role: Role, parts: Vec<Part>) -> PromptMessage {
-    PromptMessage { role, parts }
+    PromptMessage { role, parts: parts.into() }
 }
 
 /// Sends `request` against a server answering `text_basic.sse` and returns what it received.
@@ -524,7 +524,7 @@ async fn request_shape() {
             // user message, after them.
             message(Role::User, vec![Part::text("What is this?"), Part::Image { file_id: "file_9".to_owned() }]),
         ],
-        tools: vec![tool("execute"), tool("read_file")],
+        tools: vec![tool("execute"), tool("read_file")].into(),
         images: HashMap::from([(
             "file_9".to_owned(),
             ImageData { media_type: "image/png".to_owned(), bytes: Arc::from(PNG) },
@@ -611,7 +611,7 @@ async fn cache_breakpoints_follow_the_turn() {
     // A long agent turn: user, then five steps of a call and its result. At most four
     // breakpoints: tools, system, the previous step's result, the last result.
     let mut request = simple_request("");
-    request.tools = vec![tool("execute")];
+    request.tools = vec![tool("execute")].into();
     for step in 0..5 {
         let id = format!("toolu_{step}");
         request.messages.push(message(Role::Assistant, vec![call(&id, "execute", json!({"command": "ls"}))]));

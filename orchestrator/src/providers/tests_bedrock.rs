@@ -126,8 +126,8 @@ fn simple_request(base_url: &str) -> ModelRequest {
     ModelRequest {
         target: target(base_url),
         system: "You are terse.".to_owned(),
-        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("Reply with exactly OK.")] }],
-        tools: Vec::new(),
+        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("Reply with exactly OK.")].into() }],
+        tools: Vec::new().into(),
         images: HashMap::new(),
     }
 }
@@ -715,7 +715,7 @@ fn conversation() -> Vec<PromptMessage> {
         is_error,
     };
     vec![
-        PromptMessage { role: Role::User, parts: vec![Part::text("List the files.")] },
+        PromptMessage { role: Role::User, parts: vec![Part::text("List the files.")].into() },
         PromptMessage {
             role: Role::Assistant,
             parts: vec![
@@ -724,34 +724,37 @@ fn conversation() -> Vec<PromptMessage> {
                 Part::text("\n\n"),
                 call("call_1", "execute", json!({"command": "ls"})),
                 call("call_2", "read_file", json!({"path": "a"})),
-            ],
+            ]
+            .into(),
         },
         PromptMessage {
             role: Role::Tool,
             parts: vec![
                 result("call_1", "execute", "a\nb", false),
                 result("call_2", "read_file", "no such file", true),
-            ],
+            ]
+            .into(),
         },
         PromptMessage {
             role: Role::Assistant,
             parts: vec![
                 Part::Reasoning { text: String::new(), signature: Some("bedrock-redacted:UkVEQUNURUQ=".to_owned()) },
                 call("call_3", "execute", Value::String("{\"command\":".to_owned())),
-            ],
+            ]
+            .into(),
         },
-        PromptMessage { role: Role::Tool, parts: vec![result("call_3", "execute", "", false)] },
-        PromptMessage { role: Role::Marker, parts: vec![Part::text("Model changed.")] },
+        PromptMessage { role: Role::Tool, parts: vec![result("call_3", "execute", "", false)].into() },
+        PromptMessage { role: Role::Marker, parts: vec![Part::text("Model changed.")].into() },
         PromptMessage {
             role: Role::User,
-            parts: vec![Part::text("What is this?"), Part::Image { file_id: "file_9".to_owned() }],
+            parts: vec![Part::text("What is this?"), Part::Image { file_id: "file_9".to_owned() }].into(),
         },
         // Only unsigned reasoning: nothing to send, so the user messages around it join.
         PromptMessage {
             role: Role::Assistant,
-            parts: vec![Part::Reasoning { text: "Hmm.".to_owned(), signature: None }],
+            parts: vec![Part::Reasoning { text: "Hmm.".to_owned(), signature: None }].into(),
         },
-        PromptMessage { role: Role::User, parts: vec![Part::text("Go on.")] },
+        PromptMessage { role: Role::User, parts: vec![Part::text("Go on.")].into() },
     ]
 }
 
@@ -775,7 +778,8 @@ async fn request_shape() {
             name: "execute".to_owned(),
             description: "Run a command.".to_owned(),
             parameters: command_schema(),
-        }],
+        }]
+        .into(),
         images: images(),
     })
     .await;
@@ -848,7 +852,7 @@ async fn without_tools_calls_and_results_are_told_as_text() {
             "additional_model_request_fields": {"thinking": {"type": "enabled", "budget_tokens": 2048}},
         });
         request.messages = conversation()[..3].to_vec();
-        request.messages.push(PromptMessage { role: Role::User, parts: vec![Part::text("Summarise.")] });
+        request.messages.push(PromptMessage { role: Role::User, parts: vec![Part::text("Summarise.")].into() });
         request
     })
     .await;
@@ -931,7 +935,7 @@ async fn images_that_cannot_be_sent_are_config_errors_before_sending() {
         let mut request = simple_request(&server.base_url);
         request.messages = vec![PromptMessage {
             role: Role::User,
-            parts: vec![Part::text("Look"), Part::Image { file_id: "file_9".to_owned() }],
+            parts: vec![Part::text("Look"), Part::Image { file_id: "file_9".to_owned() }].into(),
         }];
         request.images = images;
         request

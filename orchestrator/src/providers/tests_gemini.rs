@@ -66,8 +66,11 @@ fn simple_request(base_url: &str) -> ModelRequest {
     ModelRequest {
         target: target(base_url),
         system: "You are terse.".to_owned(),
-        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("How many r's in strawberry?")] }],
-        tools: Vec::new(),
+        messages: vec![PromptMessage {
+            role: Role::User,
+            parts: vec![Part::text("How many r's in strawberry?")].into(),
+        }],
+        tools: Vec::new().into(),
         images: HashMap::new(),
     }
 }
@@ -498,7 +501,8 @@ async fn request_shape() {
                     Part::text("What is in these?"),
                     Part::Image { file_id: "file_png".to_owned() },
                     Part::Image { file_id: "file_gif".to_owned() },
-                ],
+                ]
+                .into(),
             },
             PromptMessage {
                 role: Role::Assistant,
@@ -507,23 +511,26 @@ async fn request_shape() {
                     Part::text("Checking."),
                     tool_call("c1", "execute", json!({"command": "ls"})),
                     tool_call("c2", "read_file", json!({"path": "a"})),
-                ],
+                ]
+                .into(),
             },
             PromptMessage {
                 role: Role::Tool,
                 parts: vec![
                     tool_result("c1", "execute", "a\nb", false),
                     tool_result("c2", "read_file", "no such file", true),
-                ],
+                ]
+                .into(),
             },
             PromptMessage {
                 role: Role::Assistant,
                 parts: vec![
                     Part::Reasoning { text: String::new(), signature: Some("sig-2".to_owned()) },
                     Part::text("Two files."),
-                ],
+                ]
+                .into(),
             },
-            PromptMessage { role: Role::User, parts: vec![Part::text("Run it again.")] },
+            PromptMessage { role: Role::User, parts: vec![Part::text("Run it again.")].into() },
             // History from a model that gave no signature: Gemini 3 needs the documented
             // placeholder on the first call.
             PromptMessage {
@@ -531,20 +538,23 @@ async fn request_shape() {
                 parts: vec![
                     tool_call("c3", "execute", json!({"command": "ls"})),
                     tool_call("c4", "execute", Value::String("{\"command\": \"pwd\"}".to_owned())),
-                ],
+                ]
+                .into(),
             },
             PromptMessage {
                 role: Role::Tool,
-                parts: vec![tool_result("c3", "execute", "a\nb", false), tool_result("c4", "execute", "/w", false)],
+                parts: vec![tool_result("c3", "execute", "a\nb", false), tool_result("c4", "execute", "/w", false)]
+                    .into(),
             },
-            PromptMessage { role: Role::User, parts: vec![Part::text("Thanks.")] },
-            PromptMessage { role: Role::Marker, parts: vec![Part::text("conversation summarised")] },
+            PromptMessage { role: Role::User, parts: vec![Part::text("Thanks.")].into() },
+            PromptMessage { role: Role::Marker, parts: vec![Part::text("conversation summarised")].into() },
         ],
         tools: vec![ToolSpec {
             name: "execute".to_owned(),
             description: "Run a command.".to_owned(),
             parameters: command_schema(),
-        }],
+        }]
+        .into(),
         images: HashMap::from([
             ("file_png".to_owned(), ImageData { media_type: "image/png".to_owned(), bytes: png_bytes() }),
             ("file_gif".to_owned(), ImageData { media_type: "image/gif".to_owned(), bytes: gif_bytes() }),
@@ -646,10 +656,11 @@ async fn thought_signature_survives_into_the_next_request() {
     let answer = fold_answer(&events);
     let call_id = "call_b36LacjwM668nsEP2tbsgQQ_0";
     let mut request = simple_request("set below");
-    request.messages.push(PromptMessage { role: Role::Assistant, parts: answer });
-    request
-        .messages
-        .push(PromptMessage { role: Role::Tool, parts: vec![tool_result(call_id, "weather", "18°C, fog", false)] });
+    request.messages.push(PromptMessage { role: Role::Assistant, parts: answer.into() });
+    request.messages.push(PromptMessage {
+        role: Role::Tool,
+        parts: vec![tool_result(call_id, "weather", "18°C, fog", false)].into(),
+    });
     let (body, _) = sent_body(request).await;
     let sig = &signatures("function_call.jsonl")[0];
     assert_eq!(
@@ -669,8 +680,8 @@ async fn thought_signature_survives_into_the_next_request() {
     // A text answer's signature goes back on its text.
     let events = replay("text_thought_signature.jsonl").await;
     let mut request = simple_request("set below");
-    request.messages.push(PromptMessage { role: Role::Assistant, parts: fold_answer(&events) });
-    request.messages.push(PromptMessage { role: Role::User, parts: vec![Part::text("And in raspberry?")] });
+    request.messages.push(PromptMessage { role: Role::Assistant, parts: fold_answer(&events).into() });
+    request.messages.push(PromptMessage { role: Role::User, parts: vec![Part::text("And in raspberry?")].into() });
     let (body, _) = sent_body(request).await;
     assert_eq!(
         body["contents"][1],
@@ -685,7 +696,8 @@ async fn thought_signature_survives_into_the_next_request() {
 async fn settings_vertex_gemma_and_no_key() {
     // Settings: generation config laid over ours, thoughts off, streamed arguments on.
     let mut request = simple_request("set below");
-    request.tools = vec![ToolSpec { name: "execute".into(), description: "Run.".into(), parameters: command_schema() }];
+    request.tools =
+        vec![ToolSpec { name: "execute".into(), description: "Run.".into(), parameters: command_schema() }].into();
     request.target.model = "models/gemini-2.5-flash".to_owned();
     request.target.settings = json!({
         "include_thoughts": false,
@@ -722,8 +734,12 @@ async fn settings_vertex_gemma_and_no_key() {
     // Vertex takes no call ids; an older model needs no signature placeholder.
     let mut request = simple_request("set below");
     request.target.model = "gemini-2.5-pro".to_owned();
-    request.messages.push(PromptMessage { role: Role::Assistant, parts: vec![tool_call("c1", "execute", json!({}))] });
-    request.messages.push(PromptMessage { role: Role::Tool, parts: vec![tool_result("c1", "execute", "", false)] });
+    request
+        .messages
+        .push(PromptMessage { role: Role::Assistant, parts: vec![tool_call("c1", "execute", json!({}))].into() });
+    request
+        .messages
+        .push(PromptMessage { role: Role::Tool, parts: vec![tool_result("c1", "execute", "", false)].into() });
     let body =
         request_body_for(request, "https://aiplatform.googleapis.com/v1/projects/p/locations/global/publishers/google");
     let contents = body["contents"].as_array().expect("contents");
@@ -744,12 +760,12 @@ fn request_body_for(mut request: ModelRequest, base_url: &str) -> Value {
 #[tokio::test]
 async fn images_gemini_cannot_take_fail_before_sending() {
     let mut missing = simple_request("set below");
-    missing.messages[0].parts.push(Part::Image { file_id: "file_gone".to_owned() });
+    std::sync::Arc::make_mut(&mut missing.messages[0].parts).push(Part::Image { file_id: "file_gone".to_owned() });
     let mut bmp = simple_request("set below");
-    bmp.messages[0].parts.push(Part::Image { file_id: "file_bmp".to_owned() });
+    std::sync::Arc::make_mut(&mut bmp.messages[0].parts).push(Part::Image { file_id: "file_bmp".to_owned() });
     bmp.images.insert("file_bmp".to_owned(), ImageData { media_type: "image/bmp".to_owned(), bytes: png_bytes() });
     let mut broken_gif = simple_request("set below");
-    broken_gif.messages[0].parts.push(Part::Image { file_id: "file_gif".to_owned() });
+    std::sync::Arc::make_mut(&mut broken_gif.messages[0].parts).push(Part::Image { file_id: "file_gif".to_owned() });
     broken_gif.images.insert(
         "file_gif".to_owned(),
         ImageData { media_type: "image/gif".to_owned(), bytes: Arc::from(&b"GIF89a\x01"[..]) },

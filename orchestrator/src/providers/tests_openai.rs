@@ -41,8 +41,8 @@ fn request_for(target: ModelTarget) -> ModelRequest {
     ModelRequest {
         target,
         system: "You are terse.".to_owned(),
-        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")] }],
-        tools: Vec::new(),
+        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")].into() }],
+        tools: Vec::new().into(),
         images: Default::default(),
     }
 }
@@ -113,10 +113,11 @@ fn full_conversation(target: ModelTarget) -> ModelRequest {
         target,
         system: "You are a coding agent.".to_owned(),
         messages: vec![
-            PromptMessage { role: Role::Summary, parts: vec![Part::text("Earlier: set up the repo.")] },
+            PromptMessage { role: Role::Summary, parts: vec![Part::text("Earlier: set up the repo.")].into() },
             PromptMessage {
                 role: Role::User,
-                parts: vec![Part::text("What is in this picture?"), Part::Image { file_id: "file_1".to_owned() }],
+                parts: vec![Part::text("What is in this picture?"), Part::Image { file_id: "file_1".to_owned() }]
+                    .into(),
             },
             PromptMessage {
                 role: Role::Assistant,
@@ -125,40 +126,45 @@ fn full_conversation(target: ModelTarget) -> ModelRequest {
                     Part::text("Listing."),
                     tool_call("call_1", "execute", json!({"command": "ls"})),
                     tool_call("call_2", "read_file", json!({"path": "a"})),
-                ],
+                ]
+                .into(),
             },
             PromptMessage {
                 role: Role::Tool,
                 parts: vec![
                     tool_result("call_1", "execute", "a\nb", false),
                     tool_result("call_2", "read_file", "no such file", true),
-                ],
+                ]
+                .into(),
             },
-            PromptMessage { role: Role::Marker, parts: vec![Part::text("conversation summarised")] },
+            PromptMessage { role: Role::Marker, parts: vec![Part::text("conversation summarised")].into() },
             PromptMessage {
                 role: Role::Assistant,
                 parts: vec![
                     // Reasoning that came from a stream without encrypted content cannot be sent.
                     Part::Reasoning { text: "Hmm.".to_owned(), signature: None },
                     tool_call("call_3", "execute", Value::String("{not json".to_owned())),
-                ],
+                ]
+                .into(),
             },
-            PromptMessage { role: Role::Tool, parts: vec![tool_result("call_3", "execute", "", false)] },
+            PromptMessage { role: Role::Tool, parts: vec![tool_result("call_3", "execute", "", false)].into() },
             // An answer interrupted after its reasoning: nothing of it can be sent.
             PromptMessage {
                 role: Role::Assistant,
                 parts: vec![Part::Reasoning {
                     text: "Only thinking.".to_owned(),
                     signature: Some("gAAAAlone".to_owned()),
-                }],
+                }]
+                .into(),
             },
-            PromptMessage { role: Role::User, parts: vec![Part::text("Go on.")] },
+            PromptMessage { role: Role::User, parts: vec![Part::text("Go on.")].into() },
         ],
         tools: vec![ToolSpec {
             name: "execute".to_owned(),
             description: "Run a command.".to_owned(),
             parameters: command_schema(),
-        }],
+        }]
+        .into(),
         images: [("file_1".to_owned(), png(b"\x89PNG"))].into(),
     }
 }
@@ -856,7 +862,7 @@ async fn images_that_cannot_be_sent_are_config_errors_before_any_request() {
     for api in [json!({"api": "responses"}), json!({})] {
         let with_image = |base: &str, images: Vec<(String, ImageData)>| {
             let mut request = request_for(target_of(ProviderType::Openai, base, "gpt-5", api.clone()));
-            request.messages[0].parts.push(Part::Image { file_id: "file_7".to_owned() });
+            std::sync::Arc::make_mut(&mut request.messages[0].parts).push(Part::Image { file_id: "file_7".to_owned() });
             request.images = images.into_iter().collect();
             request
         };

@@ -464,7 +464,7 @@ mod tests {
             chat_id: chat_id.to_string(),
             position: 1,
             role: Role::User,
-            parts: vec![Part::text("hi")],
+            parts: vec![Part::text("hi")].into(),
             interrupted: false,
             user_id: Some("u".into()),
             model_id: None,

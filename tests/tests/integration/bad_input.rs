@@ -145,5 +145,5 @@ async fn file_tools_cannot_escape_the_workspace() {
     }
     assert!(!env.data_dir.path().join("workspaces/escape.txt").exists());
     assert_eq!(std::fs::read_dir(outside.path()).expect("outside").count(), 0, "nothing written outside");
-    assert_eq!(env.messages(&chat.id).await.last().expect("last").parts, vec![Part::text("could not escape")]);
+    assert_eq!(env.messages(&chat.id).await.last().expect("last").parts, vec![Part::text("could not escape")].into());
 }

@@ -118,7 +118,7 @@ async fn a_question_creates_no_workspace() {
     assert_eq!(dirs, 0, "no workspace directory was made");
     let messages = env.messages(&chat.id).await;
     assert_eq!(messages.len(), 2);
-    assert_eq!(messages[1].parts, vec![Part::text("Rust's ownership model means each value has one owner.")]);
+    assert_eq!(messages[1].parts, vec![Part::text("Rust's ownership model means each value has one owner.")].into());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

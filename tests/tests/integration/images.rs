@@ -113,7 +113,7 @@ async fn an_image_for_a_model_without_vision_is_refused_before_anything_happens(
     stream.wait_for_status(ChatStatus::Idle, WAIT).await.expect("idle");
     let messages = env.messages(&chat.id).await;
     assert_eq!(messages[2].role, Role::User);
-    assert_eq!(messages[2].parts, [Part::Image { file_id: file.id.clone() }]);
+    assert_eq!(*messages[2].parts, [Part::Image { file_id: file.id.clone() }]);
     assert_eq!(messages.last().expect("test").text(), "a single pixel");
     // Chat Completions carries it as a data URL in an `image_url` part.
     let request = env.llm.requests().pop().expect("request");

@@ -121,6 +121,7 @@ async fn a_turn_with_tools_runs_through_the_messages_api() {
                 args: json!({"template_id": "local", "name": "demo"}),
             },
         ]
+        .into()
     );
     assert_eq!(
         messages[3].parts,
@@ -129,12 +130,13 @@ async fn a_turn_with_tools_runs_through_the_messages_api() {
             name: "write_file".into(),
             args: json!({"path": "hello.txt", "content": "hello from claude\n"}),
         }]
+        .into()
     );
     let results = tool_results(&messages);
     assert_eq!(results.len(), 2);
     assert_eq!((results[0].0.as_str(), results[0].1.as_str(), results[0].3), ("toolu_ws", "create_workspace", false));
     assert_eq!((results[1].0.as_str(), results[1].1.as_str(), results[1].3), ("toolu_write", "write_file", false));
-    assert_eq!(messages[5].parts, vec![Part::text("Wrote hello.txt in demo.")]);
+    assert_eq!(messages[5].parts, vec![Part::text("Wrote hello.txt in demo.")].into());
 
     // Every request has the documented shape.
     let requests = env.llm.requests();
@@ -214,7 +216,7 @@ async fn a_reset_mid_stream_is_retried_and_completes() {
     assert_eq!(retries(&events)[0].2, ChatErrorKind::Provider);
     let messages = env.messages(&chat_id).await;
     assert_eq!(messages.len(), 2);
-    assert_eq!(messages[1].parts, vec![Part::text("second try")]);
+    assert_eq!(messages[1].parts, vec![Part::text("second try")].into());
     assert_eq!(env.llm.request_count(), 2);
 }
 

@@ -128,7 +128,7 @@ async fn two_step_turn(flavour: Flavour) -> Vec<RecordedRequest> {
     assert!(results.iter().all(|r| !r.3), "no tool failed: {results:?}");
     let first_call = messages[1].tool_calls().next().map(|(id, _, _)| id.to_owned()).expect("call");
     assert_eq!(results[0].0, first_call, "the result answers the call");
-    assert_eq!(messages[5].parts, [Part::text("hello.txt is written.")]);
+    assert_eq!(*messages[5].parts, [Part::text("hello.txt is written.")]);
 
     let requests = env.llm.requests();
     assert_eq!(requests.len(), 3, "two steps and the final answer");
