@@ -77,6 +77,7 @@ bench() {
 }
 
 bench chat_actor
+bench subagents
 
 say "report: $report"
 exit "$failed"
