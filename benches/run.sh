@@ -78,6 +78,7 @@ bench() {
 
 bench chat_actor
 bench subagents
+bench fanout
 
 say "report: $report"
 exit "$failed"
