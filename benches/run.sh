@@ -79,6 +79,7 @@ bench() {
 bench chat_actor
 bench subagents
 bench fanout
+bench tool_roundtrip
 
 say "report: $report"
 exit "$failed"
