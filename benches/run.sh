@@ -63,13 +63,14 @@ say "step_commit (criterion)"
 cargo bench -p agentplane-benches --bench step_commit 2>/dev/null | grep -E "^step_commit/|time:" >> "$report" || failed=1
 
 # The criterion benches whose groups are named after them: each result's name, its time and
-# (where the bench sets one) its throughput. A bench that panics leaves why in NAME.stderr.
+# (where the bench sets one) its throughput, without criterion's comparison with its previous
+# run. A bench that panics leaves why in NAME.stderr.
 bench() {
     local name="$1"
     say "$name (criterion)"
     echo "== $name: cargo bench -p agentplane-benches --bench $name" >> "$report"
     if ! cargo bench -p agentplane-benches --bench "$name" 2>"$out/$name.stderr" \
-        | grep -E "^$name/|time:|thrpt:" >> "$report"; then
+        | grep -E "^$name/|(time|thrpt): +\[[^%]*\]$" >> "$report"; then
         echo "FAILED (see $name.stderr)" >> "$report"
         failed=1
     fi
