@@ -62,5 +62,25 @@ say "step_commit (criterion)"
 { echo "== step_commit: cargo bench -p agentplane-benches --bench step_commit"; } >> "$report"
 cargo bench -p agentplane-benches --bench step_commit 2>/dev/null | grep -E "^step_commit/|time:" >> "$report" || failed=1
 
+# The criterion benches whose groups are named after them: each result's name, its time and
+# (where the bench sets one) its throughput, without criterion's comparison with its previous
+# run. A bench that panics leaves why in NAME.stderr.
+bench() {
+    local name="$1"
+    say "$name (criterion)"
+    echo "== $name: cargo bench -p agentplane-benches --bench $name" >> "$report"
+    if ! cargo bench -p agentplane-benches --bench "$name" 2>"$out/$name.stderr" \
+        | grep -E "^$name/|(time|thrpt): +\[[^%]*\]$" >> "$report"; then
+        echo "FAILED (see $name.stderr)" >> "$report"
+        failed=1
+    fi
+    echo >> "$report"
+}
+
+bench chat_actor
+bench subagents
+bench fanout
+bench tool_roundtrip
+
 say "report: $report"
 exit "$failed"

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use agentplane::nats_auth::{bootstrap, mint_workspace_creds};
 use agentplane::transport::nats::NatsTransport;
 use agentplane_schema::nats::Subjects;
+use agentplane_schema::tool::{ToolRequest, ToolResult};
 use agentplane_tests::NatsServer;
 use anyhow::{Context, bail};
 
@@ -100,12 +101,13 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Starts everything; `relay_bin` defaults to the `agentplane-relay` next to this executable
-    /// (build it with `cargo build --release -p agentplane-relay`).
+    /// Starts everything; `relay_bin` defaults to the `agentplane-relay` built beside this
+    /// executable ([`crate::sibling_binary`]; build it with `cargo build --release -p
+    /// agentplane-relay`).
     pub async fn start(relay_bin: Option<PathBuf>, workspaces: &[String], scenario: &str) -> anyhow::Result<Self> {
         let binary = match relay_bin {
             Some(b) => b,
-            None => std::env::current_exe()?.with_file_name("agentplane-relay"),
+            None => crate::sibling_binary("agentplane-relay")?,
         };
         if !binary.is_file() {
             bail!("{} not found: build it with `cargo build --release -p agentplane-relay`", binary.display());
@@ -177,6 +179,35 @@ impl Fleet {
             problems.extend(bad.map(|l| format!("{}: {l}", relay.workspace_id)));
         }
         problems
+    }
+}
+
+/// The "no-op" tool call of `tool-roundtrip` and the `tool_roundtrip` bench: the cheapest real
+/// tool is `read_file` of a one-line file — no process, one small read, a result of a few bytes —
+/// so what is measured is the way there and back (NATS, acknowledgement, journal, results)
+/// rather than any work. Write [`NOOP_TEXT`] to [`NOOP_FILE`] in each relay's root first.
+pub const NOOP_FILE: &str = "noop.txt";
+pub const NOOP_TEXT: &str = "ok\n";
+
+/// A tool request as the orchestrator sends it, from a chat and user of the benchmarks.
+pub fn tool_request(call_id: String, name: &str, args: serde_json::Value) -> ToolRequest {
+    ToolRequest { call_id, chat_id: "loadgen".into(), user_id: "loadgen".into(), name: name.into(), args }
+}
+
+/// The no-op call (see [`NOOP_FILE`]) with this call id; call ids must differ, since a relay
+/// answers a repeated one from its journal without running it.
+pub fn noop_request(call_id: String) -> ToolRequest {
+    tool_request(call_id, "read_file", serde_json::json!({ "path": NOOP_FILE }))
+}
+
+/// `Err` unless `result` is the answer to the no-op call `call_id`.
+pub fn check_noop(call_id: &str, result: &ToolResult) -> Result<(), String> {
+    if result.call_id != call_id {
+        Err(format!("{call_id} was answered with {}'s result", result.call_id))
+    } else if result.is_error || !result.output.contains(NOOP_TEXT.trim()) {
+        Err(format!("tool error: {}", result.output))
+    } else {
+        Ok(())
     }
 }
 

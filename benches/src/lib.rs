@@ -1,10 +1,14 @@
 //! agentplane's benchmarks. `loadgen` (src/bin/loadgen.rs) starts the scripted LLM and a real
 //! `agentplane serve` process and measures it over its public API, or, for the tool transport,
 //! a nats-server, `agentplane-relay` processes and the orchestrator's `NatsTransport`; this
-//! library holds what the scenarios share: the server process, the relay fleet
-//! ([`fleet`]), percentiles, and per-process RSS and CPU time from `/proc`, and the scenarios
-//! that live in their own module ([`delta_latency`]). The criterion benches under `benches/`
-//! time code in-process: `provider_parsing` the provider clients' stream decoders.
+//! library holds what the scenarios and the criterion benches share: the server process, a
+//! server in this process ([`inprocess`]), the relay fleet ([`fleet`]), percentiles, and
+//! per-process RSS and CPU time from `/proc`, and the scenarios that live in their own module
+//! ([`delta_latency`]). The criterion benches under `benches/` time one path each:
+//! `provider_parsing` the provider clients' stream decoders, `step_commit` one step's database
+//! commit, `chat_actor` a chat actor's mailbox and turns, `subagents` a sub-agent's spawn and
+//! close, `fanout` one event to many WebSockets, `tool_roundtrip` a tool call over NATS to a
+//! relay process.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -14,6 +18,7 @@ use anyhow::{Context, bail};
 
 pub mod delta_latency;
 pub mod fleet;
+pub mod inprocess;
 
 /// The scripted LLM as an OpenAI-compatible provider with the default model, on the server
 /// `admin` talks to (what every scenario against a server starts with).
@@ -74,7 +79,7 @@ impl ServerProcess {
     pub async fn start(binary: Option<PathBuf>, extra_env: &[(&str, String)]) -> anyhow::Result<Self> {
         let binary = match binary {
             Some(b) => b,
-            None => std::env::current_exe()?.with_file_name("agentplane"),
+            None => sibling_binary("agentplane")?,
         };
         if !binary.is_file() {
             bail!("{} not found: build it with `cargo build --release -p agentplane`", binary.display());
@@ -117,6 +122,21 @@ impl ServerProcess {
     pub fn cpu_time(&self) -> anyhow::Result<Duration> {
         cpu_time(self.pid())
     }
+}
+
+/// Where a binary of this workspace built in the same profile as the running executable is:
+/// next to it (loadgen, in `target/release/`), or one directory up when the running executable
+/// is a test or bench (`target/release/deps/`). The path next to it when neither exists, for the
+/// caller's "not found" message.
+pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("the running executable has no directory")?;
+    let beside = dir.join(name);
+    let above = dir.file_name().filter(|d| *d == "deps").and(dir.parent()).map(|p| p.join(name));
+    Ok(match above {
+        Some(above) if !beside.is_file() && above.is_file() => above,
+        _ => beside,
+    })
 }
 
 /// Resident set size of a process, in KiB.

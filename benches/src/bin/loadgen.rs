@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 
 use agentplane::transport::nats::NatsTransport;
 use agentplane_actors::ports::ToolTransport as _;
-use agentplane_benches::fleet::{Fleet, workspace_ids};
-use agentplane_benches::{ADMIN_TOKEN, ServerProcess, Summary, cpu_time, machine, setup, setup_provider, summarize};
+use agentplane_benches::fleet::{Fleet, NOOP_FILE, NOOP_TEXT, check_noop, noop_request, tool_request, workspace_ids};
+use agentplane_benches::inprocess::InProcessServer;
+use agentplane_benches::{ADMIN_TOKEN, ServerProcess, Summary, cpu_time, machine, setup, summarize};
 use agentplane_schema::api::{ChatStatus, CreateChat, SendMessage};
 use agentplane_schema::event::EventBody;
 use agentplane_schema::message::Part;
@@ -290,11 +291,6 @@ async fn idle(bin: Option<PathBuf>, chats: usize, concurrency: usize) -> anyhow:
               "bytes_per_idle_chat": per_chat}))
 }
 
-/// The "no-op" of `tool-roundtrip`: the cheapest real tool is `read_file` of a one-line file — no
-/// process, one small read, a result of a few bytes — so what is measured is the way there and
-/// back (NATS, acknowledgement, journal, results) rather than any work.
-const NOOP_FILE: &str = "noop.txt";
-const NOOP_TEXT: &str = "ok\n";
 /// What each `tool-inflight` call appends its call id to, in its workspace root.
 const MARKER_FILE: &str = "calls.log";
 /// `execute` timeout of a `tool-inflight` call beyond its hold: far above the milliseconds it
@@ -305,10 +301,6 @@ const ERRORS_SHOWN: usize = 5;
 
 /// A report, and why the scenario failed when it found the system misbehaving.
 type Verdict = (serde_json::Value, Option<String>);
-
-fn tool_request(call_id: String, name: &str, args: serde_json::Value) -> ToolRequest {
-    ToolRequest { call_id, chat_id: "loadgen".into(), user_id: "loadgen".into(), name: name.into(), args }
-}
 
 /// One call through the orchestrator's transport; `Err` when no result came (a transport error,
 /// or nothing within [`WAIT`]).
@@ -359,18 +351,11 @@ async fn open_loop(fleet: &Fleet, rate: f64, seconds: f64, tag: &str) -> anyhow:
         let scheduled = start + Duration::from_secs_f64(i as f64 / rate);
         tokio::time::sleep_until(scheduled.into()).await;
         let (transport, ws) = (fleet.transport.clone(), ids[i % ids.len()].clone());
-        let request = tool_request(format!("{tag}-{i}"), "read_file", json!({ "path": NOOP_FILE }));
+        let request = noop_request(format!("{tag}-{i}"));
         calls.spawn(async move {
             let call_id = request.call_id.clone();
             let sent = Instant::now();
-            let error = match answer(&transport, &ws, request).await {
-                Ok(r) if r.call_id != call_id => Some(format!("{call_id} was answered with {}'s result", r.call_id)),
-                Ok(r) if r.is_error || !r.output.contains(NOOP_TEXT.trim()) => {
-                    Some(format!("tool error: {}", r.output))
-                }
-                Ok(_) => None,
-                Err(e) => Some(e),
-            };
+            let error = answer(&transport, &ws, request).await.and_then(|r| check_noop(&call_id, &r)).err();
             Sample { scheduled, sent, done: Instant::now(), error }
         });
         if scheduled - start >= next_progress {
@@ -1119,20 +1104,9 @@ async fn steps_scenario(
 /// is not queued: answered from the actor's memory, no database), as fast as `senders` tasks can
 /// go.
 async fn mailbox(seconds: f64) -> anyhow::Result<serde_json::Value> {
-    let llm = ScriptedLlm::builder().record(false).start();
-    let dir = tempfile::tempdir()?;
-    let mut settings = agentplane_config::Settings::defaults();
-    settings.server.data_dir = dir.path().to_path_buf();
-    settings.auth.bootstrap_token = ADMIN_TOKEN.into();
-    settings.agent.generate_titles = false;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let server = tokio::task::spawn_blocking(move || agentplane::server::spawn(settings, listener)).await??;
-    let admin = ApiClient::new(server.base_url(), ADMIN_TOKEN);
-    setup_provider(&admin, &llm).await?;
-    let chat =
-        admin.create_chat(&CreateChat { content: text("hi"), model_id: None, workspace_id: None, title: None }).await?;
-    admin.wait_until_chat(&chat.id, |c| c.status == ChatStatus::Idle, WAIT).await?;
-    let handle = server.directory.chat(&chat.id);
+    let server = InProcessServer::start(ScriptedLlm::builder().record(false).start(), |_| {}).await?;
+    let chat = server.idle_chat("hi").await?;
+    let handle = server.chat(&chat.id);
     println!("scenario mailbox: round trips to one idle ChatActor (answered from memory), {seconds} s per row");
     println!("{:<10} {:>14} {:>10} {:>10} {:>10}", "senders", "messages/s", "p50 µs", "p99 µs", "max µs");
     let mut rows = Vec::new();
@@ -1165,7 +1139,7 @@ async fn mailbox(seconds: f64) -> anyhow::Result<serde_json::Value> {
         println!("{senders:<10} {rate:>14.0} {:>10.1} {:>10.1} {:>10.1}", latency.p50, latency.p99, latency.max);
         rows.push(json!({"senders": senders, "messages_per_s": rate, "latency_us": latency}));
     }
-    tokio::task::spawn_blocking(move || server.stop()).await?;
+    server.stop().await?;
     Ok(json!({"scenario": "mailbox", "rows": rows}))
 }
 
