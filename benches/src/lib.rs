@@ -59,6 +59,28 @@ pub async fn setup(
     Ok(admin)
 }
 
+/// `n` workspaces of the `local` template on the server `admin` talks to (one relay process
+/// each, started by the server); their ids.
+pub async fn create_workspaces(admin: &agentplane_tests::ApiClient, n: usize) -> anyhow::Result<Vec<String>> {
+    let templates = admin.list_templates().await?;
+    let local = templates.iter().find(|t| t.name == "local").context("no local template")?;
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let (status, body) = admin
+            .raw(
+                reqwest::Method::POST,
+                "/api/v1/workspaces",
+                Some(serde_json::json!({"template_id": local.id, "name": format!("bench-{i}")})),
+            )
+            .await?;
+        if !status.is_success() {
+            bail!("creating workspace {i}: {status} {body}");
+        }
+        ids.push(body["id"].as_str().context("workspace id")?.to_string());
+    }
+    Ok(ids)
+}
+
 pub const ADMIN_TOKEN: &str = "ap_loadgen_admin";
 
 /// A running `agentplane serve` process with its own data directory; killed on drop.

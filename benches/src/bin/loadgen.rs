@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 use agentplane::transport::nats::NatsTransport;
 use agentplane_actors::ports::ToolTransport as _;
 use agentplane_benches::fleet::{Fleet, workspace_ids};
-use agentplane_benches::{ADMIN_TOKEN, ServerProcess, Summary, cpu_time, machine, setup, setup_provider, summarize};
+use agentplane_benches::{
+    ADMIN_TOKEN, ServerProcess, Summary, cpu_time, create_workspaces, machine, setup, setup_provider, summarize,
+};
 use agentplane_schema::api::{ChatStatus, CreateChat, SendMessage};
 use agentplane_schema::event::EventBody;
 use agentplane_schema::message::Part;
@@ -945,37 +947,14 @@ async fn steps_scenario(
     };
     let llm = ScriptedLlm::builder().record(false).workers(1).responder(responder).start();
     let (nats, creds_dir) = agentplane_benches::fleet::nats_with_auth()?;
-    let relay = match relay_bin {
-        Some(r) => r,
-        None => std::env::current_exe()?.with_file_name("agentplane-relay"),
-    };
-    let mut env = vec![
-        ("AGENTPLANE__NATS__URL", nats.url()),
-        ("AGENTPLANE__NATS__CREDENTIALS_DIR", creds_dir.path().display().to_string()),
-        ("AGENTPLANE__NATS__RELAY_BINARY", relay.display().to_string()),
-        ("AGENTPLANE__AGENT__GENERATE_TITLES", "false".to_string()),
-    ];
+    let mut env = agentplane_benches::fleet::server_relay_env(&nats, creds_dir.path(), relay_bin)?;
+    env.push(("AGENTPLANE__AGENT__GENERATE_TITLES", "false".to_string()));
     if let Some(url) = &database_url {
         env.push(("AGENTPLANE__DATABASE__URL", url.clone()));
     }
     let server = ServerProcess::start(bin, &env).await?;
     let admin = setup(&server, &llm).await?;
-    let templates = admin.list_templates().await?;
-    let local = templates.iter().find(|t| t.name == "local").context("no local template")?;
-    let mut workspace_ids = Vec::new();
-    for i in 0..workspaces {
-        let (status, body) = admin
-            .raw(
-                reqwest::Method::POST,
-                "/api/v1/workspaces",
-                Some(json!({"template_id": local.id, "name": format!("bench-{i}")})),
-            )
-            .await?;
-        if !status.is_success() {
-            bail!("creating workspace {i}: {status} {body}");
-        }
-        workspace_ids.push(body["id"].as_str().context("workspace id")?.to_string());
-    }
+    let workspace_ids = create_workspaces(&admin, workspaces).await?;
     eprintln!("steps: {workspaces} workspaces (relay processes) up; starting {chats} chats");
 
     let cpu_before = server.cpu_time()?;
