@@ -3,8 +3,8 @@
 //! a nats-server, `agentplane-relay` processes and the orchestrator's `NatsTransport`; this
 //! library holds what the scenarios share: the server process, the relay fleet
 //! ([`fleet`]), percentiles, and per-process RSS and CPU time from `/proc`, and the scenarios
-//! that live in their own module ([`delta_latency`]). The criterion benches under `benches/`
-//! time code in-process: `provider_parsing` the provider clients' stream decoders.
+//! that live in their own module ([`delta_latency`], [`storage`]). The criterion benches under
+//! `benches/` time code in-process: `provider_parsing` the provider clients' stream decoders.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 
 pub mod delta_latency;
 pub mod fleet;
+pub mod storage;
 
 /// The scripted LLM as an OpenAI-compatible provider with the default model, on the server
 /// `admin` talks to (what every scenario against a server starts with).
@@ -87,7 +88,7 @@ pub const ADMIN_TOKEN: &str = "ap_loadgen_admin";
 pub struct ServerProcess {
     child: Child,
     pub base_url: String,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
 }
 
 impl ServerProcess {
@@ -115,7 +116,7 @@ impl ServerProcess {
             cmd.env(k, v);
         }
         let child = cmd.spawn().with_context(|| format!("starting {}", binary.display()))?;
-        let server = ServerProcess { child, base_url: format!("http://127.0.0.1:{port}"), _data: data };
+        let server = ServerProcess { child, base_url: format!("http://127.0.0.1:{port}"), data };
         let client = reqwest::Client::new();
         for _ in 0..200 {
             if client.get(format!("{}/healthz", server.base_url)).send().await.is_ok() {
@@ -128,6 +129,11 @@ impl ServerProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The server's `--data-dir` (its embedded SQLite database lives there).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.data.path()
     }
 
     /// Resident set size of the server process, in KiB.

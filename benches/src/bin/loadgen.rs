@@ -11,6 +11,8 @@
 //! - `delta-latency`: provider byte written → WebSocket delta, per piece of streamed answers.
 //! - `fanout`: the same with many chats streaming at once, each with several watchers.
 //! - `steps`: concurrent chats running tool steps over NATS relays (also the `runs` scenario).
+//! - `storage`: the bytes each chat's rows take in the database as it grows to hundreds of turns
+//!   (see `agentplane_benches::storage`); fails when they grow faster than the messages.
 //!
 //! Tool-transport scenarios (no `agentplane serve`: the bench process *is* the orchestrator side,
 //! calling the real `NatsTransport` against `agentplane-relay` processes over a nats-server with
@@ -83,6 +85,25 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         workspaces: usize,
         /// PostgreSQL URL instead of the embedded SQLite.
+        #[arg(long)]
+        database_url: Option<String>,
+    },
+    /// Chats run many turns (each: user message, tool steps over NATS, answer); at each
+    /// checkpoint the bytes of each chat's rows per table. Fails when the bytes added per
+    /// message grow (a copy of the history per step) or a message or event is lost or repeated.
+    Storage {
+        #[arg(long, default_value_t = agentplane_benches::storage::DEFAULT_CHATS)]
+        chats: usize,
+        /// Tool steps per turn (0: no NATS and relay needed).
+        #[arg(long, default_value_t = agentplane_benches::storage::DEFAULT_TOOL_STEPS)]
+        tool_steps: usize,
+        /// Turn counts at which the chats are measured (they also are after the first turn).
+        #[arg(long, value_delimiter = ',', default_value = agentplane_benches::storage::DEFAULT_CHECKPOINTS)]
+        checkpoints: Vec<usize>,
+        /// Bytes per message added in the last interval over the first, at most.
+        #[arg(long, default_value_t = agentplane_benches::storage::DEFAULT_MAX_GROWTH)]
+        max_growth: f64,
+        /// PostgreSQL URL (of a fresh database) instead of the embedded SQLite.
         #[arg(long)]
         database_url: Option<String>,
     },
@@ -1173,6 +1194,18 @@ async fn main() -> anyhow::Result<()> {
         }
         Scenario::Steps { chats, steps, turns, workspaces, database_url } => {
             steps_scenario(cli.server_bin, cli.relay_bin, chats, steps, turns, workspaces, database_url).await?
+        }
+        Scenario::Storage { chats, tool_steps, checkpoints, max_growth, database_url } => {
+            agentplane_benches::storage::run(agentplane_benches::storage::Options {
+                server_bin: cli.server_bin,
+                relay_bin: cli.relay_bin,
+                chats,
+                tool_steps,
+                checkpoints,
+                max_growth,
+                database_url,
+            })
+            .await?
         }
         Scenario::FirstDelta { turns, warmup } => (first_delta(cli.server_bin, turns, warmup).await?, None),
         Scenario::Idle { chats, concurrency } => (idle(cli.server_bin, chats, concurrency).await?, None),
