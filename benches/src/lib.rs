@@ -82,6 +82,18 @@ pub async fn create_workspaces(admin: &agentplane_tests::ApiClient, n: usize) ->
     Ok(ids)
 }
 
+/// Deletes the workspaces, which stops their relays: the server is killed when it is dropped,
+/// and relays it started would otherwise outlive it.
+pub async fn delete_workspaces(admin: &agentplane_tests::ApiClient, ids: &[String]) -> anyhow::Result<()> {
+    for id in ids {
+        let (status, body) = admin.raw(reqwest::Method::DELETE, &format!("/api/v1/workspaces/{id}"), None).await?;
+        if !status.is_success() {
+            bail!("deleting workspace {id}: {status} {body}");
+        }
+    }
+    Ok(())
+}
+
 pub const ADMIN_TOKEN: &str = "ap_loadgen_admin";
 
 /// A running `agentplane serve` process with its own data directory; killed on drop.

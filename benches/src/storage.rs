@@ -25,7 +25,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::fleet::{nats_with_auth, server_relay_env};
-use crate::{ADMIN_TOKEN, ServerProcess, create_workspaces, machine, setup};
+use crate::{ADMIN_TOKEN, ServerProcess, create_workspaces, delete_workspaces, machine, setup};
 
 pub const DEFAULT_CHATS: usize = 2;
 pub const DEFAULT_TOOL_STEPS: usize = 1;
@@ -209,6 +209,7 @@ pub async fn run(options: Options) -> anyhow::Result<(serde_json::Value, Option<
     for p in problems.iter().take(PROBLEMS_SHOWN) {
         println!("  {p}");
     }
+    delete_workspaces(&admin, workspace.as_slice()).await?;
     drop(server);
     drop(nats);
 

@@ -30,7 +30,8 @@ use agentplane::transport::nats::NatsTransport;
 use agentplane_actors::ports::ToolTransport as _;
 use agentplane_benches::fleet::{Fleet, workspace_ids};
 use agentplane_benches::{
-    ADMIN_TOKEN, ServerProcess, Summary, cpu_time, create_workspaces, machine, setup, setup_provider, summarize,
+    ADMIN_TOKEN, ServerProcess, Summary, cpu_time, create_workspaces, delete_workspaces, machine, setup,
+    setup_provider, summarize,
 };
 use agentplane_schema::api::{ChatStatus, CreateChat, SendMessage};
 use agentplane_schema::event::EventBody;
@@ -1103,6 +1104,7 @@ async fn steps_scenario(
     for p in problems.iter().take(5) {
         println!("  {p}");
     }
+    delete_workspaces(&admin, &workspace_ids).await?;
     drop(nats);
     let failure =
         (!problems.is_empty()).then(|| format!("{} chat(s) failed; the first: {}", problems.len(), problems[0]));
