@@ -233,3 +233,22 @@ pub fn nats_with_auth() -> anyhow::Result<(NatsServer, tempfile::TempDir)> {
     let nats = NatsServer::start_with_config(&auth.server_config);
     Ok((nats, dir))
 }
+
+/// The settings of an `agentplane serve` process that provisions its own relays (the `local`
+/// template) over `nats` with what [`nats_with_auth`] wrote to `credentials_dir`; the relay
+/// binary is `relay_bin`, by default the one next to this executable.
+pub fn server_relay_env(
+    nats: &NatsServer,
+    credentials_dir: &Path,
+    relay_bin: Option<PathBuf>,
+) -> anyhow::Result<Vec<(&'static str, String)>> {
+    let relay = match relay_bin {
+        Some(r) => r,
+        None => std::env::current_exe()?.with_file_name("agentplane-relay"),
+    };
+    Ok(vec![
+        ("AGENTPLANE__NATS__URL", nats.url()),
+        ("AGENTPLANE__NATS__CREDENTIALS_DIR", credentials_dir.display().to_string()),
+        ("AGENTPLANE__NATS__RELAY_BINARY", relay.display().to_string()),
+    ])
+}

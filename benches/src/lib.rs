@@ -4,7 +4,7 @@
 //! library holds what the scenarios and the criterion benches share: the server process, a
 //! server in this process ([`inprocess`]), the relay fleet ([`fleet`]), percentiles, and
 //! per-process RSS and CPU time from `/proc`, and the scenarios that live in their own module
-//! ([`delta_latency`]). The criterion benches under `benches/` time one path each:
+//! ([`delta_latency`], [`storage`]). The criterion benches under `benches/` time one path each:
 //! `provider_parsing` the provider clients' stream decoders, `step_commit` one step's database
 //! commit, `chat_actor` a chat actor's mailbox and turns, `subagents` a sub-agent's spawn and
 //! close, `fanout` one event to many WebSockets, `tool_roundtrip` a tool call over NATS to a
@@ -19,6 +19,7 @@ use anyhow::{Context, bail};
 pub mod delta_latency;
 pub mod fleet;
 pub mod inprocess;
+pub mod storage;
 
 /// The scripted LLM as an OpenAI-compatible provider with the default model, on the server
 /// `admin` talks to (what every scenario against a server starts with).
@@ -64,13 +65,47 @@ pub async fn setup(
     Ok(admin)
 }
 
+/// `n` workspaces of the `local` template on the server `admin` talks to (one relay process
+/// each, started by the server); their ids.
+pub async fn create_workspaces(admin: &agentplane_tests::ApiClient, n: usize) -> anyhow::Result<Vec<String>> {
+    let templates = admin.list_templates().await?;
+    let local = templates.iter().find(|t| t.name == "local").context("no local template")?;
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let (status, body) = admin
+            .raw(
+                reqwest::Method::POST,
+                "/api/v1/workspaces",
+                Some(serde_json::json!({"template_id": local.id, "name": format!("bench-{i}")})),
+            )
+            .await?;
+        if !status.is_success() {
+            bail!("creating workspace {i}: {status} {body}");
+        }
+        ids.push(body["id"].as_str().context("workspace id")?.to_string());
+    }
+    Ok(ids)
+}
+
+/// Deletes the workspaces, which stops their relays: the server is killed when it is dropped,
+/// and relays it started would otherwise outlive it.
+pub async fn delete_workspaces(admin: &agentplane_tests::ApiClient, ids: &[String]) -> anyhow::Result<()> {
+    for id in ids {
+        let (status, body) = admin.raw(reqwest::Method::DELETE, &format!("/api/v1/workspaces/{id}"), None).await?;
+        if !status.is_success() {
+            bail!("deleting workspace {id}: {status} {body}");
+        }
+    }
+    Ok(())
+}
+
 pub const ADMIN_TOKEN: &str = "ap_loadgen_admin";
 
 /// A running `agentplane serve` process with its own data directory; killed on drop.
 pub struct ServerProcess {
     child: Child,
     pub base_url: String,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
 }
 
 impl ServerProcess {
@@ -98,7 +133,7 @@ impl ServerProcess {
             cmd.env(k, v);
         }
         let child = cmd.spawn().with_context(|| format!("starting {}", binary.display()))?;
-        let server = ServerProcess { child, base_url: format!("http://127.0.0.1:{port}"), _data: data };
+        let server = ServerProcess { child, base_url: format!("http://127.0.0.1:{port}"), data };
         let client = reqwest::Client::new();
         for _ in 0..200 {
             if client.get(format!("{}/healthz", server.base_url)).send().await.is_ok() {
@@ -111,6 +146,11 @@ impl ServerProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The server's `--data-dir` (its embedded SQLite database lives there).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.data.path()
     }
 
     /// Resident set size of the server process, in KiB.

@@ -11,6 +11,8 @@
 //! - `delta-latency`: provider byte written → WebSocket delta, per piece of streamed answers.
 //! - `fanout`: the same with many chats streaming at once, each with several watchers.
 //! - `steps`: concurrent chats running tool steps over NATS relays (also the `runs` scenario).
+//! - `storage`: the bytes each chat's rows take in the database as it grows to hundreds of turns
+//!   (see `agentplane_benches::storage`); fails when they grow faster than the messages.
 //!
 //! Tool-transport scenarios (no `agentplane serve`: the bench process *is* the orchestrator side,
 //! calling the real `NatsTransport` against `agentplane-relay` processes over a nats-server with
@@ -28,7 +30,9 @@ use agentplane::transport::nats::NatsTransport;
 use agentplane_actors::ports::ToolTransport as _;
 use agentplane_benches::fleet::{Fleet, NOOP_FILE, NOOP_TEXT, check_noop, noop_request, tool_request, workspace_ids};
 use agentplane_benches::inprocess::InProcessServer;
-use agentplane_benches::{ADMIN_TOKEN, ServerProcess, Summary, cpu_time, machine, setup, summarize};
+use agentplane_benches::{
+    ADMIN_TOKEN, ServerProcess, Summary, cpu_time, create_workspaces, delete_workspaces, machine, setup, summarize,
+};
 use agentplane_schema::api::{ChatStatus, CreateChat, SendMessage};
 use agentplane_schema::event::EventBody;
 use agentplane_schema::message::Part;
@@ -82,6 +86,25 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         workspaces: usize,
         /// PostgreSQL URL instead of the embedded SQLite.
+        #[arg(long)]
+        database_url: Option<String>,
+    },
+    /// Chats run many turns (each: user message, tool steps over NATS, answer); at each
+    /// checkpoint the bytes of each chat's rows per table. Fails when the bytes added per
+    /// message grow (a copy of the history per step) or a message or event is lost or repeated.
+    Storage {
+        #[arg(long, default_value_t = agentplane_benches::storage::DEFAULT_CHATS)]
+        chats: usize,
+        /// Tool steps per turn (0: no NATS and relay needed).
+        #[arg(long, default_value_t = agentplane_benches::storage::DEFAULT_TOOL_STEPS)]
+        tool_steps: usize,
+        /// Turn counts at which the chats are measured (they also are after the first turn).
+        #[arg(long, value_delimiter = ',', default_value = agentplane_benches::storage::DEFAULT_CHECKPOINTS)]
+        checkpoints: Vec<usize>,
+        /// Bytes per message added in the last interval over the first, at most.
+        #[arg(long, default_value_t = agentplane_benches::storage::DEFAULT_MAX_GROWTH)]
+        max_growth: f64,
+        /// PostgreSQL URL (of a fresh database) instead of the embedded SQLite.
         #[arg(long)]
         database_url: Option<String>,
     },
@@ -930,37 +953,14 @@ async fn steps_scenario(
     };
     let llm = ScriptedLlm::builder().record(false).workers(1).responder(responder).start();
     let (nats, creds_dir) = agentplane_benches::fleet::nats_with_auth()?;
-    let relay = match relay_bin {
-        Some(r) => r,
-        None => std::env::current_exe()?.with_file_name("agentplane-relay"),
-    };
-    let mut env = vec![
-        ("AGENTPLANE__NATS__URL", nats.url()),
-        ("AGENTPLANE__NATS__CREDENTIALS_DIR", creds_dir.path().display().to_string()),
-        ("AGENTPLANE__NATS__RELAY_BINARY", relay.display().to_string()),
-        ("AGENTPLANE__AGENT__GENERATE_TITLES", "false".to_string()),
-    ];
+    let mut env = agentplane_benches::fleet::server_relay_env(&nats, creds_dir.path(), relay_bin)?;
+    env.push(("AGENTPLANE__AGENT__GENERATE_TITLES", "false".to_string()));
     if let Some(url) = &database_url {
         env.push(("AGENTPLANE__DATABASE__URL", url.clone()));
     }
     let server = ServerProcess::start(bin, &env).await?;
     let admin = setup(&server, &llm).await?;
-    let templates = admin.list_templates().await?;
-    let local = templates.iter().find(|t| t.name == "local").context("no local template")?;
-    let mut workspace_ids = Vec::new();
-    for i in 0..workspaces {
-        let (status, body) = admin
-            .raw(
-                reqwest::Method::POST,
-                "/api/v1/workspaces",
-                Some(json!({"template_id": local.id, "name": format!("bench-{i}")})),
-            )
-            .await?;
-        if !status.is_success() {
-            bail!("creating workspace {i}: {status} {body}");
-        }
-        workspace_ids.push(body["id"].as_str().context("workspace id")?.to_string());
-    }
+    let workspace_ids = create_workspaces(&admin, workspaces).await?;
     eprintln!("steps: {workspaces} workspaces (relay processes) up; starting {chats} chats");
 
     let cpu_before = server.cpu_time()?;
@@ -1088,6 +1088,7 @@ async fn steps_scenario(
     for p in problems.iter().take(5) {
         println!("  {p}");
     }
+    delete_workspaces(&admin, &workspace_ids).await?;
     drop(nats);
     let failure =
         (!problems.is_empty()).then(|| format!("{} chat(s) failed; the first: {}", problems.len(), problems[0]));
@@ -1168,6 +1169,18 @@ async fn main() -> anyhow::Result<()> {
         }
         Scenario::Steps { chats, steps, turns, workspaces, database_url } => {
             steps_scenario(cli.server_bin, cli.relay_bin, chats, steps, turns, workspaces, database_url).await?
+        }
+        Scenario::Storage { chats, tool_steps, checkpoints, max_growth, database_url } => {
+            agentplane_benches::storage::run(agentplane_benches::storage::Options {
+                server_bin: cli.server_bin,
+                relay_bin: cli.relay_bin,
+                chats,
+                tool_steps,
+                checkpoints,
+                max_growth,
+                database_url,
+            })
+            .await?
         }
         Scenario::FirstDelta { turns, warmup } => (first_delta(cli.server_bin, turns, warmup).await?, None),
         Scenario::Idle { chats, concurrency } => (idle(cli.server_bin, chats, concurrency).await?, None),
