@@ -8,6 +8,7 @@
 //! is deliberately lenient, because the copies differ from OpenAI and from each other in small
 //! ways; each tolerance is commented where it is handled.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
 
@@ -18,8 +19,8 @@ use agentplane_schema::api::{ChatErrorKind, ProviderType};
 use agentplane_schema::message::{Part, Role};
 use futures::StreamExt;
 use reqwest::header::{HeaderName, HeaderValue};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::http;
 use super::sse::{self, SseEvent, SseParser};
@@ -158,7 +159,11 @@ impl Endpoint {
     }
 
     /// Posts `body` and returns the response once its status is known to be a success.
-    pub(crate) async fn send(&self, client: &reqwest::Client, body: &Value) -> Result<reqwest::Response, ModelError> {
+    pub(crate) async fn send(
+        &self,
+        client: &reqwest::Client,
+        body: &impl serde::Serialize,
+    ) -> Result<reqwest::Response, ModelError> {
         let mut builder = client.post(&self.url).header(reqwest::header::ACCEPT, "text/event-stream").json(body);
         if let Some((name, value)) = &self.auth {
             builder = builder.header(name, value);
@@ -242,38 +247,132 @@ pub(crate) fn image_data_url(request: &ModelRequest, file_id: &str) -> Result<St
 // ---------------------------------------------------------------------------------------------
 // Request
 
-/// The Chat Completions body for `request`, sent to `endpoint`.
-pub(crate) fn request_body(request: &ModelRequest, endpoint: &Endpoint) -> Result<Value, ModelError> {
+/// The Chat Completions body for `request`, sent to `endpoint`: borrowed from the request and
+/// serialized straight to bytes (no JSON tree is built for a prompt that every step resends).
+pub(crate) fn request_body<'a>(request: &'a ModelRequest, endpoint: &'a Endpoint) -> Result<Body<'a>, ModelError> {
     let mut messages = Vec::with_capacity(request.messages.len() + 1);
     if !request.system.is_empty() {
-        messages.push(json!({"role": "system", "content": request.system}));
+        messages.push(OutMessage::System { content: &request.system });
     }
     for message in &request.messages {
         push_message(&mut messages, message, request)?;
     }
-
-    let mut body = json!({
-        "model": endpoint.model,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-        "messages": messages,
-    });
-    // An empty `tools` array is rejected by several servers, so the key is left out instead.
-    if !request.tools.is_empty() {
-        body["tools"] = request.tools.iter().map(tool_definition).collect();
-    }
-    if let Some(max) = request.target.max_output_tokens.filter(|m| *m > 0) {
-        body[endpoint.max_tokens_field] = json!(max);
-    }
-    Ok(body)
+    let max = request.target.max_output_tokens.filter(|m| *m > 0);
+    let (max_tokens, max_completion_tokens) = match endpoint.max_tokens_field {
+        "max_completion_tokens" => (None, max),
+        _ => (max, None),
+    };
+    Ok(Body {
+        model: &endpoint.model,
+        stream: true,
+        stream_options: StreamOptions { include_usage: true },
+        messages,
+        // An empty `tools` array is rejected by several servers, so the key is left out instead.
+        tools: request.tools.iter().map(tool_definition).collect(),
+        max_tokens,
+        max_completion_tokens,
+    })
 }
 
-fn push_message(out: &mut Vec<Value>, message: &PromptMessage, request: &ModelRequest) -> Result<(), ModelError> {
+/// A Chat Completions request body.
+#[derive(Serialize)]
+pub(crate) struct Body<'a> {
+    model: &'a str,
+    stream: bool,
+    stream_options: StreamOptions,
+    messages: Vec<OutMessage<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<OutTool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_completion_tokens: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
+enum OutMessage<'a> {
+    System {
+        content: &'a str,
+    },
+    User {
+        content: UserContent<'a>,
+    },
+    Assistant {
+        /// `null` when the answer was only tool calls.
+        content: Option<String>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        tool_calls: Vec<OutToolCall<'a>>,
+    },
+    Tool {
+        tool_call_id: &'a str,
+        content: &'a str,
+    },
+}
+
+/// A plain string, or parts when there is an image.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum UserContent<'a> {
+    Text(String),
+    Parts(Vec<UserPart<'a>>),
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum UserPart<'a> {
+    Text { text: &'a str },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Serialize)]
+struct ImageUrl {
+    url: String,
+}
+
+#[derive(Serialize)]
+struct OutToolCall<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: OutCall<'a>,
+}
+
+#[derive(Serialize)]
+struct OutCall<'a> {
+    name: &'a str,
+    arguments: Cow<'a, str>,
+}
+
+#[derive(Serialize)]
+struct OutTool<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: OutFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct OutFunction<'a> {
+    name: &'a str,
+    description: &'a str,
+    parameters: &'a Value,
+}
+
+fn push_message<'a>(
+    out: &mut Vec<OutMessage<'a>>,
+    message: &'a PromptMessage,
+    request: &'a ModelRequest,
+) -> Result<(), ModelError> {
     match message.role {
         // The loop turns summaries into user messages and drops markers before a prompt is built;
         // should one arrive anyway, a summary reads as user context and a marker is not sent.
         Role::User | Role::Summary => {
-            out.push(json!({"role": "user", "content": user_content(&message.parts, request)?}));
+            out.push(OutMessage::User { content: user_content(&message.parts, request)? });
         }
         Role::Marker => {}
         Role::Assistant => {
@@ -285,15 +384,15 @@ fn push_message(out: &mut Vec<Value>, message: &PromptMessage, request: &ModelRe
                     _ => None,
                 })
                 .collect();
-            let tool_calls: Vec<Value> = message
+            let tool_calls: Vec<OutToolCall<'a>> = message
                 .parts
                 .iter()
                 .filter_map(|p| match p {
-                    Part::ToolCall { call_id, name, args } => Some(json!({
-                        "id": call_id,
-                        "type": "function",
-                        "function": {"name": name, "arguments": arguments_string(args)},
-                    })),
+                    Part::ToolCall { call_id, name, args } => Some(OutToolCall {
+                        id: call_id,
+                        kind: "function",
+                        function: OutCall { name, arguments: arguments_string(args) },
+                    }),
                     _ => None,
                 })
                 .collect();
@@ -303,19 +402,12 @@ fn push_message(out: &mut Vec<Value>, message: &PromptMessage, request: &ModelRe
             if text.is_empty() && tool_calls.is_empty() {
                 return Ok(());
             }
-            let mut value = json!({
-                "role": "assistant",
-                "content": if text.is_empty() { Value::Null } else { Value::String(text) },
-            });
-            if !tool_calls.is_empty() {
-                value["tool_calls"] = Value::Array(tool_calls);
-            }
-            out.push(value);
+            out.push(OutMessage::Assistant { content: (!text.is_empty()).then_some(text), tool_calls });
         }
         // The dialect has no is_error flag; the result text itself says what went wrong.
         Role::Tool => out.extend(message.parts.iter().filter_map(|p| match p {
             Part::ToolResult { call_id, result, .. } => {
-                Some(json!({"role": "tool", "tool_call_id": call_id, "content": result}))
+                Some(OutMessage::Tool { tool_call_id: call_id, content: result })
             }
             _ => None,
         })),
@@ -325,7 +417,7 @@ fn push_message(out: &mut Vec<Value>, message: &PromptMessage, request: &ModelRe
 
 /// A plain string for text-only messages, which every compatible server accepts; the array form
 /// only when there is an image.
-fn user_content(parts: &[Part], request: &ModelRequest) -> Result<Value, ModelError> {
+fn user_content<'a>(parts: &'a [Part], request: &ModelRequest) -> Result<UserContent<'a>, ModelError> {
     let has_image = parts.iter().any(|p| matches!(p, Part::Image { .. }));
     if !has_image {
         let texts: Vec<&str> = parts
@@ -335,40 +427,35 @@ fn user_content(parts: &[Part], request: &ModelRequest) -> Result<Value, ModelEr
                 _ => None,
             })
             .collect();
-        return Ok(Value::String(texts.join("\n")));
+        return Ok(UserContent::Text(texts.join("\n")));
     }
     let mut content = Vec::with_capacity(parts.len());
     for part in parts {
         match part {
-            Part::Text { text } => content.push(json!({"type": "text", "text": text})),
-            Part::Image { file_id } => content.push(json!({
-                "type": "image_url",
-                "image_url": {"url": image_data_url(request, file_id)?},
-            })),
+            Part::Text { text } => content.push(UserPart::Text { text }),
+            Part::Image { file_id } => {
+                content.push(UserPart::ImageUrl { image_url: ImageUrl { url: image_data_url(request, file_id)? } })
+            }
             _ => {}
         }
     }
-    Ok(Value::Array(content))
+    Ok(UserContent::Parts(content))
 }
 
 /// Arguments go over the wire as a JSON string. Arguments the model produced as invalid JSON are
 /// kept as a string value; those are sent back verbatim rather than quoted a second time.
-fn arguments_string(args: &Value) -> String {
+fn arguments_string(args: &Value) -> Cow<'_, str> {
     match args {
-        Value::String(raw) => raw.clone(),
-        other => other.to_string(),
+        Value::String(raw) => Cow::Borrowed(raw),
+        other => Cow::Owned(other.to_string()),
     }
 }
 
-fn tool_definition(tool: &ToolSpec) -> Value {
-    json!({
-        "type": "function",
-        "function": {
-            "name": tool.name,
-            "description": tool.description,
-            "parameters": tool.parameters,
-        },
-    })
+fn tool_definition(tool: &ToolSpec) -> OutTool<'_> {
+    OutTool {
+        kind: "function",
+        function: OutFunction { name: &tool.name, description: &tool.description, parameters: &tool.parameters },
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
