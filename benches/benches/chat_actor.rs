@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use agentplane_actors::ChatHandle;
-use agentplane_benches::inprocess::{InProcessServer, until_idle};
+use agentplane_benches::inprocess::{InProcessServer, bench_with, until_idle};
 use agentplane_schema::event::{EventBody, StreamEvent};
 use agentplane_schema::message::{Part, Role};
 use agentplane_tests::ScriptedLlm;
@@ -106,12 +106,10 @@ fn send_turn(c: &mut Criterion, rt: &Runtime, server: &InProcessServer) {
 }
 
 fn chat_actor(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let llm = ScriptedLlm::builder().record(false).start();
-    let server = rt.block_on(InProcessServer::start(llm, |_| {})).expect("an in-process server");
-    mailbox(c, &rt, &server);
-    send_turn(c, &rt, &server);
-    rt.block_on(server.stop()).expect("server stopped");
+    bench_with(ScriptedLlm::builder().record(false).start(), |rt, server| {
+        mailbox(c, rt, server);
+        send_turn(c, rt, server);
+    });
 }
 
 criterion_group! {

