@@ -97,11 +97,9 @@ async fn commit_group(db: &DatabaseConnection, mut group: Vec<PendingCommit>) {
     let copies: Vec<Batch> = group.iter().map(|p| p.batch.clone()).collect();
     let together = async {
         let txn = db.begin().await.map_err(db_err)?;
-        let mut events = Vec::new();
         for (pending, batch) in group.iter().zip(copies) {
-            events.extend(apply_batch(&txn, &pending.chat_id, batch, now).await?);
+            apply_batch(&txn, &pending.chat_id, batch, now).await?;
         }
-        insert_events(&txn, events).await?;
         txn.commit().await.map_err(db_err)
     }
     .await;
@@ -127,27 +125,8 @@ async fn commit_alone(
     now: chrono::DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let txn = db.begin().await.map_err(db_err)?;
-    let events = apply_batch(&txn, chat_id, batch, now).await?;
-    insert_events(&txn, events).await?;
+    apply_batch(&txn, chat_id, batch, now).await?;
     txn.commit().await.map_err(db_err)
-}
-
-/// Event rows of one transaction inserted at most this many to a statement (well under the
-/// bound-parameter limits of SQLite and PostgreSQL).
-const EVENTS_PER_INSERT: usize = 1000;
-
-/// Inserts the durable events of every batch in the transaction together: one statement for a
-/// whole group instead of one per batch. Nothing in a batch reads events, so they can follow
-/// all of the group's other writes.
-async fn insert_events(txn: &DatabaseTransaction, mut rows: Vec<chat_events::ActiveModel>) -> Result<(), StoreError> {
-    while !rows.is_empty() {
-        let rest = rows.split_off(rows.len().min(EVENTS_PER_INSERT));
-        chat_events::Entity::insert_many(std::mem::replace(&mut rows, rest))
-            .exec_without_returning(txn)
-            .await
-            .map_err(db_err)?;
-    }
-    Ok(())
 }
 
 /// The provider's settings with the model's laid over them, key by key.
@@ -314,14 +293,13 @@ impl Store for DbStore {
     }
 }
 
-/// Writes one chat's batch inside `txn`, all but its durable events, whose rows it returns for
-/// [`insert_events`].
+/// Writes one chat's batch inside `txn`.
 async fn apply_batch(
     txn: &DatabaseTransaction,
     chat_id: &str,
     batch: Batch,
     now: chrono::DateTime<Utc>,
-) -> Result<Vec<chat_events::ActiveModel>, StoreError> {
+) -> Result<(), StoreError> {
     let mut chat = chat_rows::ActiveModel { updated_at: Set(now), ..Default::default() };
     for op in batch.ops {
         match op {
@@ -447,23 +425,21 @@ async fn apply_batch(
             }
         }
     }
-    let last_seq = batch.events.iter().filter_map(|e| e.seq).max();
-    // The durable events, the ones with a seq (`ChatShared::commit` numbers every event of a batch).
-    let events = batch
-        .events
-        .iter()
-        .filter_map(|e| Some((e.seq?, e)))
-        .map(|(seq, e)| {
-            Ok(chat_events::ActiveModel {
-                chat_id: Set(chat_id.to_string()),
-                seq: Set(seq),
-                kind: Set(e.body.kind().to_string()),
-                payload: Set(convert::to_json(e)?),
-                created_at: Set(now),
+    if let Some(last) = batch.events.iter().filter_map(|e| e.seq).max() {
+        let rows = batch
+            .events
+            .iter()
+            .map(|e| {
+                Ok(chat_events::ActiveModel {
+                    chat_id: Set(chat_id.to_string()),
+                    seq: Set(e.seq.unwrap_or_default()),
+                    kind: Set(e.body.kind().to_string()),
+                    payload: Set(convert::to_json(e)?),
+                    created_at: Set(now),
+                })
             })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    if let Some(last) = last_seq {
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        chat_events::Entity::insert_many(rows).exec_without_returning(txn).await.map_err(db_err)?;
         chat.last_seq = Set(last);
     }
     chat_rows::Entity::update_many()
@@ -472,7 +448,7 @@ async fn apply_batch(
         .exec(txn)
         .await
         .map_err(db_err)?;
-    Ok(events)
+    Ok(())
 }
 
 #[cfg(test)]
