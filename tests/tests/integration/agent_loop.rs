@@ -7,7 +7,7 @@ use agentplane_schema::message::{Part, Role};
 use agentplane_tests::{Reply, ScriptedCall};
 use serde_json::json;
 
-use crate::common::{Db, TestEnv, WAIT, is_status, tool_results};
+use crate::common::{Db, TestEnv, WAIT, is_status, reset_mid_stream_turn, tool_results};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_and_interrupt_frames_on_the_socket_work() {
@@ -33,19 +33,7 @@ async fn send_and_interrupt_frames_on_the_socket_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_reset_mid_answer_resets_the_stream_and_retries() {
     let env = TestEnv::start().await;
-    let (chat, mut stream) = env.idle_chat("ready").await;
-    env.llm.push_all([
-        Reply::text("this answer will be cut off").chunk_chars(3).reset_after(3),
-        Reply::text("whole answer"),
-    ]);
-    env.send(&chat.id, "go").await;
-    let events = stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
-    let reset = events.iter().position(|e| matches!(e.body, EventBody::StreamReset)).expect("stream_reset");
-    let retry = events.iter().position(|e| matches!(e.body, EventBody::Retry { .. })).expect("retry");
-    assert!(reset < retry);
-    let messages = env.messages(&chat.id).await;
-    assert_eq!(messages.last().expect("last").text(), "whole answer");
-    assert_eq!(messages.iter().filter(|m| m.role == Role::Assistant).count(), 2, "the cut answer was not stored");
+    reset_mid_stream_turn(&env).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

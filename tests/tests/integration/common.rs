@@ -255,6 +255,28 @@ impl TestEnv {
     }
 }
 
+/// A turn whose first answer is cut by a connection reset after three streamed pieces and then
+/// retried: its events (watched from before the turn, since the reset is a live event only),
+/// checked for a `stream_reset` before the `retry`, and the history, checked to end with the
+/// whole answer and to hold no copy of the cut one.
+pub async fn reset_mid_stream_turn(env: &TestEnv) -> (String, Vec<StreamEvent>) {
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    env.llm.push_all([
+        agentplane_tests::Reply::text("this answer will be cut off").chunk_chars(3).reset_after(3),
+        agentplane_tests::Reply::text("whole answer"),
+    ]);
+    env.send(&chat.id, "go").await;
+    let events = stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    let reset = events.iter().position(|e| matches!(e.body, EventBody::StreamReset)).expect("stream_reset");
+    let retry = events.iter().position(|e| matches!(e.body, EventBody::Retry { .. })).expect("retry");
+    assert!(reset < retry);
+    let messages = env.messages(&chat.id).await;
+    assert_eq!(messages.last().expect("last").text(), "whole answer");
+    let answers = messages.iter().filter(|m| m.role == agentplane_schema::message::Role::Assistant).count();
+    assert_eq!(answers, 2, "the cut answer was not stored");
+    (chat.id, events)
+}
+
 /// `(attempt, delay_ms, error kind)` of each `retry` event.
 pub fn retries(events: &[StreamEvent]) -> Vec<(u32, u64, agentplane_schema::api::ChatErrorKind)> {
     events

@@ -9,7 +9,9 @@ use agentplane_tests::scripted_llm::Dialect;
 use agentplane_tests::{EventStream, RecordedRequest, Reply, ScriptedLlm};
 use serde_json::{Value, json};
 
-use crate::common::{ADMIN_TOKEN, Db, ProviderSetup, TestEnv, WAIT, is_status, retries, tool_results};
+use crate::common::{
+    ADMIN_TOKEN, Db, ProviderSetup, TestEnv, WAIT, is_status, reset_mid_stream_turn, retries, tool_results,
+};
 
 const KEY: &str = "gemini-test-key-0123456789";
 const MODEL: &str = "gemini-3-flash-preview";
@@ -184,20 +186,7 @@ async fn a_429_with_retry_info_is_retried_after_its_delay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_mid_stream_is_retried() {
     let env = gemini_env(Value::Null).await;
-    // The stream reset is a live event only: the watcher must be connected before the turn.
-    let (chat, mut stream) = env.idle_chat("ready").await;
-    env.llm.push_all([
-        Reply::text("this answer will be cut off").chunk_chars(3).reset_after(3),
-        Reply::text("whole answer"),
-    ]);
-    env.send(&chat.id, "go").await;
-    let events = stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
-    let reset = events.iter().position(|e| matches!(e.body, EventBody::StreamReset)).expect("stream_reset");
-    let retry = events.iter().position(|e| matches!(e.body, EventBody::Retry { .. })).expect("retry");
-    assert!(reset < retry);
-    let messages = env.messages(&chat.id).await;
-    assert_eq!(messages.last().expect("last").text(), "whole answer");
-    assert_eq!(assistant_messages(&messages).len(), 2, "the cut answer was not stored");
+    reset_mid_stream_turn(&env).await;
     assert_eq!(env.llm.request_count(), 3);
 }
 
