@@ -48,18 +48,11 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
     }
     let response = builder.send().await.map_err(|e| http::transport_error(e, api_key.as_deref()))?;
 
-    let status = response.status();
-    if !status.is_success() {
-        let headers = response.headers().clone();
-        let body = http::read_error_body(response).await;
-        let error = http::status_error(status, &headers, &body, api_key.as_deref());
-        tracing::warn!(
-            model = %request.target.model,
-            status = status.as_u16(),
-            kind = ?error.kind,
-            "model call failed"
-        );
-        return Err(error);
+    if !response.status().is_success() {
+        return Err(http::failed_call(response, &request.target.model, |status, headers, body| {
+            http::status_error(status, headers, body, api_key.as_deref())
+        })
+        .await);
     }
 
     Ok(sse::decode_stream(response.bytes_stream().boxed(), EventDecoder::new(api_key)))

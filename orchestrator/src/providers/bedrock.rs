@@ -103,18 +103,11 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
     }
 
     let response = builder.body(body).send().await.map_err(|e| http::transport_error(e, secret.as_deref()))?;
-    let status = response.status();
-    if !status.is_success() {
-        let headers = response.headers().clone();
-        let body = http::read_error_body(response).await;
-        let error = status_error(status, &headers, &body, secret.as_deref());
-        tracing::warn!(
-            model = %request.target.model,
-            status = status.as_u16(),
-            kind = ?error.kind,
-            "model call failed"
-        );
-        return Err(error);
+    if !response.status().is_success() {
+        return Err(http::failed_call(response, &request.target.model, |status, headers, body| {
+            status_error(status, headers, body, secret.as_deref())
+        })
+        .await);
     }
 
     let state = StreamState {

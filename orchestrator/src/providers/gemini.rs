@@ -65,22 +65,15 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
     }
     let response = builder.send().await.map_err(|e| http::transport_error(e, api_key.as_deref()))?;
 
-    let status = response.status();
-    if !status.is_success() {
-        let headers = response.headers().clone();
-        let body = http::read_error_body(response).await;
-        let error = http::status_error(status, &headers, &body, api_key.as_deref());
-        let error = match serde_json::from_slice::<Value>(&body) {
-            Ok(value) => refine_error(error, &value),
-            Err(_) => error,
-        };
-        tracing::warn!(
-            model = %request.target.model,
-            status = status.as_u16(),
-            kind = ?error.kind,
-            "model call failed"
-        );
-        return Err(error);
+    if !response.status().is_success() {
+        return Err(http::failed_call(response, &request.target.model, |status, headers, body| {
+            let error = http::status_error(status, headers, body, api_key.as_deref());
+            match serde_json::from_slice::<Value>(body) {
+                Ok(value) => refine_error(error, &value),
+                Err(_) => error,
+            }
+        })
+        .await);
     }
 
     // Without `alt=sse` (a proxy that drops the query) Gemini answers with one JSON array of

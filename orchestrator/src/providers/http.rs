@@ -131,6 +131,22 @@ pub(crate) fn transport_error(error: reqwest::Error, api_key: Option<&str>) -> M
     ModelError { kind, message: clean_message(&message, api_key), retryable: true, retry_after: None }
 }
 
+/// The error of a response whose status is not a success: its body read (bounded), read by `map`
+/// (the dialect's reading of status, headers and body; [`status_error`] for most), and logged
+/// with the model, so every dialect reports a failed call the same way.
+pub(crate) async fn failed_call(
+    response: reqwest::Response,
+    model: &str,
+    map: impl FnOnce(StatusCode, &HeaderMap, &[u8]) -> ModelError,
+) -> ModelError {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = read_error_body(response).await;
+    let error = map(status, &headers, &body);
+    tracing::warn!(model = %model, status = status.as_u16(), kind = ?error.kind, "model call failed");
+    error
+}
+
 /// Reads at most [`MAX_ERROR_BODY_BYTES`] of an error response. A body that fails half-way is
 /// still good for a message, so read errors just end it.
 pub(crate) async fn read_error_body(response: reqwest::Response) -> Vec<u8> {

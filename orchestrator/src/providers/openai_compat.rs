@@ -173,15 +173,13 @@ impl Endpoint {
         }
         let response = builder.send().await.map_err(|e| http::transport_error(e, self.api_key.as_deref()))?;
 
-        let status = response.status();
-        if status.is_success() {
+        if response.status().is_success() {
             return Ok(response);
         }
-        let headers = response.headers().clone();
-        let body = http::read_error_body(response).await;
-        let error = http::status_error(status, &headers, &body, self.api_key.as_deref());
-        tracing::warn!(model = %self.model, status = status.as_u16(), kind = ?error.kind, "model call failed");
-        Err(error)
+        Err(http::failed_call(response, &self.model, |status, headers, body| {
+            http::status_error(status, headers, body, self.api_key.as_deref())
+        })
+        .await)
     }
 }
 
