@@ -28,16 +28,7 @@ struct Target {
 async fn target(db: &TestDatabase) -> Target {
     let conn = agentplane_schema::db::connect_and_migrate(db.url(), 4).await.expect("database");
     let store = DbStore::new(conn, SecretBox::new(&[7; 32]));
-    let chat = store
-        .create_chat(NewChat {
-            owner_id: "bench".into(),
-            title: None,
-            model_id: None,
-            workspace_id: None,
-            parent_id: None,
-        })
-        .await
-        .expect("chat");
+    let chat = store.create_chat(NewChat { owner_id: "bench".into(), ..Default::default() }).await.expect("chat");
     Target { store, chat_id: chat.id, next: AtomicI64::new(0) }
 }
 

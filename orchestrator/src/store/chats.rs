@@ -13,6 +13,8 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Tr
 use super::convert::{audit_row, chat_from_row, from_json, message_from_row, new_chat_row};
 use super::{DbStore, db_err};
 
+/// A chat to create; `Default` leaves everything but the owner unset (a root chat).
+#[derive(Default)]
 pub struct NewChat {
     pub owner_id: String,
     pub title: Option<String>,

@@ -494,29 +494,11 @@ mod tests {
         let store = DbStore::new(db, SecretBox::new(&[1; 32]));
         let mut chats = Vec::new();
         for _ in 0..40 {
-            let chat = store
-                .create_chat(NewChat {
-                    owner_id: "u".into(),
-                    title: None,
-                    model_id: None,
-                    workspace_id: None,
-                    parent_id: None,
-                })
-                .await
-                .expect("chat");
+            let chat = store.create_chat(NewChat { owner_id: "u".into(), ..Default::default() }).await.expect("chat");
             chats.push(chat.id);
         }
         // One message id already taken (by another chat): that batch violates the primary key.
-        let other = store
-            .create_chat(NewChat {
-                owner_id: "u".into(),
-                title: None,
-                model_id: None,
-                workspace_id: None,
-                parent_id: None,
-            })
-            .await
-            .expect("chat");
+        let other = store.create_chat(NewChat { owner_id: "u".into(), ..Default::default() }).await.expect("chat");
         store.commit(&other.id, batch(&other.id, "taken")).await.expect("first use");
         // One group, as the commit loop makes it when 40 chats step at once.
         let mut outcomes = Vec::new();
