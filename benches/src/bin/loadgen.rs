@@ -192,6 +192,40 @@ enum Scenario {
     },
 }
 
+/// When one turn got there, from just before `POST /messages`.
+struct TimedTurn {
+    /// The POST answered.
+    accepted: Duration,
+    first_delta: Duration,
+    idle: Duration,
+}
+
+/// Sends `message` to `chat_id` and times the turn on `stream` (connected before) until `idle`.
+async fn timed_turn(
+    client: &ApiClient,
+    stream: &mut EventStream,
+    chat_id: &str,
+    message: &str,
+) -> anyhow::Result<TimedTurn> {
+    let t0 = Instant::now();
+    client.send(chat_id, &SendMessage { content: text(message), busy_behavior: Default::default() }).await?;
+    let accepted = t0.elapsed();
+    let mut first_delta = None;
+    stream
+        .wait_for(
+            |e| {
+                if first_delta.is_none() && matches!(e.body, EventBody::MessageDelta { .. }) {
+                    first_delta = Some(t0.elapsed());
+                }
+                matches!(&e.body, EventBody::Status { status: ChatStatus::Idle, .. })
+            },
+            WAIT,
+        )
+        .await?;
+    let idle = t0.elapsed();
+    Ok(TimedTurn { accepted, first_delta: first_delta.context("a turn streamed no delta")?, idle })
+}
+
 fn text(t: &str) -> Vec<Part> {
     vec![Part::text(t)]
 }
@@ -209,25 +243,10 @@ async fn first_delta(bin: Option<PathBuf>, turns: usize, warmup: usize) -> anyho
     let cpu_before = server.cpu_time()?;
     let started = Instant::now();
     for i in 0..warmup + turns {
-        let t0 = Instant::now();
-        admin.send(&chat.id, &SendMessage { content: text("next"), busy_behavior: Default::default() }).await?;
-        let mut delta_at = None;
-        stream
-            .wait_for(
-                |e| {
-                    if delta_at.is_none() && matches!(e.body, EventBody::MessageDelta { .. }) {
-                        delta_at = Some(t0.elapsed());
-                    }
-                    matches!(&e.body, EventBody::Status { status: ChatStatus::Idle, .. })
-                },
-                WAIT,
-            )
-            .await?;
-        let idle_at = t0.elapsed();
-        let delta_at = delta_at.context("a turn streamed no delta")?;
+        let times = timed_turn(&admin, &mut stream, &chat.id, "next").await?;
         if i >= warmup {
-            to_delta.push(delta_at.as_secs_f64() * 1000.0);
-            to_idle.push(idle_at.as_secs_f64() * 1000.0);
+            to_delta.push(times.first_delta.as_secs_f64() * 1000.0);
+            to_idle.push(times.idle.as_secs_f64() * 1000.0);
         }
         if (i + 1) % 100 == 0 {
             eprintln!("first-delta: {}/{} turns", i + 1, warmup + turns);
@@ -855,27 +874,12 @@ async fn burst(bin: Option<PathBuf>, users: usize) -> anyhow::Result<(serde_json
             let barrier = barrier.clone();
             tokio::spawn(async move {
                 barrier.wait().await;
-                let t0 = Instant::now();
-                client.send(&chat_id, &SendMessage { content: text("now"), busy_behavior: Default::default() }).await?;
-                let accepted = t0.elapsed();
-                let mut first = None;
-                stream
-                    .wait_for(
-                        |e| {
-                            if first.is_none() && matches!(e.body, EventBody::MessageDelta { .. }) {
-                                first = Some(t0.elapsed());
-                            }
-                            matches!(&e.body, EventBody::Status { status: ChatStatus::Idle, .. })
-                        },
-                        WAIT,
-                    )
-                    .await?;
-                let idle = t0.elapsed();
+                let times = timed_turn(&client, &mut stream, &chat_id, "now").await?;
                 let messages = client.messages_page(&chat_id, None, Some(10)).await?.messages;
                 if messages.len() != 4 || messages.last().map(|m| m.text()) != Some("ok".into()) {
                     bail!("chat {chat_id}: {} messages after the burst, expected 4", messages.len());
                 }
-                anyhow::Ok((accepted, first.context("no delta")?, idle))
+                anyhow::Ok((times.accepted, times.first_delta, times.idle))
             })
         })
         .collect();
