@@ -155,6 +155,12 @@ impl Relay {
         }
     }
 
+    /// Whether running the tool `name` changes anything. A call that does not (`read_file`) may
+    /// run again after a restart without harm, so the journal need not record it durably.
+    pub fn has_effects(name: &str) -> bool {
+        name != "read_file"
+    }
+
     /// Runs blocking filesystem work off the async threads.
     async fn blocking<T: Send + 'static>(
         &self,

@@ -468,12 +468,10 @@ impl Shared {
         let call_id = request.call_id.clone();
         let _running = RunningGuard { shared: &self, call_id: &call_id };
 
-        let journal = Arc::clone(&self.journal);
-        let id = call_id.clone();
-        let started = tokio::task::spawn_blocking(move || journal.record_started(&id))
-            .await
-            .unwrap_or_else(|err| Err(io::Error::other(err)));
-        if let Err(err) = started {
+        // A read that runs again after a restart does no harm: only calls with effects wait for
+        // their `started` line to be durable.
+        let durable = Relay::has_effects(&request.name);
+        if durable && let Err(err) = self.record(move |journal, id| journal.record_started(&id), &call_id).await {
             // Running it unrecorded could, after a crash, make a repeat run it a second time.
             tracing::error!(%call_id, %err, "cannot record the call in the journal; not running it");
             self.journal.abandon(&call_id);
@@ -498,16 +496,29 @@ impl Shared {
         let _ = forwarding.await;
 
         let result = fit_payload(result, self.client.server_info().max_payload);
-        let journal = Arc::clone(&self.journal);
-        let recorded = result.clone();
-        let finished = tokio::task::spawn_blocking(move || journal.record_finished(&recorded))
-            .await
-            .unwrap_or_else(|err| Err(io::Error::other(err)));
-        if let Err(err) = finished {
-            tracing::error!(%call_id, %err, "cannot record the call's result in the journal");
+        if durable {
+            let recorded = result.clone();
+            if let Err(err) = self.record(move |journal, _| journal.record_finished(&recorded), &call_id).await {
+                tracing::error!(%call_id, %err, "cannot record the call's result in the journal");
+            }
+        } else {
+            self.journal.remember_finished(&result);
         }
         tracing::info!(%call_id, tool = %request.name, is_error = result.is_error, "call finished");
         self.publish_result(&result).await;
+    }
+
+    /// Runs a blocking journal write off the async threads.
+    async fn record(
+        &self,
+        write: impl FnOnce(&Journal, String) -> io::Result<()> + Send + 'static,
+        call_id: &str,
+    ) -> io::Result<()> {
+        let journal = Arc::clone(&self.journal);
+        let call_id = call_id.to_owned();
+        tokio::task::spawn_blocking(move || write(&journal, call_id))
+            .await
+            .unwrap_or_else(|err| Err(io::Error::other(err)))
     }
 
     /// Runs the tool. A cancel asks the relay to stop it, again every [`CANCEL_RETRY`] — a cancel
