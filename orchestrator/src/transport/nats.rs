@@ -265,8 +265,9 @@ impl ToolTransport for NatsTransport {
         let payload = serde_json::to_vec(&request).map_err(|e| other(format!("encoding the request: {e}")))?;
         let started = Instant::now();
         self.deliver(workspace_id, headers, payload.into()).await?;
-        let mut poll = tokio::time::interval(RESULT_POLL);
-        poll.tick().await;
+        // Not `interval` and its immediate first tick: the timer rounds that tick up to the next
+        // millisecond, which would delay every result by up to 1 ms.
+        let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + RESULT_POLL, RESULT_POLL);
         loop {
             tokio::select! {
                 Some(piece) = out.next() => {
