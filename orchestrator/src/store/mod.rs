@@ -19,8 +19,8 @@ use agentplane_schema::new_id;
 use chrono::Utc;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
+    EntityTrait, QueryFilter, QueryOrder, QueryTrait, Statement, TransactionTrait,
 };
 use tokio::sync::mpsc;
 
@@ -293,63 +293,93 @@ impl Store for DbStore {
     }
 }
 
-/// Writes one chat's batch inside `txn`.
+/// Writes one chat's batch inside `txn`. On SQLite its statements go to the database as one
+/// multi-statement query: sqlx runs each SQLite query on the connection's own thread, and one
+/// hand-off there and back per batch instead of one per statement took a large share of a
+/// step's CPU (context switches). PostgreSQL cannot prepare several statements as one, so
+/// there they run one after another.
 async fn apply_batch(
     txn: &DatabaseTransaction,
     chat_id: &str,
     batch: Batch,
     now: chrono::DateTime<Utc>,
 ) -> Result<(), StoreError> {
+    let backend = txn.get_database_backend();
+    let statements = batch_statements(backend, chat_id, batch, now)?;
+    if backend == DbBackend::Sqlite {
+        txn.execute_raw(joined(backend, statements)).await.map_err(db_err)?;
+    } else {
+        for statement in statements {
+            txn.execute_raw(statement).await.map_err(db_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// One statement running `statements` in order; SQLite's `?` placeholders take the values in
+/// the order they appear, across statements.
+fn joined(backend: DbBackend, statements: Vec<Statement>) -> Statement {
+    let mut sql = String::new();
+    let mut values = Vec::new();
+    for statement in statements {
+        if !sql.is_empty() {
+            sql.push_str(";\n");
+        }
+        sql.push_str(&statement.sql);
+        values.extend(statement.values.map(|v| v.0).unwrap_or_default());
+    }
+    Statement::from_sql_and_values(backend, sql, values)
+}
+
+/// The statements that write one chat's batch.
+fn batch_statements(
+    backend: DbBackend,
+    chat_id: &str,
+    batch: Batch,
+    now: chrono::DateTime<Utc>,
+) -> Result<Vec<Statement>, StoreError> {
+    let mut statements = Vec::new();
     let mut chat = chat_rows::ActiveModel { updated_at: Set(now), ..Default::default() };
     for op in batch.ops {
-        match op {
-            Op::InsertMessage(m) => {
-                messages::Entity::insert(convert::message_to_row(&m)?)
-                    .exec_without_returning(txn)
-                    .await
-                    .map_err(db_err)?;
-            }
+        let statement = match op {
+            Op::InsertMessage(m) => messages::Entity::insert(convert::message_to_row(&m)?).build(backend),
             Op::SetStatus { status, error } => {
                 chat.status = Set(status.as_str().to_string());
                 chat.error_kind = Set(error.as_ref().map(|e| convert::enum_str(&e.kind)));
                 chat.error_message = Set(error.map(|e| e.message));
+                continue;
             }
-            Op::SetWorkspace(w) => chat.workspace_id = Set(w),
-            Op::InsertQueued { message, position } => {
-                queued_messages::Entity::insert(queued_messages::ActiveModel {
-                    id: Set(message.id),
-                    chat_id: Set(message.chat_id),
-                    position: Set(position),
-                    content: Set(convert::to_json(&message.content)?),
-                    user_id: Set(message.user_id),
-                    created_at: Set(message.created_at),
-                })
-                .exec_without_returning(txn)
-                .await
-                .map_err(db_err)?;
+            Op::SetWorkspace(w) => {
+                chat.workspace_id = Set(w);
+                continue;
             }
-            Op::DeleteQueued { id } => {
-                queued_messages::Entity::delete_by_id(id).exec(txn).await.map_err(db_err)?;
+            Op::InsertQueued { message, position } => queued_messages::Entity::insert(queued_messages::ActiveModel {
+                id: Set(message.id),
+                chat_id: Set(message.chat_id),
+                position: Set(position),
+                content: Set(convert::to_json(&message.content)?),
+                user_id: Set(message.user_id),
+                created_at: Set(message.created_at),
+            })
+            .build(backend),
+            Op::DeleteQueued { id } => queued_messages::Entity::delete_by_id(id).build(backend),
+            Op::SetTitle(title) => {
+                chat.title = Set(Some(title));
+                continue;
             }
-            Op::SetTitle(title) => chat.title = Set(Some(title)),
-            Op::SetArchived(archived) => chat.archived = Set(archived),
-            Op::DropMessagesFrom { from_position } => {
-                messages::Entity::update_many()
-                    .col_expr(messages::Column::Deleted, Expr::value(true))
-                    .filter(messages::Column::ChatId.eq(chat_id))
-                    .filter(messages::Column::Position.gte(from_position))
-                    .exec(txn)
-                    .await
-                    .map_err(db_err)?;
+            Op::SetArchived(archived) => {
+                chat.archived = Set(archived);
+                continue;
             }
-            Op::UpdateQueued { id, content } => {
-                queued_messages::Entity::update_many()
-                    .col_expr(queued_messages::Column::Content, Expr::value(convert::to_json(&content)?))
-                    .filter(queued_messages::Column::Id.eq(id))
-                    .exec(txn)
-                    .await
-                    .map_err(db_err)?;
-            }
+            Op::DropMessagesFrom { from_position } => messages::Entity::update_many()
+                .col_expr(messages::Column::Deleted, Expr::value(true))
+                .filter(messages::Column::ChatId.eq(chat_id))
+                .filter(messages::Column::Position.gte(from_position))
+                .build(backend),
+            Op::UpdateQueued { id, content } => queued_messages::Entity::update_many()
+                .col_expr(queued_messages::Column::Content, Expr::value(convert::to_json(&content)?))
+                .filter(queued_messages::Column::Id.eq(id))
+                .build(backend),
             Op::InsertToolCall { id, call_id, message_id, name, args, user_id, workspace_id } => {
                 tool_calls::Entity::insert(tool_calls::ActiveModel {
                     id: Set(id),
@@ -368,9 +398,7 @@ async fn apply_batch(
                     created_at: Set(now),
                     finished_at: Set(None),
                 })
-                .exec_without_returning(txn)
-                .await
-                .map_err(db_err)?;
+                .build(backend)
             }
             Op::FinishToolCall {
                 call_id,
@@ -396,34 +424,27 @@ async fn apply_batch(
                     .filter(tool_calls::Column::ChatId.eq(chat_id))
                     .filter(tool_calls::Column::CallId.eq(call_id))
                     .filter(tool_calls::Column::MessageId.eq(message_id))
-                    .exec(txn)
-                    .await
-                    .map_err(db_err)?;
+                    .build(backend)
             }
-            Op::RecordUsage { message_id, model_id, usage: u, cost_usd } => {
-                usage::Entity::insert(usage::ActiveModel {
-                    id: Set(new_id()),
-                    chat_id: Set(chat_id.to_string()),
-                    message_id: Set(Some(message_id)),
-                    model_id: Set(Some(model_id)),
-                    input_tokens: Set(u.input_tokens as i64),
-                    output_tokens: Set(u.output_tokens as i64),
-                    cache_read_tokens: Set(u.cache_read_tokens as i64),
-                    cache_write_tokens: Set(u.cache_write_tokens as i64),
-                    cost_usd: Set(cost_usd),
-                    created_at: Set(now),
-                })
-                .exec_without_returning(txn)
-                .await
-                .map_err(db_err)?;
-            }
+            Op::RecordUsage { message_id, model_id, usage: u, cost_usd } => usage::Entity::insert(usage::ActiveModel {
+                id: Set(new_id()),
+                chat_id: Set(chat_id.to_string()),
+                message_id: Set(Some(message_id)),
+                model_id: Set(Some(model_id)),
+                input_tokens: Set(u.input_tokens as i64),
+                output_tokens: Set(u.output_tokens as i64),
+                cache_read_tokens: Set(u.cache_read_tokens as i64),
+                cache_write_tokens: Set(u.cache_write_tokens as i64),
+                cost_usd: Set(cost_usd),
+                created_at: Set(now),
+            })
+            .build(backend),
             Op::Audit { user_id, action, target_type, target_id, details } => {
                 audit_events::Entity::insert(convert::audit_row(user_id, &action, &target_type, target_id, details))
-                    .exec_without_returning(txn)
-                    .await
-                    .map_err(db_err)?;
+                    .build(backend)
             }
-        }
+        };
+        statements.push(statement);
     }
     if let Some(last) = batch.events.iter().filter_map(|e| e.seq).max() {
         let rows = batch
@@ -439,16 +460,12 @@ async fn apply_batch(
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        chat_events::Entity::insert_many(rows).exec_without_returning(txn).await.map_err(db_err)?;
+        statements.push(chat_events::Entity::insert_many(rows).build(backend));
         chat.last_seq = Set(last);
     }
-    chat_rows::Entity::update_many()
-        .set(chat)
-        .filter(chat_rows::Column::Id.eq(chat_id))
-        .exec(txn)
-        .await
-        .map_err(db_err)?;
-    Ok(())
+    statements
+        .push(chat_rows::Entity::update_many().set(chat).filter(chat_rows::Column::Id.eq(chat_id)).build(backend));
+    Ok(statements)
 }
 
 #[cfg(test)]
