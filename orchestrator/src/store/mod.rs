@@ -70,21 +70,44 @@ struct PendingCommit {
 /// caller, so many chats stepping at once pay for one transaction (one WAL append on SQLite, one
 /// round trip of BEGIN/COMMIT on PostgreSQL) instead of one each. A caller hears `Ok` only after
 /// that transaction committed. Should the group's transaction fail, each batch is committed on
-/// its own, so a batch that cannot be written fails alone. Per chat, batches arrive in order (a
-/// chat commits one batch at a time) and are applied in that order.
-async fn commit_loop(db: DatabaseConnection, mut queue: mpsc::UnboundedReceiver<PendingCommit>) {
-    let mut group = Vec::new();
-    while let Some(first) = queue.recv().await {
-        group.push(first);
-        while group.len() < MAX_GROUP {
-            match queue.try_recv() {
-                Ok(next) => group.push(next),
-                Err(_) => break,
+/// its own, so a batch that cannot be written fails alone. A chat commits one batch at a time
+/// (it waits for the last), so each chat's batches are applied in order, whichever committer
+/// takes them.
+///
+/// Several of these loops share the queue on PostgreSQL ([`committers`]): while one group's
+/// statements make their round trips, the next group is collected and sent on another
+/// connection.
+async fn commit_loop(db: DatabaseConnection, queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<PendingCommit>>>) {
+    loop {
+        let group = {
+            let mut queue = queue.lock().await;
+            let Some(first) = queue.recv().await else { return };
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match queue.try_recv() {
+                    Ok(next) => group.push(next),
+                    Err(_) => break,
+                }
             }
-        }
-        commit_group(&db, std::mem::take(&mut group)).await;
+            group
+        };
+        commit_group(&db, group).await;
     }
 }
+
+/// How many groups commit at the same time. SQLite has one writer at a time, and a second
+/// transaction waiting for the write lock would only sleep in SQLite's busy handler; PostgreSQL
+/// commits groups in parallel on separate connections (each group's statements are sequential
+/// round trips, which left the database mostly idle with one committer).
+fn committers(db: &DatabaseConnection) -> usize {
+    match db.get_database_backend() {
+        DbBackend::Sqlite => 1,
+        _ => POSTGRES_COMMITTERS,
+    }
+}
+
+/// Group committers on PostgreSQL: a few, leaving most of the pool (default 8) to readers.
+const POSTGRES_COMMITTERS: usize = 3;
 
 async fn commit_group(db: &DatabaseConnection, mut group: Vec<PendingCommit>) {
     let now = Utc::now();
@@ -149,7 +172,10 @@ impl DbStore {
     /// Must be called inside a Tokio runtime: it starts the group-commit task there.
     pub fn new(db: DatabaseConnection, secrets: SecretBox) -> Self {
         let (committer, queue) = mpsc::unbounded_channel();
-        tokio::spawn(commit_loop(db.clone(), queue));
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        for _ in 0..committers(&db) {
+            tokio::spawn(commit_loop(db.clone(), queue.clone()));
+        }
         DbStore { db, secrets, committer, models: Default::default() }
     }
 
@@ -504,10 +530,70 @@ mod tests {
     /// Many chats commit at once: their batches share a transaction, each caller hears the
     /// outcome of its own batch, and a batch that cannot be written fails alone.
     #[tokio::test]
-    async fn concurrent_batches_are_committed_together_and_a_bad_one_fails_alone() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("db.sqlite").display());
-        let db = agentplane_schema::db::connect_and_migrate(&url, 4).await.expect("database");
+    async fn concurrent_batches_are_committed_together_and_a_bad_one_fails_alone_sqlite() {
+        let database = agentplane_tests::pg::TestDatabase::sqlite_temp();
+        concurrent_batches_are_committed_together_and_a_bad_one_fails_alone(database.url()).await;
+    }
+
+    /// The same on PostgreSQL, where several committers take groups from the queue.
+    #[tokio::test]
+    async fn concurrent_batches_are_committed_together_and_a_bad_one_fails_alone_postgres() {
+        let database = agentplane_tests::pg::TestDatabase::postgres();
+        concurrent_batches_are_committed_together_and_a_bad_one_fails_alone(database.url()).await;
+    }
+
+    /// Chats that each commit batch after batch, all at the same time: every chat's batches land
+    /// in its order, on both backends (several committers on PostgreSQL).
+    #[tokio::test]
+    async fn each_chats_batches_land_in_order_under_concurrent_commits() {
+        for database in
+            [agentplane_tests::pg::TestDatabase::sqlite_temp(), agentplane_tests::pg::TestDatabase::postgres()]
+        {
+            let db = agentplane_schema::db::connect_and_migrate(database.url(), 8).await.expect("database");
+            let store = DbStore::new(db, SecretBox::new(&[1; 32]));
+            let mut chats = Vec::new();
+            for _ in 0..30 {
+                let chat =
+                    store.create_chat(NewChat { owner_id: "u".into(), ..Default::default() }).await.expect("chat");
+                chats.push(chat.id);
+            }
+            let rounds = 12;
+            let commits = chats.iter().map(|chat| {
+                let store = store.clone();
+                let chat = chat.clone();
+                async move {
+                    for round in 1..=rounds {
+                        let mut b = batch(&chat, &format!("{chat}-{round}"));
+                        if let Op::InsertMessage(m) = &mut b.ops[0] {
+                            m.position = round;
+                        }
+                        b.events[0].seq = Some(round);
+                        store.commit(&chat, b).await.expect("commit");
+                    }
+                }
+            });
+            futures::future::join_all(commits).await;
+            for chat in &chats {
+                let state = store.load_chat(chat).await.expect("load");
+                assert_eq!(state.last_seq, rounds, "{:?}: the last batch's seq", database.backend());
+                let positions: Vec<i64> = state.messages.iter().map(|m| m.position).collect();
+                assert_eq!(positions, (1..=rounds).collect::<Vec<_>>(), "{:?}", database.backend());
+                let seqs: Vec<i64> = chat_events::Entity::find()
+                    .filter(chat_events::Column::ChatId.eq(chat.as_str()))
+                    .order_by_asc(chat_events::Column::Seq)
+                    .all(&store.db)
+                    .await
+                    .expect("events")
+                    .into_iter()
+                    .map(|e| e.seq)
+                    .collect();
+                assert_eq!(seqs, (1..=rounds).collect::<Vec<_>>(), "{:?}", database.backend());
+            }
+        }
+    }
+
+    async fn concurrent_batches_are_committed_together_and_a_bad_one_fails_alone(url: &str) {
+        let db = agentplane_schema::db::connect_and_migrate(url, 4).await.expect("database");
         let store = DbStore::new(db, SecretBox::new(&[1; 32]));
         let mut chats = Vec::new();
         for _ in 0..40 {
