@@ -317,7 +317,7 @@ enum OutMessage<'a> {
 #[derive(Serialize)]
 #[serde(untagged)]
 enum UserContent<'a> {
-    Text(String),
+    Text(Cow<'a, str>),
     Parts(Vec<UserPart<'a>>),
 }
 
@@ -418,14 +418,19 @@ fn push_message<'a>(
 fn user_content<'a>(parts: &'a [Part], request: &ModelRequest) -> Result<UserContent<'a>, ModelError> {
     let has_image = parts.iter().any(|p| matches!(p, Part::Image { .. }));
     if !has_image {
-        let texts: Vec<&str> = parts
-            .iter()
-            .filter_map(|p| match p {
-                Part::Text { text } => Some(text.as_str()),
-                _ => None,
-            })
-            .collect();
-        return Ok(UserContent::Text(texts.join("\n")));
+        let mut texts = parts.iter().filter_map(|p| match p {
+            Part::Text { text } => Some(text.as_str()),
+            _ => None,
+        });
+        // Borrowed when there is one text part (nearly always): the history is sent every step.
+        let text = match (texts.next(), texts.next()) {
+            (None, _) => Cow::Borrowed(""),
+            (Some(only), None) => Cow::Borrowed(only),
+            (Some(first), Some(second)) => {
+                Cow::Owned([first, second].into_iter().chain(texts).collect::<Vec<_>>().join("\n"))
+            }
+        };
+        return Ok(UserContent::Text(text));
     }
     let mut content = Vec::with_capacity(parts.len());
     for part in parts {

@@ -931,3 +931,24 @@ fn endpoints_of_the_family() {
     assert_eq!(api(ProviderType::Openai, json!({"api": "assistants"})), Err(ChatErrorKind::Config));
     assert_eq!(api(ProviderType::Openrouter, json!({"api": "responses"})), Err(ChatErrorKind::Config));
 }
+
+#[tokio::test]
+async fn a_user_message_of_several_text_parts_is_sent_as_one_string() {
+    let server = TestServer::start(Reply::sse(&fixture("openai/chat_text_basic.sse"), 4096)).await;
+    let target = target_of(ProviderType::Openai, &server.base_url, "gpt-4o", Value::Null);
+    let mut request = full_conversation(target);
+    request.messages = vec![
+        PromptMessage { role: Role::User, parts: vec![Part::text("first"), Part::text("second")].into() },
+        PromptMessage { role: Role::User, parts: vec![Part::text("only")].into() },
+    ];
+    let events: Vec<_> = providers().stream(request).await.expect("opens").collect().await;
+    assert!(events.iter().all(Result::is_ok));
+    assert_eq!(
+        server.requests()[0].json()["messages"],
+        json!([
+            {"role": "system", "content": "You are a coding agent."},
+            {"role": "user", "content": "first\nsecond"},
+            {"role": "user", "content": "only"},
+        ])
+    );
+}
