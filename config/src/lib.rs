@@ -60,7 +60,8 @@ pub struct ServerSettings {
 pub struct DatabaseSettings {
     /// Database URL; empty = SQLite under `server.data_dir`. Default empty.
     pub url: String,
-    /// Connection pool size. Default 8.
+    /// Connection pool size. Default 8. On PostgreSQL, up to three connections at a time hold
+    /// group commits; the rest serve reads.
     pub max_connections: u32,
 }
 
