@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use agentplane::transport::nats::NatsTransport;
@@ -925,6 +925,31 @@ struct TurnTimes {
     /// orchestration added per step (committing the result, building the prompt, the model call
     /// starting), since the model answers at once.
     step_gaps: Vec<f64>,
+    /// Each tool call's span on the WebSocket: `started` (published once the call is committed,
+    /// just before it is sent) to `finished` (published once its result is committed).
+    tool_spans: Vec<f64>,
+}
+
+/// Added orchestration latency per tool step, estimated from outside: the time between the
+/// model requests of steps k and k+1 of a turn (as the scripted model sees them arrive), minus
+/// the tool's span between them ([`TurnTimes::tool_spans`]); the zero-latency model's own
+/// stream time is left in (microseconds). What remains is the server's work between the model
+/// calls — reading the answer, committing it, dispatching the call, building the next prompt,
+/// sending it — except the commit of the tool's result, which falls inside the span. `None`
+/// when the chat's model requests do not line up with its turns (e.g. a retried model call).
+fn added_latencies(arrivals: &[Instant], turns: &[TurnTimes], steps: usize) -> Option<Vec<f64>> {
+    if arrivals.len() != turns.len() * (steps + 1) || turns.iter().any(|t| t.tool_spans.len() != steps) {
+        return None;
+    }
+    let mut added = Vec::with_capacity(turns.len() * steps);
+    for (t, turn) in turns.iter().enumerate() {
+        let requests = &arrivals[t * (steps + 1)..(t + 1) * (steps + 1)];
+        for (k, span) in turn.tool_spans.iter().enumerate() {
+            let between = (requests[k + 1] - requests[k]).as_secs_f64() * 1000.0;
+            added.push(between - span);
+        }
+    }
+    Some(added)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -941,9 +966,16 @@ async fn steps_scenario(
     use agentplane_tests::{RecordedRequest, Reply};
 
     // Each turn: `steps` tool calls (one per step), then the answer. The chat's number is in its
-    // first message, so every chat writes its own file.
+    // first message, so every chat writes its own file. When each chat's model requests arrive
+    // is kept for the added-latency estimate.
+    let arrivals: Arc<Mutex<HashMap<String, Vec<Instant>>>> = Arc::default();
+    let arrived = arrivals.clone();
     let responder = move |r: &RecordedRequest| {
+        let now = Instant::now();
         let messages = r.messages();
+        if let Some(chat) = messages.iter().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str()) {
+            arrived.lock().unwrap_or_else(PoisonError::into_inner).entry(chat.to_string()).or_default().push(now);
+        }
         let last_user = messages.iter().rposition(|m| m["role"] == "user").unwrap_or(0);
         let done = messages[last_user..].iter().filter(|m| m["role"] == "tool").count();
         if done < steps {
@@ -996,6 +1028,7 @@ async fn steps_scenario(
                 let t0 = Instant::now();
                 let mut times = TurnTimes::default();
                 let mut last_result: Option<Instant> = None;
+                let mut call_started: Option<Instant> = None;
                 stream
                     .wait_for(
                         |e| {
@@ -1015,7 +1048,13 @@ async fn steps_scenario(
                                         times.step_gaps.push((now - at).as_secs_f64() * 1000.0);
                                     }
                                 }
-                                EventBody::ToolCall { phase: ToolPhase::Finished, .. } => last_result = Some(now),
+                                EventBody::ToolCall { phase: ToolPhase::Started, .. } => call_started = Some(now),
+                                EventBody::ToolCall { phase: ToolPhase::Finished, .. } => {
+                                    last_result = Some(now);
+                                    if let Some(at) = call_started.take() {
+                                        times.tool_spans.push((now - at).as_secs_f64() * 1000.0);
+                                    }
+                                }
                                 _ => {}
                             }
                             matches!(&e.body, EventBody::Status { status: ChatStatus::Idle | ChatStatus::Error, .. })
@@ -1038,16 +1077,24 @@ async fn steps_scenario(
                     messages.len()
                 );
             }
-            anyhow::Ok(all)
+            anyhow::Ok((format!("chat {c}"), all))
         })
     });
     let clients: Vec<_> = clients.collect();
     let mut to_delta = Vec::new();
     let mut gaps = Vec::new();
+    let mut added = Vec::new();
+    let mut unaligned = 0;
     let mut problems = Vec::new();
     for client in clients {
         match client.await? {
-            Ok(turns) => {
+            Ok((label, turns)) => {
+                let arrivals =
+                    arrivals.lock().unwrap_or_else(PoisonError::into_inner).remove(&label).unwrap_or_default();
+                match added_latencies(&arrivals, &turns, steps) {
+                    Some(chat_added) => added.extend(chat_added),
+                    None => unaligned += 1,
+                }
                 for t in turns {
                     to_delta.extend(t.to_first_delta);
                     gaps.extend(t.step_gaps);
@@ -1062,6 +1109,7 @@ async fn steps_scenario(
     let tool_steps = chats * turns * steps;
     let delta = summarize(to_delta);
     let gap = summarize(gaps);
+    let added = summarize(added);
     let db = if database_url.is_some() { "PostgreSQL" } else { "SQLite" };
     println!(
         "scenario steps: {chats} chats × {turns} turns × ({steps} tool step(s) + answer), tools over NATS to \
@@ -1088,6 +1136,15 @@ async fn steps_scenario(
         "{:<40} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
         "tool result → next model output", gap.p50, gap.p90, gap.p99, gap.max
     );
+    println!(
+        "{:<40} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+        "added per tool step (estimate)", added.p50, added.p90, added.p99, added.max
+    );
+    if unaligned > 0 {
+        println!(
+            "  ({unaligned} chat(s) left out of the estimate: their model requests did not line up with their turns)"
+        );
+    }
     println!("errors: {}", problems.len());
     for p in problems.iter().take(5) {
         println!("  {p}");
@@ -1100,7 +1157,8 @@ async fn steps_scenario(
         json!({"scenario": "steps", "chats": chats, "turns": turns, "steps_per_turn": steps, "workspaces": workspaces,
                "database": db, "wall_s": wall.as_secs_f64(), "steps_per_s": total_steps as f64 / wall.as_secs_f64(),
                "server_cpu_s_per_1000_steps": cpu.as_secs_f64() * 1000.0 / total_steps as f64,
-               "to_first_delta_ms": delta, "step_gap_ms": gap, "errors": problems}),
+               "to_first_delta_ms": delta, "step_gap_ms": gap, "added_per_tool_step_ms": added,
+               "chats_left_out_of_added": unaligned, "errors": problems}),
         failure,
     ))
 }
@@ -1202,4 +1260,30 @@ async fn main() -> anyhow::Result<()> {
         bail!(failure);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn turn(spans: &[f64]) -> TurnTimes {
+        TurnTimes { tool_spans: spans.to_vec(), ..Default::default() }
+    }
+
+    #[test]
+    fn added_latency_is_the_time_between_model_requests_less_the_tool_span() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Two turns of two tool steps: requests at 0, 10, 25 (answer) and 100, 104, 120 (answer).
+        let arrivals = [at(0), at(10), at(25), at(100), at(104), at(120)];
+        let turns = [turn(&[7.0, 12.0]), turn(&[3.0, 15.5])];
+        let added = added_latencies(&arrivals, &turns, 2).expect("lined up");
+        assert_eq!(added.len(), 4);
+        for (got, want) in added.iter().zip([3.0, 3.0, 1.0, 0.5]) {
+            assert!((got - want).abs() < 1e-9, "{added:?}");
+        }
+        // A model call more than the turns explain (a retry): left out, not guessed at.
+        assert!(added_latencies(&arrivals[..5], &turns, 2).is_none());
+        assert!(added_latencies(&arrivals, &[turn(&[7.0]), turn(&[3.0, 15.5])], 2).is_none());
+    }
 }
