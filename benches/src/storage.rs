@@ -401,7 +401,7 @@ async fn measure(
 }
 
 /// A chat's whole history over the API, oldest first.
-async fn all_messages(admin: &ApiClient, chat_id: &str) -> anyhow::Result<Vec<Message>> {
+pub async fn all_messages(admin: &ApiClient, chat_id: &str) -> anyhow::Result<Vec<Message>> {
     let mut pages = Vec::new();
     let mut before = None;
     loop {

@@ -1068,7 +1068,7 @@ async fn steps_scenario(
                 bail!("chat {c}: event stream out of order: {problem}");
             }
             // Every turn is in the history exactly once: user, K × (call, result), answer.
-            let messages = admin.messages_page(&chat.id, None, Some(1000)).await?.messages;
+            let messages = agentplane_benches::storage::all_messages(&admin, &chat.id).await?;
             let expected = turns * (2 + 2 * steps);
             let answers = messages.iter().filter(|m| m.text() == "done").count();
             if messages.len() != expected || answers != turns {
