@@ -86,6 +86,9 @@ pub(crate) struct Journal {
     durable: Mutex<Durable>,
     /// fsyncs of appended lines run so far.
     fsyncs: AtomicU64,
+    /// Tests: the next fsync of appended lines fails as if the disk had.
+    #[cfg(test)]
+    fail_next_sync: std::sync::atomic::AtomicBool,
     /// Held for the journal's lifetime; the OS releases the lock when the process dies.
     _lock: File,
 }
@@ -103,6 +106,10 @@ struct Writer {
 /// The durable prefix of the lines written: every line up to `through` has reached the disk.
 struct Durable {
     through: u64,
+    /// Lines up to here were covered by an fsync that failed and not by a later compaction: they
+    /// may be lost, and a later fsync reporting success does not bring them back (Linux drops
+    /// the pages whose write-back failed), so their callers hear the failure too.
+    failed_through: u64,
     /// The file lines are appended to now, and the serial of the last line written to it.
     file: Arc<File>,
     written: u64,
@@ -167,8 +174,10 @@ impl Journal {
             file: Mutex::new(Writer { file: Arc::clone(&file), lines, bytes, damaged: false, written: 0 }),
             state: Mutex::new(state),
             syncing: Mutex::new(()),
-            durable: Mutex::new(Durable { through: 0, file, written: 0 }),
+            durable: Mutex::new(Durable { through: 0, failed_through: 0, file, written: 0 }),
             fsyncs: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_next_sync: std::sync::atomic::AtomicBool::new(false),
             _lock: lock,
         };
         Ok((journal, interrupted))
@@ -265,12 +274,21 @@ impl Journal {
             if durable.through >= serial {
                 return Ok(());
             }
+            if durable.failed_through >= serial {
+                return Err(io::Error::other("an earlier fsync of the journal covering this line failed"));
+            }
             (Arc::clone(&durable.file), durable.written)
         };
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        #[cfg(test)]
+        let file =
+            if self.fail_next_sync.swap(false, Ordering::Relaxed) { Arc::new(File::open("/dev/null")?) } else { file };
         if let Err(err) = file.sync_data() {
-            // What the kernel failed to write back may be gone: rewrite the file before the next line.
+            // What the kernel failed to write back may be gone: rewrite the file before the next
+            // line, and fail every line this fsync was to cover.
             self.writer().damaged = true;
+            let mut durable = self.durable();
+            durable.failed_through = durable.failed_through.max(target);
             return Err(err);
         }
         let mut durable = self.durable();
@@ -289,7 +307,7 @@ impl Journal {
         let file = Arc::new(file);
         let written = writer.written;
         *writer = Writer { file: Arc::clone(&file), lines, bytes, damaged: false, written };
-        *self.durable() = Durable { through: written, file, written };
+        *self.durable() = Durable { through: written, failed_through: 0, file, written };
         Ok(())
     }
 
@@ -542,6 +560,43 @@ mod tests {
         let mut expected: Vec<String> = (0..calls).map(|i| format!("c{i}")).collect();
         expected.sort();
         assert_eq!(ids, expected);
+    }
+
+    #[test]
+    fn a_failed_fsync_fails_every_line_it_covered_and_the_journal_recovers() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (journal, _) = open(tmp.path(), JournalLimits::default());
+        let journal = Arc::new(journal);
+        let threads = {
+            let _syncing = journal.syncing.lock().expect("syncing");
+            let threads: Vec<_> = ["a", "b"]
+                .into_iter()
+                .map(|call_id| {
+                    let journal = Arc::clone(&journal);
+                    std::thread::spawn(move || {
+                        assert_eq!(journal.claim(call_id), Claim::New);
+                        journal.record_started(call_id)
+                    })
+                })
+                .collect();
+            while journal.durable().written < 2 {
+                std::thread::yield_now();
+            }
+            journal.fail_next_sync.store(true, Ordering::Relaxed);
+            threads
+        };
+        for thread in threads {
+            assert!(thread.join().expect("thread").is_err(), "a line the failed fsync covered reported durable");
+        }
+        assert_eq!(journal.fsyncs.load(Ordering::Relaxed), 1, "the second caller did not trust a second fsync");
+        // The next line rewrites the file first, and is durable again.
+        journal.abandon("a");
+        journal.abandon("b");
+        let kept = finished(&journal, "c");
+        drop(Arc::into_inner(journal).expect("last reference"));
+        let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
+        assert!(interrupted.is_empty(), "{interrupted:?}");
+        assert_eq!(journal.claim("c"), Claim::Finished(kept));
     }
 
     #[test]
