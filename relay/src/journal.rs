@@ -4,6 +4,8 @@
 //!
 //! It is a file of JSON lines in the state directory: a `started` line before a tool runs, a
 //! `finished` line with the result after, each durable (fsync'd) before the call goes on. Calls
+//! that change nothing (`read_file`) are only remembered in memory, for repeats in this process:
+//! after a restart such a call simply runs again. Calls
 //! running at the same time share fsyncs (group commit): a line is written under the file's
 //! lock, and one `fsync` then covers every line written before it started, so a relay serving
 //! many calls at once pays far fewer than two fsyncs per call. Loading tolerates a
@@ -62,8 +64,9 @@ enum Line {
 /// What the journal knows about a call id when a request for it arrives.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Claim {
-    /// Never seen (or forgotten): it is now marked running, and the caller must
-    /// [`record_started`](Journal::record_started) before running it.
+    /// Never seen (or forgotten): it is now marked running. A call claimed as journaled must be
+    /// [`record_started`](Journal::record_started) before it runs; one that is not is only
+    /// [`remember_finished`](Journal::remember_finished) when it ends.
     New,
     /// Running in this process; its result is published when it ends.
     Running,
@@ -106,10 +109,11 @@ struct Writer {
 /// The durable prefix of the lines written: every line up to `through` has reached the disk.
 struct Durable {
     through: u64,
-    /// Lines up to here were covered by an fsync that failed and not by a later compaction: they
-    /// may be lost, and a later fsync reporting success does not bring them back (Linux drops
-    /// the pages whose write-back failed), so their callers hear the failure too.
-    failed_through: u64,
+    /// An fsync of `file` failed: lines written to it since `through` may be lost, and a later
+    /// fsync reporting success does not bring them back (Linux drops the pages whose write-back
+    /// failed and reports the error once). Until a compaction rewrites the file, every line not
+    /// yet durable fails.
+    poisoned: bool,
     /// The file lines are appended to now, and the serial of the last line written to it.
     file: Arc<File>,
     written: u64,
@@ -125,9 +129,11 @@ struct State {
     next_serial: u64,
 }
 
+/// `journaled`: whether the call belongs in the file. Calls without effects are kept in memory
+/// only, and a compaction leaves them out too.
 enum Call {
-    Running,
-    Finished { serial: u64, bytes: usize, result: ToolResult },
+    Running { journaled: bool },
+    Finished { serial: u64, bytes: usize, result: ToolResult, journaled: bool },
 }
 
 impl Journal {
@@ -154,13 +160,17 @@ impl Journal {
         }
         let at = now();
         let mut interrupted = Vec::new();
-        let unfinished: Vec<String> =
-            state.calls.iter().filter(|(_, call)| matches!(call, Call::Running)).map(|(id, _)| id.clone()).collect();
+        let unfinished: Vec<String> = state
+            .calls
+            .iter()
+            .filter(|(_, call)| matches!(call, Call::Running { .. }))
+            .map(|(id, _)| id.clone())
+            .collect();
         for call_id in unfinished {
             let result = ToolResult::error(&call_id, INTERRUPTED);
             let bytes =
                 line_bytes(&Line::Finished { call_id: call_id.clone(), at: at.clone(), result: result.clone() })?;
-            state.finish(result.clone(), bytes.len(), limits);
+            state.finish(result.clone(), bytes.len(), limits, true);
             interrupted.push(result);
         }
 
@@ -174,7 +184,7 @@ impl Journal {
             file: Mutex::new(Writer { file: Arc::clone(&file), lines, bytes, damaged: false, written: 0 }),
             state: Mutex::new(state),
             syncing: Mutex::new(()),
-            durable: Mutex::new(Durable { through: 0, failed_through: 0, file, written: 0 }),
+            durable: Mutex::new(Durable { through: 0, poisoned: false, file, written: 0 }),
             fsyncs: AtomicU64::new(0),
             #[cfg(test)]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
@@ -184,14 +194,16 @@ impl Journal {
     }
 
     /// Looks `call_id` up and, when it is new, marks it running — in one step, so that of two
-    /// copies of a request only the first is run.
-    pub(crate) fn claim(&self, call_id: &str) -> Claim {
+    /// copies of a request only the first is run. `journaled`: the call has effects and will be
+    /// recorded ([`Journal::record_started`], [`Journal::record_finished`]); otherwise it is
+    /// only remembered ([`Journal::remember_finished`]).
+    pub(crate) fn claim(&self, call_id: &str, journaled: bool) -> Claim {
         let mut state = self.state();
         match state.calls.get(call_id) {
-            Some(Call::Running) => Claim::Running,
+            Some(Call::Running { .. }) => Claim::Running,
             Some(Call::Finished { result, .. }) => Claim::Finished(result.clone()),
             None => {
-                state.calls.insert(call_id.to_owned(), Call::Running);
+                state.calls.insert(call_id.to_owned(), Call::Running { journaled });
                 Claim::New
             }
         }
@@ -201,7 +213,7 @@ impl Journal {
     /// written), so a later request may try again.
     pub(crate) fn abandon(&self, call_id: &str) {
         let mut state = self.state();
-        if matches!(state.calls.get(call_id), Some(Call::Running)) {
+        if matches!(state.calls.get(call_id), Some(Call::Running { .. })) {
             state.calls.remove(call_id);
         }
     }
@@ -223,7 +235,7 @@ impl Journal {
             let mut writer = self.writer();
             let written = self.append(&mut writer, &line);
             // Under the file's lock, so that a compaction after this line sees the result too.
-            self.state().finish(result.clone(), line.len(), self.limits);
+            self.state().finish(result.clone(), line.len(), self.limits, true);
             // A call takes two lines (started, finished); compact when the file holds about twice
             // what is kept.
             let oversized = writer.lines > self.limits.max_calls.saturating_mul(4)
@@ -239,9 +251,9 @@ impl Journal {
     /// Remembers how a call that needs no durable record ended (a read: running it again after
     /// a restart does no harm), so that repeats in this process still get this result.
     pub(crate) fn remember_finished(&self, result: &ToolResult) {
-        let bytes = line_bytes(&Line::Finished { call_id: result.call_id.clone(), at: now(), result: result.clone() })
-            .map_or(0, |line| line.len());
-        self.state().finish(result.clone(), bytes, self.limits);
+        // About the size its line would have; counted against the memory bound all the same.
+        let bytes = result.output.len() + result.call_id.len() + 128;
+        self.state().finish(result.clone(), bytes, self.limits, false);
     }
 
     /// Writes `line` (not yet durable) and returns its serial for [`Journal::sync_through`].
@@ -274,31 +286,48 @@ impl Journal {
             if durable.through >= serial {
                 return Ok(());
             }
-            if durable.failed_through >= serial {
-                return Err(io::Error::other("an earlier fsync of the journal covering this line failed"));
+            if durable.poisoned {
+                return Err(io::Error::other("an earlier fsync of the journal failed; this line may be lost"));
             }
             (Arc::clone(&durable.file), durable.written)
         };
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
-        #[cfg(test)]
-        let file =
-            if self.fail_next_sync.swap(false, Ordering::Relaxed) { Arc::new(File::open("/dev/null")?) } else { file };
-        if let Err(err) = file.sync_data() {
-            // What the kernel failed to write back may be gone: rewrite the file before the next
-            // line, and fail every line this fsync was to cover.
+        if let Err(err) = self.sync_data(&file) {
+            {
+                let mut durable = self.durable();
+                if !Arc::ptr_eq(&durable.file, &file) {
+                    // A compaction replaced the file meanwhile and made its lines durable.
+                    return if durable.through >= serial { Ok(()) } else { Err(err) };
+                }
+                durable.poisoned = true;
+            }
+            // Rewrite the file before the next line.
             self.writer().damaged = true;
-            let mut durable = self.durable();
-            durable.failed_through = durable.failed_through.max(target);
             return Err(err);
         }
         let mut durable = self.durable();
-        // A compaction meanwhile has made everything up to its own point durable already.
+        // A compaction meanwhile has made everything up to its own point durable already; an
+        // fsync that failed meanwhile leaves the line in doubt.
+        if durable.poisoned && Arc::ptr_eq(&durable.file, &file) {
+            return Err(io::Error::other("an fsync of the journal failed; this line may be lost"));
+        }
         durable.through = durable.through.max(target);
         Ok(())
     }
 
+    fn sync_data(&self, file: &File) -> io::Result<()> {
+        #[cfg(test)]
+        if self.fail_next_sync.swap(false, Ordering::Relaxed) {
+            return Err(io::Error::other("injected fsync failure"));
+        }
+        file.sync_data()
+    }
+
     /// Replaces the file with one holding only what the journal keeps.
     fn compact(&self, writer: &mut Writer) -> io::Result<()> {
+        // A failed rewrite may have replaced the file already: the next line tries again rather
+        // than appending to a file that is no longer the journal.
+        writer.damaged = true;
         let (file, lines, bytes) = {
             let state = self.state();
             rewrite(&self.dir, &state)?
@@ -307,7 +336,7 @@ impl Journal {
         let file = Arc::new(file);
         let written = writer.written;
         *writer = Writer { file: Arc::clone(&file), lines, bytes, damaged: false, written };
-        *self.durable() = Durable { through: written, failed_through: 0, file, written };
+        *self.durable() = Durable { through: written, poisoned: false, file, written };
         Ok(())
     }
 
@@ -335,9 +364,9 @@ impl State {
             }
             match serde_json::from_slice::<Line>(line) {
                 Ok(Line::Started { call_id, .. }) => {
-                    self.calls.insert(call_id, Call::Running);
+                    self.calls.insert(call_id, Call::Running { journaled: true });
                 }
-                Ok(Line::Finished { result, .. }) => self.finish(result, line.len() + 1, limits),
+                Ok(Line::Finished { result, .. }) => self.finish(result, line.len() + 1, limits, true),
                 Err(err) if lines.peek().is_none() => {
                     tracing::warn!(%err, "ignoring the journal's torn last line (the relay stopped while writing it)");
                 }
@@ -346,12 +375,12 @@ impl State {
         }
     }
 
-    fn finish(&mut self, result: ToolResult, bytes: usize, limits: JournalLimits) {
+    fn finish(&mut self, result: ToolResult, bytes: usize, limits: JournalLimits, journaled: bool) {
         let serial = self.next_serial;
         self.next_serial += 1;
         let call_id = result.call_id.clone();
         if let Some(Call::Finished { bytes: old, .. }) =
-            self.calls.insert(call_id.clone(), Call::Finished { serial, bytes, result })
+            self.calls.insert(call_id.clone(), Call::Finished { serial, bytes, result, journaled })
         {
             self.finished_bytes -= old;
         }
@@ -376,7 +405,7 @@ fn rewrite(dir: &Path, state: &State) -> io::Result<(File, usize, usize)> {
     let mut text = Vec::new();
     let mut lines = 0;
     for (serial, call_id) in &state.finished {
-        if let Some(Call::Finished { serial: current, result, .. }) = state.calls.get(call_id)
+        if let Some(Call::Finished { serial: current, result, journaled: true, .. }) = state.calls.get(call_id)
             && current == serial
         {
             let line = Line::Finished { call_id: call_id.clone(), at: at.clone(), result: result.clone() };
@@ -385,7 +414,7 @@ fn rewrite(dir: &Path, state: &State) -> io::Result<(File, usize, usize)> {
         }
     }
     for (call_id, call) in &state.calls {
-        if matches!(call, Call::Running) {
+        if matches!(call, Call::Running { journaled: true }) {
             text.extend_from_slice(&line_bytes(&Line::Started { call_id: call_id.clone(), at: at.clone() })?);
             lines += 1;
         }
@@ -422,7 +451,7 @@ mod tests {
     }
 
     fn finished(journal: &Journal, call_id: &str) -> ToolResult {
-        assert_eq!(journal.claim(call_id), Claim::New);
+        assert_eq!(journal.claim(call_id, true), Claim::New);
         journal.record_started(call_id).expect("started");
         let result = ToolResult::ok(call_id, format!("output of {call_id}"));
         journal.record_finished(&result).expect("finished");
@@ -434,34 +463,34 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
         assert!(interrupted.is_empty());
-        assert_eq!(journal.claim("a"), Claim::New);
-        assert_eq!(journal.claim("a"), Claim::Running);
+        assert_eq!(journal.claim("a", true), Claim::New);
+        assert_eq!(journal.claim("a", true), Claim::Running);
         journal.record_started("a").expect("started");
         let result = ToolResult::ok("a", "done");
         journal.record_finished(&result).expect("finished");
-        assert_eq!(journal.claim("a"), Claim::Finished(result.clone()));
+        assert_eq!(journal.claim("a", true), Claim::Finished(result.clone()));
         drop(journal);
 
         let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
         assert!(interrupted.is_empty());
-        assert_eq!(journal.claim("a"), Claim::Finished(result));
+        assert_eq!(journal.claim("a", true), Claim::Finished(result));
     }
 
     #[test]
     fn started_but_unfinished_calls_become_interrupted_once() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (journal, _) = open(tmp.path(), JournalLimits::default());
-        assert_eq!(journal.claim("a"), Claim::New);
+        assert_eq!(journal.claim("a", true), Claim::New);
         journal.record_started("a").expect("started");
         drop(journal);
 
         let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
         assert_eq!(interrupted, vec![ToolResult::error("a", INTERRUPTED)]);
-        assert_eq!(journal.claim("a"), Claim::Finished(ToolResult::error("a", INTERRUPTED)));
+        assert_eq!(journal.claim("a", true), Claim::Finished(ToolResult::error("a", INTERRUPTED)));
         drop(journal);
         let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
         assert!(interrupted.is_empty(), "reported again: {interrupted:?}");
-        assert_eq!(journal.claim("a"), Claim::Finished(ToolResult::error("a", INTERRUPTED)));
+        assert_eq!(journal.claim("a", true), Claim::Finished(ToolResult::error("a", INTERRUPTED)));
     }
 
     #[test]
@@ -469,7 +498,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (journal, _) = open(tmp.path(), JournalLimits::default());
         let kept = finished(&journal, "a");
-        assert_eq!(journal.claim("b"), Claim::New);
+        assert_eq!(journal.claim("b", true), Claim::New);
         journal.record_started("b").expect("started");
         drop(journal);
         let mut file = OpenOptions::new().append(true).open(tmp.path().join(JOURNAL_FILE)).expect("open");
@@ -478,7 +507,7 @@ mod tests {
 
         let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
         assert_eq!(interrupted, vec![ToolResult::error("b", INTERRUPTED)]);
-        assert_eq!(journal.claim("a"), Claim::Finished(kept));
+        assert_eq!(journal.claim("a", true), Claim::Finished(kept));
         let text = std::fs::read_to_string(tmp.path().join(JOURNAL_FILE)).expect("read");
         assert_eq!(text.lines().count(), 2, "{text}");
         assert!(text.lines().all(|line| serde_json::from_str::<Line>(line).is_ok()), "{text}");
@@ -492,18 +521,18 @@ mod tests {
         for i in 0..20 {
             finished(&journal, &format!("c{i}"));
         }
-        assert_eq!(journal.claim("c0"), Claim::New, "the oldest call is forgotten");
+        assert_eq!(journal.claim("c0", true), Claim::New, "the oldest call is forgotten");
         journal.abandon("c0");
-        assert!(matches!(journal.claim("c19"), Claim::Finished(_)));
+        assert!(matches!(journal.claim("c19", true), Claim::Finished(_)));
         let lines = std::fs::read_to_string(tmp.path().join(JOURNAL_FILE)).expect("read").lines().count();
         assert!(lines <= 4 * 3, "{lines} lines");
         drop(journal);
 
         let (journal, _) = open(tmp.path(), limits);
         for i in 17..20 {
-            assert!(matches!(journal.claim(&format!("c{i}")), Claim::Finished(_)), "c{i}");
+            assert!(matches!(journal.claim(&format!("c{i}"), true), Claim::Finished(_)), "c{i}");
         }
-        assert_eq!(journal.claim("c16"), Claim::New);
+        assert_eq!(journal.claim("c16", true), Claim::New);
     }
 
     #[test]
@@ -514,12 +543,12 @@ mod tests {
         let (journal, _) = open(tmp.path(), limits);
         for i in 0..5 {
             let call_id = format!("big{i}");
-            assert_eq!(journal.claim(&call_id), Claim::New);
+            assert_eq!(journal.claim(&call_id, true), Claim::New);
             journal.record_finished(&ToolResult::ok(&call_id, "x".repeat(400))).expect("finished");
         }
-        assert!(matches!(journal.claim("big4"), Claim::Finished(_)));
-        assert!(matches!(journal.claim("big3"), Claim::Finished(_)));
-        assert_eq!(journal.claim("big2"), Claim::New);
+        assert!(matches!(journal.claim("big4", true), Claim::Finished(_)));
+        assert!(matches!(journal.claim("big3", true), Claim::Finished(_)));
+        assert_eq!(journal.claim("big2", true), Claim::New);
     }
 
     #[test]
@@ -536,7 +565,7 @@ mod tests {
                     let journal = Arc::clone(&journal);
                     std::thread::spawn(move || {
                         let call_id = format!("c{i}");
-                        assert_eq!(journal.claim(&call_id), Claim::New);
+                        assert_eq!(journal.claim(&call_id, true), Claim::New);
                         journal.record_started(&call_id).expect("started");
                     })
                 })
@@ -574,7 +603,7 @@ mod tests {
                 .map(|call_id| {
                     let journal = Arc::clone(&journal);
                     std::thread::spawn(move || {
-                        assert_eq!(journal.claim(call_id), Claim::New);
+                        assert_eq!(journal.claim(call_id, true), Claim::New);
                         journal.record_started(call_id)
                     })
                 })
@@ -596,7 +625,7 @@ mod tests {
         drop(Arc::into_inner(journal).expect("last reference"));
         let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
         assert!(interrupted.is_empty(), "{interrupted:?}");
-        assert_eq!(journal.claim("c"), Claim::Finished(kept));
+        assert_eq!(journal.claim("c", true), Claim::Finished(kept));
     }
 
     #[test]
@@ -614,15 +643,53 @@ mod tests {
     }
 
     #[test]
-    fn remembered_reads_answer_repeats_but_are_not_written() {
+    fn remembered_reads_answer_repeats_but_stay_out_of_the_file() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let (journal, _) = open(tmp.path(), JournalLimits::default());
-        assert_eq!(journal.claim("r"), Claim::New);
+        let limits = JournalLimits { max_calls: 2, max_bytes: usize::MAX };
+        let (journal, _) = open(tmp.path(), limits);
+        assert_eq!(journal.claim("r", false), Claim::New);
         let result = ToolResult::ok("r", "contents");
         journal.remember_finished(&result);
-        assert_eq!(journal.claim("r"), Claim::Finished(result));
+        assert_eq!(journal.claim("r", false), Claim::Finished(result));
         assert_eq!(journal.fsyncs.load(Ordering::Relaxed), 0);
         assert_eq!(std::fs::read_to_string(tmp.path().join(JOURNAL_FILE)).expect("read"), "");
+        // A read still running, and calls with effects enough to compact the file several times.
+        assert_eq!(journal.claim("reading", false), Claim::New);
+        let kept = finished(&journal, "w0");
+        for i in 1..10 {
+            finished(&journal, &format!("w{i}"));
+        }
+        let text = std::fs::read_to_string(tmp.path().join(JOURNAL_FILE)).expect("read");
+        assert!(!text.contains("\"r\"") && !text.contains("reading"), "{text}");
+        drop(journal);
+        // After a restart the running read is not "interrupted": it may simply run again.
+        let (journal, interrupted) = open(tmp.path(), limits);
+        assert!(interrupted.is_empty(), "{interrupted:?}");
+        assert_eq!(journal.claim("reading", false), Claim::New);
+        assert_eq!(journal.claim("w0", true), Claim::New, "w0 was forgotten ({kept:?})");
+        assert!(matches!(journal.claim("w9", true), Claim::Finished(_)));
+    }
+
+    /// A line written while an fsync ran, whose own fsync comes after that one failed: it must
+    /// not count as durable, and nor may the lines the failed fsync covered.
+    #[test]
+    fn after_a_failed_fsync_no_line_in_doubt_reads_as_durable() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (journal, _) = open(tmp.path(), JournalLimits::default());
+        let line = |id: &str| line_bytes(&Line::Started { call_id: id.to_owned(), at: now() }).expect("line");
+        let first = journal.append(&mut journal.writer(), &line("a")).expect("append");
+        let second = journal.append(&mut journal.writer(), &line("b")).expect("append");
+        journal.fail_next_sync.store(true, Ordering::Relaxed);
+        assert!(journal.sync_through(first).is_err());
+        // As if the third line had been written before the failure was noticed.
+        journal.writer().damaged = false;
+        let third = journal.append(&mut journal.writer(), &line("c")).expect("append");
+        assert!(journal.sync_through(third).is_err(), "a line written around the failure");
+        assert!(journal.sync_through(second).is_err(), "a line the failed fsync covered");
+        // The next compaction rewrites the file from memory and everything is durable again.
+        journal.compact(&mut journal.writer()).expect("compact");
+        let fourth = journal.append(&mut journal.writer(), &line("d")).expect("append");
+        journal.sync_through(fourth).expect("durable again");
     }
 
     #[test]
