@@ -35,8 +35,9 @@ pub struct DbStore {
     db: DatabaseConnection,
     /// Seals and opens provider API keys.
     secrets: SecretBox,
-    /// Where chats' batches wait for the next group commit.
-    committer: mpsc::UnboundedSender<PendingCommit>,
+    /// Where chats' batches wait for the next group commit: one queue per committer, and each
+    /// chat always uses the same one ([`committer_of`]).
+    committers: Arc<[mpsc::UnboundedSender<PendingCommit>]>,
     /// Models as the loop uses them (provider row joined, key decrypted), by the id asked for
     /// (`None`: the default): every step resolves its model, and the rows rarely change. Emptied
     /// by every provider or model change made through this store, and entries expire after
@@ -70,29 +71,32 @@ struct PendingCommit {
 /// caller, so many chats stepping at once pay for one transaction (one WAL append on SQLite, one
 /// round trip of BEGIN/COMMIT on PostgreSQL) instead of one each. A caller hears `Ok` only after
 /// that transaction committed. Should the group's transaction fail, each batch is committed on
-/// its own, so a batch that cannot be written fails alone. A chat commits one batch at a time
-/// (it waits for the last), so each chat's batches are applied in order, whichever committer
-/// takes them.
+/// its own, so a batch that cannot be written fails alone. A chat's batches all go through the
+/// same loop's queue and are applied in the order they were sent — also when a caller stopped
+/// waiting for an earlier one (an aborted step) and the chat sent the next meanwhile.
 ///
-/// Several of these loops share the queue on PostgreSQL ([`committers`]): while one group's
-/// statements make their round trips, the next group is collected and sent on another
-/// connection.
-async fn commit_loop(db: DatabaseConnection, queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<PendingCommit>>>) {
-    loop {
-        let group = {
-            let mut queue = queue.lock().await;
-            let Some(first) = queue.recv().await else { return };
-            let mut group = vec![first];
-            while group.len() < MAX_GROUP {
-                match queue.try_recv() {
-                    Ok(next) => group.push(next),
-                    Err(_) => break,
-                }
+/// On PostgreSQL several of these loops run ([`committers`]), each with its own queue and
+/// connection: while one group's statements make their round trips, others commit theirs.
+async fn commit_loop(db: DatabaseConnection, mut queue: mpsc::UnboundedReceiver<PendingCommit>) {
+    let mut group = Vec::new();
+    while let Some(first) = queue.recv().await {
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
             }
-            group
-        };
-        commit_group(&db, group).await;
+        }
+        commit_group(&db, std::mem::take(&mut group)).await;
     }
+}
+
+/// Which of `count` committers takes `chat_id`'s batches: always the same one.
+fn committer_of(chat_id: &str, count: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    chat_id.hash(&mut hasher);
+    (hasher.finish() % count.max(1) as u64) as usize
 }
 
 /// How many groups commit at the same time. SQLite has one writer at a time, and a second
@@ -171,12 +175,14 @@ pub(crate) fn db_err(e: DbErr) -> StoreError {
 impl DbStore {
     /// Must be called inside a Tokio runtime: it starts the group-commit task there.
     pub fn new(db: DatabaseConnection, secrets: SecretBox) -> Self {
-        let (committer, queue) = mpsc::unbounded_channel();
-        let queue = Arc::new(tokio::sync::Mutex::new(queue));
-        for _ in 0..committers(&db) {
-            tokio::spawn(commit_loop(db.clone(), queue.clone()));
-        }
-        DbStore { db, secrets, committer, models: Default::default() }
+        let committers = (0..committers(&db))
+            .map(|_| {
+                let (committer, queue) = mpsc::unbounded_channel();
+                tokio::spawn(commit_loop(db.clone(), queue));
+                committer
+            })
+            .collect();
+        DbStore { db, secrets, committers, models: Default::default() }
     }
 
     pub fn connection(&self) -> &DatabaseConnection {
@@ -312,7 +318,7 @@ impl Store for DbStore {
     /// (see [`commit_loop`]); returns once the transaction holding it has committed.
     async fn commit(&self, chat_id: &str, batch: Batch) -> Result<(), StoreError> {
         let (done, result) = tokio::sync::oneshot::channel();
-        self.committer
+        self.committers[committer_of(chat_id, self.committers.len())]
             .send(PendingCommit { chat_id: chat_id.to_string(), batch, done })
             .map_err(|_| StoreError::Database("the commit queue is closed (shutting down)".into()))?;
         result.await.map_err(|_| StoreError::Database("the commit queue stopped before committing".into()))?
@@ -535,7 +541,7 @@ mod tests {
         concurrent_batches_are_committed_together_and_a_bad_one_fails_alone(database.url()).await;
     }
 
-    /// The same on PostgreSQL, where several committers take groups from the queue.
+    /// The same on PostgreSQL, where several committers commit groups at the same time.
     #[tokio::test]
     async fn concurrent_batches_are_committed_together_and_a_bad_one_fails_alone_postgres() {
         let database = agentplane_tests::pg::TestDatabase::postgres();
@@ -588,6 +594,46 @@ mod tests {
                     .map(|e| e.seq)
                     .collect();
                 assert_eq!(seqs, (1..=rounds).collect::<Vec<_>>(), "{:?}", database.backend());
+            }
+        }
+    }
+
+    /// A step aborted while its commit waits in the queue stops waiting, and the chat may send
+    /// its next batch at once: the two still land in the order they were sent (each chat has one
+    /// committer), on PostgreSQL's several committers too.
+    #[tokio::test]
+    async fn a_batch_whose_caller_stopped_waiting_still_lands_before_the_next() {
+        use futures::FutureExt as _;
+        for database in
+            [agentplane_tests::pg::TestDatabase::sqlite_temp(), agentplane_tests::pg::TestDatabase::postgres()]
+        {
+            let db = agentplane_schema::db::connect_and_migrate(database.url(), 8).await.expect("database");
+            let store = DbStore::new(db, SecretBox::new(&[1; 32]));
+            let mut chats = Vec::new();
+            for _ in 0..30 {
+                let chat =
+                    store.create_chat(NewChat { owner_id: "u".into(), ..Default::default() }).await.expect("chat");
+                chats.push(chat.id);
+            }
+            let numbered = |chat: &str, n: i64| {
+                let mut b = batch(chat, &format!("{chat}-{n}"));
+                if let Op::InsertMessage(m) = &mut b.ops[0] {
+                    m.position = n;
+                }
+                b.events[0].seq = Some(n);
+                b
+            };
+            for chat in &chats {
+                // Sent, then abandoned: polled once (which queues it) and dropped.
+                assert!(store.commit(chat, numbered(chat, 1)).now_or_never().is_none());
+            }
+            let next = chats.iter().map(|chat| store.commit(chat, numbered(chat, 2)));
+            assert!(futures::future::join_all(next).await.iter().all(Result::is_ok));
+            for chat in &chats {
+                let state = store.load_chat(chat).await.expect("load");
+                assert_eq!(state.last_seq, 2, "{:?}: the later batch's seq stays", database.backend());
+                let positions: Vec<i64> = state.messages.iter().map(|m| m.position).collect();
+                assert_eq!(positions, [1, 2], "{:?}", database.backend());
             }
         }
     }
