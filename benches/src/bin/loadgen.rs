@@ -935,8 +935,11 @@ struct TurnTimes {
 /// the tool's span between them ([`TurnTimes::tool_spans`]); the zero-latency model's own
 /// stream time is left in (microseconds). What remains is the server's work between the model
 /// calls — reading the answer, committing it, dispatching the call, building the next prompt,
-/// sending it — except the commit of the tool's result, which falls inside the span. `None`
-/// when the chat's model requests do not line up with its turns (e.g. a retried model call).
+/// sending it — except the commit of the tool's result, which falls inside the span. Also in it
+/// under load: the scripted model's own queueing (one worker thread) before it takes a request,
+/// and any difference between how late the two events reach this process; single values can
+/// be negative. `None` when the chat's model requests do not line up with its turns (e.g. a
+/// retried model call).
 fn added_latencies(arrivals: &[Instant], turns: &[TurnTimes], steps: usize) -> Option<Vec<f64>> {
     if arrivals.len() != turns.len() * (steps + 1) || turns.iter().any(|t| t.tool_spans.len() != steps) {
         return None;

@@ -348,8 +348,11 @@ async fn apply_batch(
     Ok(())
 }
 
-/// One statement running `statements` in order; SQLite's `?` placeholders take the values in
-/// the order they appear, across statements.
+/// One statement running `statements` in order. sqlx's SQLite driver binds the values of a
+/// multi-statement query statement by statement, each taking the next values for its anonymous
+/// `?` placeholders (the only kind sea-query's SQLite builder writes; numbered ones would not
+/// work here, and too few values would be bound as NULL). `batches_on_sqlite_read_back_as_written`
+/// checks every kind of op through this path.
 fn joined(backend: DbBackend, statements: Vec<Statement>) -> Statement {
     let mut sql = String::new();
     let mut values = Vec::new();
@@ -635,6 +638,137 @@ mod tests {
                 let positions: Vec<i64> = state.messages.iter().map(|m| m.position).collect();
                 assert_eq!(positions, [1, 2], "{:?}", database.backend());
             }
+        }
+    }
+
+    /// Every kind of op in one batch, with text full of `?`, `;` and quotes, through the
+    /// multi-statement path on SQLite (and one by one on PostgreSQL): everything reads back as
+    /// written, so no value went to the wrong placeholder.
+    #[tokio::test]
+    async fn batches_on_sqlite_read_back_as_written() {
+        use agentplane_actors::ports::{ToolCallStatus, Usage};
+        use agentplane_schema::api::{ChatError, ChatErrorKind, ChatStatus};
+        use agentplane_schema::message::QueuedMessage;
+        for database in
+            [agentplane_tests::pg::TestDatabase::sqlite_temp(), agentplane_tests::pg::TestDatabase::postgres()]
+        {
+            let db = agentplane_schema::db::connect_and_migrate(database.url(), 4).await.expect("database");
+            let store = DbStore::new(db, SecretBox::new(&[1; 32]));
+            let chat = store.create_chat(NewChat { owner_id: "u".into(), ..Default::default() }).await.expect("chat");
+            let id = chat.id.as_str();
+            let tricky = "it's; a ? test -- ?1 $1 '';";
+            let mut kept = message(id, "m1");
+            kept.parts = vec![Part::text(tricky)].into();
+            let mut dropped = message(id, "m2");
+            dropped.position = 2;
+            let queued = |qid: &str, text: &str| QueuedMessage {
+                id: qid.into(),
+                chat_id: id.into(),
+                content: vec![Part::text(text)],
+                user_id: "u".into(),
+                created_at: Utc::now(),
+            };
+            let ops = vec![
+                Op::InsertMessage(kept.clone()),
+                Op::InsertMessage(dropped),
+                Op::InsertQueued { message: queued("q1", "first ?"), position: 1 },
+                Op::InsertQueued { message: queued("q2", "second ;"), position: 2 },
+                Op::UpdateQueued { id: "q1".into(), content: vec![Part::text("edited ?;")] },
+                Op::DeleteQueued { id: "q2".into() },
+                Op::SetTitle("T ? ;".into()),
+                Op::SetArchived(true),
+                Op::SetStatus {
+                    status: ChatStatus::Error,
+                    error: Some(ChatError { kind: ChatErrorKind::RateLimit, message: "slow ? down;".into() }),
+                },
+                Op::SetWorkspace(None),
+                Op::InsertToolCall {
+                    id: "tc1".into(),
+                    call_id: "c1".into(),
+                    message_id: "m2".into(),
+                    name: "write_file".into(),
+                    args: serde_json::json!({"path": "a?;b"}),
+                    user_id: "u".into(),
+                    workspace_id: None,
+                },
+                Op::FinishToolCall {
+                    call_id: "c1".into(),
+                    message_id: "m2".into(),
+                    status: ToolCallStatus::Done,
+                    result: "ok ? ;".into(),
+                    is_error: false,
+                    exit_code: Some(3),
+                    duration_ms: Some(12),
+                    workspace_id: None,
+                },
+                Op::RecordUsage {
+                    message_id: "m2".into(),
+                    model_id: "model-x".into(),
+                    usage: Usage { input_tokens: 1, output_tokens: 2, cache_read_tokens: 3, cache_write_tokens: 4 },
+                    cost_usd: Some(0.5),
+                },
+                Op::Audit {
+                    user_id: Some("u".into()),
+                    action: "tool.executed".into(),
+                    target_type: "tool_call".into(),
+                    target_id: Some("c1".into()),
+                    details: serde_json::json!({"k": "v ? ;"}),
+                },
+                Op::DropMessagesFrom { from_position: 2 },
+            ];
+            let events = (1..=2)
+                .map(|seq| StreamEvent {
+                    seq: Some(seq),
+                    chat_id: id.into(),
+                    body: EventBody::Message { message: kept.clone() },
+                })
+                .collect();
+            store.commit(id, Batch { ops, events }).await.expect("commit");
+
+            let backend = database.backend();
+            let state = store.load_chat(id).await.expect("load");
+            assert_eq!(state.messages.len(), 1, "{backend:?}: m2 was dropped");
+            assert_eq!(state.messages[0].text(), tricky, "{backend:?}");
+            assert_eq!(state.queued.len(), 1, "{backend:?}");
+            assert_eq!(state.queued[0].content, vec![Part::text("edited ?;")], "{backend:?}");
+            assert_eq!(state.chat.title.as_deref(), Some("T ? ;"), "{backend:?}");
+            assert!(state.chat.archived, "{backend:?}");
+            assert_eq!(state.chat.status, ChatStatus::Error, "{backend:?}");
+            let error = state.chat.error.expect("error");
+            assert_eq!((error.kind, error.message.as_str()), (ChatErrorKind::RateLimit, "slow ? down;"), "{backend:?}");
+            assert_eq!(state.last_seq, 2, "{backend:?}");
+
+            let call = tool_calls::Entity::find_by_id("tc1").one(&store.db).await.expect("query").expect("row");
+            assert_eq!(
+                (call.status.as_str(), call.result.as_deref(), call.exit_code, call.duration_ms, call.args),
+                ("done", Some("ok ? ;"), Some(3), Some(12), serde_json::json!({"path": "a?;b"})),
+                "{backend:?}"
+            );
+            let used = usage::Entity::find().filter(usage::Column::ChatId.eq(id)).one(&store.db).await.expect("q");
+            let used = used.expect("usage row");
+            assert_eq!(
+                (used.input_tokens, used.output_tokens, used.cache_read_tokens, used.cache_write_tokens),
+                (1, 2, 3, 4),
+                "{backend:?}"
+            );
+            assert_eq!((used.cost_usd, used.model_id.as_deref()), (Some(0.5), Some("model-x")), "{backend:?}");
+            let audit = audit_events::Entity::find()
+                .filter(audit_events::Column::Action.eq("tool.executed"))
+                .one(&store.db)
+                .await
+                .expect("query")
+                .expect("audit row");
+            assert_eq!(audit.target_id.as_deref(), Some("c1"), "{backend:?}");
+            let seqs: Vec<i64> = chat_events::Entity::find()
+                .filter(chat_events::Column::ChatId.eq(id))
+                .order_by_asc(chat_events::Column::Seq)
+                .all(&store.db)
+                .await
+                .expect("events")
+                .into_iter()
+                .map(|e| e.seq)
+                .collect();
+            assert_eq!(seqs, [1, 2], "{backend:?}");
         }
     }
 

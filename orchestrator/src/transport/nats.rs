@@ -266,7 +266,8 @@ impl ToolTransport for NatsTransport {
         let started = Instant::now();
         self.deliver(workspace_id, headers, payload.into()).await?;
         // Not `interval` and its immediate first tick: the timer rounds that tick up to the next
-        // millisecond, which would delay every result by up to 1 ms.
+        // millisecond, which held any result arriving within that millisecond (a fast tool's)
+        // until the tick.
         let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + RESULT_POLL, RESULT_POLL);
         loop {
             tokio::select! {
