@@ -536,6 +536,41 @@ mod tests {
         }
     }
 
+    /// A store on a fresh database at `url` with `count` root chats.
+    async fn store_with_chats(url: &str, count: usize) -> (DbStore, Vec<String>) {
+        let db = agentplane_schema::db::connect_and_migrate(url, 8).await.expect("database");
+        let store = DbStore::new(db, SecretBox::new(&[1; 32]));
+        let mut chats = Vec::new();
+        for _ in 0..count {
+            let chat = store.create_chat(NewChat { owner_id: "u".into(), ..Default::default() }).await.expect("chat");
+            chats.push(chat.id);
+        }
+        (store, chats)
+    }
+
+    /// The seqs of the chat's stored events, in order.
+    async fn event_seqs(store: &DbStore, chat_id: &str) -> Vec<i64> {
+        chat_events::Entity::find()
+            .filter(chat_events::Column::ChatId.eq(chat_id))
+            .order_by_asc(chat_events::Column::Seq)
+            .all(&store.db)
+            .await
+            .expect("events")
+            .into_iter()
+            .map(|e| e.seq)
+            .collect()
+    }
+
+    /// The chat's `n`th batch: message `n` at position `n` with its event of seq `n`.
+    fn numbered(chat_id: &str, n: i64) -> Batch {
+        let mut b = batch(chat_id, &format!("{chat_id}-{n}"));
+        if let Op::InsertMessage(m) = &mut b.ops[0] {
+            m.position = n;
+        }
+        b.events[0].seq = Some(n);
+        b
+    }
+
     /// Many chats commit at once: their batches share a transaction, each caller hears the
     /// outcome of its own batch, and a batch that cannot be written fails alone.
     #[tokio::test]
@@ -558,26 +593,14 @@ mod tests {
         for database in
             [agentplane_tests::pg::TestDatabase::sqlite_temp(), agentplane_tests::pg::TestDatabase::postgres()]
         {
-            let db = agentplane_schema::db::connect_and_migrate(database.url(), 8).await.expect("database");
-            let store = DbStore::new(db, SecretBox::new(&[1; 32]));
-            let mut chats = Vec::new();
-            for _ in 0..30 {
-                let chat =
-                    store.create_chat(NewChat { owner_id: "u".into(), ..Default::default() }).await.expect("chat");
-                chats.push(chat.id);
-            }
+            let (store, chats) = store_with_chats(database.url(), 30).await;
             let rounds = 12;
             let commits = chats.iter().map(|chat| {
                 let store = store.clone();
                 let chat = chat.clone();
                 async move {
                     for round in 1..=rounds {
-                        let mut b = batch(&chat, &format!("{chat}-{round}"));
-                        if let Op::InsertMessage(m) = &mut b.ops[0] {
-                            m.position = round;
-                        }
-                        b.events[0].seq = Some(round);
-                        store.commit(&chat, b).await.expect("commit");
+                        store.commit(&chat, numbered(&chat, round)).await.expect("commit");
                     }
                 }
             });
@@ -587,16 +610,12 @@ mod tests {
                 assert_eq!(state.last_seq, rounds, "{:?}: the last batch's seq", database.backend());
                 let positions: Vec<i64> = state.messages.iter().map(|m| m.position).collect();
                 assert_eq!(positions, (1..=rounds).collect::<Vec<_>>(), "{:?}", database.backend());
-                let seqs: Vec<i64> = chat_events::Entity::find()
-                    .filter(chat_events::Column::ChatId.eq(chat.as_str()))
-                    .order_by_asc(chat_events::Column::Seq)
-                    .all(&store.db)
-                    .await
-                    .expect("events")
-                    .into_iter()
-                    .map(|e| e.seq)
-                    .collect();
-                assert_eq!(seqs, (1..=rounds).collect::<Vec<_>>(), "{:?}", database.backend());
+                assert_eq!(
+                    event_seqs(&store, chat).await,
+                    (1..=rounds).collect::<Vec<_>>(),
+                    "{:?}",
+                    database.backend()
+                );
             }
         }
     }
@@ -610,22 +629,7 @@ mod tests {
         for database in
             [agentplane_tests::pg::TestDatabase::sqlite_temp(), agentplane_tests::pg::TestDatabase::postgres()]
         {
-            let db = agentplane_schema::db::connect_and_migrate(database.url(), 8).await.expect("database");
-            let store = DbStore::new(db, SecretBox::new(&[1; 32]));
-            let mut chats = Vec::new();
-            for _ in 0..30 {
-                let chat =
-                    store.create_chat(NewChat { owner_id: "u".into(), ..Default::default() }).await.expect("chat");
-                chats.push(chat.id);
-            }
-            let numbered = |chat: &str, n: i64| {
-                let mut b = batch(chat, &format!("{chat}-{n}"));
-                if let Op::InsertMessage(m) = &mut b.ops[0] {
-                    m.position = n;
-                }
-                b.events[0].seq = Some(n);
-                b
-            };
+            let (store, chats) = store_with_chats(database.url(), 30).await;
             for chat in &chats {
                 // Sent, then abandoned: polled once (which queues it) and dropped.
                 assert!(store.commit(chat, numbered(chat, 1)).now_or_never().is_none());
@@ -759,16 +763,7 @@ mod tests {
                 .expect("query")
                 .expect("audit row");
             assert_eq!(audit.target_id.as_deref(), Some("c1"), "{backend:?}");
-            let seqs: Vec<i64> = chat_events::Entity::find()
-                .filter(chat_events::Column::ChatId.eq(id))
-                .order_by_asc(chat_events::Column::Seq)
-                .all(&store.db)
-                .await
-                .expect("events")
-                .into_iter()
-                .map(|e| e.seq)
-                .collect();
-            assert_eq!(seqs, [1, 2], "{backend:?}");
+            assert_eq!(event_seqs(&store, id).await, [1, 2], "{backend:?}");
         }
     }
 
@@ -804,14 +799,7 @@ mod tests {
         let commits = chats.iter().map(|chat| {
             let store = store.clone();
             let chat = chat.clone();
-            async move {
-                let mut b = batch(&chat, &format!("{chat}-2"));
-                if let Op::InsertMessage(m) = &mut b.ops[0] {
-                    m.position = 2;
-                }
-                b.events[0].seq = Some(2);
-                store.commit(&chat, b).await
-            }
+            async move { store.commit(&chat, numbered(&chat, 2)).await }
         });
         assert!(futures::future::join_all(commits).await.iter().all(Result::is_ok));
         for (i, chat) in chats.iter().enumerate() {
