@@ -132,8 +132,20 @@ struct State {
 /// `journaled`: whether the call belongs in the file. Calls without effects are kept in memory
 /// only, and a compaction leaves them out too.
 enum Call {
-    Running { journaled: bool },
-    Finished { serial: u64, bytes: usize, result: ToolResult, journaled: bool },
+    Running {
+        journaled: bool,
+    },
+    /// Its `finished` line is written but not yet durable: repeats are told it still runs (the
+    /// result is published once the line is on disk), and a compaction writes the result.
+    Finishing {
+        result: ToolResult,
+    },
+    Finished {
+        serial: u64,
+        bytes: usize,
+        result: ToolResult,
+        journaled: bool,
+    },
 }
 
 impl Journal {
@@ -176,7 +188,9 @@ impl Journal {
 
         // Compacting at once writes the interrupted results, drops a torn line and starts
         // the new process with a file of only what is kept.
-        let (file, lines, bytes) = rewrite(dir, &state)?;
+        let (text, lines) = state.snapshot()?;
+        let file = replace(dir, &text)?;
+        let bytes = text.len();
         let file = Arc::new(file);
         let journal = Journal {
             dir: dir.to_path_buf(),
@@ -200,7 +214,7 @@ impl Journal {
     pub(crate) fn claim(&self, call_id: &str, journaled: bool) -> Claim {
         let mut state = self.state();
         match state.calls.get(call_id) {
-            Some(Call::Running { .. }) => Claim::Running,
+            Some(Call::Running { .. } | Call::Finishing { .. }) => Claim::Running,
             Some(Call::Finished { result, .. }) => Claim::Finished(result.clone()),
             None => {
                 state.calls.insert(call_id.to_owned(), Call::Running { journaled });
@@ -231,21 +245,31 @@ impl Journal {
     /// interrupted. Blocking (fsync, shared with the calls writing at the same time).
     pub(crate) fn record_finished(&self, result: &ToolResult) -> io::Result<()> {
         let line = line_bytes(&Line::Finished { call_id: result.call_id.clone(), at: now(), result: result.clone() })?;
+        let finish = || self.state().finish(result.clone(), line.len(), self.limits, true);
         let serial = {
             let mut writer = self.writer();
-            let written = self.append(&mut writer, &line);
-            // Under the file's lock, so that a compaction after this line sees the result too.
-            self.state().finish(result.clone(), line.len(), self.limits, true);
+            let serial = match self.append(&mut writer, &line) {
+                Ok(serial) => serial,
+                Err(err) => {
+                    finish();
+                    return Err(err);
+                }
+            };
+            // Under the file's lock, so that a compaction after this line writes the result too.
+            self.state().calls.insert(result.call_id.clone(), Call::Finishing { result: result.clone() });
             // A call takes two lines (started, finished); compact when the file holds about twice
             // what is kept.
             let oversized = writer.lines > self.limits.max_calls.saturating_mul(4)
                 || writer.bytes > self.limits.max_bytes.saturating_mul(2).saturating_add(line.len());
-            if oversized && written.is_ok() {
-                self.compact(&mut writer)?;
+            if oversized && let Err(err) = self.compact(&mut writer) {
+                finish();
+                return Err(err);
             }
-            written?
+            serial
         };
-        self.sync_through(serial)
+        let synced = self.sync_through(serial);
+        finish();
+        synced
     }
 
     /// Remembers how a call that needs no durable record ended (a read: running it again after
@@ -328,10 +352,11 @@ impl Journal {
         // A failed rewrite may have replaced the file already: the next line tries again rather
         // than appending to a file that is no longer the journal.
         writer.damaged = true;
-        let (file, lines, bytes) = {
-            let state = self.state();
-            rewrite(&self.dir, &state)?
-        };
+        // Calls change state while the file is written, but not the file: every line is
+        // written under the file's lock, which this holds.
+        let (text, lines) = self.state().snapshot()?;
+        let file = replace(&self.dir, &text)?;
+        let bytes = text.len();
         // The new file was synced and holds every line written so far (as state).
         let file = Arc::new(file);
         let written = writer.written;
@@ -398,38 +423,51 @@ impl State {
     }
 }
 
-/// Writes `state` to a new file and renames it over the journal. Returns the new file opened
-/// for appending, with its line and byte counts.
-fn rewrite(dir: &Path, state: &State) -> io::Result<(File, usize, usize)> {
-    let at = now();
-    let mut text = Vec::new();
-    let mut lines = 0;
-    for (serial, call_id) in &state.finished {
-        if let Some(Call::Finished { serial: current, result, journaled: true, .. }) = state.calls.get(call_id)
-            && current == serial
-        {
-            let line = Line::Finished { call_id: call_id.clone(), at: at.clone(), result: result.clone() };
+impl State {
+    /// The lines of a file holding only what is kept, and how many: the kept finished calls
+    /// oldest first, then the calls running (or finishing) now.
+    fn snapshot(&self) -> io::Result<(Vec<u8>, usize)> {
+        let at = now();
+        let mut text = Vec::new();
+        let mut lines = 0;
+        let mut line = |line: Line| -> io::Result<()> {
             text.extend_from_slice(&line_bytes(&line)?);
             lines += 1;
+            Ok(())
+        };
+        for (serial, call_id) in &self.finished {
+            if let Some(Call::Finished { serial: current, result, journaled: true, .. }) = self.calls.get(call_id)
+                && current == serial
+            {
+                line(Line::Finished { call_id: call_id.clone(), at: at.clone(), result: result.clone() })?;
+            }
         }
-    }
-    for (call_id, call) in &state.calls {
-        if matches!(call, Call::Running { journaled: true }) {
-            text.extend_from_slice(&line_bytes(&Line::Started { call_id: call_id.clone(), at: at.clone() })?);
-            lines += 1;
+        for (call_id, call) in &self.calls {
+            match call {
+                Call::Running { journaled: true } => line(Line::Started { call_id: call_id.clone(), at: at.clone() })?,
+                Call::Finishing { result } => {
+                    line(Line::Finished { call_id: call_id.clone(), at: at.clone(), result: result.clone() })?
+                }
+                _ => {}
+            }
         }
+        Ok((text, lines))
     }
+}
+
+/// Writes `text` to a new file and renames it over the journal. Returns the new file opened
+/// for appending.
+fn replace(dir: &Path, text: &[u8]) -> io::Result<File> {
     let temporary = dir.join(COMPACTING_FILE);
     let mut file = File::create(&temporary)?;
-    file.write_all(&text)?;
+    file.write_all(text)?;
     file.sync_all()?;
     drop(file);
     let path = dir.join(JOURNAL_FILE);
     std::fs::rename(&temporary, &path)?;
     // The rename is durable only once the directory entry is.
     File::open(dir)?.sync_all()?;
-    let file = OpenOptions::new().append(true).open(&path)?;
-    Ok((file, lines, text.len()))
+    OpenOptions::new().append(true).open(&path)
 }
 
 fn line_bytes(line: &Line) -> io::Result<Vec<u8>> {
@@ -626,6 +664,35 @@ mod tests {
         let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
         assert!(interrupted.is_empty(), "{interrupted:?}");
         assert_eq!(journal.claim("c", true), Claim::Finished(kept));
+    }
+
+    /// A result whose line is written but not yet on disk: a repeat hears "running" (the result
+    /// follows once it is durable), and a compaction meanwhile writes the result.
+    #[test]
+    fn a_result_is_not_handed_out_before_its_line_is_durable() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (journal, _) = open(tmp.path(), JournalLimits::default());
+        let journal = Arc::new(journal);
+        assert_eq!(journal.claim("a", true), Claim::New);
+        journal.record_started("a").expect("started");
+        let result = ToolResult::ok("a", "the output");
+        let finishing = {
+            let _syncing = journal.syncing.lock().expect("syncing");
+            let finishing = {
+                let (journal, result) = (Arc::clone(&journal), result.clone());
+                std::thread::spawn(move || journal.record_finished(&result))
+            };
+            while journal.durable().written < 2 {
+                std::thread::yield_now();
+            }
+            assert_eq!(journal.claim("a", true), Claim::Running);
+            journal.compact(&mut journal.writer()).expect("compact");
+            let text = std::fs::read_to_string(tmp.path().join(JOURNAL_FILE)).expect("read");
+            assert!(text.contains("the output") && !text.contains("started"), "{text}");
+            finishing
+        };
+        finishing.join().expect("thread").expect("finished");
+        assert_eq!(journal.claim("a", true), Claim::Finished(result));
     }
 
     #[test]
