@@ -37,7 +37,9 @@ const COMPACTING_FILE: &str = "journal.jsonl.tmp";
 const LOCK_FILE: &str = "lock";
 
 /// How much of the past the journal remembers. A repeated request for a call forgotten since
-/// runs the tool again, so keep enough to cover the orchestrator's retries comfortably.
+/// runs the tool again, so keep enough to cover the orchestrator's retries comfortably. Both
+/// bounds apply separately to calls with effects (in the file) and to reads (in memory only),
+/// so reads never push out the others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JournalLimits {
     /// Finished calls kept (default 10 000).
@@ -122,11 +124,20 @@ struct Durable {
 #[derive(Default)]
 struct State {
     calls: HashMap<String, Call>,
-    /// Finished calls oldest first, with their serial: a stale entry (its call id finished
-    /// again later) is recognised by a serial that no longer matches.
-    finished: VecDeque<(u64, String)>,
-    finished_bytes: usize,
+    /// Journaled finished calls oldest first, with their serial: a stale entry (its call id
+    /// finished again later) is recognised by a serial that no longer matches.
+    finished: Kept,
+    /// Results only remembered (reads), under a budget of their own, so that many large reads
+    /// never push out the results of calls with effects.
+    remembered: Kept,
     next_serial: u64,
+}
+
+/// Finished calls of one kind, oldest first, and the bytes of their lines.
+#[derive(Default)]
+struct Kept {
+    order: VecDeque<(u64, String)>,
+    bytes: usize,
 }
 
 /// `journaled`: whether the call belongs in the file. Calls without effects are kept in memory
@@ -244,7 +255,14 @@ impl Journal {
     /// this process still answers repeats with it; after a restart such a call reads as
     /// interrupted. Blocking (fsync, shared with the calls writing at the same time).
     pub(crate) fn record_finished(&self, result: &ToolResult) -> io::Result<()> {
-        let line = line_bytes(&Line::Finished { call_id: result.call_id.clone(), at: now(), result: result.clone() })?;
+        let line =
+            match line_bytes(&Line::Finished { call_id: result.call_id.clone(), at: now(), result: result.clone() }) {
+                Ok(line) => line,
+                Err(err) => {
+                    self.state().finish(result.clone(), estimated_bytes(result), self.limits, true);
+                    return Err(err);
+                }
+            };
         let finish = || self.state().finish(result.clone(), line.len(), self.limits, true);
         let serial = {
             let mut writer = self.writer();
@@ -275,9 +293,7 @@ impl Journal {
     /// Remembers how a call that needs no durable record ended (a read: running it again after
     /// a restart does no harm), so that repeats in this process still get this result.
     pub(crate) fn remember_finished(&self, result: &ToolResult) {
-        // About the size its line would have; counted against the memory bound all the same.
-        let bytes = result.output.len() + result.call_id.len() + 128;
-        self.state().finish(result.clone(), bytes, self.limits, false);
+        self.state().finish(result.clone(), estimated_bytes(result), self.limits, false);
     }
 
     /// Writes `line` (not yet durable) and returns its serial for [`Journal::sync_through`].
@@ -325,16 +341,18 @@ impl Journal {
                 }
                 durable.poisoned = true;
             }
-            // Rewrite the file before the next line.
-            self.writer().damaged = true;
+            // Rewrite the file before the next line, unless a compaction has just done so.
+            let mut writer = self.writer();
+            if Arc::ptr_eq(&writer.file, &file) {
+                writer.damaged = true;
+            } else if self.durable().through >= serial {
+                return Ok(());
+            }
             return Err(err);
         }
+        // Failures only happen under `syncing`, which this holds: `poisoned` is as checked above.
+        // A compaction meanwhile has made everything up to its own point durable already.
         let mut durable = self.durable();
-        // A compaction meanwhile has made everything up to its own point durable already; an
-        // fsync that failed meanwhile leaves the line in doubt.
-        if durable.poisoned && Arc::ptr_eq(&durable.file, &file) {
-            return Err(io::Error::other("an fsync of the journal failed; this line may be lost"));
-        }
         durable.through = durable.through.max(target);
         Ok(())
     }
@@ -389,7 +407,8 @@ impl State {
             }
             match serde_json::from_slice::<Line>(line) {
                 Ok(Line::Started { call_id, .. }) => {
-                    self.calls.insert(call_id, Call::Running { journaled: true });
+                    let replaced = self.calls.insert(call_id, Call::Running { journaled: true });
+                    self.forget_bytes(replaced);
                 }
                 Ok(Line::Finished { result, .. }) => self.finish(result, line.len() + 1, limits, true),
                 Err(err) if lines.peek().is_none() => {
@@ -404,21 +423,27 @@ impl State {
         let serial = self.next_serial;
         self.next_serial += 1;
         let call_id = result.call_id.clone();
-        if let Some(Call::Finished { bytes: old, .. }) =
-            self.calls.insert(call_id.clone(), Call::Finished { serial, bytes, result, journaled })
-        {
-            self.finished_bytes -= old;
-        }
-        self.finished.push_back((serial, call_id));
-        self.finished_bytes += bytes;
-        while self.finished.len() > limits.max_calls || self.finished_bytes > limits.max_bytes {
-            let Some((serial, call_id)) = self.finished.pop_front() else { break };
+        let replaced = self.calls.insert(call_id.clone(), Call::Finished { serial, bytes, result, journaled });
+        self.forget_bytes(replaced);
+        let kept = if journaled { &mut self.finished } else { &mut self.remembered };
+        kept.order.push_back((serial, call_id));
+        kept.bytes += bytes;
+        while kept.order.len() > limits.max_calls || kept.bytes > limits.max_bytes {
+            let Some((serial, call_id)) = kept.order.pop_front() else { break };
             if let Some(Call::Finished { serial: current, bytes, .. }) = self.calls.get(&call_id)
                 && *current == serial
             {
-                self.finished_bytes -= bytes;
+                kept.bytes -= bytes;
                 self.calls.remove(&call_id);
             }
+        }
+    }
+
+    /// Takes a finished call that was replaced out of its budget (its queue entry goes stale).
+    fn forget_bytes(&mut self, replaced: Option<Call>) {
+        if let Some(Call::Finished { bytes, journaled, .. }) = replaced {
+            let kept = if journaled { &mut self.finished } else { &mut self.remembered };
+            kept.bytes -= bytes;
         }
     }
 }
@@ -435,7 +460,7 @@ impl State {
             lines += 1;
             Ok(())
         };
-        for (serial, call_id) in &self.finished {
+        for (serial, call_id) in &self.finished.order {
             if let Some(Call::Finished { serial: current, result, journaled: true, .. }) = self.calls.get(call_id)
                 && current == serial
             {
@@ -470,6 +495,11 @@ fn replace(dir: &Path, text: &[u8]) -> io::Result<File> {
     OpenOptions::new().append(true).open(&path)
 }
 
+/// About the size a result's line would have, without serialising it.
+fn estimated_bytes(result: &ToolResult) -> usize {
+    result.output.len() + result.call_id.len() + 128
+}
+
 fn line_bytes(line: &Line) -> io::Result<Vec<u8>> {
     let mut bytes = serde_json::to_vec(line)?;
     bytes.push(b'\n');
@@ -486,6 +516,15 @@ mod tests {
 
     fn open(dir: &Path, limits: JournalLimits) -> (Journal, Vec<ToolResult>) {
         Journal::open(dir, limits).expect("journal opens")
+    }
+
+    /// Spins until `lines` lines are written, failing instead of hanging if one of the threads
+    /// that should write them has ended.
+    fn wait_for_lines<T>(journal: &Journal, lines: u64, threads: &[std::thread::JoinHandle<T>]) {
+        while journal.durable().written < lines {
+            assert!(!threads.iter().any(|t| t.is_finished()), "a thread ended before writing its line");
+            std::thread::yield_now();
+        }
     }
 
     fn finished(journal: &Journal, call_id: &str) -> ToolResult {
@@ -608,9 +647,7 @@ mod tests {
                     })
                 })
                 .collect();
-            while journal.durable().written < calls {
-                std::thread::yield_now();
-            }
+            wait_for_lines(&journal, calls, &threads);
             threads
         };
         for thread in threads {
@@ -646,9 +683,7 @@ mod tests {
                     })
                 })
                 .collect();
-            while journal.durable().written < 2 {
-                std::thread::yield_now();
-            }
+            wait_for_lines(&journal, 2, &threads);
             journal.fail_next_sync.store(true, Ordering::Relaxed);
             threads
         };
@@ -682,11 +717,11 @@ mod tests {
                 let (journal, result) = (Arc::clone(&journal), result.clone());
                 std::thread::spawn(move || journal.record_finished(&result))
             };
-            while journal.durable().written < 2 {
-                std::thread::yield_now();
-            }
-            assert_eq!(journal.claim("a", true), Claim::Running);
+            wait_for_lines(&journal, 2, std::slice::from_ref(&finishing));
+            // Taking the file's lock waits for the other thread to be done with it: its result
+            // is in memory, its fsync not yet run.
             journal.compact(&mut journal.writer()).expect("compact");
+            assert_eq!(journal.claim("a", true), Claim::Running);
             let text = std::fs::read_to_string(tmp.path().join(JOURNAL_FILE)).expect("read");
             assert!(text.contains("the output") && !text.contains("started"), "{text}");
             finishing
@@ -720,8 +755,10 @@ mod tests {
         assert_eq!(journal.claim("r", false), Claim::Finished(result));
         assert_eq!(journal.fsyncs.load(Ordering::Relaxed), 0);
         assert_eq!(std::fs::read_to_string(tmp.path().join(JOURNAL_FILE)).expect("read"), "");
-        // A read still running, and calls with effects enough to compact the file several times.
+        // A read still running; a compaction now, and more from calls with effects.
         assert_eq!(journal.claim("reading", false), Claim::New);
+        journal.compact(&mut journal.writer()).expect("compact");
+        assert_eq!(std::fs::read_to_string(tmp.path().join(JOURNAL_FILE)).expect("read"), "");
         let kept = finished(&journal, "w0");
         for i in 1..10 {
             finished(&journal, &format!("w{i}"));
@@ -735,6 +772,22 @@ mod tests {
         assert_eq!(journal.claim("reading", false), Claim::New);
         assert_eq!(journal.claim("w0", true), Claim::New, "w0 was forgotten ({kept:?})");
         assert!(matches!(journal.claim("w9", true), Claim::Finished(_)));
+    }
+
+    #[test]
+    fn many_large_reads_do_not_push_out_the_results_of_calls_with_effects() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let limits = JournalLimits { max_calls: 3, max_bytes: 10_000 };
+        let (journal, _) = open(tmp.path(), limits);
+        let kept = finished(&journal, "write");
+        for i in 0..20 {
+            let id = format!("read{i}");
+            assert_eq!(journal.claim(&id, false), Claim::New);
+            journal.remember_finished(&ToolResult::ok(&id, "x".repeat(3_000)));
+        }
+        assert_eq!(journal.claim("write", true), Claim::Finished(kept));
+        assert!(matches!(journal.claim("read19", false), Claim::Finished(_)));
+        assert_eq!(journal.claim("read0", false), Claim::New, "reads keep to their own budget");
     }
 
     /// A line written while an fsync ran, whose own fsync comes after that one failed: it must

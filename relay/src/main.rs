@@ -59,10 +59,12 @@ struct Args {
     #[arg(long, env = "AGENTPLANE_RELAY_READ_MAX_LINE_CHARS",
           default_value_t = ToolLimits::default().read_max_line_chars)]
     read_max_line_chars: usize,
-    /// Finished calls the journal remembers.
+    /// Finished calls the journal remembers (calls with effects; reads have the same bound of
+    /// their own, in memory only).
     #[arg(long, env = "AGENTPLANE_RELAY_JOURNAL_MAX_CALLS", default_value_t = JournalLimits::default().max_calls)]
     journal_max_calls: usize,
-    /// Total size of the finished calls the journal remembers, in bytes.
+    /// Total size of the finished calls the journal remembers, in bytes (likewise, separately
+    /// for reads).
     #[arg(long, env = "AGENTPLANE_RELAY_JOURNAL_MAX_BYTES", default_value_t = JournalLimits::default().max_bytes)]
     journal_max_bytes: usize,
     /// On SIGTERM/SIGINT, how long running calls may take to finish before they are cancelled.
