@@ -55,19 +55,27 @@ impl Default for JournalLimits {
     }
 }
 
-/// One line of the file.
-#[derive(Debug, Serialize, Deserialize)]
+/// One line of the file, as read.
+#[derive(Debug, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 enum Line {
-    Started { call_id: String, at: String },
-    Finished { call_id: String, at: String, result: ToolResult },
+    Started { call_id: String },
+    Finished { result: ToolResult },
+}
+
+/// One line of the file, as written (the same shape as [`Line`], borrowed).
+#[derive(Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum LineOut<'a> {
+    Started { call_id: &'a str, at: &'a str },
+    Finished { call_id: &'a str, at: &'a str, result: &'a ToolResult },
 }
 
 /// What the journal knows about a call id when a request for it arrives.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Claim {
-    /// Never seen (or forgotten): it is now marked running. A call claimed as journaled must be
-    /// [`record_started`](Journal::record_started) before it runs; one that is not is only
+    /// Never seen (or forgotten): it is now marked running. A call with effects must be
+    /// [`record_started`](Journal::record_started) before it runs; one without is only
     /// [`remember_finished`](Journal::remember_finished) when it ends.
     New,
     /// Running in this process; its result is published when it ends.
@@ -140,21 +148,23 @@ struct Kept {
     bytes: usize,
 }
 
-/// `journaled`: whether the call belongs in the file. Calls without effects are kept in memory
-/// only, and a compaction leaves them out too.
+/// A call the journal knows. Calls without effects are kept in memory only (`journaled: false`),
+/// and a compaction leaves them out too.
 enum Call {
     Running {
-        journaled: bool,
+        /// Its `started` line is written: a compaction keeps it. A call claimed but not yet
+        /// started must not get one, or a crash before it runs would read as interrupted.
+        started: bool,
     },
     /// Its `finished` line is written but not yet durable: repeats are told it still runs (the
     /// result is published once the line is on disk), and a compaction writes the result.
     Finishing {
-        result: ToolResult,
+        result: Arc<ToolResult>,
     },
     Finished {
         serial: u64,
         bytes: usize,
-        result: ToolResult,
+        result: Arc<ToolResult>,
         journaled: bool,
     },
 }
@@ -191,15 +201,14 @@ impl Journal {
             .collect();
         for call_id in unfinished {
             let result = ToolResult::error(&call_id, INTERRUPTED);
-            let bytes =
-                line_bytes(&Line::Finished { call_id: call_id.clone(), at: at.clone(), result: result.clone() })?;
-            state.finish(result.clone(), bytes.len(), limits, true);
+            let bytes = line_bytes(&LineOut::Finished { call_id: &call_id, at: &at, result: &result })?;
+            state.finish(Arc::new(result.clone()), bytes.len(), limits, true);
             interrupted.push(result);
         }
 
         // Compacting at once writes the interrupted results, drops a torn line and starts
         // the new process with a file of only what is kept.
-        let (text, lines) = state.snapshot()?;
+        let (text, lines) = serialize(state.snapshot())?;
         let file = replace(dir, &text)?;
         let bytes = text.len();
         let file = Arc::new(file);
@@ -219,16 +228,16 @@ impl Journal {
     }
 
     /// Looks `call_id` up and, when it is new, marks it running — in one step, so that of two
-    /// copies of a request only the first is run. `journaled`: the call has effects and will be
-    /// recorded ([`Journal::record_started`], [`Journal::record_finished`]); otherwise it is
-    /// only remembered ([`Journal::remember_finished`]).
-    pub(crate) fn claim(&self, call_id: &str, journaled: bool) -> Claim {
+    /// copies of a request only the first is run. A call with effects is then recorded
+    /// ([`Journal::record_started`], [`Journal::record_finished`]); one without is only
+    /// remembered ([`Journal::remember_finished`]).
+    pub(crate) fn claim(&self, call_id: &str) -> Claim {
         let mut state = self.state();
         match state.calls.get(call_id) {
             Some(Call::Running { .. } | Call::Finishing { .. }) => Claim::Running,
-            Some(Call::Finished { result, .. }) => Claim::Finished(result.clone()),
+            Some(Call::Finished { result, .. }) => Claim::Finished(ToolResult::clone(result)),
             None => {
-                state.calls.insert(call_id.to_owned(), Call::Running { journaled });
+                state.calls.insert(call_id.to_owned(), Call::Running { started: false });
                 Claim::New
             }
         }
@@ -246,8 +255,16 @@ impl Journal {
     /// Durably records that a claimed call is about to run. Blocking (fsync, shared with the
     /// calls writing at the same time).
     pub(crate) fn record_started(&self, call_id: &str) -> io::Result<()> {
-        let line = line_bytes(&Line::Started { call_id: call_id.to_owned(), at: now() })?;
-        let serial = self.append(&mut self.writer(), &line)?;
+        let line = line_bytes(&LineOut::Started { call_id, at: &now() })?;
+        let serial = {
+            let mut writer = self.writer();
+            let serial = self.append(&mut writer, &line)?;
+            // Under the file's lock, so that a compaction after this line writes it too.
+            if let Some(Call::Running { started, .. }) = self.state().calls.get_mut(call_id) {
+                *started = true;
+            }
+            serial
+        };
         self.sync_through(serial)
     }
 
@@ -255,15 +272,17 @@ impl Journal {
     /// this process still answers repeats with it; after a restart such a call reads as
     /// interrupted. Blocking (fsync, shared with the calls writing at the same time).
     pub(crate) fn record_finished(&self, result: &ToolResult) -> io::Result<()> {
-        let line =
-            match line_bytes(&Line::Finished { call_id: result.call_id.clone(), at: now(), result: result.clone() }) {
-                Ok(line) => line,
-                Err(err) => {
-                    self.state().finish(result.clone(), estimated_bytes(result), self.limits, true);
-                    return Err(err);
-                }
-            };
-        let finish = || self.state().finish(result.clone(), line.len(), self.limits, true);
+        let line = line_bytes(&LineOut::Finished { call_id: &result.call_id, at: &now(), result });
+        let result = Arc::new(result.clone());
+        let line = match line {
+            Ok(line) => line,
+            Err(err) => {
+                let estimate = estimated_bytes(&result);
+                self.state().finish(result, estimate, self.limits, true);
+                return Err(err);
+            }
+        };
+        let finish = || self.state().finish(Arc::clone(&result), line.len(), self.limits, true);
         let serial = {
             let mut writer = self.writer();
             let serial = match self.append(&mut writer, &line) {
@@ -274,7 +293,7 @@ impl Journal {
                 }
             };
             // Under the file's lock, so that a compaction after this line writes the result too.
-            self.state().calls.insert(result.call_id.clone(), Call::Finishing { result: result.clone() });
+            self.state().calls.insert(result.call_id.clone(), Call::Finishing { result: Arc::clone(&result) });
             // A call takes two lines (started, finished); compact when the file holds about twice
             // what is kept.
             let oversized = writer.lines > self.limits.max_calls.saturating_mul(4)
@@ -293,7 +312,7 @@ impl Journal {
     /// Remembers how a call that needs no durable record ended (a read: running it again after
     /// a restart does no harm), so that repeats in this process still get this result.
     pub(crate) fn remember_finished(&self, result: &ToolResult) {
-        self.state().finish(result.clone(), estimated_bytes(result), self.limits, false);
+        self.state().finish(Arc::new(result.clone()), estimated_bytes(result), self.limits, false);
     }
 
     /// Writes `line` (not yet durable) and returns its serial for [`Journal::sync_through`].
@@ -372,7 +391,10 @@ impl Journal {
         writer.damaged = true;
         // Calls change state while the file is written, but not the file: every line is
         // written under the file's lock, which this holds.
-        let (text, lines) = self.state().snapshot()?;
+        // Only the kept results are gathered under the state's lock (async threads take it to
+        // claim calls); serializing them, up to `max_bytes`, happens after.
+        let snapshot = self.state().snapshot();
+        let (text, lines) = serialize(snapshot)?;
         let file = replace(&self.dir, &text)?;
         let bytes = text.len();
         // The new file was synced and holds every line written so far (as state).
@@ -407,10 +429,10 @@ impl State {
             }
             match serde_json::from_slice::<Line>(line) {
                 Ok(Line::Started { call_id, .. }) => {
-                    let replaced = self.calls.insert(call_id, Call::Running { journaled: true });
+                    let replaced = self.calls.insert(call_id, Call::Running { started: true });
                     self.forget_bytes(replaced);
                 }
-                Ok(Line::Finished { result, .. }) => self.finish(result, line.len() + 1, limits, true),
+                Ok(Line::Finished { result }) => self.finish(Arc::new(result), line.len() + 1, limits, true),
                 Err(err) if lines.peek().is_none() => {
                     tracing::warn!(%err, "ignoring the journal's torn last line (the relay stopped while writing it)");
                 }
@@ -419,7 +441,7 @@ impl State {
         }
     }
 
-    fn finish(&mut self, result: ToolResult, bytes: usize, limits: JournalLimits, journaled: bool) {
+    fn finish(&mut self, result: Arc<ToolResult>, bytes: usize, limits: JournalLimits, journaled: bool) {
         let serial = self.next_serial;
         self.next_serial += 1;
         let call_id = result.call_id.clone();
@@ -449,35 +471,47 @@ impl State {
 }
 
 impl State {
-    /// The lines of a file holding only what is kept, and how many: the kept finished calls
-    /// oldest first, then the calls running (or finishing) now.
-    fn snapshot(&self) -> io::Result<(Vec<u8>, usize)> {
-        let at = now();
-        let mut text = Vec::new();
-        let mut lines = 0;
-        let mut line = |line: Line| -> io::Result<()> {
-            text.extend_from_slice(&line_bytes(&line)?);
-            lines += 1;
-            Ok(())
-        };
+    /// What a file holding only what is kept has lines for: the kept finished calls oldest
+    /// first, then the calls started (or finishing) now. Results are shared, not copied.
+    fn snapshot(&self) -> Vec<Entry> {
+        let mut entries = Vec::new();
         for (serial, call_id) in &self.finished.order {
             if let Some(Call::Finished { serial: current, result, journaled: true, .. }) = self.calls.get(call_id)
                 && current == serial
             {
-                line(Line::Finished { call_id: call_id.clone(), at: at.clone(), result: result.clone() })?;
+                entries.push(Entry::Finished(Arc::clone(result)));
             }
         }
         for (call_id, call) in &self.calls {
             match call {
-                Call::Running { journaled: true } => line(Line::Started { call_id: call_id.clone(), at: at.clone() })?,
-                Call::Finishing { result } => {
-                    line(Line::Finished { call_id: call_id.clone(), at: at.clone(), result: result.clone() })?
-                }
+                Call::Running { started: true, .. } => entries.push(Entry::Started(call_id.clone())),
+                Call::Finishing { result } => entries.push(Entry::Finished(Arc::clone(result))),
                 _ => {}
             }
         }
-        Ok((text, lines))
+        entries
     }
+}
+
+/// A line of a rewritten file, see [`State::snapshot`].
+enum Entry {
+    Started(String),
+    Finished(Arc<ToolResult>),
+}
+
+/// The lines of `entries` and how many there are.
+fn serialize(entries: Vec<Entry>) -> io::Result<(Vec<u8>, usize)> {
+    let at = now();
+    let mut text = Vec::new();
+    for entry in &entries {
+        let line = match entry {
+            Entry::Started(call_id) => LineOut::Started { call_id, at: &at },
+            Entry::Finished(result) => LineOut::Finished { call_id: &result.call_id, at: &at, result },
+        };
+        serde_json::to_writer(&mut text, &line)?;
+        text.push(b'\n');
+    }
+    Ok((text, entries.len()))
 }
 
 /// Writes `text` to a new file and renames it over the journal. Returns the new file opened
@@ -500,7 +534,7 @@ fn estimated_bytes(result: &ToolResult) -> usize {
     result.output.len() + result.call_id.len() + 128
 }
 
-fn line_bytes(line: &Line) -> io::Result<Vec<u8>> {
+fn line_bytes(line: &LineOut<'_>) -> io::Result<Vec<u8>> {
     let mut bytes = serde_json::to_vec(line)?;
     bytes.push(b'\n');
     Ok(bytes)
@@ -528,7 +562,7 @@ mod tests {
     }
 
     fn finished(journal: &Journal, call_id: &str) -> ToolResult {
-        assert_eq!(journal.claim(call_id, true), Claim::New);
+        assert_eq!(journal.claim(call_id), Claim::New);
         journal.record_started(call_id).expect("started");
         let result = ToolResult::ok(call_id, format!("output of {call_id}"));
         journal.record_finished(&result).expect("finished");
@@ -540,34 +574,34 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
         assert!(interrupted.is_empty());
-        assert_eq!(journal.claim("a", true), Claim::New);
-        assert_eq!(journal.claim("a", true), Claim::Running);
+        assert_eq!(journal.claim("a"), Claim::New);
+        assert_eq!(journal.claim("a"), Claim::Running);
         journal.record_started("a").expect("started");
         let result = ToolResult::ok("a", "done");
         journal.record_finished(&result).expect("finished");
-        assert_eq!(journal.claim("a", true), Claim::Finished(result.clone()));
+        assert_eq!(journal.claim("a"), Claim::Finished(result.clone()));
         drop(journal);
 
         let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
         assert!(interrupted.is_empty());
-        assert_eq!(journal.claim("a", true), Claim::Finished(result));
+        assert_eq!(journal.claim("a"), Claim::Finished(result));
     }
 
     #[test]
     fn started_but_unfinished_calls_become_interrupted_once() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (journal, _) = open(tmp.path(), JournalLimits::default());
-        assert_eq!(journal.claim("a", true), Claim::New);
+        assert_eq!(journal.claim("a"), Claim::New);
         journal.record_started("a").expect("started");
         drop(journal);
 
         let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
         assert_eq!(interrupted, vec![ToolResult::error("a", INTERRUPTED)]);
-        assert_eq!(journal.claim("a", true), Claim::Finished(ToolResult::error("a", INTERRUPTED)));
+        assert_eq!(journal.claim("a"), Claim::Finished(ToolResult::error("a", INTERRUPTED)));
         drop(journal);
         let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
         assert!(interrupted.is_empty(), "reported again: {interrupted:?}");
-        assert_eq!(journal.claim("a", true), Claim::Finished(ToolResult::error("a", INTERRUPTED)));
+        assert_eq!(journal.claim("a"), Claim::Finished(ToolResult::error("a", INTERRUPTED)));
     }
 
     #[test]
@@ -575,7 +609,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (journal, _) = open(tmp.path(), JournalLimits::default());
         let kept = finished(&journal, "a");
-        assert_eq!(journal.claim("b", true), Claim::New);
+        assert_eq!(journal.claim("b"), Claim::New);
         journal.record_started("b").expect("started");
         drop(journal);
         let mut file = OpenOptions::new().append(true).open(tmp.path().join(JOURNAL_FILE)).expect("open");
@@ -584,7 +618,7 @@ mod tests {
 
         let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
         assert_eq!(interrupted, vec![ToolResult::error("b", INTERRUPTED)]);
-        assert_eq!(journal.claim("a", true), Claim::Finished(kept));
+        assert_eq!(journal.claim("a"), Claim::Finished(kept));
         let text = std::fs::read_to_string(tmp.path().join(JOURNAL_FILE)).expect("read");
         assert_eq!(text.lines().count(), 2, "{text}");
         assert!(text.lines().all(|line| serde_json::from_str::<Line>(line).is_ok()), "{text}");
@@ -598,18 +632,18 @@ mod tests {
         for i in 0..20 {
             finished(&journal, &format!("c{i}"));
         }
-        assert_eq!(journal.claim("c0", true), Claim::New, "the oldest call is forgotten");
+        assert_eq!(journal.claim("c0"), Claim::New, "the oldest call is forgotten");
         journal.abandon("c0");
-        assert!(matches!(journal.claim("c19", true), Claim::Finished(_)));
+        assert!(matches!(journal.claim("c19"), Claim::Finished(_)));
         let lines = std::fs::read_to_string(tmp.path().join(JOURNAL_FILE)).expect("read").lines().count();
         assert!(lines <= 4 * 3, "{lines} lines");
         drop(journal);
 
         let (journal, _) = open(tmp.path(), limits);
         for i in 17..20 {
-            assert!(matches!(journal.claim(&format!("c{i}"), true), Claim::Finished(_)), "c{i}");
+            assert!(matches!(journal.claim(&format!("c{i}")), Claim::Finished(_)), "c{i}");
         }
-        assert_eq!(journal.claim("c16", true), Claim::New);
+        assert_eq!(journal.claim("c16"), Claim::New);
     }
 
     #[test]
@@ -620,12 +654,12 @@ mod tests {
         let (journal, _) = open(tmp.path(), limits);
         for i in 0..5 {
             let call_id = format!("big{i}");
-            assert_eq!(journal.claim(&call_id, true), Claim::New);
+            assert_eq!(journal.claim(&call_id), Claim::New);
             journal.record_finished(&ToolResult::ok(&call_id, "x".repeat(400))).expect("finished");
         }
-        assert!(matches!(journal.claim("big4", true), Claim::Finished(_)));
-        assert!(matches!(journal.claim("big3", true), Claim::Finished(_)));
-        assert_eq!(journal.claim("big2", true), Claim::New);
+        assert!(matches!(journal.claim("big4"), Claim::Finished(_)));
+        assert!(matches!(journal.claim("big3"), Claim::Finished(_)));
+        assert_eq!(journal.claim("big2"), Claim::New);
     }
 
     #[test]
@@ -642,7 +676,7 @@ mod tests {
                     let journal = Arc::clone(&journal);
                     std::thread::spawn(move || {
                         let call_id = format!("c{i}");
-                        assert_eq!(journal.claim(&call_id, true), Claim::New);
+                        assert_eq!(journal.claim(&call_id), Claim::New);
                         journal.record_started(&call_id).expect("started");
                     })
                 })
@@ -678,7 +712,7 @@ mod tests {
                 .map(|call_id| {
                     let journal = Arc::clone(&journal);
                     std::thread::spawn(move || {
-                        assert_eq!(journal.claim(call_id, true), Claim::New);
+                        assert_eq!(journal.claim(call_id), Claim::New);
                         journal.record_started(call_id)
                     })
                 })
@@ -698,7 +732,7 @@ mod tests {
         drop(Arc::into_inner(journal).expect("last reference"));
         let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
         assert!(interrupted.is_empty(), "{interrupted:?}");
-        assert_eq!(journal.claim("c", true), Claim::Finished(kept));
+        assert_eq!(journal.claim("c"), Claim::Finished(kept));
     }
 
     /// A result whose line is written but not yet on disk: a repeat hears "running" (the result
@@ -708,7 +742,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (journal, _) = open(tmp.path(), JournalLimits::default());
         let journal = Arc::new(journal);
-        assert_eq!(journal.claim("a", true), Claim::New);
+        assert_eq!(journal.claim("a"), Claim::New);
         journal.record_started("a").expect("started");
         let result = ToolResult::ok("a", "the output");
         let finishing = {
@@ -721,13 +755,34 @@ mod tests {
             // Taking the file's lock waits for the other thread to be done with it: its result
             // is in memory, its fsync not yet run.
             journal.compact(&mut journal.writer()).expect("compact");
-            assert_eq!(journal.claim("a", true), Claim::Running);
+            assert_eq!(journal.claim("a"), Claim::Running);
             let text = std::fs::read_to_string(tmp.path().join(JOURNAL_FILE)).expect("read");
             assert!(text.contains("the output") && !text.contains("started"), "{text}");
             finishing
         };
         finishing.join().expect("thread").expect("finished");
-        assert_eq!(journal.claim("a", true), Claim::Finished(result));
+        assert_eq!(journal.claim("a"), Claim::Finished(result));
+    }
+
+    /// A call claimed but not yet started when a compaction runs gets no `started` line: were the
+    /// relay to stop before the call's own line, the call never ran and must not read as
+    /// interrupted. A started one keeps its line.
+    #[test]
+    fn a_compaction_writes_started_lines_only_for_calls_that_started() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (journal, _) = open(tmp.path(), JournalLimits::default());
+        assert_eq!(journal.claim("claimed"), Claim::New);
+        assert_eq!(journal.claim("started"), Claim::New);
+        journal.record_started("started").expect("started");
+        journal.compact(&mut journal.writer()).expect("compact");
+        let text = std::fs::read_to_string(tmp.path().join(JOURNAL_FILE)).expect("read");
+        assert!(text.contains("\"started\"") && !text.contains("claimed"), "{text}");
+        drop(journal);
+
+        let (journal, interrupted) = open(tmp.path(), JournalLimits::default());
+        let ids: Vec<&str> = interrupted.iter().map(|r| r.call_id.as_str()).collect();
+        assert_eq!(ids, ["started"]);
+        assert_eq!(journal.claim("claimed"), Claim::New, "a call that never started may run");
     }
 
     #[test]
@@ -749,14 +804,14 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let limits = JournalLimits { max_calls: 2, max_bytes: usize::MAX };
         let (journal, _) = open(tmp.path(), limits);
-        assert_eq!(journal.claim("r", false), Claim::New);
+        assert_eq!(journal.claim("r"), Claim::New);
         let result = ToolResult::ok("r", "contents");
         journal.remember_finished(&result);
-        assert_eq!(journal.claim("r", false), Claim::Finished(result));
+        assert_eq!(journal.claim("r"), Claim::Finished(result));
         assert_eq!(journal.fsyncs.load(Ordering::Relaxed), 0);
         assert_eq!(std::fs::read_to_string(tmp.path().join(JOURNAL_FILE)).expect("read"), "");
         // A read still running; a compaction now, and more from calls with effects.
-        assert_eq!(journal.claim("reading", false), Claim::New);
+        assert_eq!(journal.claim("reading"), Claim::New);
         journal.compact(&mut journal.writer()).expect("compact");
         assert_eq!(std::fs::read_to_string(tmp.path().join(JOURNAL_FILE)).expect("read"), "");
         let kept = finished(&journal, "w0");
@@ -769,9 +824,9 @@ mod tests {
         // After a restart the running read is not "interrupted": it may simply run again.
         let (journal, interrupted) = open(tmp.path(), limits);
         assert!(interrupted.is_empty(), "{interrupted:?}");
-        assert_eq!(journal.claim("reading", false), Claim::New);
-        assert_eq!(journal.claim("w0", true), Claim::New, "w0 was forgotten ({kept:?})");
-        assert!(matches!(journal.claim("w9", true), Claim::Finished(_)));
+        assert_eq!(journal.claim("reading"), Claim::New);
+        assert_eq!(journal.claim("w0"), Claim::New, "w0 was forgotten ({kept:?})");
+        assert!(matches!(journal.claim("w9"), Claim::Finished(_)));
     }
 
     #[test]
@@ -782,12 +837,12 @@ mod tests {
         let kept = finished(&journal, "write");
         for i in 0..20 {
             let id = format!("read{i}");
-            assert_eq!(journal.claim(&id, false), Claim::New);
+            assert_eq!(journal.claim(&id), Claim::New);
             journal.remember_finished(&ToolResult::ok(&id, "x".repeat(3_000)));
         }
-        assert_eq!(journal.claim("write", true), Claim::Finished(kept));
-        assert!(matches!(journal.claim("read19", false), Claim::Finished(_)));
-        assert_eq!(journal.claim("read0", false), Claim::New, "reads keep to their own budget");
+        assert_eq!(journal.claim("write"), Claim::Finished(kept));
+        assert!(matches!(journal.claim("read19"), Claim::Finished(_)));
+        assert_eq!(journal.claim("read0"), Claim::New, "reads keep to their own budget");
     }
 
     /// A line written while an fsync ran, whose own fsync comes after that one failed: it must
@@ -796,7 +851,7 @@ mod tests {
     fn after_a_failed_fsync_no_line_in_doubt_reads_as_durable() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (journal, _) = open(tmp.path(), JournalLimits::default());
-        let line = |id: &str| line_bytes(&Line::Started { call_id: id.to_owned(), at: now() }).expect("line");
+        let line = |id: &str| line_bytes(&LineOut::Started { call_id: id, at: &now() }).expect("line");
         let first = journal.append(&mut journal.writer(), &line("a")).expect("append");
         let second = journal.append(&mut journal.writer(), &line("b")).expect("append");
         journal.fail_next_sync.store(true, Ordering::Relaxed);

@@ -397,7 +397,7 @@ impl Worker {
         shared.ack(&message).await;
 
         let call_id = request.call_id.clone();
-        match shared.journal.claim(&call_id, Relay::has_effects(&request.name)) {
+        match shared.journal.claim(&call_id) {
             Claim::Finished(result) => {
                 tracing::info!(%call_id, "repeated request for a finished call; publishing its recorded result");
                 shared.publish_result(&result).await;
