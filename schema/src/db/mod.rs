@@ -44,7 +44,10 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
     options.sqlx_logging(false);
     match backend_of(url)? {
         DbBackend::Sqlite => {
-            options.max_connections(max_connections.max(MIN_SQLITE_CONNECTIONS)).map_sqlx_sqlite_opts(|sqlite| {
+            // An in-process SQLite connection cannot go stale: testing it on every checkout is a
+            // round trip to its worker thread for nothing.
+            options.max_connections(max_connections.max(MIN_SQLITE_CONNECTIONS)).test_before_acquire(false);
+            options.map_sqlx_sqlite_opts(|sqlite| {
                 sqlite
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
