@@ -446,3 +446,75 @@ async fn postgres_migrates_and_round_trips() {
         std::panic::resume_unwind(e.into_panic());
     }
 }
+
+/// How many times SQLite re-prepared the statements `conn` holds (sqlx keeps them prepared).
+#[allow(unsafe_code)]
+async fn reprepares(conn: &mut sea_orm::sqlx::SqliteConnection) -> i32 {
+    use libsqlite3_sys::{SQLITE_STMTSTATUS_REPREPARE, sqlite3_next_stmt, sqlite3_stmt_status};
+    let mut handle = conn.lock_handle().await.expect("lock the connection's handle");
+    let db = handle.as_raw_handle().as_ptr();
+    let mut total = 0;
+    // SAFETY: `db` is the connection's open handle, locked for this thread while `handle` lives;
+    // sqlite3_next_stmt walks the statements it owns, which nothing finalizes meanwhile.
+    unsafe {
+        let mut stmt = sqlite3_next_stmt(db, std::ptr::null_mut());
+        while !stmt.is_null() {
+            total += sqlite3_stmt_status(stmt, SQLITE_STMTSTATUS_REPREPARE, 0);
+            stmt = sqlite3_next_stmt(db, stmt);
+        }
+    }
+    total
+}
+
+/// Runs a `LIMIT ?` query on `conn`, changes the schema from `other` with `change`, runs the
+/// query again, and returns how many times SQLite prepared it again over three more runs, each
+/// with a new limit.
+async fn reprepares_after_a_schema_change(
+    conn: &mut sea_orm::sqlx::SqliteConnection,
+    other: &mut sea_orm::sqlx::SqliteConnection,
+    change: &'static str,
+) -> i32 {
+    use sea_orm::sqlx;
+    let mut since = 0;
+    for limit in 1..=5_i64 {
+        sqlx::query("SELECT id FROM users WHERE name = ? LIMIT ?")
+            .bind("nobody")
+            .bind(limit)
+            .execute(&mut *conn)
+            .await
+            .expect("query");
+        match limit {
+            1 => {
+                sqlx::query(change).execute(&mut *other).await.expect("change the schema");
+            }
+            2 => since = reprepares(conn).await,
+            _ => {}
+        }
+    }
+    reprepares(conn).await - since
+}
+
+/// sea-orm binds every limit (`one()` is `LIMIT ?`). Once a schema change has made SQLite
+/// prepare such a statement again, it plans with the bound limit in mind and from then on
+/// prepares it again on every new binding, unless the query planner stability guarantee is on,
+/// which [`connect`] turns on for every pooled connection.
+#[tokio::test]
+async fn sqlite_statements_with_a_bound_limit_are_not_prepared_on_every_binding() {
+    use sea_orm::sqlx::{Connection, SqliteConnection};
+    let dir = std::env::temp_dir().join(format!("ap_schema_{}", unique_suffix()));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    let url = format!("sqlite://{}", dir.join("agentplane.db").display());
+    let db = connect_and_migrate(&url, 2).await.expect("connect and migrate");
+    let mut other = SqliteConnection::connect(&url).await.expect("a second connection");
+
+    let mut pooled = db.get_sqlite_connection_pool().acquire().await.expect("a pooled connection");
+    let changed = "CREATE TABLE changed_once (x INTEGER)";
+    assert_eq!(reprepares_after_a_schema_change(&mut pooled, &mut other, changed).await, 0);
+
+    // Without the guarantee every new binding prepares the statement again: the check above
+    // can fail.
+    let mut plain = SqliteConnection::connect(&url).await.expect("a plain connection");
+    let changed = "CREATE TABLE changed_twice (x INTEGER)";
+    assert_eq!(reprepares_after_a_schema_change(&mut plain, &mut other, changed).await, 3);
+    std::fs::remove_dir_all(&dir).ok();
+}
