@@ -9,7 +9,7 @@ use agentplane_schema::db::entities::{api_tokens, audit_events, models, provider
 use agentplane_schema::new_id;
 use chrono::Utc;
 use sea_orm::ActiveValue::Set;
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{Expr, Query};
 use sea_orm::{ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, TransactionTrait};
 use sha2::{Digest, Sha256};
 
@@ -146,18 +146,20 @@ impl DbStore {
             .map(user_from_row))
     }
 
-    /// The user a (not revoked) token belongs to.
+    /// The user a (not revoked) token belongs to: one query, as every API request asks it.
     pub async fn user_by_token(&self, token: &str) -> Result<Option<User>, StoreError> {
-        let Some(t) = api_tokens::Entity::find()
-            .filter(api_tokens::Column::TokenHash.eq(token_hash(token)))
-            .filter(api_tokens::Column::Revoked.eq(false))
+        let token_owner = Query::select()
+            .column(api_tokens::Column::UserId)
+            .from(api_tokens::Entity)
+            .and_where(api_tokens::Column::TokenHash.eq(token_hash(token)))
+            .and_where(api_tokens::Column::Revoked.eq(false))
+            .to_owned();
+        Ok(users::Entity::find()
+            .filter(users::Column::Id.in_subquery(token_owner))
             .one(&self.db)
             .await
             .map_err(db_err)?
-        else {
-            return Ok(None);
-        };
-        Ok(users::Entity::find_by_id(t.user_id).one(&self.db).await.map_err(db_err)?.map(user_from_row))
+            .map(user_from_row))
     }
 
     /// Adds a provider; its API key is stored sealed (see [`crate::secrets`]).

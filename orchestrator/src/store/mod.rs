@@ -848,4 +848,38 @@ mod tests {
             assert_eq!(state.last_seq, 2, "chat {i}");
         }
     }
+
+    /// A token finds its user until it is revoked; an unknown token finds no one.
+    #[tokio::test]
+    async fn a_token_finds_its_user_until_revoked() {
+        use agentplane_schema::api::UserRole;
+        use agentplane_schema::db::entities::api_tokens;
+        use sea_orm::ActiveValue::Set;
+        for database in
+            [agentplane_tests::pg::TestDatabase::sqlite_temp(), agentplane_tests::pg::TestDatabase::postgres()]
+        {
+            let (store, _) = store_with_chats(database.url(), 0).await;
+            let (ada, ada_token_id, ada_token) =
+                store.create_user_with_token("ada", UserRole::Admin, None).await.expect("ada");
+            let (bob, _, bob_token) = store.create_user_with_token("bob", UserRole::Member, None).await.expect("bob");
+            let found = |token: String| {
+                let store = store.clone();
+                async move { store.user_by_token(&token).await.expect("lookup").map(|u| u.id) }
+            };
+            assert_eq!(found(ada_token.clone()).await, Some(ada.id.clone()));
+            assert_eq!(found(bob_token.clone()).await, Some(bob.id.clone()));
+            assert_eq!(found("not-a-token".into()).await, None);
+
+            api_tokens::Entity::update(api_tokens::ActiveModel {
+                id: Set(ada_token_id),
+                revoked: Set(true),
+                ..Default::default()
+            })
+            .exec(&store.db)
+            .await
+            .expect("revoke");
+            assert_eq!(found(ada_token).await, None, "{:?}: a revoked token", database.backend());
+            assert_eq!(found(bob_token).await, Some(bob.id), "{:?}", database.backend());
+        }
+    }
 }
