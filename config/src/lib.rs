@@ -45,9 +45,9 @@ pub struct ServerSettings {
     pub listen: String,
     /// Where the SQLite database and local workspaces live. Default `./data`.
     pub data_dir: PathBuf,
-    /// Arbiter threads for chat actors; 0 = one per core. Default 0.
+    /// Arbiter threads for chat actors; 0 = half the cores (at least one). Default 0.
     pub actor_threads: usize,
-    /// HTTP worker threads; 0 = one per core. Default 0.
+    /// HTTP worker threads; 0 = half the cores (at least one). Default 0.
     pub http_workers: usize,
     /// Log as JSON lines instead of text. Default false.
     pub log_json: bool,
@@ -147,6 +147,28 @@ pub struct NatsSettings {
     pub relay_binary: String,
     /// Wait for a new workspace's relay hello. Default 60.
     pub ready_timeout_seconds: u64,
+}
+
+impl ServerSettings {
+    /// The arbiter threads chat actors run on: `actor_threads`, or half the cores.
+    pub fn actor_thread_count(&self) -> usize {
+        or_half_the_cores(self.actor_threads)
+    }
+
+    /// The HTTP worker threads: `http_workers`, or half the cores.
+    pub fn http_worker_count(&self) -> usize {
+        or_half_the_cores(self.http_workers)
+    }
+}
+
+/// `configured`, or when it is 0 half the cores (at least one). The actors and the HTTP workers
+/// share the cores with the database and NATS threads: on two cores, one of each took 16 % less
+/// CPU per `loadgen` run than two of each, at a higher rate (benches/REPORT.md, fourth round).
+fn or_half_the_cores(configured: usize) -> usize {
+    match configured {
+        0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+        n => n,
+    }
 }
 
 impl NatsSettings {
@@ -322,6 +344,17 @@ mod tests {
         assert_eq!(s.llm.retry.max_attempts, 5);
         assert!(s.database_url().starts_with("sqlite://"));
         assert!(s.database_url().ends_with("agentplane.db?mode=rwc"));
+    }
+
+    #[test]
+    fn thread_counts_default_to_half_the_cores() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut s = Settings::defaults();
+        assert_eq!(s.server.actor_thread_count(), (cores / 2).max(1));
+        assert_eq!(s.server.http_worker_count(), (cores / 2).max(1));
+        s.server.actor_threads = 3;
+        s.server.http_workers = 5;
+        assert_eq!((s.server.actor_thread_count(), s.server.http_worker_count()), (3, 5));
     }
 
     #[test]

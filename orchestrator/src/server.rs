@@ -108,11 +108,7 @@ pub async fn prepare_with(settings: Settings, layer: Option<ModelLayer>) -> anyh
         bus: bus.clone(),
         settings: settings.clone(),
     };
-    let threads = match settings.server.actor_threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
-        n => n,
-    };
-    let directory = Directory::new(deps, threads);
+    let directory = Directory::new(deps, settings.server.actor_thread_count());
     let running = store.running_chat_ids().await?;
     for id in &running {
         directory.chat(id);
@@ -278,7 +274,7 @@ async fn bootstrap_providers(store: &DbStore, env: impl Fn(&str) -> Option<Strin
 
 /// Serves on `listener` until the server is stopped (SIGINT/SIGTERM).
 pub async fn run(settings: Settings, listener: TcpListener) -> anyhow::Result<()> {
-    let workers = settings.server.http_workers;
+    let workers = settings.server.http_worker_count();
     let prepared = prepare(settings).await?;
     if let Some(token) = &prepared.admin_token {
         println!("agentplane: created the admin user. Admin token (shown once): {token}");
@@ -296,14 +292,12 @@ fn http_server(
     listener: TcpListener,
     workers: usize,
 ) -> anyhow::Result<actix_web::dev::Server> {
-    let mut server = HttpServer::new(move || {
+    let server = HttpServer::new(move || {
         App::new().app_data(state.clone()).wrap(tracing_actix()).configure(crate::api::configure)
     })
     .listen(listener)?
-    .shutdown_timeout(10);
-    if workers > 0 {
-        server = server.workers(workers);
-    }
+    .shutdown_timeout(10)
+    .workers(workers);
     Ok(server.run())
 }
 
@@ -365,7 +359,7 @@ pub fn spawn_with(
     layer: Option<ModelLayer>,
 ) -> anyhow::Result<ServerHandle> {
     let addr = listener.local_addr()?;
-    let workers = settings.server.http_workers;
+    let workers = settings.server.http_worker_count();
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new().name("agentplane-server".into()).spawn(move || {
         let system = actix_rt::System::new();
