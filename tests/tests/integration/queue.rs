@@ -4,10 +4,10 @@
 use agentplane_schema::api::{BusyBehavior, ChatStatus, SendMessage};
 use agentplane_schema::event::{DeltaKind, EventBody, ToolPhase};
 use agentplane_schema::message::{Part, Role};
-use agentplane_tests::Reply;
+use agentplane_tests::{Reply, ScriptedLlm};
 use serde_json::json;
 
-use crate::common::{TestEnv, WAIT, is_status};
+use crate::common::{Db, TestEnv, WAIT, is_status};
 
 fn msg(text: &str, busy: BusyBehavior) -> SendMessage {
     SendMessage { content: vec![Part::text(text)], busy_behavior: busy }
@@ -60,6 +60,62 @@ async fn queued_message_is_delivered_at_the_next_step_boundary() {
     assert_eq!(roles[n - 1], (Role::Assistant, "handled both".into()));
     let last_request = env.llm.requests().pop().expect("request");
     assert_eq!(last_request.last_user_text().as_deref(), Some("also do this"));
+}
+
+/// A final answer (no tool calls) records the chat `idle` in its own commit, but not when a
+/// message waits in the queue: then the queue is delivered and the chat stays `running` until the
+/// turn it starts has answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_queued_during_the_final_answer_is_delivered_without_going_idle() {
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate);
+    // Holds the answer to "go on" until the test releases it (the scripted server's worker waits).
+    let llm = ScriptedLlm::builder()
+        .workers(2)
+        .responder(move |req| match req.last_user_text().as_deref() {
+            Some("go on") => {
+                arrived_tx.send(()).expect("the test listens");
+                gate.lock().expect("gate").recv().expect("released");
+                Reply::text("first answer")
+            }
+            Some("also this") => Reply::text("second answer"),
+            _ => Reply::text("ready"),
+        })
+        .start();
+    let env = TestEnv::start_full(llm, Db::Sqlite, |_| {}).await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+
+    env.send(&chat.id, "go on").await;
+    arrived.recv().await.expect("the model is asked");
+    let outcome = env.admin.send(&chat.id, &msg("also this", BusyBehavior::Queue)).await.expect("send");
+    assert!(outcome.queued);
+    stream
+        .wait_for(|e| matches!(&e.body, EventBody::QueueUpdate { queued_messages } if queued_messages.len() == 1), WAIT)
+        .await
+        .expect("queue_update");
+    release.send(()).expect("release the answer");
+
+    let events = stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    let messages: Vec<(Role, String)> = events
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::Message { message } => Some((message.role, message.text())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        messages,
+        [
+            (Role::Assistant, "first answer".into()),
+            (Role::User, "also this".into()),
+            (Role::Assistant, "second answer".into())
+        ],
+        "the chat went idle before its queue was delivered"
+    );
+    let page = env.admin.messages(&chat.id).await.expect("page");
+    assert!(page.queued_messages.is_empty());
+    assert_eq!(env.admin.get_chat(&chat.id).await.expect("chat").chat.status, ChatStatus::Idle);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
