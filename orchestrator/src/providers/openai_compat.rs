@@ -447,10 +447,12 @@ fn user_content<'a>(parts: &'a [Part], request: &ModelRequest) -> Result<UserCon
 
 /// Arguments go over the wire as a JSON string. Arguments the model produced as invalid JSON are
 /// kept as a string value; those are sent back verbatim rather than quoted a second time.
+/// (`to_string` of the serializer, not `Display`, which goes through the formatting machinery
+/// and took twice as long: every call in the history is written again on every step.)
 fn arguments_string(args: &Value) -> Cow<'_, str> {
     match args {
         Value::String(raw) => Cow::Borrowed(raw),
-        other => Cow::Owned(other.to_string()),
+        other => Cow::Owned(serde_json::to_string(other).expect("a JSON value always serializes")),
     }
 }
 
