@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use agentplane_schema::event::{EventBody, StreamEvent};
 use tokio::sync::Mutex;
@@ -30,10 +30,6 @@ pub struct ChatShared {
     /// Image bytes the prompts of the current turn show, read from the store once per turn (an
     /// uploaded file never changes); dropped when the turn ends so an idle chat holds none.
     images: std::sync::Mutex<HashMap<String, ImageData>>,
-    /// Whether a message may be waiting in the actor's queue: set when one is queued, reset to
-    /// the queue's state when a step starts. A step whose answer ends the turn records `idle`
-    /// in the answer's own commit only while this is unset.
-    queued: AtomicBool,
 }
 
 impl ChatShared {
@@ -57,18 +53,7 @@ impl ChatShared {
             workspace_lock: Mutex::new(()),
             reported_usage: std::sync::Mutex::new(None),
             images: std::sync::Mutex::new(HashMap::new()),
-            queued: AtomicBool::new(false),
         }
-    }
-
-    /// The actor queued a message (`true`), or starts a step with its queue in this state.
-    pub fn note_queued(&self, queued: bool) {
-        self.queued.store(queued, Ordering::Release);
-    }
-
-    /// Whether a message may be waiting in the queue (see [`ChatShared::note_queued`]).
-    pub fn may_have_queued(&self) -> bool {
-        self.queued.load(Ordering::Acquire)
     }
 
     /// The bytes of the images `ids` names; those not read yet in this turn come from the store.

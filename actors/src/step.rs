@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentplane_schema::api::{ChatError, ChatErrorKind, ChatStatus, UsageTotals};
+use agentplane_schema::api::{ChatError, ChatErrorKind, UsageTotals};
 use agentplane_schema::event::{DeltaKind, EventBody, ToolPhase};
 use agentplane_schema::message::{Message, Part, Role};
 use agentplane_schema::new_id;
@@ -61,9 +61,6 @@ pub struct StepResult {
     pub committed: Vec<Message>,
     /// Ids of messages this step soft-deleted (moved after a summary).
     pub dropped: Vec<String>,
-    /// The step's answer ended the turn and its commit also recorded the chat `idle`, which
-    /// spares the actor a commit of its own; see [`step`].
-    pub ended: bool,
 }
 
 /// The answer as it streams in.
@@ -94,8 +91,7 @@ enum Streamed {
 pub async fn run_step(mut input: StepInput) -> StepResult {
     // The step reads the actor's snapshot; only compaction, which changes it, makes a copy.
     let history = std::mem::take(&mut input.history);
-    let mut result =
-        StepResult { outcome: StepOutcome::Done, committed: Vec::new(), dropped: Vec::new(), ended: false };
+    let mut result = StepResult { outcome: StepOutcome::Done, committed: Vec::new(), dropped: Vec::new() };
     result.outcome = match step(&input, history, &mut result).await {
         Ok(outcome) => outcome,
         Err(e) => StepOutcome::Failed(ChatError { kind: ChatErrorKind::Internal, message: e.to_string() }),
@@ -264,20 +260,7 @@ async fn step(
             calls: 1,
         },
     });
-    // An answer without tool calls ends the turn: unless the turn will go on with queued
-    // messages or stop for an interrupt or a filtered answer, the chat is recorded `idle` in the
-    // same commit (one commit fewer per turn). Should a message be queued after this check, the
-    // actor records `running` again as it delivers it.
-    let ends_turn = calls.is_empty()
-        && draft.stop != Some(StopReason::ContentFilter)
-        && !input.cancel.is_cancelled()
-        && !input.shared.may_have_queued();
-    if ends_turn {
-        ops.push(Op::SetStatus { status: ChatStatus::Idle, error: None });
-        events.push(EventBody::Status { status: ChatStatus::Idle, error: None });
-    }
     input.shared.commit(ops, events).await?;
-    result.ended = ends_turn;
     input.shared.record_usage(draft.usage.input_tokens + draft.usage.output_tokens, assistant.position);
     let assistant_id = assistant.id.clone();
     committed.push(assistant);

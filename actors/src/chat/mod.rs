@@ -64,8 +64,6 @@ struct Turn {
     task: Option<tokio::task::JoinHandle<()>>,
     /// Crashed steps restarted in this turn.
     restarts: u32,
-    /// The last step recorded the chat `idle` with its answer ([`StepResult::ended`]).
-    end_recorded: bool,
 }
 
 impl Turn {
@@ -78,7 +76,6 @@ impl Turn {
             compact_only: false,
             task: None,
             restarts: 0,
-            end_recorded: false,
         }
     }
 }
@@ -227,7 +224,6 @@ impl ChatActor {
             self.end_turn(Some(error), ctx);
             return;
         }
-        live.shared.note_queued(!live.queue.is_empty());
         let input = StepInput {
             deps: self.deps.clone(),
             shared: live.shared.clone(),
@@ -252,7 +248,7 @@ impl ChatActor {
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "unknown panic".into());
                     tracing::error!(panic = %what, "a step panicked");
-                    StepResult { outcome: StepOutcome::Crashed(what), committed: vec![], dropped: vec![], ended: false }
+                    StepResult { outcome: StepOutcome::Crashed(what), committed: vec![], dropped: vec![] }
                 }
             };
             addr.do_send(StepDone(result));
@@ -262,10 +258,7 @@ impl ChatActor {
     /// Ends the turn: `idle`, or `error` with the error kept on the chat.
     fn end_turn(&mut self, error: Option<ChatError>, ctx: &mut Context<Self>) {
         let Some(live) = self.live.as_mut() else { return };
-        // The step recorded `idle` with its answer, and nothing has recorded another status since.
-        let recorded = live.turn.take().is_some_and(|t| t.end_recorded)
-            && error.is_none()
-            && live.chat.status == ChatStatus::Running;
+        live.turn = None;
         live.shared.forget_images();
         let status = if error.is_some() { ChatStatus::Error } else { ChatStatus::Idle };
         match &error {
@@ -283,9 +276,6 @@ impl ChatActor {
         events.push(EventBody::Status { status, error: error.clone() });
         live.chat.status = status;
         live.chat.error = error.clone();
-        if recorded {
-            return;
-        }
         let shared = live.shared.clone();
         let fut = async move { shared.commit(vec![Op::SetStatus { status, error }], events).await };
         ctx.wait(fut.into_actor(self).map(|res, act, _| {
@@ -311,11 +301,6 @@ impl ChatActor {
             delivered.push(message);
         }
         if let Some(turn) = live.turn.as_mut() {
-            // A message queued after the last step recorded `idle`: the chat is running again.
-            if std::mem::take(&mut turn.end_recorded) {
-                ops.push(Op::SetStatus { status: ChatStatus::Running, error: None });
-                events.push(EventBody::Status { status: ChatStatus::Running, error: None });
-            }
             turn.steps = 0;
             if let Some(last) = delivered.last() {
                 turn.user_id = last.user_id.clone().unwrap_or_else(|| turn.user_id.clone());
@@ -462,7 +447,6 @@ impl Handler<UserInput> for ChatActor {
         };
         let position = Self::next_queue_position(live);
         live.queue.push(queued.clone());
-        shared.note_queued(true);
         let snapshot = live.queue.clone();
         let interrupt = msg.busy == BusyBehavior::Interrupt;
         let ops = vec![Op::InsertQueued { message: queued.clone(), position }, audit];
@@ -792,7 +776,6 @@ impl Handler<StepDone> for ChatActor {
         history.extend(result.committed);
         let Some(turn) = live.turn.as_mut() else { return };
         turn.task = None;
-        turn.end_recorded = result.ended;
         let has_queue = !live.queue.is_empty();
         match result.outcome {
             StepOutcome::Continue | StepOutcome::Done if has_queue => self.deliver_queue(ctx),

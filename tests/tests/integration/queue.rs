@@ -62,9 +62,8 @@ async fn queued_message_is_delivered_at_the_next_step_boundary() {
     assert_eq!(last_request.last_user_text().as_deref(), Some("also do this"));
 }
 
-/// A final answer (no tool calls) records the chat `idle` in its own commit, but not when a
-/// message waits in the queue: then the queue is delivered and the chat stays `running` until the
-/// turn it starts has answered.
+/// A message queued while the final answer (no tool calls) is on its way is delivered after that
+/// answer, and the chat stays `running` until the turn it starts has answered: no `idle` between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_queued_during_the_final_answer_is_delivered_without_going_idle() {
     let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
