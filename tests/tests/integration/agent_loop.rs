@@ -21,7 +21,12 @@ async fn send_and_interrupt_frames_on_the_socket_work() {
         })
         .await
         .expect("send frame");
-    stream.wait_for(|e| matches!(e.body, EventBody::MessageDelta { .. }), WAIT).await.expect("streams");
+    // The new answer's own delta: deltas of "ready" published before the socket's snapshot may
+    // still arrive after it.
+    stream
+        .wait_for(|e| matches!(&e.body, EventBody::MessageDelta { text, .. } if text.starts_with('o')), WAIT)
+        .await
+        .expect("streams");
     stream.send_frame(&ClientFrame::Interrupt).await.expect("interrupt frame");
     stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
     let messages = env.messages(&chat.id).await;
