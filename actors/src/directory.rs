@@ -10,7 +10,7 @@ use actix::{Actor, Addr, Arbiter, Recipient};
 use crate::chat::ChatActor;
 use crate::chat::messages::ChildEvent;
 use crate::deps::Deps;
-use crate::handle::ChatHandle;
+use crate::handle::{ChatFacts, ChatHandle};
 
 #[derive(Clone)]
 pub struct Directory {
@@ -68,6 +68,21 @@ impl Directory {
             .unwrap_or_else(|p| p.into_inner())
             .insert(chat_id.to_string(), ChatHandle::new(addr.clone()));
         addr
+    }
+
+    /// The owner and model of a chat whose actor is alive and has loaded it; `None` otherwise
+    /// (the caller reads the chat instead).
+    pub fn loaded_chat(&self, chat_id: &str) -> Option<ChatFacts> {
+        let chats = self.inner.chats.lock().unwrap_or_else(|p| p.into_inner());
+        chats.get(chat_id).filter(|h| h.is_alive()).and_then(|h| h.facts().cloned())
+    }
+
+    /// Called by a chat's actor once it has loaded the chat.
+    pub(crate) fn loaded(&self, chat_id: &str, addr: &Addr<ChatActor>, facts: ChatFacts) {
+        let chats = self.inner.chats.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(handle) = chats.get(chat_id).filter(|h| h.is(addr)) {
+            handle.set_facts(facts);
+        }
     }
 
     /// Forgets a stopped actor, unless its entry already points at a newer one.

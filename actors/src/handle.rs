@@ -1,5 +1,7 @@
 //! [`ChatHandle`]: how the API, the CLI and tests talk to a chat actor without naming actix.
 
+use std::sync::{Arc, OnceLock};
+
 use actix::Addr;
 use agentplane_schema::api::{BusyBehavior, SendOutcome};
 use agentplane_schema::message::{Part, QueuedMessage};
@@ -11,6 +13,16 @@ use crate::error::ChatOpError;
 #[derive(Clone)]
 pub struct ChatHandle {
     addr: Addr<ChatActor>,
+    /// Who owns the chat and which model it uses, once the actor has loaded it. Neither ever
+    /// changes, so the API can check a request against them without reading the chat row.
+    facts: Arc<OnceLock<ChatFacts>>,
+}
+
+/// What never changes about a chat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatFacts {
+    pub owner_id: String,
+    pub model_id: Option<String>,
 }
 
 fn unreachable_actor(e: actix::MailboxError) -> ChatOpError {
@@ -19,7 +31,16 @@ fn unreachable_actor(e: actix::MailboxError) -> ChatOpError {
 
 impl ChatHandle {
     pub(crate) fn new(addr: Addr<ChatActor>) -> Self {
-        ChatHandle { addr }
+        ChatHandle { addr, facts: Default::default() }
+    }
+
+    /// The chat's owner and model, when its actor has loaded it.
+    pub fn facts(&self) -> Option<&ChatFacts> {
+        self.facts.get()
+    }
+
+    pub(crate) fn set_facts(&self, facts: ChatFacts) {
+        let _ = self.facts.set(facts);
     }
 
     pub(crate) fn is(&self, addr: &Addr<ChatActor>) -> bool {

@@ -96,6 +96,9 @@ impl ChatActor {
     }
 
     fn on_loaded(&mut self, state: ChatState, ctx: &mut Context<Self>) {
+        let facts =
+            crate::handle::ChatFacts { owner_id: state.chat.owner_id.clone(), model_id: state.chat.model_id.clone() };
+        self.directory.loaded(&self.chat_id, &ctx.address(), facts);
         let shared = Arc::new(ChatShared::new(
             state.chat.id.clone(),
             state.chat.owner_id.clone(),
