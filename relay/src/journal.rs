@@ -260,7 +260,7 @@ impl Journal {
             let mut writer = self.writer();
             let serial = self.append(&mut writer, &line)?;
             // Under the file's lock, so that a compaction after this line writes it too.
-            if let Some(Call::Running { started, .. }) = self.state().calls.get_mut(call_id) {
+            if let Some(Call::Running { started }) = self.state().calls.get_mut(call_id) {
                 *started = true;
             }
             serial
@@ -484,7 +484,7 @@ impl State {
         }
         for (call_id, call) in &self.calls {
             match call {
-                Call::Running { started: true, .. } => entries.push(Entry::Started(call_id.clone())),
+                Call::Running { started: true } => entries.push(Entry::Started(call_id.clone())),
                 Call::Finishing { result } => entries.push(Entry::Finished(Arc::clone(result))),
                 _ => {}
             }
@@ -508,8 +508,7 @@ fn serialize(entries: Vec<Entry>) -> io::Result<(Vec<u8>, usize)> {
             Entry::Started(call_id) => LineOut::Started { call_id, at: &at },
             Entry::Finished(result) => LineOut::Finished { call_id: &result.call_id, at: &at, result },
         };
-        serde_json::to_writer(&mut text, &line)?;
-        text.push(b'\n');
+        write_line(&mut text, &line)?;
     }
     Ok((text, entries.len()))
 }
@@ -535,9 +534,16 @@ fn estimated_bytes(result: &ToolResult) -> usize {
 }
 
 fn line_bytes(line: &LineOut<'_>) -> io::Result<Vec<u8>> {
-    let mut bytes = serde_json::to_vec(line)?;
-    bytes.push(b'\n');
+    let mut bytes = Vec::new();
+    write_line(&mut bytes, line)?;
     Ok(bytes)
+}
+
+/// Appends `line` and its newline to `out`.
+fn write_line(out: &mut Vec<u8>, line: &LineOut<'_>) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, line)?;
+    out.push(b'\n');
+    Ok(())
 }
 
 fn now() -> String {
