@@ -372,7 +372,6 @@ impl Fixture {
         call(&self.relay, name, args).await
     }
 
-    /// Everything outside the root that the test can watch.
     /// What a call aimed at `target` must leave as it is. A directory outside the fixture (`/tmp`,
     /// `/`) changes its times whenever anyone adds an entry there, other tests included; no call
     /// can write to a directory path, so there only what it is counts, not when it last changed.
@@ -385,6 +384,7 @@ impl Fixture {
         Some(entry)
     }
 
+    /// Everything outside the root that the test can watch.
     fn outside_snapshot(&self) -> Snapshot {
         let mut snapshot = Snapshot::default();
         snapshot.walk(&self.base, Some(&self.root));
