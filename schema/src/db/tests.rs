@@ -332,11 +332,17 @@ async fn pragma(conn: &impl ConnectionTrait, name: &str) -> String {
     }
 }
 
-#[tokio::test]
-async fn sqlite_file_migrates_round_trips_and_pools_wal_connections() {
+/// A new directory for an SQLite database, and the URL of `agentplane.db` in it.
+fn temp_sqlite() -> (std::path::PathBuf, String) {
     let dir = std::env::temp_dir().join(format!("ap_schema_{}", unique_suffix()));
     std::fs::create_dir_all(&dir).expect("create temp dir");
     let url = format!("sqlite://{}", dir.join("agentplane.db").display());
+    (dir, url)
+}
+
+#[tokio::test]
+async fn sqlite_file_migrates_round_trips_and_pools_wal_connections() {
+    let (dir, url) = temp_sqlite();
 
     let db = connect_and_migrate(&url, 4).await.expect("connect and migrate");
     round_trip_every_entity(&db).await;
@@ -501,9 +507,7 @@ async fn reprepares_after_a_schema_change(
 #[tokio::test]
 async fn sqlite_statements_with_a_bound_limit_are_not_prepared_on_every_binding() {
     use sea_orm::sqlx::{Connection, SqliteConnection};
-    let dir = std::env::temp_dir().join(format!("ap_schema_{}", unique_suffix()));
-    std::fs::create_dir_all(&dir).expect("create temp dir");
-    let url = format!("sqlite://{}", dir.join("agentplane.db").display());
+    let (dir, url) = temp_sqlite();
     let db = connect_and_migrate(&url, 2).await.expect("connect and migrate");
     let mut other = SqliteConnection::connect(&url).await.expect("a second connection");
 
