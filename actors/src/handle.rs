@@ -35,7 +35,7 @@ impl ChatHandle {
     }
 
     /// The chat's owner and model, when its actor has loaded it.
-    pub fn facts(&self) -> Option<&ChatFacts> {
+    pub(crate) fn facts(&self) -> Option<&ChatFacts> {
         self.facts.get()
     }
 

@@ -274,7 +274,6 @@ async fn bootstrap_providers(store: &DbStore, env: impl Fn(&str) -> Option<Strin
 
 /// Serves on `listener` until the server is stopped (SIGINT/SIGTERM).
 pub async fn run(settings: Settings, listener: TcpListener) -> anyhow::Result<()> {
-    let workers = settings.server.http_worker_count();
     let prepared = prepare(settings).await?;
     if let Some(token) = &prepared.admin_token {
         println!("agentplane: created the admin user. Admin token (shown once): {token}");
@@ -282,16 +281,13 @@ pub async fn run(settings: Settings, listener: TcpListener) -> anyhow::Result<()
     let addr = listener.local_addr()?;
     println!("agentplane: listening on http://{addr}");
     let directory = prepared.state.directory.clone();
-    http_server(prepared.state, listener, workers)?.await?;
+    http_server(prepared.state, listener)?.await?;
     directory.shutdown().await;
     Ok(())
 }
 
-fn http_server(
-    state: web::Data<AppState>,
-    listener: TcpListener,
-    workers: usize,
-) -> anyhow::Result<actix_web::dev::Server> {
+fn http_server(state: web::Data<AppState>, listener: TcpListener) -> anyhow::Result<actix_web::dev::Server> {
+    let workers = state.settings.server.http_worker_count();
     let server = HttpServer::new(move || {
         App::new().app_data(state.clone()).wrap(tracing_actix()).configure(crate::api::configure)
     })
@@ -359,7 +355,6 @@ pub fn spawn_with(
     layer: Option<ModelLayer>,
 ) -> anyhow::Result<ServerHandle> {
     let addr = listener.local_addr()?;
-    let workers = settings.server.http_worker_count();
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new().name("agentplane-server".into()).spawn(move || {
         let system = actix_rt::System::new();
@@ -372,7 +367,7 @@ pub fn spawn_with(
                 }
             };
             let directory = prepared.state.directory.clone();
-            let server = match http_server(prepared.state, listener, workers) {
+            let server = match http_server(prepared.state, listener) {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = tx.send(Err(e));

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::deps::Deps;
 use crate::directory::Directory;
 use crate::error::ChatOpError;
+use crate::handle::ChatFacts;
 use crate::ports::{ChatState, Op, StoreError, ToolCallStatus};
 use crate::shared::ChatShared;
 use crate::step::{self, StepInput, StepOutcome, StepResult};
@@ -96,8 +97,7 @@ impl ChatActor {
     }
 
     fn on_loaded(&mut self, state: ChatState, ctx: &mut Context<Self>) {
-        let facts =
-            crate::handle::ChatFacts { owner_id: state.chat.owner_id.clone(), model_id: state.chat.model_id.clone() };
+        let facts = ChatFacts { owner_id: state.chat.owner_id.clone(), model_id: state.chat.model_id.clone() };
         self.directory.loaded(&self.chat_id, &ctx.address(), facts);
         let shared = Arc::new(ChatShared::new(
             state.chat.id.clone(),
