@@ -64,6 +64,9 @@ pub struct RecordedRequest {
     pub body: Value,
     /// The body as it arrived (what a request signature covers).
     pub raw_body: Vec<u8>,
+    /// The request's place in arrival order, counted from 0: its index in
+    /// [`ScriptedLlm::requests`] and the `request` of its [`Written`] entries.
+    pub index: usize,
 }
 
 impl RecordedRequest {
@@ -538,18 +541,18 @@ async fn serve_completion(shared: &Shared, conn: &mut Connection, req: Request) 
         }
     };
     let request_bytes = req.body.len();
-    let recorded = RecordedRequest {
+    let mut recorded = RecordedRequest {
         method: req.method,
         path: req.path,
         query: req.query,
         headers: req.headers,
         body,
         raw_body: req.body,
+        index: 0,
     };
     let stream = shared.dialect.is_stream(&recorded);
     tracing::debug!(model = ?recorded.model(), stream, "scripted LLM request");
     let _active = ActiveGuard::new(&shared.active);
-    let reply = shared.next_reply(&recorded);
     let include_usage =
         recorded.body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
     let stream_function_call_arguments = recorded
@@ -558,18 +561,20 @@ async fn serve_completion(shared: &Shared, conn: &mut Connection, req: Request) 
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let model = recorded.model().unwrap_or("scripted-model").to_string();
-    // Counted under the lock so that the index is also the request's place in `requests`.
-    let request_index = {
+    // The index is counted, the reply chosen and the request recorded under one lock, so the
+    // responder sees the request's place in `requests` and in the write log.
+    let (reply, request_index) = {
         let mut requests = shared.requests.lock().unwrap_or_else(PoisonError::into_inner);
+        shared.request_count.send_modify(|n| {
+            recorded.index = *n;
+            *n += 1;
+        });
+        let reply = shared.next_reply(&recorded);
+        let index = recorded.index;
         if shared.record {
             requests.push(recorded);
         }
-        let mut index = 0;
-        shared.request_count.send_modify(|n| {
-            index = *n;
-            *n += 1;
-        });
-        index
+        (reply, index)
     };
 
     let cancelled = || {

@@ -88,6 +88,14 @@ enum Scenario {
         /// PostgreSQL URL instead of the embedded SQLite.
         #[arg(long)]
         database_url: Option<String>,
+        /// How long the scripted model takes to answer a call on average (ms before its first
+        /// byte; the answer then comes in one write). 0 is a zero-latency model: the clients run
+        /// closed loop as fast as the machine allows. With a model time the chats are paced as by
+        /// a real model, whose time varies: each call takes between 0.8 and 1.2 times it, and
+        /// the chats start spread over one model time instead of in lockstep. The rate is then
+        /// about chats / (model time + tool time) per second.
+        #[arg(long, default_value_t = 0)]
+        model_ms: u64,
     },
     /// Chats run many turns (each: user message, tool steps over NATS, answer); at each
     /// checkpoint the bytes of each chat's rows per table. Fails when the bytes added per
@@ -930,54 +938,83 @@ struct TurnTimes {
     tool_spans: Vec<f64>,
 }
 
-/// Added orchestration latency per tool step, estimated from outside: the time between the
-/// model requests of steps k and k+1 of a turn (as the scripted model sees them arrive), minus
-/// the tool's span between them ([`TurnTimes::tool_spans`]); the zero-latency model's own
-/// stream time is left in (microseconds). What remains is the server's work between the model
-/// calls — reading the answer, committing it, dispatching the call, building the next prompt,
-/// sending it — except the commit of the tool's result, which falls inside the span. Also in it
-/// under load: the scripted model's own queueing (one worker thread) before it takes a request,
-/// and any difference between how late the two events reach this process; single values can
-/// be negative. `None` when the chat's model requests do not line up with its turns (e.g. a
-/// retried model call).
-fn added_latencies(arrivals: &[Instant], turns: &[TurnTimes], steps: usize) -> Option<Vec<f64>> {
-    if arrivals.len() != turns.len() * (steps + 1) || turns.iter().any(|t| t.tool_spans.len() != steps) {
+/// One model call of a chat as the scripted model saw it: when the request arrived and when the
+/// last byte of its answer was written.
+#[derive(Clone, Copy)]
+struct ModelCall {
+    arrived: Instant,
+    answered: Instant,
+}
+
+/// Added orchestration latency per tool step, estimated from outside as the issue defines it
+/// (step wall time minus model stream time minus tool time): the time from the model's answer
+/// of step k (its last write, as the scripted model logs it) to the model request of step k+1,
+/// minus the tool's span between them ([`TurnTimes::tool_spans`]). What remains is the server's
+/// work between the model calls — reading the answer, committing it, dispatching the call,
+/// building the next prompt, sending it — except the commit of the tool's result, which falls
+/// inside the span. Also in it under load: the scripted model's own queueing before it reads a
+/// request, and any difference between how late the two tool events reach this process; single
+/// values can be negative. `None` when the chat's model calls do not line up with its turns
+/// (e.g. a retried model call).
+fn added_latencies(calls: &[ModelCall], turns: &[TurnTimes], steps: usize) -> Option<Vec<f64>> {
+    if calls.len() != turns.len() * (steps + 1) || turns.iter().any(|t| t.tool_spans.len() != steps) {
         return None;
     }
     let mut added = Vec::with_capacity(turns.len() * steps);
     for (t, turn) in turns.iter().enumerate() {
-        let requests = &arrivals[t * (steps + 1)..(t + 1) * (steps + 1)];
+        let calls = &calls[t * (steps + 1)..(t + 1) * (steps + 1)];
         for (k, span) in turn.tool_spans.iter().enumerate() {
-            let between = (requests[k + 1] - requests[k]).as_secs_f64() * 1000.0;
+            let between = calls[k + 1].arrived.saturating_duration_since(calls[k].answered).as_secs_f64() * 1000.0;
             added.push(between - span);
         }
     }
     Some(added)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn steps_scenario(
-    bin: Option<PathBuf>,
-    relay_bin: Option<PathBuf>,
+/// The scripted model's time for its `index`th call when it takes `mean` on average: spread
+/// evenly over 0.8–1.2 × `mean` by a hash of the index, so runs are repeatable.
+fn model_time(mean: Duration, index: usize) -> Duration {
+    // splitmix64's finalizer: consecutive indexes land far apart.
+    let mut x = (index as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    let unit = (x >> 11) as f64 / (1u64 << 53) as f64;
+    mean.mul_f64(0.8 + 0.4 * unit)
+}
+
+/// The shape of a `steps` run.
+struct StepsShape {
     chats: usize,
+    /// Tool steps per turn.
     steps: usize,
     turns: usize,
     workspaces: usize,
+    /// The scripted model's time per call.
+    model: Duration,
+}
+
+async fn steps_scenario(
+    bin: Option<PathBuf>,
+    relay_bin: Option<PathBuf>,
+    shape: StepsShape,
     database_url: Option<String>,
 ) -> anyhow::Result<(serde_json::Value, Option<String>)> {
+    let StepsShape { chats, steps, turns, workspaces, model } = shape;
     use agentplane_schema::event::ToolPhase;
     use agentplane_tests::{RecordedRequest, Reply};
 
     // Each turn: `steps` tool calls (one per step), then the answer. The chat's number is in its
     // first message, so every chat writes its own file. When each chat's model requests arrive
-    // is kept for the added-latency estimate.
-    let arrivals: Arc<Mutex<HashMap<String, Vec<Instant>>>> = Arc::default();
+    // (and their place in the scripted model's write log) is kept for the added-latency estimate.
+    let arrivals: Arc<Mutex<HashMap<String, Vec<(Instant, usize)>>>> = Arc::default();
     let arrived = arrivals.clone();
     let responder = move |r: &RecordedRequest| {
         let now = Instant::now();
         let messages = r.messages();
         if let Some(chat) = messages.iter().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str()) {
-            arrived.lock().unwrap_or_else(PoisonError::into_inner).entry(chat.to_string()).or_default().push(now);
+            let mut arrived = arrived.lock().unwrap_or_else(PoisonError::into_inner);
+            arrived.entry(chat.to_string()).or_default().push((now, r.index));
         }
         let last_user = messages.iter().rposition(|m| m["role"] == "user").unwrap_or(0);
         let done = messages[last_user..].iter().filter(|m| m["role"] == "tool").count();
@@ -986,11 +1023,12 @@ async fn steps_scenario(
                 r.messages().iter().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str()).unwrap_or("x");
             let file = format!("{}.txt", chat.replace(' ', "-"));
             Reply::tool_call("write_file", json!({"path": file, "content": format!("step {done}")}))
+                .delay(model_time(model, r.index))
         } else {
-            Reply::text("done")
+            Reply::text("done").delay(model_time(model, r.index))
         }
     };
-    let llm = ScriptedLlm::builder().record(false).workers(1).responder(responder).start();
+    let llm = ScriptedLlm::builder().record(false).write_log(true).workers(1).responder(responder).start();
     let (nats, creds_dir) = agentplane_benches::fleet::nats_with_auth()?;
     let mut env = agentplane_benches::fleet::server_relay_env(&nats, creds_dir.path(), relay_bin)?;
     env.push(("AGENTPLANE__AGENT__GENERATE_TITLES", "false".to_string()));
@@ -1009,6 +1047,7 @@ async fn steps_scenario(
         let base = server.base_url.clone();
         let workspace = workspace_ids[c % workspace_ids.len()].clone();
         tokio::spawn(async move {
+            tokio::time::sleep(model.mul_f64(c as f64 / chats as f64)).await;
             let chat = admin
                 .create_chat(&CreateChat {
                     content: text(&format!("chat {c}")),
@@ -1089,12 +1128,32 @@ async fn steps_scenario(
     let mut added = Vec::new();
     let mut unaligned = 0;
     let mut problems = Vec::new();
+    let mut results = Vec::with_capacity(chats);
     for client in clients {
-        match client.await? {
+        results.push(client.await?);
+    }
+    let wall = started.elapsed();
+    let cpu = server.cpu_time()?.saturating_sub(cpu_before);
+    // Each answer's last write (without a chunk delay an answer is one write), by request.
+    let mut answered = HashMap::new();
+    for w in llm.write_times() {
+        answered.insert(w.request, w.at);
+    }
+    let mut model_times = Vec::new();
+    for result in results {
+        match result {
             Ok((label, turns)) => {
                 let arrivals =
                     arrivals.lock().unwrap_or_else(PoisonError::into_inner).remove(&label).unwrap_or_default();
-                match added_latencies(&arrivals, &turns, steps) {
+                let calls: Option<Vec<ModelCall>> = arrivals
+                    .iter()
+                    .map(|&(arrived, index)| answered.get(&index).map(|&answered| ModelCall { arrived, answered }))
+                    .collect();
+                let calls = calls.unwrap_or_default();
+                model_times.extend(
+                    calls.iter().map(|c| (c.answered.saturating_duration_since(c.arrived)).as_secs_f64() * 1000.0),
+                );
+                match added_latencies(&calls, &turns, steps) {
                     Some(chat_added) => added.extend(chat_added),
                     None => unaligned += 1,
                 }
@@ -1106,17 +1165,17 @@ async fn steps_scenario(
             Err(e) => problems.push(e.to_string()),
         }
     }
-    let wall = started.elapsed();
-    let cpu = server.cpu_time()?.saturating_sub(cpu_before);
     let total_steps = chats * turns * (steps + 1);
     let tool_steps = chats * turns * steps;
     let delta = summarize(to_delta);
     let gap = summarize(gaps);
     let added = summarize(added);
+    let model_time = summarize(model_times);
     let db = if database_url.is_some() { "PostgreSQL" } else { "SQLite" };
     println!(
         "scenario steps: {chats} chats × {turns} turns × ({steps} tool step(s) + answer), tools over NATS to \
-         {workspaces} relays, {db}"
+         {workspaces} relays, {db}, model time {} ms per call",
+        model.as_millis()
     );
     println!(
         "model calls (steps): {total_steps} in {:.2} s = {:.0} steps/s ({:.0} tool steps/s, {:.0} turns/s)",
@@ -1143,6 +1202,10 @@ async fn steps_scenario(
         "{:<40} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
         "added per tool step (estimate)", added.p50, added.p90, added.p99, added.max
     );
+    println!(
+        "{:<40} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+        "model call (request → last write)", model_time.p50, model_time.p90, model_time.p99, model_time.max
+    );
     if unaligned > 0 {
         println!(
             "  ({unaligned} chat(s) left out of the estimate: their model requests did not line up with their turns)"
@@ -1158,10 +1221,10 @@ async fn steps_scenario(
         (!problems.is_empty()).then(|| format!("{} chat(s) failed; the first: {}", problems.len(), problems[0]));
     Ok((
         json!({"scenario": "steps", "chats": chats, "turns": turns, "steps_per_turn": steps, "workspaces": workspaces,
-               "database": db, "wall_s": wall.as_secs_f64(), "steps_per_s": total_steps as f64 / wall.as_secs_f64(),
+               "database": db, "model_ms": model.as_secs_f64() * 1000.0, "wall_s": wall.as_secs_f64(), "steps_per_s": total_steps as f64 / wall.as_secs_f64(),
                "server_cpu_s_per_1000_steps": cpu.as_secs_f64() * 1000.0 / total_steps as f64,
                "to_first_delta_ms": delta, "step_gap_ms": gap, "added_per_tool_step_ms": added,
-               "chats_left_out_of_added": unaligned, "errors": problems}),
+               "model_call_ms": model_time, "chats_left_out_of_added": unaligned, "errors": problems}),
         failure,
     ))
 }
@@ -1232,8 +1295,9 @@ async fn main() -> anyhow::Result<()> {
         Scenario::DeltaLatency { turns, pieces, piece_delay_ms } => {
             (agentplane_benches::delta_latency::run(cli.server_bin, turns, pieces, piece_delay_ms).await?, None)
         }
-        Scenario::Steps { chats, steps, turns, workspaces, database_url } => {
-            steps_scenario(cli.server_bin, cli.relay_bin, chats, steps, turns, workspaces, database_url).await?
+        Scenario::Steps { chats, steps, turns, workspaces, database_url, model_ms } => {
+            let shape = StepsShape { chats, steps, turns, workspaces, model: Duration::from_millis(model_ms) };
+            steps_scenario(cli.server_bin, cli.relay_bin, shape, database_url).await?
         }
         Scenario::Storage { chats, tool_steps, checkpoints, max_growth, database_url } => {
             agentplane_benches::storage::run(agentplane_benches::storage::Options {
@@ -1274,19 +1338,23 @@ mod tests {
     }
 
     #[test]
-    fn added_latency_is_the_time_between_model_requests_less_the_tool_span() {
+    fn added_latency_is_the_time_from_a_model_answer_to_the_next_request_less_the_tool_span() {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        // Two turns of two tool steps: requests at 0, 10, 25 (answer) and 100, 104, 120 (answer).
-        let arrivals = [at(0), at(10), at(25), at(100), at(104), at(120)];
-        let turns = [turn(&[7.0, 12.0]), turn(&[3.0, 15.5])];
+        // Two turns of two tool steps: requests at 0, 10, 25 (answer) and 100, 104, 120 (answer),
+        // each answered 2 ms after it arrived.
+        let arrivals: Vec<ModelCall> = [0, 10, 25, 100, 104, 120]
+            .into_iter()
+            .map(|ms| ModelCall { arrived: at(ms), answered: at(ms + 2) })
+            .collect();
+        let turns = [turn(&[7.0, 12.0]), turn(&[1.0, 13.5])];
         let added = added_latencies(&arrivals, &turns, 2).expect("lined up");
         assert_eq!(added.len(), 4);
-        for (got, want) in added.iter().zip([3.0, 3.0, 1.0, 0.5]) {
+        for (got, want) in added.iter().zip([1.0, 1.0, 1.0, 0.5]) {
             assert!((got - want).abs() < 1e-9, "{added:?}");
         }
         // A model call more than the turns explain (a retry): left out, not guessed at.
         assert!(added_latencies(&arrivals[..5], &turns, 2).is_none());
-        assert!(added_latencies(&arrivals, &[turn(&[7.0]), turn(&[3.0, 15.5])], 2).is_none());
+        assert!(added_latencies(&arrivals, &[turn(&[7.0]), turn(&[1.0, 13.5])], 2).is_none());
     }
 }

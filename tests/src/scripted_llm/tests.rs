@@ -298,6 +298,39 @@ async fn write_log_times_every_paced_message() {
     assert!(ScriptedLlm::start().write_times().is_empty(), "off by default");
 }
 
+#[tokio::test]
+async fn a_responder_sees_each_requests_place_in_the_log() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen_by_responder = seen.clone();
+    let llm = ScriptedLlm::builder()
+        .write_log(true)
+        .responder(move |req| {
+            let text = req.last_user_text().unwrap_or_default();
+            seen_by_responder.lock().expect("lock").push((req.index, text.clone()));
+            Reply::text(text)
+        })
+        .start();
+    let bodies = ["a", "b", "c", "d"].map(|text| chat_body(text, true, false));
+    let (a, b, c, d) =
+        tokio::join!(post(&llm, &bodies[0]), post(&llm, &bodies[1]), post(&llm, &bodies[2]), post(&llm, &bodies[3]));
+    for response in [a, b, c, d] {
+        response.text().await.expect("body");
+    }
+    let mut seen = seen.lock().expect("lock").clone();
+    seen.sort();
+    let recorded: Vec<(usize, String)> =
+        llm.requests().iter().map(|r| (r.index, r.last_user_text().unwrap_or_default())).collect();
+    assert_eq!(seen, recorded, "the index is the request's place in `requests`");
+    assert_eq!(seen.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 1, 2, 3]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while llm.write_times().len() < 4 && Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+    let mut logged: Vec<usize> = llm.write_times().iter().map(|w| w.request).collect();
+    logged.sort();
+    assert_eq!(logged, [0, 1, 2, 3], "each answer's write carries its request's index");
+}
+
 #[test]
 fn render_body_is_what_the_server_streams() {
     let reply = Reply::text("Hello, world").with_reasoning("hmm");
