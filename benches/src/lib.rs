@@ -219,6 +219,19 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(ticks * 10))
 }
 
+/// CPU time used so far by the live child processes of `pid` (a server's relays), each read
+/// from its own `/proc` entry; a child that ends meanwhile is left out.
+pub fn children_cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let mut total = Duration::ZERO;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let children = std::fs::read_to_string(task?.path().join("children")).unwrap_or_default();
+        for child in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+            total += cpu_time(child).unwrap_or_default();
+        }
+    }
+    Ok(total)
+}
+
 /// The machine's situation, for the report: cores and the 1/5/15-minute load average, since
 /// figures from a loaded 2-core box mean something else than from an idle 32-core one.
 pub fn machine() -> serde_json::Value {

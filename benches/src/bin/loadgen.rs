@@ -983,6 +983,40 @@ fn model_time(mean: Duration, index: usize) -> Duration {
     mean.mul_f64(0.8 + 0.4 * unit)
 }
 
+/// CPU time of each process taking part in a run: they share the machine's cores.
+struct CpuBySide {
+    server: Duration,
+    /// The server's children: the relays of its local workspaces.
+    relays: Duration,
+    nats: Duration,
+    /// This process: the clients and the scripted model.
+    loadgen: Duration,
+}
+
+impl CpuBySide {
+    fn read(server: u32, nats: u32) -> anyhow::Result<Self> {
+        Ok(CpuBySide {
+            server: cpu_time(server)?,
+            relays: agentplane_benches::children_cpu_time(server)?,
+            nats: cpu_time(nats)?,
+            loadgen: cpu_time(std::process::id())?,
+        })
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        CpuBySide {
+            server: self.server.saturating_sub(before.server),
+            relays: self.relays.saturating_sub(before.relays),
+            nats: self.nats.saturating_sub(before.nats),
+            loadgen: self.loadgen.saturating_sub(before.loadgen),
+        }
+    }
+
+    fn total(&self) -> Duration {
+        self.server + self.relays + self.nats + self.loadgen
+    }
+}
+
 /// The shape of a `steps` run.
 struct StepsShape {
     chats: usize,
@@ -1040,7 +1074,8 @@ async fn steps_scenario(
     let workspace_ids = create_workspaces(&admin, workspaces).await?;
     eprintln!("steps: {workspaces} workspaces (relay processes) up; starting {chats} chats");
 
-    let cpu_before = server.cpu_time()?;
+    let nats_pid = nats.pid().context("the NATS server is not running")?;
+    let sides_before = CpuBySide::read(server.pid(), nats_pid)?;
     let started = Instant::now();
     let clients = (0..chats).map(|c| {
         let admin = admin.clone();
@@ -1133,7 +1168,8 @@ async fn steps_scenario(
         results.push(client.await?);
     }
     let wall = started.elapsed();
-    let cpu = server.cpu_time()?.saturating_sub(cpu_before);
+    let sides = CpuBySide::read(server.pid(), nats_pid)?.since(&sides_before);
+    let cpu = sides.server;
     // Each answer's last write (without a chunk delay an answer is one write), by request.
     let mut answered = HashMap::new();
     for w in llm.write_times() {
@@ -1189,6 +1225,17 @@ async fn steps_scenario(
         cpu.as_secs_f64() * 1000.0 / total_steps as f64,
         cpu.as_secs_f64() * 1000.0 / (chats * turns) as f64
     );
+    let per_1000 = |d: Duration| d.as_secs_f64() * 1000.0 / total_steps as f64;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    println!(
+        "CPU per 1,000 steps: server {:.2} s, relays {:.2} s, nats-server {:.2} s, load generator (clients and \
+         scripted model) {:.2} s; the {cores} cores {:.0} % busy with these",
+        per_1000(sides.server),
+        per_1000(sides.relays),
+        per_1000(sides.nats),
+        per_1000(sides.loadgen),
+        sides.total().as_secs_f64() / wall.as_secs_f64() / cores * 100.0
+    );
     println!("{:<40} {:>9} {:>9} {:>9} {:>9}", "", "p50 ms", "p90 ms", "p99 ms", "max ms");
     println!(
         "{:<40} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
@@ -1223,6 +1270,9 @@ async fn steps_scenario(
         json!({"scenario": "steps", "chats": chats, "turns": turns, "steps_per_turn": steps, "workspaces": workspaces,
                "database": db, "model_ms": model.as_secs_f64() * 1000.0, "wall_s": wall.as_secs_f64(), "steps_per_s": total_steps as f64 / wall.as_secs_f64(),
                "server_cpu_s_per_1000_steps": cpu.as_secs_f64() * 1000.0 / total_steps as f64,
+               "relays_cpu_s_per_1000_steps": per_1000(sides.relays),
+               "nats_cpu_s_per_1000_steps": per_1000(sides.nats),
+               "loadgen_cpu_s_per_1000_steps": per_1000(sides.loadgen),
                "to_first_delta_ms": delta, "step_gap_ms": gap, "added_per_tool_step_ms": added,
                "model_call_ms": model_time, "chats_left_out_of_added": unaligned, "errors": problems}),
         failure,
