@@ -983,6 +983,9 @@ fn model_time(mean: Duration, index: usize) -> Duration {
     mean.mul_f64(0.8 + 0.4 * unit)
 }
 
+/// When each chat's model requests arrived, with each one's place in the scripted model's log.
+type ArrivalsByChat = HashMap<String, Vec<(Instant, usize)>>;
+
 /// CPU time of each process taking part in a run: they share the machine's cores.
 struct CpuBySide {
     server: Duration,
@@ -1041,7 +1044,7 @@ async fn steps_scenario(
     // Each turn: `steps` tool calls (one per step), then the answer. The chat's number is in its
     // first message, so every chat writes its own file. When each chat's model requests arrive
     // (and their place in the scripted model's write log) is kept for the added-latency estimate.
-    let arrivals: Arc<Mutex<HashMap<String, Vec<(Instant, usize)>>>> = Arc::default();
+    let arrivals: Arc<Mutex<ArrivalsByChat>> = Arc::default();
     let arrived = arrivals.clone();
     let responder = move |r: &RecordedRequest| {
         let now = Instant::now();
