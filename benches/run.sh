@@ -48,6 +48,8 @@ run tool-roundtrip tool-roundtrip --rate 500 --seconds 20
 run tool-inflight tool-inflight --calls 1000 --workspaces 100
 run runs steps --chats 50 --steps 1 --turns 40 --workspaces 10
 run steps steps --chats 500 --steps 3 --turns 4 --workspaces 20
+run steps-paced-1s steps --chats 500 --steps 3 --turns 4 --workspaces 20 --model-ms 1000
+run steps-paced-2s steps --chats 500 --steps 3 --turns 4 --workspaces 20 --model-ms 2000
 run storage storage --chats 2 --checkpoints 50,100,200,400
 
 say "provider_parsing (criterion)"
