@@ -98,9 +98,8 @@ pub async fn run_fanout(
             let message = turn_message(c, turn);
             let request: Vec<usize> = requests
                 .iter()
-                .enumerate()
-                .filter(|(_, r)| r.last_user_text().as_deref() == Some(message.as_str()))
-                .map(|(i, _)| i)
+                .filter(|r| r.last_user_text().as_deref() == Some(message.as_str()))
+                .map(|r| r.index)
                 .collect();
             let [request] = request[..] else {
                 bail!("chat {c} turn {turn}: {} model requests instead of one (a retry?)", request.len());

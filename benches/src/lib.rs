@@ -220,7 +220,8 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
 }
 
 /// CPU time used so far by the live child processes of `pid` (a server's relays), each read
-/// from its own `/proc` entry; a child that ends meanwhile is left out.
+/// from its own `/proc` entry. A child that ends between two readings takes its time with it,
+/// and a kernel without `/proc/PID/task/TID/children` (CONFIG_PROC_CHILDREN) reports none.
 pub fn children_cpu_time(pid: u32) -> anyhow::Result<Duration> {
     let mut total = Duration::ZERO;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {

@@ -64,8 +64,9 @@ pub struct RecordedRequest {
     pub body: Value,
     /// The body as it arrived (what a request signature covers).
     pub raw_body: Vec<u8>,
-    /// The request's place in arrival order, counted from 0: its index in
-    /// [`ScriptedLlm::requests`] and the `request` of its [`Written`] entries.
+    /// The request's place in arrival order (once its body was read), counted from 0: the
+    /// `request` of its [`Written`] entries. [`ScriptedLlm::requests`] holds the requests in the
+    /// order their replies were chosen, which is this order unless two arrived at once.
     pub index: usize,
 }
 
@@ -238,6 +239,7 @@ impl ScriptedLlmBuilder {
             responder: self.responder,
             record: self.record,
             requests: Mutex::new(Vec::new()),
+            next_index: AtomicUsize::new(0),
             request_count: watch::Sender::new(0),
             active: watch::Sender::new(0),
             cancelled: AtomicUsize::new(0),
@@ -268,6 +270,8 @@ struct Shared {
     responder: Option<Responder>,
     record: bool,
     requests: Mutex<Vec<RecordedRequest>>,
+    /// The next request's [`RecordedRequest::index`].
+    next_index: AtomicUsize,
     request_count: watch::Sender<usize>,
     /// Completion replies being served right now.
     active: watch::Sender<usize>,
@@ -284,8 +288,7 @@ struct Shared {
 /// One write of a streamed reply, logged with [`ScriptedLlmBuilder::write_log`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Written {
-    /// The completion request, counted from 0 in arrival order (its index in
-    /// [`ScriptedLlm::requests`]).
+    /// The completion request's [`RecordedRequest::index`].
     pub request: usize,
     /// The last stream message the write carried, counted from 0 in the order the dialect
     /// renders them (for OpenAI Chat the role chunk is message 0). With a
@@ -406,8 +409,11 @@ impl ScriptedLlm {
     /// Waits until at least `n` completion requests have arrived, then returns the recorded ones.
     pub async fn wait_for_requests(&self, n: usize, timeout: Duration) -> Result<Vec<RecordedRequest>> {
         let mut rx = self.shared.request_count.subscribe();
-        match tokio::time::timeout(timeout, rx.wait_for(|count| *count >= n)).await {
-            Ok(Ok(_)) => Ok(self.requests()),
+        // The count's guard is dropped before `requests` takes its lock: a completion counts
+        // while holding that lock, and would wait for the guard.
+        let counted = tokio::time::timeout(timeout, rx.wait_for(|count| *count >= n)).await.map(|r| r.map(|_| ()));
+        match counted {
+            Ok(Ok(())) => Ok(self.requests()),
             // The sender lives in `self`, so the channel cannot close while we wait.
             Ok(Err(_)) => Err(Error::Setup("scripted LLM stopped".into())),
             Err(_) => {
@@ -561,21 +567,19 @@ async fn serve_completion(shared: &Shared, conn: &mut Connection, req: Request) 
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let model = recorded.model().unwrap_or("scripted-model").to_string();
-    // The index is counted, the reply chosen and the request recorded under one lock, so the
-    // responder sees the request's place in `requests` and in the write log.
-    let (reply, request_index) = {
+    // The responder runs outside any lock (a test's may block until it is told to answer), and
+    // learns the index its writes will be logged under.
+    let request_index = shared.next_index.fetch_add(1, Ordering::SeqCst);
+    recorded.index = request_index;
+    let reply = shared.next_reply(&recorded);
+    // Counted under the lock, so whoever sees the count sees the request recorded.
+    {
         let mut requests = shared.requests.lock().unwrap_or_else(PoisonError::into_inner);
-        shared.request_count.send_modify(|n| {
-            recorded.index = *n;
-            *n += 1;
-        });
-        let reply = shared.next_reply(&recorded);
-        let index = recorded.index;
         if shared.record {
             requests.push(recorded);
         }
-        (reply, index)
-    };
+        shared.request_count.send_modify(|n| *n += 1);
+    }
 
     let cancelled = || {
         shared.cancelled.fetch_add(1, Ordering::SeqCst);

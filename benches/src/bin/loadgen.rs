@@ -93,7 +93,8 @@ enum Scenario {
         /// closed loop as fast as the machine allows. With a model time the chats are paced as by
         /// a real model, whose time varies: each call takes between 0.8 and 1.2 times it, and
         /// the chats start spread over one model time instead of in lockstep. The rate is then
-        /// about chats / (model time + tool time) per second.
+        /// about chats / (model time + tool time) per second (the reported one is over the whole
+        /// run, ramp-up and ramp-down included).
         #[arg(long, default_value_t = 0)]
         model_ms: u64,
     },
@@ -931,7 +932,7 @@ struct TurnTimes {
     to_first_delta: Option<f64>,
     /// From each tool result (`tool_call` finished) to the next model output of the turn: the
     /// orchestration added per step (committing the result, building the prompt, the model call
-    /// starting), since the model answers at once.
+    /// starting) when the model answers at once; with `--model-ms` it includes the model's time.
     step_gaps: Vec<f64>,
     /// Each tool call's span on the WebSocket: `started` (published once the call is committed,
     /// just before it is sent) to `finished` (published once its result is committed).
@@ -964,15 +965,20 @@ fn added_latencies(calls: &[ModelCall], turns: &[TurnTimes], steps: usize) -> Op
     for (t, turn) in turns.iter().enumerate() {
         let calls = &calls[t * (steps + 1)..(t + 1) * (steps + 1)];
         for (k, span) in turn.tool_spans.iter().enumerate() {
-            let between = calls[k + 1].arrived.saturating_duration_since(calls[k].answered).as_secs_f64() * 1000.0;
-            added.push(between - span);
+            let between = if calls[k + 1].arrived >= calls[k].answered {
+                (calls[k + 1].arrived - calls[k].answered).as_secs_f64()
+            } else {
+                -(calls[k].answered - calls[k + 1].arrived).as_secs_f64()
+            };
+            added.push(between * 1000.0 - span);
         }
     }
     Some(added)
 }
 
 /// The scripted model's time for its `index`th call when it takes `mean` on average: spread
-/// evenly over 0.8–1.2 × `mean` by a hash of the index, so runs are repeatable.
+/// evenly over 0.8–1.2 × `mean` by a hash of the index: every run draws the same set of times
+/// (which chat gets which depends on the order requests arrive in).
 fn model_time(mean: Duration, index: usize) -> Duration {
     // splitmix64's finalizer: consecutive indexes land far apart.
     let mut x = (index as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -318,9 +318,10 @@ async fn a_responder_sees_each_requests_place_in_the_log() {
     }
     let mut seen = seen.lock().expect("lock").clone();
     seen.sort();
-    let recorded: Vec<(usize, String)> =
+    let mut recorded: Vec<(usize, String)> =
         llm.requests().iter().map(|r| (r.index, r.last_user_text().unwrap_or_default())).collect();
-    assert_eq!(seen, recorded, "the index is the request's place in `requests`");
+    recorded.sort();
+    assert_eq!(seen, recorded, "the responder sees the index the request is recorded with");
     assert_eq!(seen.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 1, 2, 3]);
     let deadline = Instant::now() + Duration::from_secs(5);
     while llm.write_times().len() < 4 && Instant::now() < deadline {
