@@ -1055,21 +1055,20 @@ async fn steps_scenario(
     let responder = move |r: &RecordedRequest| {
         let now = Instant::now();
         let messages = r.messages();
-        if let Some(chat) = messages.iter().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str()) {
+        let chat = messages.iter().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str());
+        if let Some(chat) = chat {
             let mut arrived = arrived.lock().unwrap_or_else(PoisonError::into_inner);
             arrived.entry(chat.to_string()).or_default().push((now, r.index));
         }
         let last_user = messages.iter().rposition(|m| m["role"] == "user").unwrap_or(0);
         let done = messages[last_user..].iter().filter(|m| m["role"] == "tool").count();
-        if done < steps {
-            let chat =
-                r.messages().iter().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str()).unwrap_or("x");
-            let file = format!("{}.txt", chat.replace(' ', "-"));
+        let reply = if done < steps {
+            let file = format!("{}.txt", chat.unwrap_or("x").replace(' ', "-"));
             Reply::tool_call("write_file", json!({"path": file, "content": format!("step {done}")}))
-                .delay(model_time(model, r.index))
         } else {
-            Reply::text("done").delay(model_time(model, r.index))
-        }
+            Reply::text("done")
+        };
+        reply.delay(model_time(model, r.index))
     };
     let llm = ScriptedLlm::builder().record(false).write_log(true).workers(1).responder(responder).start();
     let (nats, creds_dir) = agentplane_benches::fleet::nats_with_auth()?;
@@ -1178,7 +1177,6 @@ async fn steps_scenario(
     }
     let wall = started.elapsed();
     let sides = CpuBySide::read(server.pid(), nats_pid)?.since(&sides_before);
-    let cpu = sides.server;
     // Each answer's last write (without a chunk delay an answer is one write), by request.
     let mut answered = HashMap::new();
     for w in llm.write_times() {
@@ -1229,12 +1227,12 @@ async fn steps_scenario(
         tool_steps as f64 / wall.as_secs_f64(),
         (chats * turns) as f64 / wall.as_secs_f64()
     );
+    let per_1000 = |d: Duration| d.as_secs_f64() * 1000.0 / total_steps as f64;
     println!(
         "server CPU: {:.2} s per 1,000 steps ({:.2} ms per turn)",
-        cpu.as_secs_f64() * 1000.0 / total_steps as f64,
-        cpu.as_secs_f64() * 1000.0 / (chats * turns) as f64
+        per_1000(sides.server),
+        sides.server.as_secs_f64() * 1000.0 / (chats * turns) as f64
     );
-    let per_1000 = |d: Duration| d.as_secs_f64() * 1000.0 / total_steps as f64;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
     println!(
         "CPU per 1,000 steps: server {:.2} s, relays {:.2} s, nats-server {:.2} s, load generator (clients and \
@@ -1278,7 +1276,7 @@ async fn steps_scenario(
     Ok((
         json!({"scenario": "steps", "chats": chats, "turns": turns, "steps_per_turn": steps, "workspaces": workspaces,
                "database": db, "model_ms": model.as_secs_f64() * 1000.0, "wall_s": wall.as_secs_f64(), "steps_per_s": total_steps as f64 / wall.as_secs_f64(),
-               "server_cpu_s_per_1000_steps": cpu.as_secs_f64() * 1000.0 / total_steps as f64,
+               "server_cpu_s_per_1000_steps": per_1000(sides.server),
                "relays_cpu_s_per_1000_steps": per_1000(sides.relays),
                "nats_cpu_s_per_1000_steps": per_1000(sides.nats),
                "loadgen_cpu_s_per_1000_steps": per_1000(sides.loadgen),
