@@ -275,6 +275,17 @@ async fn delays_are_applied() {
     assert!(started.elapsed() >= Duration::from_millis(150 + 4 * 40));
 }
 
+/// The write log once it holds `n` writes (or after 5 s, as it is then). A write is logged once
+/// `write` has returned in the server's thread, which can be just after the client has read the
+/// bytes.
+async fn logged_writes(llm: &ScriptedLlm, n: usize) -> Vec<Written> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while llm.write_times().len() < n && Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+    llm.write_times()
+}
+
 #[tokio::test]
 async fn write_log_times_every_paced_message() {
     let llm = ScriptedLlm::builder().write_log(true).start();
@@ -283,13 +294,7 @@ async fn write_log_times_every_paced_message() {
     let started = Instant::now();
     post(&llm, &chat_body("x", true, false)).await.text().await.expect("body");
     post(&llm, &chat_body("y", true, false)).await.text().await.expect("body");
-    // A write is logged once `write` has returned in the server's thread, which can be just
-    // after the client has read the bytes.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while llm.write_times().len() < 6 && Instant::now() < deadline {
-        tokio::task::yield_now().await;
-    }
-    let log = llm.write_times();
+    let log = logged_writes(&llm, 6).await;
     // role, 2 text pieces, final chunk, [DONE] each in its own write; then one write for all.
     let order: Vec<(usize, usize)> = log.iter().map(|w| (w.request, w.message)).collect();
     assert_eq!(order, [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 4)]);
@@ -323,11 +328,7 @@ async fn a_responder_sees_each_requests_place_in_the_log() {
     recorded.sort();
     assert_eq!(seen, recorded, "the responder sees the index the request is recorded with");
     assert_eq!(seen.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 1, 2, 3]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while llm.write_times().len() < 4 && Instant::now() < deadline {
-        tokio::task::yield_now().await;
-    }
-    let mut logged: Vec<usize> = llm.write_times().iter().map(|w| w.request).collect();
+    let mut logged: Vec<usize> = logged_writes(&llm, 4).await.iter().map(|w| w.request).collect();
     logged.sort();
     assert_eq!(logged, [0, 1, 2, 3], "each answer's write carries its request's index");
 }
