@@ -51,11 +51,11 @@ mod tests {
         let bus = LocalEventBus::new();
         let mut a = bus.subscribe("a");
         let mut b = bus.subscribe("b");
-        bus.publish(StreamEvent { seq: Some(1), chat_id: "a".into(), body: EventBody::StreamReset });
+        bus.publish(StreamEvent::durable(1, "a", EventBody::StreamReset));
         assert_eq!(a.recv().await.expect("event").seq, Some(1));
         assert!(b.try_recv().is_err());
         drop(a);
-        bus.publish(StreamEvent { seq: Some(2), chat_id: "a".into(), body: EventBody::StreamReset });
+        bus.publish(StreamEvent::durable(2, "a", EventBody::StreamReset));
         assert!(bus.channels.lock().expect("lock").get("a").is_none());
     }
 }

@@ -20,6 +20,9 @@ pub struct ChatShared {
     store: Arc<dyn Store>,
     bus: Arc<dyn EventBus>,
     last_seq: Mutex<i64>,
+    /// The last durable `seq` handed to the bus. Ephemeral events are stamped with it under this
+    /// lock, so each one comes after the durable event it names and before the next one.
+    published_seq: std::sync::Mutex<i64>,
     last_position: AtomicI64,
     workspace_id: std::sync::Mutex<Option<String>>,
     /// Serialises `create_workspace` calls of one chat.
@@ -48,6 +51,7 @@ impl ChatShared {
             store,
             bus,
             last_seq: Mutex::new(last_seq),
+            published_seq: std::sync::Mutex::new(last_seq),
             last_position: AtomicI64::new(last_position),
             workspace_id: std::sync::Mutex::new(workspace_id),
             workspace_lock: Mutex::new(()),
@@ -83,20 +87,23 @@ impl ChatShared {
             .map(|body| {
                 debug_assert!(body.is_durable(), "{} is not durable", body.kind());
                 seq += 1;
-                StreamEvent { seq: Some(seq), chat_id: self.chat_id.clone(), body }
+                StreamEvent::durable(seq, self.chat_id.clone(), body)
             })
             .collect();
         self.store.commit(&self.chat_id, Batch { ops, events: events.clone() }).await?;
         *last_seq = seq;
+        let mut published = self.published_seq.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for event in events {
             self.bus.publish(event);
         }
+        *published = seq;
         Ok(())
     }
 
     /// Publishes an ephemeral event (a delta, an output piece, a stream reset).
     pub fn publish(&self, body: EventBody) {
-        self.bus.publish(StreamEvent { seq: None, chat_id: self.chat_id.clone(), body });
+        let published = self.published_seq.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.bus.publish(StreamEvent::ephemeral(*published, self.chat_id.clone(), body));
     }
 
     /// The next message position.

@@ -73,11 +73,11 @@ async fn deliver(server: &InProcessServer, w: &mut Watchers, n: u64, next: &mut 
     let mut measured = Duration::ZERO;
     for _ in 0..iters {
         *next += 1;
-        let event = StreamEvent {
-            seq: None,
-            chat_id: w.chat_id.clone(),
-            body: EventBody::MessageDelta { kind: DeltaKind::Text, text: next.to_string(), call_id: None, name: None },
-        };
+        let event = StreamEvent::ephemeral(
+            0,
+            w.chat_id.clone(),
+            EventBody::MessageDelta { kind: DeltaKind::Text, text: next.to_string(), call_id: None, name: None },
+        );
         let published = Instant::now();
         bus.publish(event);
         let mut last = published;

@@ -53,7 +53,7 @@ fn step_batch(t: &Target) -> Batch {
         created_at: chrono::Utc::now(),
     };
     let usage = Usage { input_tokens: 1200, output_tokens: 40, cache_read_tokens: 1000, cache_write_tokens: 0 };
-    let event = |seq: i64, body: EventBody| StreamEvent { seq: Some(seq), chat_id: t.chat_id.clone(), body };
+    let event = |seq: i64, body: EventBody| StreamEvent::durable(seq, t.chat_id.clone(), body);
     Batch {
         ops: vec![
             Op::InsertMessage(message.clone()),

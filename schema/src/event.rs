@@ -2,7 +2,8 @@
 //!
 //! Durable events carry a per-chat `seq` and are stored before they are published, so a client
 //! that reconnects with the last `seq` it saw gets every later durable event exactly once.
-//! Ephemeral events (deltas, tool output pieces, stream resets) carry no `seq`.
+//! Ephemeral events (deltas, tool output pieces, stream resets) carry no `seq`, only the `after_seq`
+//! of the last durable event before them.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,9 +14,31 @@ use crate::message::{Message, Part, QueuedMessage};
 pub struct StreamEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<i64>,
+    /// On an ephemeral event from the chat: the last durable `seq` the chat had published when
+    /// this one was sent. Durable events after it were published after it, so one who already
+    /// holds them (a snapshot, a replay) can tell a piece of an answer or tool call they closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_seq: Option<i64>,
     pub chat_id: String,
     #[serde(flatten)]
     pub body: EventBody,
+}
+
+impl StreamEvent {
+    /// A stored event with its per-chat `seq`.
+    pub fn durable(seq: i64, chat_id: impl Into<String>, body: EventBody) -> Self {
+        StreamEvent { seq: Some(seq), after_seq: None, chat_id: chat_id.into(), body }
+    }
+
+    /// An ephemeral event sent after the chat's durable event `after_seq`.
+    pub fn ephemeral(after_seq: i64, chat_id: impl Into<String>, body: EventBody) -> Self {
+        StreamEvent { seq: None, after_seq: Some(after_seq), chat_id: chat_id.into(), body }
+    }
+
+    /// A frame for one connection only (its snapshot, a reset after it lagged).
+    pub fn local(chat_id: impl Into<String>, body: EventBody) -> Self {
+        StreamEvent { seq: None, after_seq: None, chat_id: chat_id.into(), body }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,23 +216,20 @@ mod tests {
 
     #[test]
     fn events_serialize_flat_with_type_tag() {
-        let ev = StreamEvent {
-            seq: Some(3),
-            chat_id: "c".into(),
-            body: EventBody::Status { status: ChatStatus::Running, error: None },
-        };
+        let ev = StreamEvent::durable(3, "c", EventBody::Status { status: ChatStatus::Running, error: None });
         let v = serde_json::to_value(&ev).expect("json");
         assert_eq!(v, serde_json::json!({"seq": 3, "chat_id": "c", "type": "status", "status": "running"}));
         let back: StreamEvent = serde_json::from_value(v).expect("parse");
         assert_eq!(back, ev);
-        let delta = StreamEvent {
-            seq: None,
-            chat_id: "c".into(),
-            body: EventBody::MessageDelta { kind: DeltaKind::Text, text: "hi".into(), call_id: None, name: None },
-        };
+        let delta = StreamEvent::ephemeral(
+            3,
+            "c",
+            EventBody::MessageDelta { kind: DeltaKind::Text, text: "hi".into(), call_id: None, name: None },
+        );
         assert!(!delta.body.is_durable());
         let v = serde_json::to_value(&delta).expect("json");
         assert!(v.get("seq").is_none());
+        assert_eq!(v["after_seq"], 3);
     }
 
     #[test]

@@ -3,12 +3,15 @@
 //! The session subscribes to live events first, then sends the snapshot and replays stored
 //! durable events after `after_seq`; live durable events at or below the last `seq` sent are
 //! dropped, and a jump in `seq` (a lagging session) is filled from the database. So a client
-//! that reconnects with the last `seq` it saw gets no gap and no duplicate.
+//! that reconnects with the last `seq` it saw gets no gap and no duplicate. Ephemeral events
+//! queued behind the snapshot are ordered by [`LiveOrder`], so none of an answer the snapshot
+//! already holds as a message reaches the client after it.
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::AggregatedMessage;
 use agentplane_schema::api::Chat;
-use agentplane_schema::event::{ClientFrame, EventBody, StreamEvent};
+use agentplane_schema::event::{ClientFrame, EventBody, StreamEvent, ToolPhase};
+use agentplane_schema::message::Role;
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
@@ -52,6 +55,14 @@ async fn send_event(session: &mut actix_ws::Session, event: &StreamEvent) -> Res
     session.text(text).await.map_err(|_| ())
 }
 
+/// Sends `events` in order, leaving the vector empty for reuse.
+async fn send_all(session: &mut actix_ws::Session, events: &mut Vec<StreamEvent>) -> Result<(), ()> {
+    for event in events.drain(..) {
+        send_event(session, &event).await?;
+    }
+    Ok(())
+}
+
 /// Sends stored durable events after `*last`, advancing it.
 async fn replay(state: &AppState, chat_id: &str, last: &mut i64, session: &mut actix_ws::Session) -> Result<(), ()> {
     let events = state.store.events_after(chat_id, *last).await.map_err(|_| ())?;
@@ -62,6 +73,73 @@ async fn replay(state: &AppState, chat_id: &str, last: &mut i64, session: &mut a
         }
     }
     Ok(())
+}
+
+/// Durable events were skipped: the session fills the gap from the database.
+#[derive(Debug, PartialEq)]
+struct Gap;
+
+/// Orders live events after what the client already holds.
+///
+/// Live events published before the snapshot was read can still be queued behind it. A durable
+/// one the client holds is dropped by its `seq`. An ephemeral one stamped with an `after_seq`
+/// below the client's last `seq` is held: the durable events after its stamp were published
+/// after it, so they arrive behind it. If one of them closes what the piece belongs to (the
+/// answer was committed, the tool call finished), the piece is stale and dropped; once the
+/// client's last durable event has come by, the pieces still held are sent.
+struct LiveOrder {
+    /// The last durable `seq` the client has.
+    last: i64,
+    held: Vec<StreamEvent>,
+}
+
+impl LiveOrder {
+    fn new(last: i64) -> Self {
+        LiveOrder { last, held: Vec::new() }
+    }
+
+    /// Takes the next live event; what is to be sent now goes to `out`, in order.
+    fn admit(&mut self, event: StreamEvent, out: &mut Vec<StreamEvent>) -> Result<(), Gap> {
+        let Some(seq) = event.seq else {
+            match event.after_seq {
+                Some(after) if after < self.last || !self.held.is_empty() => self.held.push(event),
+                _ => out.push(event),
+            }
+            return Ok(());
+        };
+        if seq > self.last + 1 {
+            self.held.clear();
+            return Err(Gap);
+        }
+        self.held.retain(|piece| !closes(&event.body, &piece.body));
+        if seq >= self.last {
+            out.append(&mut self.held);
+        }
+        if seq == self.last + 1 {
+            self.last = seq;
+            out.push(event);
+        }
+        Ok(())
+    }
+
+    /// The session fell behind and lost events: what it held is covered by the reset it sends.
+    fn lagged(&mut self) {
+        self.held.clear();
+    }
+}
+
+/// Whether the durable event `durable` ends what the ephemeral `piece` is part of.
+fn closes(durable: &EventBody, piece: &EventBody) -> bool {
+    match (durable, piece) {
+        (EventBody::Message { message }, EventBody::MessageDelta { .. } | EventBody::StreamReset) => {
+            message.role == Role::Assistant
+        }
+        (
+            EventBody::ToolCall { phase: ToolPhase::Finished, call_id, .. },
+            EventBody::ToolCall { phase: ToolPhase::Output, call_id: piece_call, .. },
+        ) => call_id == piece_call,
+        _ => false,
+    }
 }
 
 async fn run_session(
@@ -82,16 +160,15 @@ async fn run_session(
         }
     };
     let mut last = snapshot.last_seq;
-    let frame = StreamEvent {
-        seq: None,
-        chat_id: chat_id.clone(),
-        body: EventBody::Snapshot {
+    let frame = StreamEvent::local(
+        chat_id.clone(),
+        EventBody::Snapshot {
             chat: snapshot.chat,
             messages: snapshot.messages,
             queued_messages: snapshot.queued,
             last_seq: snapshot.last_seq,
         },
-    };
+    );
     if send_event(&mut session, &frame).await.is_err() {
         return;
     }
@@ -101,18 +178,15 @@ async fn run_session(
             return;
         }
     }
+    let mut order = LiveOrder::new(last);
+    let mut out = Vec::new();
     loop {
         tokio::select! {
             event = live.recv() => match event {
                 Ok(event) => {
-                    let ok = match event.seq {
-                        Some(seq) if seq <= last => Ok(()),
-                        Some(seq) if seq > last + 1 => replay(&state, &chat_id, &mut last, &mut session).await,
-                        Some(seq) => {
-                            last = seq;
-                            send_event(&mut session, &event).await
-                        }
-                        None => send_event(&mut session, &event).await,
+                    let ok = match order.admit(event, &mut out) {
+                        Ok(()) => send_all(&mut session, &mut out).await,
+                        Err(Gap) => replay(&state, &chat_id, &mut order.last, &mut session).await,
                     };
                     if ok.is_err() {
                         return;
@@ -120,9 +194,10 @@ async fn run_session(
                 }
                 Err(RecvError::Lagged(_)) => {
                     // Deltas were lost: tell the client to drop its partial answer, then catch up.
-                    let reset = StreamEvent { seq: None, chat_id: chat_id.clone(), body: EventBody::StreamReset };
+                    order.lagged();
+                    let reset = StreamEvent::local(chat_id.clone(), EventBody::StreamReset);
                     if send_event(&mut session, &reset).await.is_err()
-                        || replay(&state, &chat_id, &mut last, &mut session).await.is_err()
+                        || replay(&state, &chat_id, &mut order.last, &mut session).await.is_err()
                     {
                         return;
                     }
@@ -165,4 +240,119 @@ async fn handle_frame(state: &AppState, user: &AuthUser, chat: &Chat, text: &str
         ClientFrame::Interrupt => state.directory.chat(&chat.id).interrupt().await?,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use agentplane_schema::event::DeltaKind;
+    use agentplane_schema::message::{Message, Part};
+
+    use super::*;
+
+    fn delta(after: i64, text: &str) -> StreamEvent {
+        let body = EventBody::MessageDelta { kind: DeltaKind::Text, text: text.into(), call_id: None, name: None };
+        StreamEvent::ephemeral(after, "c", body)
+    }
+
+    fn output(after: i64, call: &str) -> StreamEvent {
+        StreamEvent::ephemeral(after, "c", tool_call(ToolPhase::Output, call))
+    }
+
+    fn tool_call(phase: ToolPhase, call: &str) -> EventBody {
+        EventBody::ToolCall {
+            phase,
+            call_id: call.into(),
+            name: "shell".into(),
+            args: None,
+            output: Some("piece".into()),
+            is_error: None,
+            workspace_id: None,
+        }
+    }
+
+    fn message(seq: i64, role: Role) -> StreamEvent {
+        let message = Message {
+            id: format!("m{seq}"),
+            chat_id: "c".into(),
+            position: seq,
+            role,
+            parts: vec![Part::text("answer")].into(),
+            interrupted: false,
+            user_id: None,
+            model_id: None,
+            created_at: chrono::Utc::now(),
+        };
+        StreamEvent::durable(seq, "c", EventBody::Message { message })
+    }
+
+    fn queue_update(seq: i64) -> StreamEvent {
+        StreamEvent::durable(seq, "c", EventBody::QueueUpdate { queued_messages: vec![] })
+    }
+
+    /// What `order` sends now for `event`.
+    fn sent(order: &mut LiveOrder, event: StreamEvent) -> Vec<StreamEvent> {
+        let mut out = Vec::new();
+        order.admit(event, &mut out).expect("no gap");
+        out
+    }
+
+    #[test]
+    fn pieces_of_an_answer_the_snapshot_holds_as_a_message_are_dropped() {
+        // The snapshot was read after the answer (seq 5) was stored; its deltas and the
+        // message event were still queued for the session.
+        let mut order = LiveOrder::new(5);
+        assert!(sent(&mut order, delta(4, "ans")).is_empty());
+        assert!(sent(&mut order, delta(4, "wer")).is_empty());
+        assert!(sent(&mut order, message(5, Role::Assistant)).is_empty(), "the snapshot has it");
+        let next = delta(5, "next answer");
+        assert_eq!(sent(&mut order, next.clone()), vec![next], "pieces after the snapshot go straight out");
+    }
+
+    #[test]
+    fn pieces_of_an_answer_still_streaming_are_sent_once_the_snapshot_is_caught_up() {
+        // A queue update (seq 5) came in while the answer streamed; it does not end the answer.
+        let mut order = LiveOrder::new(5);
+        let (a, b) = (delta(4, "a"), delta(4, "b"));
+        assert!(sent(&mut order, a.clone()).is_empty());
+        assert!(sent(&mut order, b.clone()).is_empty());
+        assert_eq!(sent(&mut order, queue_update(5)), vec![a, b], "held in order, then sent; seq 5 not again");
+        let new = queue_update(6);
+        assert_eq!(sent(&mut order, new.clone()), vec![new]);
+    }
+
+    #[test]
+    fn a_users_message_does_not_close_the_answer_but_the_answer_commit_does() {
+        let mut order = LiveOrder::new(6);
+        assert!(sent(&mut order, delta(4, "a")).is_empty());
+        assert!(sent(&mut order, message(5, Role::User)).is_empty(), "held across a user message");
+        assert!(sent(&mut order, message(6, Role::Assistant)).is_empty(), "then closed by the answer");
+    }
+
+    #[test]
+    fn output_of_a_finished_tool_call_is_dropped_and_of_a_running_one_kept() {
+        let mut order = LiveOrder::new(4);
+        let running = output(3, "c2");
+        assert!(sent(&mut order, output(3, "c1")).is_empty());
+        assert!(sent(&mut order, running.clone()).is_empty());
+        let finished = StreamEvent::durable(4, "c", tool_call(ToolPhase::Finished, "c1"));
+        assert_eq!(sent(&mut order, finished), vec![running]);
+    }
+
+    #[test]
+    fn new_durable_events_are_sent_once_and_a_skipped_seq_is_a_gap() {
+        let mut order = LiveOrder::new(3);
+        assert!(sent(&mut order, queue_update(2)).is_empty());
+        let fourth = queue_update(4);
+        assert_eq!(sent(&mut order, fourth.clone()), vec![fourth]);
+        assert!(sent(&mut order, queue_update(4)).is_empty());
+        assert_eq!(order.admit(queue_update(6), &mut Vec::new()), Err(Gap));
+    }
+
+    #[test]
+    fn a_lag_drops_what_was_held() {
+        let mut order = LiveOrder::new(5);
+        assert!(sent(&mut order, delta(4, "a")).is_empty());
+        order.lagged();
+        assert!(sent(&mut order, queue_update(5)).is_empty());
+    }
 }

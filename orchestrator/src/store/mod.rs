@@ -568,11 +568,7 @@ mod tests {
         let m = message(chat_id, message_id);
         Batch {
             ops: vec![Op::InsertMessage(m.clone())],
-            events: vec![StreamEvent {
-                seq: Some(1),
-                chat_id: chat_id.to_string(),
-                body: EventBody::Message { message: m },
-            }],
+            events: vec![StreamEvent::durable(1, chat_id, EventBody::Message { message: m })],
         }
     }
 
@@ -761,11 +757,7 @@ mod tests {
                 Op::DropMessagesFrom { from_position: 2 },
             ];
             let events = (1..=2)
-                .map(|seq| StreamEvent {
-                    seq: Some(seq),
-                    chat_id: id.into(),
-                    body: EventBody::Message { message: kept.clone() },
-                })
+                .map(|seq| StreamEvent::durable(seq, id, EventBody::Message { message: kept.clone() }))
                 .collect();
             store.commit(id, Batch { ops, events }).await.expect("commit");
 

@@ -95,6 +95,19 @@ pub async fn conversation_does_real_work(env: &TestEnv) {
     // Durable events arrive with strictly increasing seq.
     let seqs: Vec<i64> = events.iter().filter_map(|e| e.seq).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    // Each ephemeral event names the durable event it follows.
+    let (mut last_seq, mut stamped) = (None, 0);
+    for event in &events {
+        match (event.seq, last_seq) {
+            (Some(seq), _) => last_seq = Some(seq),
+            (None, Some(_)) => {
+                assert_eq!(event.after_seq, last_seq, "{} after seq {last_seq:?}", event.body.kind());
+                stamped += 1;
+            }
+            (None, None) => {}
+        }
+    }
+    assert!(stamped > 0, "no ephemeral event after a durable one");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
