@@ -85,15 +85,27 @@ impl SubagentStatus {
     }
 }
 
+/// A running sub-agent, as a snapshot lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunningSubagent {
+    pub agent_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventBody {
     /// First frame of every connection: the chat as it is now. `seq` is the last durable seq
     /// the snapshot includes.
     Snapshot {
-        chat: Chat,
+        /// Boxed: the other events are small, and every event is as big as the biggest.
+        chat: Box<Chat>,
         messages: Vec<Message>,
         queued_messages: Vec<QueuedMessage>,
+        /// The chat's sub-agents that are running; later `subagent` events tell of changes.
+        #[serde(default)]
+        running_subagents: Vec<RunningSubagent>,
         last_seq: i64,
     },
     Status {

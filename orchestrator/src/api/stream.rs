@@ -163,9 +163,10 @@ async fn run_session(
     let frame = StreamEvent::local(
         chat_id.clone(),
         EventBody::Snapshot {
-            chat: snapshot.chat,
+            chat: Box::new(snapshot.chat),
             messages: snapshot.messages,
             queued_messages: snapshot.queued,
+            running_subagents: snapshot.running_subagents,
             last_seq: snapshot.last_seq,
         },
     );

@@ -3,7 +3,7 @@
 use agentplane_actors::ports::StoreError;
 use agentplane_schema::api::{Chat, ChatStatus, ChatUsage, ForkRef, SubagentUsage, UsageTotals};
 use agentplane_schema::db::entities::{audit_events, chat_events, chats, messages, queued_messages, usage};
-use agentplane_schema::event::StreamEvent;
+use agentplane_schema::event::{RunningSubagent, StreamEvent};
 use agentplane_schema::message::{Message, QueuedMessage};
 use agentplane_schema::new_id;
 use chrono::Utc;
@@ -296,6 +296,7 @@ pub struct Snapshot {
     pub chat: Chat,
     pub messages: Vec<Message>,
     pub queued: Vec<QueuedMessage>,
+    pub running_subagents: Vec<RunningSubagent>,
     pub last_seq: i64,
 }
 
@@ -332,6 +333,17 @@ impl DbStore {
             .all(&txn)
             .await
             .map_err(db_err)?;
+        // A sub-agent is a chat of its own: it runs while its chat does (as the root's actor
+        // judges its children when it loads them).
+        let running = [ChatStatus::Running.as_str(), ChatStatus::Interrupting.as_str()];
+        let child_rows = chats::Entity::find()
+            .filter(chats::Column::ParentId.eq(chat_id))
+            .filter(chats::Column::Deleted.eq(false))
+            .filter(chats::Column::Status.is_in(running))
+            .order_by_asc(chats::Column::CreatedAt)
+            .all(&txn)
+            .await
+            .map_err(db_err)?;
         txn.commit().await.map_err(db_err)?;
         let last_seq = row.last_seq;
         let queued = queued_rows.into_iter().map(queued_from_row).collect::<Result<_, _>>()?;
@@ -339,6 +351,10 @@ impl DbStore {
             chat: chat_from_row(row),
             messages: rows.into_iter().map(message_from_row).collect::<Result<_, _>>()?,
             queued,
+            running_subagents: child_rows
+                .into_iter()
+                .map(|c| RunningSubagent { agent_id: c.id, title: c.title })
+                .collect(),
             last_seq,
         }))
     }

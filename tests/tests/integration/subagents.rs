@@ -210,15 +210,32 @@ async fn close_agent_stops_a_child_and_its_child_and_nothing_runs_after() {
     assert_eq!(calls, calls_after, "no tool call after the close");
 }
 
+/// The running sub-agents a new watcher's snapshot lists.
+async fn snapshot_subagents(env: &TestEnv, chat_id: &str) -> Vec<(String, Option<String>)> {
+    let mut stream = EventStream::connect(&env.base_url(), chat_id, ADMIN_TOKEN, None).await.expect("ws");
+    match stream.next_event(WAIT).await.expect("snapshot").body {
+        EventBody::Snapshot { running_subagents, .. } => {
+            running_subagents.into_iter().map(|s| (s.agent_id, s.title)).collect()
+        }
+        other => panic!("a stream starts with its snapshot, not {}", other.kind()),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupting_the_root_stops_all_running_descendants() {
     let (env, chat, mut stream) = root_with_a_streaming_child().await;
+    let child = env.admin.get_chat(&chat.id).await.expect("root").children.pop().expect("child");
+    assert_eq!(
+        snapshot_subagents(&env, &chat.id).await,
+        [(child.id.clone(), child.title.clone())],
+        "a watcher who joins now sees the sub-agent running"
+    );
     env.admin.interrupt(&chat.id).await.expect("interrupt");
     stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("root idle");
-    let child = env.admin.get_chat(&chat.id).await.expect("root").children.pop().expect("child");
     env.admin.wait_until_chat(&child.id, |c| c.status == ChatStatus::Idle, WAIT).await.expect("child idle");
     wait_no_active_replies(&env).await;
     assert!(env.messages(&child.id).await.last().expect("partial").interrupted);
+    assert!(snapshot_subagents(&env, &chat.id).await.is_empty(), "none runs any more");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
