@@ -1,9 +1,10 @@
-//! The in-process [`EventBus`]: one broadcast channel per watched chat.
+//! The in-process [`EventBus`]: one broadcast channel per watched chat, and what each chat is
+//! streaming now, for watchers who join mid-answer.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use agentplane_schema::event::StreamEvent;
+use agentplane_schema::event::{EventBody, StreamEvent, ToolPhase};
 use tokio::sync::broadcast;
 
 use crate::ports::EventBus;
@@ -14,7 +15,70 @@ const CHANNEL_CAPACITY: usize = 1024;
 
 #[derive(Default)]
 pub struct LocalEventBus {
-    channels: Mutex<HashMap<String, broadcast::Sender<StreamEvent>>>,
+    lines: Mutex<HashMap<String, ChatLine>>,
+}
+
+/// One chat on the bus; a chat nobody watches and that streams nothing has none.
+#[derive(Default)]
+struct ChatLine {
+    /// While anyone watches.
+    tx: Option<broadcast::Sender<StreamEvent>>,
+    /// The pieces streamed that nothing has closed yet. Consecutive pieces of the same thing
+    /// are merged, so this stays a few entries however long the answer or the output.
+    streaming: Vec<StreamEvent>,
+    /// The last durable `seq` published (or named by a piece's stamp).
+    published: i64,
+}
+
+impl ChatLine {
+    fn is_idle(&self) -> bool {
+        self.tx.is_none() && self.streaming.is_empty()
+    }
+
+    fn keep(&mut self, event: &StreamEvent) {
+        match event.seq {
+            Some(seq) => {
+                self.published = seq;
+                self.streaming.retain(|piece| !event.body.closes(&piece.body));
+            }
+            None => {
+                self.published = self.published.max(event.after_seq.unwrap_or_default());
+                match &event.body {
+                    // The answer is being produced again: its pieces so far are void.
+                    EventBody::StreamReset => {
+                        self.streaming.retain(|piece| !matches!(piece.body, EventBody::MessageDelta { .. }))
+                    }
+                    _ => {
+                        if !self.streaming.last_mut().is_some_and(|last| merge(&mut last.body, &event.body)) {
+                            self.streaming.push(event.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Appends `next` to `last` when both are pieces of the same thing (the same kind of delta of
+/// the same call, or output of the same tool call).
+fn merge(last: &mut EventBody, next: &EventBody) -> bool {
+    match (last, next) {
+        (
+            EventBody::MessageDelta { kind, text, call_id, .. },
+            EventBody::MessageDelta { kind: next_kind, text: more, call_id: next_call, .. },
+        ) if kind == next_kind && call_id == next_call => {
+            text.push_str(more);
+            true
+        }
+        (
+            EventBody::ToolCall { phase: ToolPhase::Output, call_id, output: Some(text), .. },
+            EventBody::ToolCall { phase: ToolPhase::Output, call_id: next_call, output: Some(more), .. },
+        ) if call_id == next_call => {
+            text.push_str(more);
+            true
+        }
+        _ => false,
+    }
 }
 
 impl LocalEventBus {
@@ -25,26 +89,96 @@ impl LocalEventBus {
 
 impl EventBus for LocalEventBus {
     fn publish(&self, event: StreamEvent) {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = channels.get(&event.chat_id)
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        // A durable event matters only to a chat that has a line; a piece starts one.
+        let line = match event.seq {
+            Some(_) => match lines.get_mut(&event.chat_id) {
+                Some(line) => line,
+                None => return,
+            },
+            None => lines.entry(event.chat_id.clone()).or_default(),
+        };
+        line.keep(&event);
+        if let Some(tx) = &line.tx
             && tx.send(event.clone()).is_err()
         {
-            // Nobody listens any more: forget the channel so idle chats cost nothing.
-            channels.remove(&event.chat_id);
+            // Nobody listens any more.
+            line.tx = None;
+        }
+        if line.is_idle() {
+            // So idle chats cost nothing.
+            lines.remove(&event.chat_id);
         }
     }
 
     fn subscribe(&self, chat_id: &str) -> broadcast::Receiver<StreamEvent> {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        channels.entry(chat_id.to_string()).or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0).subscribe()
+        self.subscribe_streaming(chat_id).0
+    }
+
+    fn subscribe_streaming(&self, chat_id: &str) -> (broadcast::Receiver<StreamEvent>, Vec<StreamEvent>) {
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        let line = lines.entry(chat_id.to_string()).or_default();
+        let receiver = line.tx.get_or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0).subscribe();
+        let streaming = line
+            .streaming
+            .iter()
+            .map(|piece| StreamEvent::ephemeral(line.published, chat_id, piece.body.clone()))
+            .collect();
+        (receiver, streaming)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use agentplane_schema::event::EventBody;
+    use agentplane_schema::api::ChatStatus;
+    use agentplane_schema::event::DeltaKind;
+    use agentplane_schema::message::{Message, Part, Role};
 
     use super::*;
+
+    fn delta(after: i64, text: &str) -> StreamEvent {
+        let body = EventBody::MessageDelta { kind: DeltaKind::Text, text: text.into(), call_id: None, name: None };
+        StreamEvent::ephemeral(after, "a", body)
+    }
+
+    fn output(after: i64, call: &str, text: &str) -> StreamEvent {
+        let body = EventBody::ToolCall {
+            phase: ToolPhase::Output,
+            call_id: call.into(),
+            name: "execute".into(),
+            args: None,
+            output: Some(text.into()),
+            is_error: None,
+            workspace_id: None,
+        };
+        StreamEvent::ephemeral(after, "a", body)
+    }
+
+    fn answer(seq: i64) -> StreamEvent {
+        let message = Message {
+            id: "m".into(),
+            chat_id: "a".into(),
+            position: 2,
+            role: Role::Assistant,
+            parts: vec![Part::text("hello world")].into(),
+            interrupted: false,
+            user_id: None,
+            model_id: None,
+            created_at: chrono::Utc::now(),
+        };
+        StreamEvent::durable(seq, "a", EventBody::Message { message })
+    }
+
+    fn texts(events: &[StreamEvent]) -> Vec<(Option<i64>, String)> {
+        events
+            .iter()
+            .map(|e| match &e.body {
+                EventBody::MessageDelta { text, .. } => (e.after_seq, text.clone()),
+                EventBody::ToolCall { output: Some(text), .. } => (e.after_seq, format!("output: {text}")),
+                other => panic!("not a piece: {}", other.kind()),
+            })
+            .collect()
+    }
 
     #[tokio::test]
     async fn delivers_to_subscribers_of_that_chat_only() {
@@ -56,6 +190,40 @@ mod tests {
         assert!(b.try_recv().is_err());
         drop(a);
         bus.publish(StreamEvent::durable(2, "a", EventBody::StreamReset));
-        assert!(bus.channels.lock().expect("lock").get("a").is_none());
+        assert!(bus.lines.lock().expect("lock").get("a").is_none());
+    }
+
+    #[test]
+    fn a_new_watcher_gets_what_is_streaming_merged_and_stamped_after_the_last_durable_event() {
+        let bus = LocalEventBus::new();
+        bus.publish(delta(4, "hello"));
+        bus.publish(delta(4, " world"));
+        bus.publish(output(4, "c1", "line 1\n"));
+        bus.publish(output(4, "c1", "line 2\n"));
+        bus.publish(StreamEvent::durable(5, "a", EventBody::QueueUpdate { queued_messages: vec![] }));
+        let (_live, streaming) = bus.subscribe_streaming("a");
+        assert_eq!(
+            texts(&streaming),
+            [(Some(5), "hello world".to_string()), (Some(5), "output: line 1\nline 2\n".to_string())]
+        );
+    }
+
+    #[test]
+    fn what_closes_a_stream_clears_it_and_an_idle_chat_leaves_no_line() {
+        let bus = LocalEventBus::new();
+        bus.publish(delta(1, "draft"));
+        bus.publish(StreamEvent::ephemeral(1, "a", EventBody::StreamReset));
+        bus.publish(output(1, "c1", "out"));
+        bus.publish(delta(2, "hello world"));
+        assert_eq!(
+            texts(&bus.subscribe_streaming("a").1),
+            [(Some(2), "output: out".to_string()), (Some(2), "hello world".to_string())],
+            "a reset voids the answer's pieces, not a tool's output"
+        );
+        bus.publish(answer(3));
+        assert_eq!(texts(&bus.subscribe_streaming("a").1), [(Some(3), "output: out".to_string())]);
+        bus.publish(StreamEvent::durable(4, "a", EventBody::Status { status: ChatStatus::Idle, error: None }));
+        assert!(bus.lines.lock().expect("lock").get("a").is_none(), "nobody watches, nothing streams");
+        assert!(bus.subscribe_streaming("a").1.is_empty(), "the turn ended");
     }
 }

@@ -379,6 +379,11 @@ pub trait Store: Send + Sync + 'static {
 pub trait EventBus: Send + Sync + 'static {
     fn publish(&self, event: StreamEvent);
     fn subscribe(&self, chat_id: &str) -> tokio::sync::broadcast::Receiver<StreamEvent>;
+    /// [`EventBus::subscribe`], and with it what the chat is streaming now that nothing has
+    /// closed yet (the answer so far, running tool calls' output so far), as ephemeral events
+    /// stamped after the last durable event published: what a new watcher needs to show a
+    /// stream from its start. Later pieces come on the receiver.
+    fn subscribe_streaming(&self, chat_id: &str) -> (tokio::sync::broadcast::Receiver<StreamEvent>, Vec<StreamEvent>);
 }
 
 // ---------------------------------------------------------------------------------------------

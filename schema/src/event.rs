@@ -181,6 +181,24 @@ pub enum EventBody {
 }
 
 impl EventBody {
+    /// Whether this (durable) event ends what the ephemeral `piece` is part of: a committed
+    /// assistant message ends the answer its deltas streamed (and any reset of it), a finished
+    /// tool call its output pieces.
+    pub fn closes(&self, piece: &EventBody) -> bool {
+        match (self, piece) {
+            (EventBody::Message { message }, EventBody::MessageDelta { .. } | EventBody::StreamReset) => {
+                message.role == crate::message::Role::Assistant
+            }
+            (
+                EventBody::ToolCall { phase: ToolPhase::Finished, call_id, .. },
+                EventBody::ToolCall { phase: ToolPhase::Output, call_id: piece_call, .. },
+            ) => call_id == piece_call,
+            // A turn that ended left nothing streaming.
+            (EventBody::Status { status, .. }, _) => matches!(status, ChatStatus::Idle | ChatStatus::Error),
+            _ => false,
+        }
+    }
+
     /// Durable events are stored with a `seq` and replayed on reconnect.
     pub fn is_durable(&self) -> bool {
         match self {

@@ -3,15 +3,16 @@
 //! The session subscribes to live events first, then sends the snapshot and replays stored
 //! durable events after `after_seq`; live durable events at or below the last `seq` sent are
 //! dropped, and a jump in `seq` (a lagging session) is filled from the database. So a client
-//! that reconnects with the last `seq` it saw gets no gap and no duplicate. Ephemeral events
-//! queued behind the snapshot are ordered by [`LiveOrder`], so none of an answer the snapshot
-//! already holds as a message reaches the client after it.
+//! that reconnects with the last `seq` it saw gets no gap and no duplicate. After the snapshot
+//! come the pieces of what the chat is streaming now (the answer so far), so a watcher who
+//! joins mid-answer sees all of it. Ephemeral events queued behind the snapshot are ordered by
+//! [`LiveOrder`], so none of an answer the snapshot already holds as a message reaches the
+//! client after it.
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::AggregatedMessage;
 use agentplane_schema::api::Chat;
-use agentplane_schema::event::{ClientFrame, EventBody, StreamEvent, ToolPhase};
-use agentplane_schema::message::Role;
+use agentplane_schema::event::{ClientFrame, EventBody, StreamEvent};
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
@@ -111,7 +112,7 @@ impl LiveOrder {
             self.held.clear();
             return Err(Gap);
         }
-        self.held.retain(|piece| !closes(&event.body, &piece.body));
+        self.held.retain(|piece| !event.body.closes(&piece.body));
         if seq >= self.last {
             out.append(&mut self.held);
         }
@@ -128,20 +129,6 @@ impl LiveOrder {
     }
 }
 
-/// Whether the durable event `durable` ends what the ephemeral `piece` is part of.
-fn closes(durable: &EventBody, piece: &EventBody) -> bool {
-    match (durable, piece) {
-        (EventBody::Message { message }, EventBody::MessageDelta { .. } | EventBody::StreamReset) => {
-            message.role == Role::Assistant
-        }
-        (
-            EventBody::ToolCall { phase: ToolPhase::Finished, call_id, .. },
-            EventBody::ToolCall { phase: ToolPhase::Output, call_id: piece_call, .. },
-        ) => call_id == piece_call,
-        _ => false,
-    }
-}
-
 async fn run_session(
     state: std::sync::Arc<AppState>,
     user: AuthUser,
@@ -151,7 +138,7 @@ async fn run_session(
     mut incoming: actix_ws::AggregatedMessageStream,
 ) {
     let chat_id = chat.id.clone();
-    let mut live = state.bus.subscribe(&chat_id);
+    let (mut live, streaming) = state.bus.subscribe_streaming(&chat_id);
     let snapshot = match state.store.snapshot(&chat_id, SNAPSHOT_MESSAGES).await {
         Ok(Some(s)) => s,
         _ => {
@@ -179,8 +166,14 @@ async fn run_session(
             return;
         }
     }
+    // What the chat is streaming now goes first, as pieces published right after subscribing.
     let mut order = LiveOrder::new(last);
     let mut out = Vec::new();
+    for piece in streaming {
+        if order.admit(piece, &mut out).is_err() || send_all(&mut session, &mut out).await.is_err() {
+            return;
+        }
+    }
     loop {
         tokio::select! {
             event = live.recv() => match event {
@@ -245,8 +238,8 @@ async fn handle_frame(state: &AppState, user: &AuthUser, chat: &Chat, text: &str
 
 #[cfg(test)]
 mod tests {
-    use agentplane_schema::event::DeltaKind;
-    use agentplane_schema::message::{Message, Part};
+    use agentplane_schema::event::{DeltaKind, ToolPhase};
+    use agentplane_schema::message::{Message, Part, Role};
 
     use super::*;
 

@@ -1,14 +1,15 @@
 //! Interrupting a long `execute`: the process group dies, the chat goes idle with the partial
-//! work and an "interrupted" result stored, and the next message works.
+//! work and an "interrupted" result stored, and the next message works. A watcher who joins
+//! mid-answer sees the answer from its start, and the partial answer is kept on interrupt.
 
 use std::time::Duration;
 
 use agentplane_schema::api::ChatStatus;
-use agentplane_schema::event::{EventBody, ToolPhase};
-use agentplane_tests::Reply;
+use agentplane_schema::event::{DeltaKind, EventBody, ToolPhase};
+use agentplane_tests::{EventStream, Reply};
 use serde_json::json;
 
-use crate::common::{TestEnv, WAIT, is_status, tool_results};
+use crate::common::{ADMIN_TOKEN, TestEnv, WAIT, is_status, tool_results};
 
 fn process_gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -44,6 +45,14 @@ async fn interrupting_a_long_execute_kills_its_process_group() {
         .parse()
         .expect("pid");
     assert!(!process_gone(pid), "the child runs before the interrupt");
+    // A watcher who joins now gets the output so far.
+    let mut late = EventStream::connect(&env.base_url(), &chat.id, ADMIN_TOKEN, None).await.expect("ws");
+    late.wait_for(
+        |e| matches!(&e.body, EventBody::ToolCall { phase: ToolPhase::Output, output: Some(o), .. } if o.contains("started")),
+        WAIT,
+    )
+    .await
+    .expect("the output so far");
 
     env.admin.interrupt(&chat.id).await.expect("interrupt");
     stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
@@ -65,4 +74,62 @@ async fn interrupting_a_long_execute_kills_its_process_group() {
     env.send(&chat.id, "continue").await;
     stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
     assert_eq!(env.messages(&chat.id).await.last().expect("last").text(), "back at it");
+}
+
+/// The text of the answer's deltas among `events`.
+fn streamed_text(events: &[agentplane_schema::event::StreamEvent]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::MessageDelta { kind: DeltaKind::Text, text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_who_joins_mid_answer_sees_it_from_its_start_once() {
+    const ANSWER: &str = "one two three four";
+    let env = TestEnv::start().await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    env.llm.push(Reply::text(ANSWER).chunk_chars(4).then_hang());
+    env.send(&chat.id, "count").await;
+    let mut seen = String::new();
+    stream
+        .wait_for(
+            |e| {
+                seen.push_str(&streamed_text(std::slice::from_ref(e)));
+                seen == ANSWER
+            },
+            WAIT,
+        )
+        .await
+        .expect("the answer streams");
+
+    let mut late = EventStream::connect(&env.base_url(), &chat.id, ADMIN_TOKEN, None).await.expect("ws");
+    let snapshot = late.next_event(WAIT).await.expect("snapshot");
+    assert!(matches!(snapshot.body, EventBody::Snapshot { .. }), "{}", snapshot.body.kind());
+    let mut joined = String::new();
+    late.wait_for(
+        |e| {
+            joined.push_str(&streamed_text(std::slice::from_ref(e)));
+            joined.len() >= ANSWER.len()
+        },
+        WAIT,
+    )
+    .await
+    .expect("the answer so far");
+    assert_eq!(joined, ANSWER, "the late watcher got the answer from its start");
+
+    env.admin.interrupt(&chat.id).await.expect("interrupt");
+    let rest = late.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    assert_eq!(streamed_text(&rest), "", "no piece twice");
+    let kept = rest
+        .iter()
+        .find_map(|e| match &e.body {
+            EventBody::Message { message } if message.interrupted => Some(message.text()),
+            _ => None,
+        })
+        .expect("the partial answer is committed");
+    assert_eq!(kept, ANSWER);
 }
