@@ -483,7 +483,7 @@ async fn sigterm_cancels_calls_that_outlast_the_grace() {
 
     relay.signal("-TERM");
     let result = next_result(&mut results).await;
-    assert!(result.is_error);
+    assert!(result.is_error, "{result:?}\nlog:\n{}", relay.log());
     assert!(result.output.starts_with("started\ninterrupted after"), "{}", result.output);
     assert!(relay.exited().await.success(), "log:\n{}", relay.log());
 }
