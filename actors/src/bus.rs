@@ -18,19 +18,28 @@ pub struct LocalEventBus {
     lines: Mutex<HashMap<String, ChatLine>>,
 }
 
+/// The most of a running tool call's output a chat keeps for new watchers: its end. (The relay
+/// streams output without a limit; an answer is bounded by the model's output limit.)
+const MAX_KEPT_OUTPUT: usize = 64 * 1024;
+
 /// One chat on the bus; a chat nobody watches and that streams nothing has none.
 #[derive(Default)]
 struct ChatLine {
     /// While anyone watches.
     tx: Option<broadcast::Sender<StreamEvent>>,
-    /// The pieces streamed that nothing has closed yet. Consecutive pieces of the same thing
-    /// are merged, so this stays a few entries however long the answer or the output.
+    /// The pieces streamed that nothing has closed yet, one entry per thing streamed (each kind
+    /// of delta of the answer or of one tool call's arguments, each tool call's output): a few
+    /// entries however long the answer.
     streaming: Vec<StreamEvent>,
     /// The last durable `seq` published (or named by a piece's stamp).
     published: i64,
 }
 
 impl ChatLine {
+    fn watch(&mut self) -> broadcast::Receiver<StreamEvent> {
+        self.tx.get_or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0).subscribe()
+    }
+
     fn is_idle(&self) -> bool {
         self.tx.is_none() && self.streaming.is_empty()
     }
@@ -42,15 +51,19 @@ impl ChatLine {
                 self.streaming.retain(|piece| !event.body.closes(&piece.body));
             }
             None => {
-                self.published = self.published.max(event.after_seq.unwrap_or_default());
+                self.published = self.published.max(event.follows_seq.unwrap_or_default());
                 match &event.body {
                     // The answer is being produced again: its pieces so far are void.
                     EventBody::StreamReset => {
                         self.streaming.retain(|piece| !matches!(piece.body, EventBody::MessageDelta { .. }))
                     }
                     _ => {
-                        if !self.streaming.last_mut().is_some_and(|last| merge(&mut last.body, &event.body)) {
-                            self.streaming.push(event.clone());
+                        if !self.streaming.iter_mut().any(|kept| merge(&mut kept.body, &event.body)) {
+                            let mut piece = event.clone();
+                            if let EventBody::ToolCall { output: Some(text), .. } = &mut piece.body {
+                                keep_end(text, MAX_KEPT_OUTPUT);
+                            }
+                            self.streaming.push(piece);
                         }
                     }
                 }
@@ -59,10 +72,10 @@ impl ChatLine {
     }
 }
 
-/// Appends `next` to `last` when both are pieces of the same thing (the same kind of delta of
+/// Appends `next` to `kept` when both are pieces of the same thing (the same kind of delta of
 /// the same call, or output of the same tool call).
-fn merge(last: &mut EventBody, next: &EventBody) -> bool {
-    match (last, next) {
+fn merge(kept: &mut EventBody, next: &EventBody) -> bool {
+    match (kept, next) {
         (
             EventBody::MessageDelta { kind, text, call_id, .. },
             EventBody::MessageDelta { kind: next_kind, text: more, call_id: next_call, .. },
@@ -75,9 +88,21 @@ fn merge(last: &mut EventBody, next: &EventBody) -> bool {
             EventBody::ToolCall { phase: ToolPhase::Output, call_id: next_call, output: Some(more), .. },
         ) if call_id == next_call => {
             text.push_str(more);
+            keep_end(text, MAX_KEPT_OUTPUT);
             true
         }
         _ => false,
+    }
+}
+
+/// Cuts `text` to about its last `max` bytes (at a character boundary).
+fn keep_end(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut cut = text.len() - max;
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        text.drain(..cut);
     }
 }
 
@@ -112,13 +137,14 @@ impl EventBus for LocalEventBus {
     }
 
     fn subscribe(&self, chat_id: &str) -> broadcast::Receiver<StreamEvent> {
-        self.subscribe_streaming(chat_id).0
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines.entry(chat_id.to_string()).or_default().watch()
     }
 
     fn subscribe_streaming(&self, chat_id: &str) -> (broadcast::Receiver<StreamEvent>, Vec<StreamEvent>) {
         let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         let line = lines.entry(chat_id.to_string()).or_default();
-        let receiver = line.tx.get_or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0).subscribe();
+        let receiver = line.watch();
         let streaming = line
             .streaming
             .iter()
@@ -173,8 +199,8 @@ mod tests {
         events
             .iter()
             .map(|e| match &e.body {
-                EventBody::MessageDelta { text, .. } => (e.after_seq, text.clone()),
-                EventBody::ToolCall { output: Some(text), .. } => (e.after_seq, format!("output: {text}")),
+                EventBody::MessageDelta { text, .. } => (e.follows_seq, text.clone()),
+                EventBody::ToolCall { output: Some(text), .. } => (e.follows_seq, format!("output: {text}")),
                 other => panic!("not a piece: {}", other.kind()),
             })
             .collect()
@@ -206,6 +232,20 @@ mod tests {
             texts(&streaming),
             [(Some(5), "hello world".to_string()), (Some(5), "output: line 1\nline 2\n".to_string())]
         );
+    }
+
+    #[test]
+    fn interleaved_pieces_merge_by_what_they_belong_to_and_output_keeps_its_end() {
+        let bus = LocalEventBus::new();
+        for _ in 0..100 {
+            bus.publish(output(1, "c1", "1"));
+            bus.publish(output(1, "c2", "2"));
+        }
+        bus.publish(output(1, "c1", &"x".repeat(MAX_KEPT_OUTPUT)));
+        let streaming = texts(&bus.subscribe_streaming("a").1);
+        assert_eq!(streaming.len(), 2, "one entry per call");
+        assert_eq!(streaming[0].1, format!("output: {}", "x".repeat(MAX_KEPT_OUTPUT)), "the end of c1's output");
+        assert_eq!(streaming[1].1, format!("output: {}", "2".repeat(100)));
     }
 
     #[test]

@@ -198,6 +198,9 @@ async fn step(
                 .commit(vec![Op::InsertMessage(message.clone())], vec![EventBody::Message { message: message.clone() }])
                 .await?;
             committed.push(message);
+        } else if draft.emitted {
+            // Nothing to keep (say, only a tool call being written): its pieces are void.
+            input.shared.publish(EventBody::StreamReset);
         }
         return Ok(StepOutcome::Interrupted);
     }

@@ -2,8 +2,8 @@
 //!
 //! Durable events carry a per-chat `seq` and are stored before they are published, so a client
 //! that reconnects with the last `seq` it saw gets every later durable event exactly once.
-//! Ephemeral events (deltas, tool output pieces, stream resets) carry no `seq`, only the `after_seq`
-//! of the last durable event before them.
+//! Ephemeral events (deltas, tool output pieces, stream resets) carry no `seq`, only the
+//! `follows_seq` of the last durable event before them.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,7 +18,7 @@ pub struct StreamEvent {
     /// this one was sent. Durable events after it were published after it, so one who already
     /// holds them (a snapshot, a replay) can tell a piece of an answer or tool call they closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub after_seq: Option<i64>,
+    pub follows_seq: Option<i64>,
     pub chat_id: String,
     #[serde(flatten)]
     pub body: EventBody,
@@ -27,17 +27,17 @@ pub struct StreamEvent {
 impl StreamEvent {
     /// A stored event with its per-chat `seq`.
     pub fn durable(seq: i64, chat_id: impl Into<String>, body: EventBody) -> Self {
-        StreamEvent { seq: Some(seq), after_seq: None, chat_id: chat_id.into(), body }
+        StreamEvent { seq: Some(seq), follows_seq: None, chat_id: chat_id.into(), body }
     }
 
-    /// An ephemeral event sent after the chat's durable event `after_seq`.
-    pub fn ephemeral(after_seq: i64, chat_id: impl Into<String>, body: EventBody) -> Self {
-        StreamEvent { seq: None, after_seq: Some(after_seq), chat_id: chat_id.into(), body }
+    /// An ephemeral event sent after the chat's durable event `follows_seq`.
+    pub fn ephemeral(follows_seq: i64, chat_id: impl Into<String>, body: EventBody) -> Self {
+        StreamEvent { seq: None, follows_seq: Some(follows_seq), chat_id: chat_id.into(), body }
     }
 
     /// A frame for one connection only (its snapshot, a reset after it lagged).
     pub fn local(chat_id: impl Into<String>, body: EventBody) -> Self {
-        StreamEvent { seq: None, after_seq: None, chat_id: chat_id.into(), body }
+        StreamEvent { seq: None, follows_seq: None, chat_id: chat_id.into(), body }
     }
 }
 
@@ -193,8 +193,10 @@ impl EventBody {
                 EventBody::ToolCall { phase: ToolPhase::Finished, call_id, .. },
                 EventBody::ToolCall { phase: ToolPhase::Output, call_id: piece_call, .. },
             ) => call_id == piece_call,
-            // A turn that ended left nothing streaming.
-            (EventBody::Status { status, .. }, _) => matches!(status, ChatStatus::Idle | ChatStatus::Error),
+            // A turn that ended, or a new one, leaves nothing of an earlier one streaming.
+            (EventBody::Status { status, .. }, _) => {
+                matches!(status, ChatStatus::Idle | ChatStatus::Error | ChatStatus::Running)
+            }
             _ => false,
         }
     }
@@ -259,7 +261,7 @@ mod tests {
         assert!(!delta.body.is_durable());
         let v = serde_json::to_value(&delta).expect("json");
         assert!(v.get("seq").is_none());
-        assert_eq!(v["after_seq"], 3);
+        assert_eq!(v["follows_seq"], 3);
     }
 
     #[test]

@@ -264,14 +264,15 @@ impl ChatActor {
         live.turn = None;
         live.shared.forget_images();
         let status = if error.is_some() { ChatStatus::Error } else { ChatStatus::Idle };
-        match &error {
-            Some(e) => self.notify_parent(SubagentStatus::Failed, Some(e.message.clone())),
-            None => {
-                let report = live.history.iter().rev().find(|m| m.role == Role::Assistant).map(|m| m.text());
-                self.notify_parent(SubagentStatus::Finished, report);
-            }
-        }
-        let Some(live) = self.live.as_mut() else { return };
+        // The parent hears of it once it is stored (or failed to be): a snapshot of the parent
+        // that holds its `finished` event then finds this chat's turn ended too.
+        let (outcome, report) = match &error {
+            Some(e) => (SubagentStatus::Failed, Some(e.message.clone())),
+            None => (
+                SubagentStatus::Finished,
+                live.history.iter().rev().find(|m| m.role == Role::Assistant).map(|m| m.text()),
+            ),
+        };
         let mut events = Vec::new();
         if let Some(e) = &error {
             events.push(EventBody::Error { error: e.clone() });
@@ -281,10 +282,11 @@ impl ChatActor {
         live.chat.error = error.clone();
         let shared = live.shared.clone();
         let fut = async move { shared.commit(vec![Op::SetStatus { status, error }], events).await };
-        ctx.wait(fut.into_actor(self).map(|res, act, _| {
+        ctx.wait(fut.into_actor(self).map(move |res, act, _| {
             if let Err(e) = res {
                 tracing::error!(chat = %act.chat_id, error = %e, "could not store the end of the turn");
             }
+            act.notify_parent(outcome, report);
         }));
     }
 
@@ -777,6 +779,10 @@ impl Handler<StepDone> for ChatActor {
             history.retain(|m| !result.dropped.contains(&m.id));
         }
         history.extend(result.committed);
+        if matches!(result.outcome, StepOutcome::Crashed(_)) {
+            // Whatever the crashed step streamed is void: it is produced again or never.
+            live.shared.publish(EventBody::StreamReset);
+        }
         let Some(turn) = live.turn.as_mut() else { return };
         turn.task = None;
         let has_queue = !live.queue.is_empty();

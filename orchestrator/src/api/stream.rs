@@ -76,6 +76,38 @@ async fn replay(state: &AppState, chat_id: &str, last: &mut i64, session: &mut a
     Ok(())
 }
 
+/// What the chat is streaming now, as pieces published right after subscribing: the answer so
+/// far, for a client that joins mid-answer.
+async fn send_streaming(
+    order: &mut LiveOrder,
+    streaming: Vec<StreamEvent>,
+    session: &mut actix_ws::Session,
+) -> Result<(), ()> {
+    let mut out = Vec::new();
+    for piece in streaming {
+        order.admit(piece, &mut out).map_err(|Gap| ())?;
+    }
+    send_all(session, &mut out).await
+}
+
+/// The session lost events (it lagged, or durable ones were skipped): the client drops its
+/// partial answer, gets the stored durable events it missed, then what is streaming now, from
+/// a fresh subscription taken before the replay so nothing falls between.
+async fn resync(
+    state: &AppState,
+    chat_id: &str,
+    live: &mut tokio::sync::broadcast::Receiver<StreamEvent>,
+    order: &mut LiveOrder,
+    session: &mut actix_ws::Session,
+) -> Result<(), ()> {
+    order.held.clear();
+    send_event(session, &StreamEvent::local(chat_id, EventBody::StreamReset)).await?;
+    let (fresh, streaming) = state.bus.subscribe_streaming(chat_id);
+    *live = fresh;
+    replay(state, chat_id, &mut order.last, session).await?;
+    send_streaming(order, streaming, session).await
+}
+
 /// Durable events were skipped: the session fills the gap from the database.
 #[derive(Debug, PartialEq)]
 struct Gap;
@@ -83,7 +115,7 @@ struct Gap;
 /// Orders live events after what the client already holds.
 ///
 /// Live events published before the snapshot was read can still be queued behind it. A durable
-/// one the client holds is dropped by its `seq`. An ephemeral one stamped with an `after_seq`
+/// one the client holds is dropped by its `seq`. An ephemeral one stamped with a `follows_seq`
 /// below the client's last `seq` is held: the durable events after its stamp were published
 /// after it, so they arrive behind it. If one of them closes what the piece belongs to (the
 /// answer was committed, the tool call finished), the piece is stale and dropped; once the
@@ -102,14 +134,15 @@ impl LiveOrder {
     /// Takes the next live event; what is to be sent now goes to `out`, in order.
     fn admit(&mut self, event: StreamEvent, out: &mut Vec<StreamEvent>) -> Result<(), Gap> {
         let Some(seq) = event.seq else {
-            match event.after_seq {
-                Some(after) if after < self.last || !self.held.is_empty() => self.held.push(event),
-                _ => out.push(event),
+            // Behind what is held, a piece keeps its place.
+            if event.follows_seq.is_some_and(|after| after < self.last) || !self.held.is_empty() {
+                self.held.push(event);
+            } else {
+                out.push(event);
             }
             return Ok(());
         };
         if seq > self.last + 1 {
-            self.held.clear();
             return Err(Gap);
         }
         self.held.retain(|piece| !event.body.closes(&piece.body));
@@ -121,11 +154,6 @@ impl LiveOrder {
             out.push(event);
         }
         Ok(())
-    }
-
-    /// The session fell behind and lost events: what it held is covered by the reset it sends.
-    fn lagged(&mut self) {
-        self.held.clear();
     }
 }
 
@@ -166,37 +194,25 @@ async fn run_session(
             return;
         }
     }
-    // What the chat is streaming now goes first, as pieces published right after subscribing.
     let mut order = LiveOrder::new(last);
-    let mut out = Vec::new();
-    for piece in streaming {
-        if order.admit(piece, &mut out).is_err() || send_all(&mut session, &mut out).await.is_err() {
-            return;
-        }
+    if send_streaming(&mut order, streaming, &mut session).await.is_err() {
+        return;
     }
+    let mut out = Vec::new();
     loop {
         tokio::select! {
-            event = live.recv() => match event {
-                Ok(event) => {
-                    let ok = match order.admit(event, &mut out) {
+            event = live.recv() => {
+                let ok = match event {
+                    Ok(event) => match order.admit(event, &mut out) {
                         Ok(()) => send_all(&mut session, &mut out).await,
-                        Err(Gap) => replay(&state, &chat_id, &mut order.last, &mut session).await,
-                    };
-                    if ok.is_err() {
-                        return;
-                    }
+                        Err(Gap) => resync(&state, &chat_id, &mut live, &mut order, &mut session).await,
+                    },
+                    Err(RecvError::Lagged(_)) => resync(&state, &chat_id, &mut live, &mut order, &mut session).await,
+                    Err(RecvError::Closed) => break,
+                };
+                if ok.is_err() {
+                    return;
                 }
-                Err(RecvError::Lagged(_)) => {
-                    // Deltas were lost: tell the client to drop its partial answer, then catch up.
-                    order.lagged();
-                    let reset = StreamEvent::local(chat_id.clone(), EventBody::StreamReset);
-                    if send_event(&mut session, &reset).await.is_err()
-                        || replay(&state, &chat_id, &mut order.last, &mut session).await.is_err()
-                    {
-                        return;
-                    }
-                }
-                Err(RecvError::Closed) => break,
             },
             frame = incoming.next() => match frame {
                 Some(Ok(AggregatedMessage::Text(text))) => {
@@ -343,10 +359,11 @@ mod tests {
     }
 
     #[test]
-    fn a_lag_drops_what_was_held() {
+    fn a_piece_behind_held_ones_keeps_its_place() {
         let mut order = LiveOrder::new(5);
-        assert!(sent(&mut order, delta(4, "a")).is_empty());
-        order.lagged();
-        assert!(sent(&mut order, queue_update(5)).is_empty());
+        let (held, unstamped) = (delta(4, "a"), StreamEvent::local("c", EventBody::StreamReset));
+        assert!(sent(&mut order, held.clone()).is_empty());
+        assert!(sent(&mut order, unstamped.clone()).is_empty());
+        assert_eq!(sent(&mut order, queue_update(5)), vec![held, unstamped]);
     }
 }

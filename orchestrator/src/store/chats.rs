@@ -333,8 +333,10 @@ impl DbStore {
             .all(&txn)
             .await
             .map_err(db_err)?;
-        // A sub-agent is a chat of its own: it runs while its chat does (as the root's actor
-        // judges its children when it loads them).
+        // A sub-agent is a chat of its own: it runs while its chat does (as its parent's actor
+        // judges its children when it loads them). A sub-agent stores the end of its turn before
+        // it tells its parent, so a snapshot holding the parent's `finished` event never lists
+        // the sub-agent as running.
         let running = [ChatStatus::Running.as_str(), ChatStatus::Interrupting.as_str()];
         let child_rows = chats::Entity::find()
             .filter(chats::Column::ParentId.eq(chat_id))

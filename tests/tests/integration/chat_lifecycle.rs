@@ -101,7 +101,7 @@ pub async fn conversation_does_real_work(env: &TestEnv) {
         match (event.seq, last_seq) {
             (Some(seq), _) => last_seq = Some(seq),
             (None, Some(_)) => {
-                assert_eq!(event.after_seq, last_seq, "{} after seq {last_seq:?}", event.body.kind());
+                assert_eq!(event.follows_seq, last_seq, "{} after seq {last_seq:?}", event.body.kind());
                 stamped += 1;
             }
             (None, None) => {}

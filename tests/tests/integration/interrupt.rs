@@ -88,7 +88,7 @@ fn streamed_text(events: &[agentplane_schema::event::StreamEvent]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watcher_who_joins_mid_answer_sees_it_from_its_start_once() {
+async fn a_watcher_who_joins_mid_answer_sees_it_from_its_start() {
     const ANSWER: &str = "one two three four";
     let env = TestEnv::start().await;
     let (chat, mut stream) = env.idle_chat("ready").await;
