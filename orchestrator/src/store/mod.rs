@@ -4,6 +4,7 @@
 mod admin;
 mod chats;
 mod convert;
+mod sqlite_writer;
 mod uploads;
 
 use std::collections::HashMap;
@@ -17,14 +18,11 @@ use agentplane_schema::db::entities::{
 };
 use agentplane_schema::new_id;
 use chrono::Utc;
-use sea_orm::sea_query::{Expr, Values};
-use sea_orm::sqlx::pool::PoolConnection;
-use sea_orm::sqlx::{self, Sqlite, SqlitePool};
+use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter,
     QueryOrder, QueryTrait, Statement, TransactionTrait,
 };
-use sea_query_sqlx::SqlxValues;
 use tokio::sync::mpsc;
 
 pub use chats::{NewChat, Snapshot};
@@ -78,10 +76,10 @@ struct PendingCommit {
 /// same loop's queue and are applied in the order they were sent — also when a caller stopped
 /// waiting for an earlier one (an aborted step) and the chat sent the next meanwhile.
 ///
-/// On PostgreSQL several of these loops run ([`committers`]), each with its own queue and
-/// connection: while one group's statements make their round trips, others commit theirs.
+/// This is PostgreSQL's: several of these loops run ([`committers`]), each with its own queue
+/// and connection, so while one group's statements make their round trips, others commit
+/// theirs. SQLite's is a thread of its own ([`sqlite_writer`]).
 async fn commit_loop(db: DatabaseConnection, mut queue: mpsc::UnboundedReceiver<PendingCommit>) {
-    let mut writer = Writer::new(db);
     let mut group = Vec::new();
     while let Some(first) = queue.recv().await {
         group.push(first);
@@ -91,7 +89,7 @@ async fn commit_loop(db: DatabaseConnection, mut queue: mpsc::UnboundedReceiver<
                 Err(_) => break,
             }
         }
-        commit_group(&mut writer, std::mem::take(&mut group)).await;
+        commit_group(&db, std::mem::take(&mut group)).await;
     }
 }
 
@@ -117,16 +115,16 @@ fn committers(db: &DatabaseConnection) -> usize {
 /// Group committers on PostgreSQL: a few, leaving most of the pool (default 8) to readers.
 const POSTGRES_COMMITTERS: usize = 3;
 
-async fn commit_group(writer: &mut Writer, mut group: Vec<PendingCommit>) {
+async fn commit_group(db: &DatabaseConnection, mut group: Vec<PendingCommit>) {
     let now = Utc::now();
     if group.len() == 1 {
         let PendingCommit { chat_id, batch, done } = group.remove(0);
-        let _ = done.send(writer.write(vec![(&chat_id, batch)], now).await);
+        let _ = done.send(write(db, vec![(&chat_id, batch)], now).await);
         return;
     }
     // The originals stay for the fallback; the copies go into the group's transaction.
     let copies = group.iter().map(|p| (p.chat_id.as_str(), p.batch.clone())).collect();
-    match writer.write(copies, now).await {
+    match write(db, copies, now).await {
         Ok(()) => {
             for pending in group {
                 let _ = pending.done.send(Ok(()));
@@ -135,86 +133,27 @@ async fn commit_group(writer: &mut Writer, mut group: Vec<PendingCommit>) {
         Err(error) => {
             tracing::warn!(%error, batches = group.len(), "group commit failed; committing its batches one by one");
             for PendingCommit { chat_id, batch, done } in group {
-                let _ = done.send(writer.write(vec![(&chat_id, batch)], now).await);
+                let _ = done.send(write(db, vec![(&chat_id, batch)], now).await);
             }
         }
     }
 }
 
-/// Where a committer writes: each call of [`Writer::write`] is one transaction.
-enum Writer {
-    /// SQLite runs each statement on the connection's own worker thread, so every command is a
-    /// hand-off there and back. The committer keeps one connection of the pool and sends each
-    /// batch as one query, the transaction's `BEGIN` in the first and its `COMMIT` in the last:
-    /// a group of one batch is one hand-off instead of three (`BEGIN`, the batch, `COMMIT`).
-    Sqlite { pool: SqlitePool, conn: Option<PoolConnection<Sqlite>> },
-    /// PostgreSQL: a transaction on a connection from the pool, the statements one by one (it
-    /// cannot prepare several as one).
-    Pooled(DatabaseConnection),
-}
-
-impl Writer {
-    fn new(db: DatabaseConnection) -> Self {
-        match db.get_database_backend() {
-            DbBackend::Sqlite => Writer::Sqlite { pool: db.get_sqlite_connection_pool().clone(), conn: None },
-            _ => Writer::Pooled(db),
+/// Writes the chats' batches in one transaction on a connection from the pool, in order, the
+/// statements one by one.
+async fn write(
+    db: &DatabaseConnection,
+    batches: Vec<(&str, Batch)>,
+    now: chrono::DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let backend = db.get_database_backend();
+    let txn = db.begin().await.map_err(db_err)?;
+    for (chat_id, batch) in batches {
+        for statement in batch_statements(backend, chat_id, batch, now)? {
+            txn.execute_raw(statement).await.map_err(db_err)?;
         }
     }
-
-    /// Writes the chats' batches in one transaction, in order.
-    async fn write(&mut self, batches: Vec<(&str, Batch)>, now: chrono::DateTime<Utc>) -> Result<(), StoreError> {
-        match self {
-            Writer::Sqlite { pool, conn } => {
-                // Every statement is built before anything is sent: a batch that cannot be
-                // built fails the whole before the transaction starts.
-                let count = batches.len();
-                let mut queries = Vec::with_capacity(count);
-                for (i, (chat_id, batch)) in batches.into_iter().enumerate() {
-                    let mut statements = batch_statements(DbBackend::Sqlite, chat_id, batch, now)?;
-                    if i == 0 {
-                        statements.insert(0, Statement::from_string(DbBackend::Sqlite, "BEGIN"));
-                    }
-                    if i + 1 == count {
-                        statements.push(Statement::from_string(DbBackend::Sqlite, "COMMIT"));
-                    }
-                    queries.push(joined(statements));
-                }
-                let connection = match conn {
-                    Some(connection) => connection,
-                    None => conn.insert(pool.acquire().await.map_err(sqlx_err)?),
-                };
-                for (sql, values) in queries {
-                    let sent =
-                        sqlx::query_with(sqlx::AssertSqlSafe(sql), SqlxValues(values)).execute(&mut **connection).await;
-                    if let Err(err) = sent {
-                        // A statement after `BEGIN` failed (or `COMMIT` did): undo what ran. If
-                        // that fails too, the transaction may still be open — the connection goes.
-                        if sqlx::query("ROLLBACK").execute(&mut **connection).await.is_err()
-                            && let Some(mut connection) = conn.take()
-                        {
-                            connection.close_on_drop();
-                        }
-                        return Err(sqlx_err(err));
-                    }
-                }
-                Ok(())
-            }
-            Writer::Pooled(db) => {
-                let backend = db.get_database_backend();
-                let txn = db.begin().await.map_err(db_err)?;
-                for (chat_id, batch) in batches {
-                    for statement in batch_statements(backend, chat_id, batch, now)? {
-                        txn.execute_raw(statement).await.map_err(db_err)?;
-                    }
-                }
-                txn.commit().await.map_err(db_err)
-            }
-        }
-    }
-}
-
-fn sqlx_err(e: sqlx::Error) -> StoreError {
-    StoreError::Database(e.to_string())
+    txn.commit().await.map_err(db_err)
 }
 
 /// The provider's settings with the model's laid over them, key by key.
@@ -239,7 +178,14 @@ impl DbStore {
         let committers = (0..committers(&db))
             .map(|_| {
                 let (committer, queue) = mpsc::unbounded_channel();
-                tokio::spawn(commit_loop(db.clone(), queue));
+                match db.get_database_backend() {
+                    DbBackend::Sqlite => sqlite_writer::spawn(
+                        sqlite_writer::database_path(db.get_sqlite_connection_pool()),
+                        agentplane_schema::db::SQLITE_BUSY_TIMEOUT,
+                        queue,
+                    ),
+                    _ => drop(tokio::spawn(commit_loop(db.clone(), queue))),
+                }
                 committer
             })
             .collect();
@@ -384,26 +330,6 @@ impl Store for DbStore {
             .map_err(|_| StoreError::Database("the commit queue is closed (shutting down)".into()))?;
         result.await.map_err(|_| StoreError::Database("the commit queue stopped before committing".into()))?
     }
-}
-
-/// One SQLite query running `statements` in order, and its values: sqlx runs each SQLite query
-/// on the connection's own thread, and one hand-off there and back per batch instead of one
-/// per statement took a large share of a step's CPU (context switches). sqlx's SQLite driver
-/// binds the values of a multi-statement query statement by statement, each taking the next
-/// values for its anonymous `?` placeholders (the only kind sea-query's SQLite builder writes;
-/// numbered ones would not work here, and too few values would be bound as NULL).
-/// `batches_on_sqlite_read_back_as_written` checks every kind of op through this path.
-fn joined(statements: Vec<Statement>) -> (String, Values) {
-    let mut sql = String::new();
-    let mut values = Vec::new();
-    for statement in statements {
-        if !sql.is_empty() {
-            sql.push_str(";\n");
-        }
-        sql.push_str(&statement.sql);
-        values.extend(statement.values.map(|v| v.0).unwrap_or_default());
-    }
-    (sql, Values(values))
 }
 
 /// The statements that write one chat's batch.
@@ -822,7 +748,14 @@ mod tests {
                 PendingCommit { chat_id: chat.clone(), batch: batch(chat, &id), done }
             })
             .collect();
-        commit_group(&mut Writer::new(store.db.clone()), group).await;
+        match store.db.get_database_backend() {
+            DbBackend::Sqlite => {
+                let path = sqlite_writer::database_path(store.db.get_sqlite_connection_pool());
+                let mut conn = sqlite_writer::open(&path, agentplane_schema::db::SQLITE_BUSY_TIMEOUT).expect("open");
+                tokio::task::spawn_blocking(move || sqlite_writer::commit_group(&mut conn, group)).await.expect("join");
+            }
+            _ => commit_group(&store.db, group).await,
+        }
         for (i, outcome) in outcomes.into_iter().enumerate() {
             let result = outcome.await.expect("answered");
             assert_eq!(result.is_ok(), i != 13, "chat {i}: {result:?}");

@@ -1,0 +1,183 @@
+//! The SQLite group committer: a thread of its own with its own connection to the database
+//! file, which takes every batch waiting, writes them in one transaction through statements it
+//! keeps prepared, and tells each caller.
+//!
+//! Through sqlx each query was a hand-off from the committer's task to the connection's worker
+//! thread and back, one per batch, and every value went through sqlx's argument conversion; here
+//! a group is one hand-off to this thread and one message back per batch. Values are bound as
+//! sqlx binds them, so sea-orm reads back what this thread writes
+//! (`batches_on_sqlite_read_back_as_written` checks every kind of op).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agentplane_actors::ports::StoreError;
+use chrono::Utc;
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use sea_orm::DbBackend;
+use sea_orm::sea_query::{OptionEnum, Value};
+use tokio::sync::mpsc;
+
+use super::{MAX_GROUP, PendingCommit, batch_statements};
+
+/// Statements kept prepared: a few per kind of op.
+const PREPARED_STATEMENTS: usize = 256;
+
+/// Where the writer's connection goes: the file sqlx's pool uses (an in-memory database is
+/// shared through its URI name, as sqlx names it).
+pub(super) fn database_path(pool: &sea_orm::sqlx::SqlitePool) -> PathBuf {
+    pool.connect_options().get_filename().to_path_buf()
+}
+
+/// Starts the writer thread on `queue`; it ends when every sender is gone.
+pub(super) fn spawn(path: PathBuf, busy_timeout: Duration, queue: mpsc::UnboundedReceiver<PendingCommit>) {
+    let started =
+        std::thread::Builder::new().name("sqlite-writer".into()).spawn(move || run(&path, busy_timeout, queue));
+    if let Err(error) = started {
+        // Nothing can commit without it; callers then get "the commit queue is closed".
+        tracing::error!(%error, "could not start the SQLite writer thread");
+    }
+}
+
+fn run(path: &Path, busy_timeout: Duration, mut queue: mpsc::UnboundedReceiver<PendingCommit>) {
+    let mut connection: Option<Connection> = None;
+    let mut group = Vec::new();
+    while let Some(first) = queue.blocking_recv() {
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        let conn = match &mut connection {
+            Some(conn) => conn,
+            None => match open(path, busy_timeout) {
+                Ok(conn) => connection.insert(conn),
+                Err(error) => {
+                    for pending in group.drain(..) {
+                        let _ = pending.done.send(Err(StoreError::Database(error.to_string())));
+                    }
+                    continue;
+                }
+            },
+        };
+        commit_group(conn, std::mem::take(&mut group));
+    }
+}
+
+/// The connection, set up as sqlx sets up the pool's: WAL (the database already is),
+/// `synchronous=NORMAL`, enforced foreign keys, the busy timeout, and stable plans.
+pub(super) fn open(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
+    let name = path.to_string_lossy();
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let target = if name.starts_with("file:") {
+        // sqlx's name of an in-memory database shared between its connections.
+        flags |= OpenFlags::SQLITE_OPEN_URI;
+        format!("{name}?mode=memory&cache=shared")
+    } else {
+        name.into_owned()
+    };
+    let conn = Connection::open_with_flags(&target, flags).map_err(sqlite_err)?;
+    conn.busy_timeout(busy_timeout).map_err(sqlite_err)?;
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+        .map_err(sqlite_err)?;
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(sqlite_err)?;
+    conn.set_prepared_statement_cache_capacity(PREPARED_STATEMENTS);
+    Ok(conn)
+}
+
+/// One transaction for the group; should it fail, each batch in a transaction of its own, so a
+/// batch that cannot be written fails alone.
+pub(super) fn commit_group(conn: &mut Connection, group: Vec<PendingCommit>) {
+    let now = Utc::now();
+    if group.len() == 1 {
+        for PendingCommit { chat_id, batch, done } in group {
+            let _ = done.send(write(conn, vec![(&chat_id, batch)], now));
+        }
+        return;
+    }
+    // The originals stay for the fallback; the copies go into the group's transaction.
+    let copies = group.iter().map(|p| (p.chat_id.as_str(), p.batch.clone())).collect();
+    match write(conn, copies, now) {
+        Ok(()) => {
+            for pending in group {
+                let _ = pending.done.send(Ok(()));
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, batches = group.len(), "group commit failed; committing its batches one by one");
+            for PendingCommit { chat_id, batch, done } in group {
+                let _ = done.send(write(conn, vec![(&chat_id, batch)], now));
+            }
+        }
+    }
+}
+
+/// Writes the chats' batches in one transaction, in order. Every statement is built before the
+/// transaction starts: a batch that cannot be built fails the whole before anything is written.
+fn write(
+    conn: &mut Connection,
+    batches: Vec<(&str, agentplane_actors::ports::Batch)>,
+    now: chrono::DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let mut statements = Vec::new();
+    for (chat_id, batch) in batches {
+        statements.extend(batch_statements(DbBackend::Sqlite, chat_id, batch, now)?);
+    }
+    // IMMEDIATE: the write lock is taken (or waited for) at the start, never in the middle.
+    let txn = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sqlite_err)?;
+    for statement in statements {
+        let values = statement.values.map(|v| v.0).unwrap_or_default();
+        let values = values.into_iter().map(sql_value).collect::<Result<Vec<_>, _>>()?;
+        let mut prepared = txn.prepare_cached(&statement.sql).map_err(sqlite_err)?;
+        prepared.execute(rusqlite::params_from_iter(values)).map_err(sqlite_err)?;
+    }
+    // Dropped without a commit, the transaction rolls back.
+    txn.commit().map_err(sqlite_err)
+}
+
+/// A sea-query value as sqlx's SQLite driver binds it: booleans as integers, timestamps as
+/// RFC 3339 text (`to_rfc3339_opts(AutoSi, false)`), JSON as its text.
+fn sql_value(value: Value) -> Result<SqlValue, StoreError> {
+    fn or_null<T>(value: Option<T>, f: impl FnOnce(T) -> SqlValue) -> SqlValue {
+        value.map_or(SqlValue::Null, f)
+    }
+    Ok(match value {
+        Value::Bool(v) => or_null(v, |b| SqlValue::Integer(b.into())),
+        Value::TinyInt(v) => or_null(v, |i| SqlValue::Integer(i.into())),
+        Value::SmallInt(v) => or_null(v, |i| SqlValue::Integer(i.into())),
+        Value::Int(v) => or_null(v, |i| SqlValue::Integer(i.into())),
+        Value::BigInt(v) => or_null(v, SqlValue::Integer),
+        Value::TinyUnsigned(v) => or_null(v, |i| SqlValue::Integer(i.into())),
+        Value::SmallUnsigned(v) => or_null(v, |i| SqlValue::Integer(i.into())),
+        Value::Unsigned(v) => or_null(v, |i| SqlValue::Integer(i.into())),
+        Value::BigUnsigned(Some(i)) => SqlValue::Integer(
+            i64::try_from(i).map_err(|_| StoreError::Database(format!("{i} does not fit a SQLite integer")))?,
+        ),
+        Value::BigUnsigned(None) => SqlValue::Null,
+        Value::Float(v) => or_null(v, |f| SqlValue::Real(f.into())),
+        Value::Double(v) => or_null(v, SqlValue::Real),
+        Value::String(v) => or_null(v, SqlValue::Text),
+        Value::Char(v) => or_null(v, |c| SqlValue::Text(c.to_string())),
+        Value::Enum(OptionEnum::Some(e)) => SqlValue::Text(e.value.into_owned()),
+        Value::Enum(OptionEnum::None(_)) => SqlValue::Null,
+        Value::Bytes(v) => or_null(v, SqlValue::Blob),
+        Value::Json(v) => match v {
+            Some(json) => {
+                SqlValue::Text(serde_json::to_string(&json).map_err(|e| StoreError::Database(e.to_string()))?)
+            }
+            None => SqlValue::Null,
+        },
+        Value::ChronoDateTimeUtc(v) => {
+            or_null(v, |t| SqlValue::Text(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)))
+        }
+        Value::ChronoDateTime(v) => or_null(v, |t| SqlValue::Text(t.format("%F %T%.f").to_string())),
+        other => return Err(StoreError::Database(format!("no SQLite binding for {other:?}"))),
+    })
+}
+
+fn sqlite_err(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
