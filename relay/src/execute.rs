@@ -204,14 +204,19 @@ pub(crate) async fn run(
     let deadline = tokio::time::sleep(Duration::from_secs(timeout_seconds));
     tokio::pin!(deadline);
     let end = loop {
+        // In this order: a cancel marks the call before it kills the group, so when the shell's
+        // death and the cancel are both seen at once, the call was interrupted, not "killed by
+        // signal 9" (an unbiased select picked either, and under load the model was told the
+        // command died by itself).
         tokio::select! {
+            biased;
+            () = registration.cancelled.cancelled() => break End::Cancelled,
+            () = &mut deadline => break End::TimedOut,
+            status = child.wait() => break End::Exited(status),
             read = reader.read(&mut chunk), if !eof => match read {
                 Ok(0) | Err(_) => eof = true,
                 Ok(n) => sink.push(&chunk[..n]),
             },
-            status = child.wait() => break End::Exited(status),
-            () = &mut deadline => break End::TimedOut,
-            () = registration.cancelled.cancelled() => break End::Cancelled,
         }
     };
 
