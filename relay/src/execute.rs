@@ -207,12 +207,13 @@ pub(crate) async fn run(
         // In this order: a cancel marks the call before it kills the group, so when the shell's
         // death and the cancel are both seen at once, the call was interrupted, not "killed by
         // signal 9" (an unbiased select picked either, and under load the model was told the
-        // command died by itself).
+        // command died by itself). An exit seen with an expired deadline is a real exit: the
+        // group is only killed after the loop.
         tokio::select! {
             biased;
             () = registration.cancelled.cancelled() => break End::Cancelled,
-            () = &mut deadline => break End::TimedOut,
             status = child.wait() => break End::Exited(status),
+            () = &mut deadline => break End::TimedOut,
             read = reader.read(&mut chunk), if !eof => match read {
                 Ok(0) | Err(_) => eof = true,
                 Ok(n) => sink.push(&chunk[..n]),

@@ -180,7 +180,7 @@ impl DbStore {
                 let (committer, queue) = mpsc::unbounded_channel();
                 match db.get_database_backend() {
                     DbBackend::Sqlite => sqlite_writer::spawn(
-                        sqlite_writer::database_path(db.get_sqlite_connection_pool()),
+                        sqlite_writer::Target::of(db.get_sqlite_connection_pool()),
                         agentplane_schema::db::SQLITE_BUSY_TIMEOUT,
                         queue,
                     ),
@@ -533,6 +533,18 @@ mod tests {
         b
     }
 
+    /// The writer thread finds the database sqlx's pool uses, also an in-memory one (which
+    /// only exists as long as a connection to it is open, under the name sqlx gave it).
+    #[tokio::test]
+    async fn the_sqlite_writer_writes_where_the_pool_reads_in_memory_too() {
+        let (store, chats) = store_with_chats("sqlite::memory:", 2).await;
+        for chat in &chats {
+            store.commit(chat, numbered(chat, 1)).await.expect("commit");
+            let state = store.load_chat(chat).await.expect("load");
+            assert_eq!((state.last_seq, state.messages.len()), (1, 1));
+        }
+    }
+
     /// Many chats commit at once: their batches share a transaction, each caller hears the
     /// outcome of its own batch, and a batch that cannot be written fails alone.
     #[tokio::test]
@@ -753,8 +765,8 @@ mod tests {
             .collect();
         match store.db.get_database_backend() {
             DbBackend::Sqlite => {
-                let path = sqlite_writer::database_path(store.db.get_sqlite_connection_pool());
-                let mut conn = sqlite_writer::open(&path, agentplane_schema::db::SQLITE_BUSY_TIMEOUT).expect("open");
+                let target = sqlite_writer::Target::of(store.db.get_sqlite_connection_pool());
+                let mut conn = sqlite_writer::open(&target, agentplane_schema::db::SQLITE_BUSY_TIMEOUT).expect("open");
                 tokio::task::spawn_blocking(move || sqlite_writer::commit_group(&mut conn, group)).await.expect("join");
             }
             _ => commit_group(&store.db, group).await,

@@ -8,7 +8,6 @@
 //! sqlx binds them, so sea-orm reads back what this thread writes
 //! (`batches_on_sqlite_read_back_as_written` checks every kind of op).
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentplane_actors::ports::StoreError;
@@ -24,23 +23,50 @@ use super::{MAX_GROUP, PendingCommit, batch_statements};
 /// Statements kept prepared: a few per kind of op.
 const PREPARED_STATEMENTS: usize = 256;
 
-/// Where the writer's connection goes: the file sqlx's pool uses (an in-memory database is
-/// shared through its URI name, as sqlx names it).
-pub(super) fn database_path(pool: &sea_orm::sqlx::SqlitePool) -> PathBuf {
-    pool.connect_options().get_filename().to_path_buf()
+/// The database the writer opens: the one sqlx's pool uses.
+pub(super) struct Target {
+    /// A path, or a URI (`file:…`) when `uri` is set.
+    name: String,
+    uri: bool,
+    vfs: Option<String>,
+}
+
+impl Target {
+    /// Read from the pool's own options as sqlx understands them: a file (named by a path or a
+    /// `file:` URI), or an in-memory database shared between the pool's connections under the
+    /// name sqlx gave it; and the VFS the URL names, if any.
+    pub(super) fn of(pool: &sea_orm::sqlx::SqlitePool) -> Self {
+        use sea_orm::sqlx::ConnectOptions as _;
+        let options = pool.connect_options();
+        let filename = options.get_filename().to_string_lossy().into_owned();
+        let memory = |name: String| Target { name: format!("{name}?mode=memory&cache=shared"), uri: true, vfs: None };
+        // sqlx's name for `sqlite::memory:`, which its own URL of the options cannot hold.
+        if filename.starts_with("file:sqlx-in-memory-") {
+            return memory(filename);
+        }
+        if filename.starts_with("file:") {
+            return Target { name: filename, uri: true, vfs: None };
+        }
+        let url = options.to_url_lossy();
+        let param = |key: &str| url.query_pairs().find(|(k, _)| k == key).map(|(_, v)| v.into_owned());
+        if param("mode").as_deref() == Some("memory") {
+            return Target { vfs: param("vfs"), ..memory(format!("file:{filename}")) };
+        }
+        Target { name: filename, uri: false, vfs: param("vfs") }
+    }
 }
 
 /// Starts the writer thread on `queue`; it ends when every sender is gone.
-pub(super) fn spawn(path: PathBuf, busy_timeout: Duration, queue: mpsc::UnboundedReceiver<PendingCommit>) {
+pub(super) fn spawn(target: Target, busy_timeout: Duration, queue: mpsc::UnboundedReceiver<PendingCommit>) {
     let started =
-        std::thread::Builder::new().name("sqlite-writer".into()).spawn(move || run(&path, busy_timeout, queue));
+        std::thread::Builder::new().name("sqlite-writer".into()).spawn(move || run(&target, busy_timeout, queue));
     if let Err(error) = started {
         // Nothing can commit without it; callers then get "the commit queue is closed".
         tracing::error!(%error, "could not start the SQLite writer thread");
     }
 }
 
-fn run(path: &Path, busy_timeout: Duration, mut queue: mpsc::UnboundedReceiver<PendingCommit>) {
+fn run(target: &Target, busy_timeout: Duration, mut queue: mpsc::UnboundedReceiver<PendingCommit>) {
     let mut connection: Option<Connection> = None;
     let mut group = Vec::new();
     while let Some(first) = queue.blocking_recv() {
@@ -53,7 +79,7 @@ fn run(path: &Path, busy_timeout: Duration, mut queue: mpsc::UnboundedReceiver<P
         }
         let conn = match &mut connection {
             Some(conn) => conn,
-            None => match open(path, busy_timeout) {
+            None => match open(target, busy_timeout) {
                 Ok(conn) => connection.insert(conn),
                 Err(error) => {
                     for pending in group.drain(..) {
@@ -64,22 +90,26 @@ fn run(path: &Path, busy_timeout: Duration, mut queue: mpsc::UnboundedReceiver<P
             },
         };
         commit_group(conn, std::mem::take(&mut group));
+        if !conn.is_autocommit() {
+            // A transaction a failed rollback left open would hold the write lock: start afresh.
+            tracing::warn!("the SQLite writer's connection was left in a transaction; reopening it");
+            connection = None;
+        }
     }
 }
 
 /// The connection, set up as sqlx sets up the pool's: WAL (the database already is),
 /// `synchronous=NORMAL`, enforced foreign keys, the busy timeout, and stable plans.
-pub(super) fn open(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
-    let name = path.to_string_lossy();
+pub(super) fn open(target: &Target, busy_timeout: Duration) -> Result<Connection, StoreError> {
     let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let target = if name.starts_with("file:") {
-        // sqlx's name of an in-memory database shared between its connections.
+    if target.uri {
         flags |= OpenFlags::SQLITE_OPEN_URI;
-        format!("{name}?mode=memory&cache=shared")
-    } else {
-        name.into_owned()
-    };
-    let conn = Connection::open_with_flags(&target, flags).map_err(sqlite_err)?;
+    }
+    let conn = match &target.vfs {
+        Some(vfs) => Connection::open_with_flags_and_vfs(&target.name, flags, vfs.as_str()),
+        None => Connection::open_with_flags(&target.name, flags),
+    }
+    .map_err(sqlite_err)?;
     conn.busy_timeout(busy_timeout).map_err(sqlite_err)?;
     conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
         .map_err(sqlite_err)?;
