@@ -124,7 +124,7 @@ pub(super) fn commit_group(conn: &mut Connection, group: Vec<PendingCommit>) {
     let now = Utc::now();
     if group.len() == 1 {
         for PendingCommit { chat_id, batch, done } in group {
-            let _ = done.send(write(conn, vec![(&chat_id, batch)], now));
+            let _ = done.send(write(conn, vec![(&chat_id, batch)], now).map_err(Failed::into_error));
         }
         return;
     }
@@ -136,11 +136,33 @@ pub(super) fn commit_group(conn: &mut Connection, group: Vec<PendingCommit>) {
                 let _ = pending.done.send(Ok(()));
             }
         }
-        Err(error) => {
+        // No transaction could start (the write lock stayed taken past the busy timeout, say):
+        // one per batch would only wait as long again for each.
+        Err(Failed::Begin(error)) => {
+            tracing::warn!(%error, batches = group.len(), "group commit could not begin");
+            for pending in group {
+                let _ = pending.done.send(Err(StoreError::Database(error.to_string())));
+            }
+        }
+        Err(Failed::Batch(error)) => {
             tracing::warn!(%error, batches = group.len(), "group commit failed; committing its batches one by one");
             for PendingCommit { chat_id, batch, done } in group {
-                let _ = done.send(write(conn, vec![(&chat_id, batch)], now));
+                let _ = done.send(write(conn, vec![(&chat_id, batch)], now).map_err(Failed::into_error));
             }
+        }
+    }
+}
+
+/// Why a write failed: its transaction could not begin, or something in its batches failed.
+enum Failed {
+    Begin(StoreError),
+    Batch(StoreError),
+}
+
+impl Failed {
+    fn into_error(self) -> StoreError {
+        match self {
+            Failed::Begin(e) | Failed::Batch(e) => e,
         }
     }
 }
@@ -151,21 +173,24 @@ fn write(
     conn: &mut Connection,
     batches: Vec<(&str, agentplane_actors::ports::Batch)>,
     now: chrono::DateTime<Utc>,
-) -> Result<(), StoreError> {
+) -> Result<(), Failed> {
     let mut statements = Vec::new();
     for (chat_id, batch) in batches {
-        statements.extend(batch_statements(DbBackend::Sqlite, chat_id, batch, now)?);
+        statements.extend(batch_statements(DbBackend::Sqlite, chat_id, batch, now).map_err(Failed::Batch)?);
     }
     // IMMEDIATE: the write lock is taken (or waited for) at the start, never in the middle.
-    let txn = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sqlite_err)?;
-    for statement in statements {
+    let txn =
+        conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| Failed::Begin(sqlite_err(e)))?;
+    let run = |statement: sea_orm::Statement| -> Result<(), StoreError> {
         let values = statement.values.map(|v| v.0).unwrap_or_default();
         let values = values.into_iter().map(sql_value).collect::<Result<Vec<_>, _>>()?;
         let mut prepared = txn.prepare_cached(&statement.sql).map_err(sqlite_err)?;
         prepared.execute(rusqlite::params_from_iter(values)).map_err(sqlite_err)?;
-    }
+        Ok(())
+    };
+    statements.into_iter().try_for_each(run).map_err(Failed::Batch)?;
     // Dropped without a commit, the transaction rolls back.
-    txn.commit().map_err(sqlite_err)
+    txn.commit().map_err(|e| Failed::Batch(sqlite_err(e)))
 }
 
 /// A sea-query value as sqlx's SQLite driver binds it: booleans as integers, timestamps as
