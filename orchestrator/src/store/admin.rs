@@ -10,7 +10,7 @@ use agentplane_schema::new_id;
 use chrono::Utc;
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::{Expr, Query};
-use sea_orm::{ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, TransactionTrait};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
 use sha2::{Digest, Sha256};
 
 use super::convert::from_json;
@@ -116,7 +116,7 @@ impl DbStore {
         let user = users::Model { id: new_id(), name: name.to_string(), role: role.as_str().into(), created_at: now };
         let token = token.unwrap_or_else(new_token);
         let token_id = new_id();
-        let txn = self.db.begin().await.map_err(db_err)?;
+        let txn = self.begin_write().await?;
         users::Entity::insert(users::ActiveModel::from(user.clone()))
             .exec_without_returning(&txn)
             .await
@@ -288,7 +288,7 @@ impl DbStore {
             settings: Some(settings_or_empty(&m.settings)),
             created_at: Utc::now(),
         };
-        let txn = self.db.begin().await.map_err(db_err)?;
+        let txn = self.begin_write().await?;
         if m.is_default {
             models::Entity::update_many()
                 .col_expr(models::Column::IsDefault, Expr::value(false))
@@ -317,7 +317,7 @@ impl DbStore {
 
     /// Changes the fields given; a new default takes the flag from the previous one.
     pub async fn patch_model(&self, id: &str, p: &PatchModel) -> Result<Option<Model>, StoreError> {
-        let txn = self.db.begin().await.map_err(db_err)?;
+        let txn = self.begin_write().await?;
         let Some(row) = models::Entity::find_by_id(id).one(&txn).await.map_err(db_err)? else {
             return Ok(None);
         };

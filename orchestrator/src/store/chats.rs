@@ -26,7 +26,7 @@ pub struct NewChat {
 impl DbStore {
     pub async fn create_chat(&self, new: NewChat) -> Result<Chat, StoreError> {
         let row = new_chat_row(new.owner_id, new.title, new.model_id, new.workspace_id, new.parent_id, None);
-        let txn = self.db.begin().await.map_err(db_err)?;
+        let txn = self.begin_write().await?;
         chats::Entity::insert(chats::ActiveModel::from(row.clone()))
             .exec_without_returning(&txn)
             .await
@@ -49,7 +49,7 @@ impl DbStore {
     /// Copies `source`'s live history up to and including `message_id` into a new chat owned by
     /// `owner_id`, with no workspace; the source is not touched.
     pub async fn fork_chat(&self, source: &Chat, message_id: &str, owner_id: &str) -> Result<Chat, StoreError> {
-        let txn = self.db.begin().await.map_err(db_err)?;
+        let txn = self.begin_write().await?;
         let at = messages::Entity::find_by_id(message_id)
             .filter(messages::Column::ChatId.eq(&source.id))
             .filter(messages::Column::Deleted.eq(false))
@@ -217,7 +217,7 @@ impl DbStore {
     /// Soft delete: the chat disappears from the API; its rows stay for the audit trail.
     pub async fn delete_chat(&self, id: &str, user_id: &str) -> Result<(), StoreError> {
         let now = Utc::now();
-        let txn = self.db.begin().await.map_err(db_err)?;
+        let txn = self.begin_write().await?;
         let row = chats::ActiveModel { deleted: Set(true), updated_at: Set(now), ..Default::default() };
         chats::Entity::update_many().set(row).filter(chats::Column::Id.eq(id)).exec(&txn).await.map_err(db_err)?;
         audit_events::Entity::insert(audit_row(

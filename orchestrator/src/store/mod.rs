@@ -192,6 +192,18 @@ impl DbStore {
         DbStore { db, secrets, committers, models: Default::default() }
     }
 
+    /// A transaction that writes. On SQLite it takes the write lock at `BEGIN`, waiting for it
+    /// as long as the busy timeout allows, and not at its first write: a transaction that has
+    /// read by then fails at once with "busy" should another connection have written in between,
+    /// and the writer thread commits all the time.
+    pub(crate) async fn begin_write(&self) -> Result<sea_orm::DatabaseTransaction, StoreError> {
+        let options = sea_orm::TransactionOptions {
+            sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+            ..Default::default()
+        };
+        self.db.begin_with_options(options).await.map_err(db_err)
+    }
+
     pub fn connection(&self) -> &DatabaseConnection {
         &self.db
     }
@@ -531,6 +543,32 @@ mod tests {
         }
         b.events[0].seq = Some(n);
         b
+    }
+
+    /// A write transaction of the pool (a fork, say) that reads before it writes holds SQLite's
+    /// write lock from its start: the writer thread's commits wait for it instead of slipping in
+    /// between, which would fail its first write at once with "busy".
+    #[tokio::test]
+    async fn a_write_transaction_holds_the_lock_from_its_start() {
+        let database = agentplane_tests::pg::TestDatabase::sqlite_temp();
+        let (store, chats) = store_with_chats(database.url(), 2).await;
+        let txn = store.begin_write().await.expect("begin");
+        chat_rows::Entity::find_by_id(&chats[0]).one(&txn).await.expect("read").expect("chat");
+        let mut other = {
+            let (store, chat) = (store.clone(), chats[1].clone());
+            tokio::spawn(async move { store.commit(&chat, numbered(&chat, 1)).await })
+        };
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(200), &mut other).await;
+        assert!(waited.is_err(), "another commit got in while the transaction was open");
+        let row = chat_rows::ActiveModel { title: Set(Some("renamed".into())), ..Default::default() };
+        chat_rows::Entity::update_many()
+            .set(row)
+            .filter(chat_rows::Column::Id.eq(&chats[0]))
+            .exec(&txn)
+            .await
+            .expect("write after read");
+        txn.commit().await.expect("commit");
+        other.await.expect("joined").expect("the other commit lands after");
     }
 
     /// The writer thread finds the database sqlx's pool uses, also an in-memory one (which
