@@ -58,12 +58,15 @@ impl ChatLine {
                         self.streaming.retain(|piece| !matches!(piece.body, EventBody::MessageDelta { .. }))
                     }
                     _ => {
-                        if !self.streaming.iter_mut().any(|kept| merge(&mut kept.body, &event.body)) {
-                            let mut piece = event.clone();
-                            if let EventBody::ToolCall { output: Some(text), .. } = &mut piece.body {
-                                keep_end(text, MAX_KEPT_OUTPUT);
+                        let kept = match self.streaming.iter_mut().position(|kept| merge(&mut kept.body, &event.body)) {
+                            Some(at) => &mut self.streaming[at],
+                            None => {
+                                self.streaming.push(event.clone());
+                                self.streaming.last_mut().expect("just pushed")
                             }
-                            self.streaming.push(piece);
+                        };
+                        if let EventBody::ToolCall { output: Some(text), .. } = &mut kept.body {
+                            keep_end(text, MAX_KEPT_OUTPUT);
                         }
                     }
                 }
@@ -88,7 +91,6 @@ fn merge(kept: &mut EventBody, next: &EventBody) -> bool {
             EventBody::ToolCall { phase: ToolPhase::Output, call_id: next_call, output: Some(more), .. },
         ) if call_id == next_call => {
             text.push_str(more);
-            keep_end(text, MAX_KEPT_OUTPUT);
             true
         }
         _ => false,
@@ -115,21 +117,28 @@ impl LocalEventBus {
 impl EventBus for LocalEventBus {
     fn publish(&self, event: StreamEvent) {
         let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
-        // A durable event matters only to a chat that has a line; a piece starts one.
-        let line = match event.seq {
-            Some(_) => match lines.get_mut(&event.chat_id) {
-                Some(line) => line,
-                None => return,
-            },
-            None => lines.entry(event.chat_id.clone()).or_default(),
-        };
-        line.keep(&event);
-        if let Some(tx) = &line.tx
-            && tx.send(event.clone()).is_err()
-        {
-            // Nobody listens any more.
-            line.tx = None;
+        // A durable event matters only to a chat that has a line; a piece starts one. (Looked
+        // up before inserting: the chat id is copied only for a new line, not for every delta.)
+        if !lines.contains_key(&event.chat_id) {
+            if event.seq.is_some() {
+                return;
+            }
+            lines.insert(event.chat_id.clone(), ChatLine::default());
         }
+        let Some(line) = lines.get_mut(&event.chat_id) else { return };
+        line.keep(&event);
+        // Sent by value: a failed send hands the event back.
+        let event = match &line.tx {
+            Some(tx) => match tx.send(event) {
+                Ok(_) => return,
+                Err(broadcast::error::SendError(event)) => {
+                    // Nobody listens any more.
+                    line.tx = None;
+                    event
+                }
+            },
+            None => event,
+        };
         if line.is_idle() {
             // So idle chats cost nothing.
             lines.remove(&event.chat_id);
