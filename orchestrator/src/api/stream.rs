@@ -64,28 +64,29 @@ async fn send_all(session: &mut actix_ws::Session, events: &mut Vec<StreamEvent>
     Ok(())
 }
 
-/// Sends stored durable events after `*last`, advancing it.
-async fn replay(state: &AppState, chat_id: &str, last: &mut i64, session: &mut actix_ws::Session) -> Result<(), ()> {
-    let events = state.store.events_after(chat_id, *last).await.map_err(|_| ())?;
-    for event in events {
-        if event.seq.is_some_and(|s| s > *last) {
-            send_event(session, &event).await?;
-            *last = event.seq.unwrap_or(*last);
-        }
-    }
-    Ok(())
+/// Sends the stored durable events after the client's last `seq`, through `order` (which
+/// advances it).
+async fn replay(
+    state: &AppState,
+    chat_id: &str,
+    order: &mut LiveOrder,
+    session: &mut actix_ws::Session,
+) -> Result<(), ()> {
+    let stored = state.store.events_after(chat_id, order.last).await.map_err(|_| ())?;
+    admit_and_send(order, stored, session).await
 }
 
-/// What the chat is streaming now, as pieces published right after subscribing: the answer so
-/// far, for a client that joins mid-answer.
-async fn send_streaming(
+/// Sends what `order` admits of `events`: stored durable events of a replay, or the pieces the
+/// chat is streaming now (the answer so far, for a client that joins mid-answer), taken as if
+/// published right after subscribing.
+async fn admit_and_send(
     order: &mut LiveOrder,
-    streaming: Vec<StreamEvent>,
+    events: Vec<StreamEvent>,
     session: &mut actix_ws::Session,
 ) -> Result<(), ()> {
     let mut out = Vec::new();
-    for piece in streaming {
-        order.admit(piece, &mut out).map_err(|Gap| ())?;
+    for event in events {
+        order.admit(event, &mut out).map_err(|Gap| ())?;
     }
     send_all(session, &mut out).await
 }
@@ -104,8 +105,8 @@ async fn resync(
     send_event(session, &StreamEvent::local(chat_id, EventBody::StreamReset)).await?;
     let (fresh, streaming) = state.bus.subscribe_streaming(chat_id);
     *live = fresh;
-    replay(state, chat_id, &mut order.last, session).await?;
-    send_streaming(order, streaming, session).await
+    replay(state, chat_id, order, session).await?;
+    admit_and_send(order, streaming, session).await
 }
 
 /// Durable events were skipped: the session fills the gap from the database.
@@ -174,7 +175,9 @@ async fn run_session(
             return;
         }
     };
-    let mut last = snapshot.last_seq;
+    // A client that comes back with the last seq it saw gets the stored events after it.
+    let mut order = LiveOrder::new(after_seq.filter(|a| *a < snapshot.last_seq).unwrap_or(snapshot.last_seq));
+    let behind = order.last < snapshot.last_seq;
     let frame = StreamEvent::local(
         chat_id.clone(),
         EventBody::Snapshot {
@@ -188,14 +191,10 @@ async fn run_session(
     if send_event(&mut session, &frame).await.is_err() {
         return;
     }
-    if let Some(after) = after_seq.filter(|a| *a < last) {
-        last = after;
-        if replay(&state, &chat_id, &mut last, &mut session).await.is_err() {
-            return;
-        }
+    if behind && replay(&state, &chat_id, &mut order, &mut session).await.is_err() {
+        return;
     }
-    let mut order = LiveOrder::new(last);
-    if send_streaming(&mut order, streaming, &mut session).await.is_err() {
+    if admit_and_send(&mut order, streaming, &mut session).await.is_err() {
         return;
     }
     let mut out = Vec::new();
