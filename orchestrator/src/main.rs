@@ -8,6 +8,11 @@ use agentplane::cli::{self, ModelCommand, ProviderCommand, Remote, TemplateComma
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc: the server allocates and frees many small short-lived
+/// buffers per step (events, statements, request bodies) across threads.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "agentplane", version, about = "Self-hosted control plane for coding agents")]
 struct Cli {
