@@ -119,35 +119,43 @@ pub(super) fn open(target: &Target, busy_timeout: Duration) -> Result<Connection
 }
 
 /// One transaction for the group; should it fail, each batch in a transaction of its own, so a
-/// batch that cannot be written fails alone.
+/// batch that cannot be written fails alone. Each batch's statements are built and their values
+/// converted once, before any transaction, and bound by reference in both attempts.
 pub(super) fn commit_group(conn: &mut Connection, group: Vec<PendingCommit>) {
     let now = Utc::now();
-    if group.len() == 1 {
-        for PendingCommit { chat_id, batch, done } in group {
-            let _ = done.send(write(conn, vec![(&chat_id, batch)], now).map_err(Failed::into_error));
+    let mut built = Vec::with_capacity(group.len());
+    for PendingCommit { chat_id, batch, done } in group {
+        // A batch that cannot be built fails alone, before anything is written.
+        match statements(&chat_id, batch, now) {
+            Ok(statements) => built.push((statements, done)),
+            Err(error) => drop(done.send(Err(error))),
+        }
+    }
+    if built.len() <= 1 {
+        for (statements, done) in built {
+            let _ = done.send(write(conn, std::slice::from_ref(&statements)).map_err(Failed::into_error));
         }
         return;
     }
-    // The originals stay for the fallback; the copies go into the group's transaction.
-    let copies = group.iter().map(|p| (p.chat_id.as_str(), p.batch.clone())).collect();
-    match write(conn, copies, now) {
+    let all: Vec<&[Bound]> = built.iter().map(|(statements, _)| statements.as_slice()).collect();
+    match write(conn, &all) {
         Ok(()) => {
-            for pending in group {
-                let _ = pending.done.send(Ok(()));
+            for (_, done) in built {
+                let _ = done.send(Ok(()));
             }
         }
         // No transaction could start (the write lock stayed taken past the busy timeout, say):
         // one per batch would only wait as long again for each.
         Err(Failed::Begin(error)) => {
-            tracing::warn!(%error, batches = group.len(), "group commit could not begin");
-            for pending in group {
-                let _ = pending.done.send(Err(StoreError::Database(error.to_string())));
+            tracing::warn!(%error, batches = built.len(), "group commit could not begin");
+            for (_, done) in built {
+                let _ = done.send(Err(StoreError::Database(error.to_string())));
             }
         }
         Err(Failed::Batch(error)) => {
-            tracing::warn!(%error, batches = group.len(), "group commit failed; committing its batches one by one");
-            for PendingCommit { chat_id, batch, done } in group {
-                let _ = done.send(write(conn, vec![(&chat_id, batch)], now).map_err(Failed::into_error));
+            tracing::warn!(%error, batches = built.len(), "group commit failed; committing its batches one by one");
+            for (statements, done) in built {
+                let _ = done.send(write(conn, std::slice::from_ref(&statements)).map_err(Failed::into_error));
             }
         }
     }
@@ -167,28 +175,36 @@ impl Failed {
     }
 }
 
-/// Writes the chats' batches in one transaction, in order. Every statement is built before the
-/// transaction starts: a batch that cannot be built fails the whole before anything is written.
-fn write(
-    conn: &mut Connection,
-    batches: Vec<(&str, agentplane_actors::ports::Batch)>,
+/// A statement's text and its values as SQLite binds them.
+struct Bound {
+    sql: String,
+    values: Vec<SqlValue>,
+}
+
+/// The statements that write one chat's batch, ready to bind.
+fn statements(
+    chat_id: &str,
+    batch: agentplane_actors::ports::Batch,
     now: chrono::DateTime<Utc>,
-) -> Result<(), Failed> {
-    let mut statements = Vec::new();
-    for (chat_id, batch) in batches {
-        statements.extend(batch_statements(DbBackend::Sqlite, chat_id, batch, now).map_err(Failed::Batch)?);
-    }
+) -> Result<Vec<Bound>, StoreError> {
+    batch_statements(DbBackend::Sqlite, chat_id, batch, now)?
+        .into_iter()
+        .map(|statement| {
+            let values = statement.values.map(|v| v.0).unwrap_or_default();
+            Ok(Bound { sql: statement.sql, values: values.into_iter().map(sql_value).collect::<Result<_, _>>()? })
+        })
+        .collect()
+}
+
+/// Writes the batches' statements in one transaction, in order.
+fn write<S: AsRef<[Bound]>>(conn: &mut Connection, batches: &[S]) -> Result<(), Failed> {
     // IMMEDIATE: the write lock is taken (or waited for) at the start, never in the middle.
     let txn =
         conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| Failed::Begin(sqlite_err(e)))?;
-    let run = |statement: sea_orm::Statement| -> Result<(), StoreError> {
-        let values = statement.values.map(|v| v.0).unwrap_or_default();
-        let values = values.into_iter().map(sql_value).collect::<Result<Vec<_>, _>>()?;
-        let mut prepared = txn.prepare_cached(&statement.sql).map_err(sqlite_err)?;
-        prepared.execute(rusqlite::params_from_iter(values)).map_err(sqlite_err)?;
-        Ok(())
-    };
-    statements.into_iter().try_for_each(run).map_err(Failed::Batch)?;
+    for statement in batches.iter().flat_map(|batch| batch.as_ref()) {
+        let mut prepared = txn.prepare_cached(&statement.sql).map_err(|e| Failed::Batch(sqlite_err(e)))?;
+        prepared.execute(rusqlite::params_from_iter(&statement.values)).map_err(|e| Failed::Batch(sqlite_err(e)))?;
+    }
     // Dropped without a commit, the transaction rolls back.
     txn.commit().map_err(|e| Failed::Batch(sqlite_err(e)))
 }
