@@ -9,13 +9,20 @@ use tokio::sync::broadcast;
 
 use crate::ports::EventBus;
 
-/// Events a slow watcher may fall behind by before it is told to resync (it then reconnects
-/// with `after_seq` and loses nothing durable).
-const CHANNEL_CAPACITY: usize = 1024;
+/// Events a slow watcher may fall behind by, unless set: it is then caught up from the store
+/// (the WebSocket session resyncs) and loses nothing durable.
+const DEFAULT_CAPACITY: usize = 1024;
 
-#[derive(Default)]
 pub struct LocalEventBus {
     lines: Mutex<HashMap<String, ChatLine>>,
+    /// Of each chat's channel.
+    capacity: usize,
+}
+
+impl Default for LocalEventBus {
+    fn default() -> Self {
+        Self::with_capacity(DEFAULT_CAPACITY)
+    }
 }
 
 /// The most of a running tool call's output a chat keeps for new watchers: its end. (The relay
@@ -36,8 +43,8 @@ struct ChatLine {
 }
 
 impl ChatLine {
-    fn watch(&mut self) -> broadcast::Receiver<StreamEvent> {
-        self.tx.get_or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0).subscribe()
+    fn watch(&mut self, capacity: usize) -> broadcast::Receiver<StreamEvent> {
+        self.tx.get_or_insert_with(|| broadcast::channel(capacity).0).subscribe()
     }
 
     fn is_idle(&self) -> bool {
@@ -112,6 +119,11 @@ impl LocalEventBus {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Each chat's channel holds `capacity` events (at least one) for its slowest watcher.
+    pub fn with_capacity(capacity: usize) -> Self {
+        LocalEventBus { lines: Mutex::default(), capacity: capacity.max(1) }
+    }
 }
 
 impl EventBus for LocalEventBus {
@@ -147,13 +159,13 @@ impl EventBus for LocalEventBus {
 
     fn subscribe(&self, chat_id: &str) -> broadcast::Receiver<StreamEvent> {
         let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
-        lines.entry(chat_id.to_string()).or_default().watch()
+        lines.entry(chat_id.to_string()).or_default().watch(self.capacity)
     }
 
     fn subscribe_streaming(&self, chat_id: &str) -> (broadcast::Receiver<StreamEvent>, Vec<StreamEvent>) {
         let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         let line = lines.entry(chat_id.to_string()).or_default();
-        let receiver = line.watch();
+        let receiver = line.watch(self.capacity);
         let streaming = line
             .streaming
             .iter()

@@ -49,6 +49,9 @@ pub struct ServerSettings {
     pub actor_threads: usize,
     /// HTTP worker threads; 0 = half the cores (at least one). Default 0.
     pub http_workers: usize,
+    /// Live events a WebSocket watcher may fall behind by before it is caught up from the
+    /// database. Default 1024.
+    pub stream_buffer: usize,
     /// Log as JSON lines instead of text. Default false.
     pub log_json: bool,
     /// tracing-subscriber filter. Default `info`.
@@ -243,6 +246,9 @@ impl Settings {
                 "server.listen",
                 format!("`{}` is not an address like 127.0.0.1:7420", self.server.listen),
             ));
+        }
+        if self.server.stream_buffer == 0 {
+            return Err(invalid("server.stream_buffer", "must be at least 1"));
         }
         if self.server.data_dir.as_os_str().is_empty() {
             return Err(invalid("server.data_dir", "must not be empty"));

@@ -92,7 +92,7 @@ pub async fn prepare_with(settings: Settings, layer: Option<ModelLayer>) -> anyh
     };
     let workspaces = Arc::new(Workspaces::new(store.clone(), settings.clone(), backend));
     let restored = workspaces.restore().await.map_err(|e| anyhow::anyhow!(e.message))?;
-    let bus: Arc<dyn EventBus> = Arc::new(LocalEventBus::new());
+    let bus: Arc<dyn EventBus> = Arc::new(LocalEventBus::with_capacity(settings.server.stream_buffer));
     let mut model: Arc<dyn ModelClient> = Arc::new(Providers::new(
         Duration::from_millis(settings.llm.connect_timeout_ms),
         Duration::from_millis(settings.llm.read_timeout_ms),

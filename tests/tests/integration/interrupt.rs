@@ -133,3 +133,32 @@ async fn a_watcher_who_joins_mid_answer_sees_it_from_its_start() {
         .expect("the partial answer is committed");
     assert_eq!(kept, ANSWER);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupting_while_only_a_tool_call_was_written_voids_its_pieces() {
+    let env = TestEnv::start().await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    env.llm.push(Reply::tool_call("execute", json!({"command": "echo never run"})).chunk_chars(5).then_hang());
+    env.send(&chat.id, "run something").await;
+    stream
+        .wait_for(|e| matches!(&e.body, EventBody::MessageDelta { kind: DeltaKind::ToolArgs, .. }), WAIT)
+        .await
+        .expect("the call's arguments stream");
+
+    env.admin.interrupt(&chat.id).await.expect("interrupt");
+    let rest = stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    // Nothing of the answer is kept, so the client is told to drop what it drew of it.
+    let reset = rest.iter().position(|e| matches!(e.body, EventBody::StreamReset)).expect("stream_reset");
+    assert!(
+        !rest[reset..].iter().any(|e| matches!(e.body, EventBody::MessageDelta { .. })),
+        "no piece after the reset"
+    );
+    assert!(!rest.iter().any(|e| matches!(e.body, EventBody::ToolCall { .. })), "the call never ran");
+    let messages = env.messages(&chat.id).await;
+    assert_eq!(messages.last().expect("last").text(), "run something", "no answer was stored");
+
+    env.llm.push(Reply::text("ready again"));
+    env.send(&chat.id, "hello").await;
+    stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    assert_eq!(env.messages(&chat.id).await.last().expect("last").text(), "ready again");
+}

@@ -70,3 +70,62 @@ async fn reconnecting_with_after_seq_has_no_gap_and_no_duplicate() {
     assert_eq!(unique, (start + 1..=max).collect::<BTreeSet<i64>>(), "no gaps: {seen:?}");
     assert_eq!(env.messages(&chat.id).await.last().expect("last").text(), "both gates passed");
 }
+
+/// What a client draws of `events` by the protocol: deltas append to the answer being drawn, a
+/// `stream_reset` drops it, a committed assistant message replaces it. Returns the drawn answer
+/// left over (a ghost, if not empty) and the text of each committed answer that has some.
+fn draw(events: &[agentplane_schema::event::StreamEvent]) -> (String, Vec<String>) {
+    use agentplane_schema::event::DeltaKind;
+    use agentplane_schema::message::Role;
+    let (mut drawing, mut answers) = (String::new(), Vec::new());
+    for event in events {
+        match &event.body {
+            EventBody::MessageDelta { kind: DeltaKind::Text, text, .. } => drawing.push_str(text),
+            EventBody::StreamReset => drawing.clear(),
+            EventBody::Message { message } if message.role == Role::Assistant => {
+                drawing.clear();
+                answers.extend(Some(message.text()).filter(|t| !t.is_empty()));
+            }
+            _ => {}
+        }
+    }
+    (drawing, answers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_falls_behind_is_caught_up_from_the_database() {
+    // A buffer of 2 live events: a long answer streamed in one-character pieces overruns it, and
+    // so do the three durable events a tool call's commit publishes at once.
+    let env = TestEnv::start_with(crate::common::Db::Sqlite, |s| s.server.stream_buffer = 2).await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    let start = stream.last_seq().expect("first turn's events");
+    let answer: String = (0..400).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let mut seqs = Vec::new();
+    let mut resets = 0;
+    // Each turn is a chance to fall behind; the watcher almost always does on the first.
+    for turn in 0..5 {
+        env.llm.push_all([Reply::tool_call("no_such_tool", json!({})), Reply::text(answer.clone()).chunk_chars(1)]);
+        env.send(&chat.id, &format!("turn {turn}")).await;
+        let events = stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+        resets += events.iter().filter(|e| matches!(e.body, EventBody::StreamReset)).count();
+        seqs.extend(events.iter().filter_map(|e| e.seq));
+        let (ghost, answers) = draw(&events);
+        assert_eq!(ghost, "", "nothing of the answer is left drawn after it was committed");
+        assert_eq!(answers, vec![answer.clone()], "the answer arrives once, whole");
+        if resets > 0 {
+            break;
+        }
+    }
+    assert!(resets > 0, "the watcher never fell behind a 2-event buffer");
+
+    let unique: BTreeSet<i64> = seqs.iter().copied().collect();
+    assert_eq!(unique.len(), seqs.len(), "no duplicates: {seqs:?}");
+    let max = *unique.iter().next_back().expect("events");
+    assert_eq!(unique, (start + 1..=max).collect::<BTreeSet<i64>>(), "no gaps: {seqs:?}");
+
+    // The same session keeps working after the catch-up.
+    env.llm.push(Reply::text("short"));
+    env.send(&chat.id, "again").await;
+    let events = stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    assert_eq!(draw(&events), (String::new(), vec!["short".to_string()]));
+}
