@@ -149,11 +149,95 @@ async fn write(
     let backend = db.get_database_backend();
     let txn = db.begin().await.map_err(db_err)?;
     for (chat_id, batch) in batches {
-        for statement in batch_statements(backend, chat_id, batch, now)? {
+        let independent = backend == DbBackend::Postgres && independent_ops(&batch.ops);
+        let statements = batch_statements(backend, chat_id, batch, now)?;
+        let statements = if independent { one_statement(statements) } else { statements };
+        for statement in statements {
             txn.execute_raw(statement).await.map_err(db_err)?;
         }
     }
     txn.commit().await.map_err(db_err)
+}
+
+/// Whether a batch's statements may run as one: none of them reads or changes a row another
+/// of them writes (the parts of a PostgreSQL `WITH` all see the rows as they were before the
+/// statement). Its inserts, the finish of calls made in earlier batches, and the chat row's
+/// update qualify; dropping messages and changing queued messages are left in order.
+fn independent_ops(ops: &[Op]) -> bool {
+    ops.iter().all(|op| {
+        match op {
+        Op::InsertMessage(_)
+        | Op::InsertToolCall { .. }
+        | Op::RecordUsage { .. }
+        | Op::Audit { .. }
+        | Op::SetStatus { .. }
+        | Op::SetWorkspace(_)
+        | Op::SetTitle(_)
+        | Op::SetArchived(_) => true,
+        Op::FinishToolCall { call_id, message_id, .. } => !ops.iter().any(|other| {
+            matches!(other, Op::InsertToolCall { call_id: c, message_id: m, .. } if c == call_id && m == message_id)
+        }),
+        Op::InsertQueued { .. } | Op::DeleteQueued { .. } | Op::UpdateQueued { .. } | Op::DropMessagesFrom { .. } => {
+            false
+        }
+    }
+    })
+}
+
+/// Most values one combined statement binds; PostgreSQL takes at most 65,535.
+const MAX_COMBINED_VALUES: usize = 16_384;
+
+/// PostgreSQL: a batch's statements as one, every one but the last a data-modifying part of a
+/// `WITH`, so the batch costs one round trip to the database instead of one per statement.
+/// Each part runs exactly once and to completion. The placeholders are renumbered in order.
+fn one_statement(statements: Vec<Statement>) -> Vec<Statement> {
+    let count: usize = statements.iter().map(|s| s.values.as_ref().map_or(0, |v| v.0.len())).sum();
+    if statements.len() < 2 || count > MAX_COMBINED_VALUES {
+        return statements;
+    }
+    let last = statements.len() - 1;
+    let mut sql = String::from("WITH ");
+    let mut values = Vec::with_capacity(count);
+    for (index, statement) in statements.into_iter().enumerate() {
+        let offset = values.len();
+        if index == last {
+            sql.push(' ');
+            renumber_placeholders(&statement.sql, offset, &mut sql);
+        } else {
+            if index > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("p{index} AS ("));
+            renumber_placeholders(&statement.sql, offset, &mut sql);
+            sql.push(')');
+        }
+        values.extend(statement.values.map(|v| v.0).unwrap_or_default());
+    }
+    vec![Statement::from_sql_and_values(DbBackend::Postgres, sql, values)]
+}
+
+/// Copies `sql` to `out` with every `$n` placeholder outside quotes made `$(n + offset)`.
+fn renumber_placeholders(sql: &str, offset: usize, out: &mut String) {
+    let mut quote = None;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '$') if chars.peek().is_some_and(char::is_ascii_digit) => {
+                let mut number = 0usize;
+                while let Some(digit) = chars.peek().and_then(|d| d.to_digit(10)) {
+                    number = number * 10 + digit as usize;
+                    chars.next();
+                }
+                out.push('$');
+                out.push_str(&(number + offset).to_string());
+                continue;
+            }
+            _ => {}
+        }
+        out.push(c);
+    }
 }
 
 /// The provider's settings with the model's laid over them, key by key.
@@ -775,6 +859,155 @@ mod tests {
                 .expect("audit row");
             assert_eq!(audit.target_id.as_deref(), Some("c1"), "{backend:?}");
             assert_eq!(event_seqs(&store, id).await, [1, 2], "{backend:?}");
+        }
+    }
+
+    #[test]
+    fn placeholders_are_renumbered_outside_quotes_only() {
+        let mut out = String::new();
+        renumber_placeholders(r#"UPDATE "t$1" SET "a" = $1, "b" = '$2''s', "c" = $12 WHERE "d" = $3"#, 4, &mut out);
+        assert_eq!(out, r#"UPDATE "t$1" SET "a" = $5, "b" = '$2''s', "c" = $16 WHERE "d" = $7"#);
+    }
+
+    #[test]
+    fn a_batch_runs_as_one_statement_only_when_no_statement_depends_on_another() {
+        let insert = Op::InsertToolCall {
+            id: "tc".into(),
+            call_id: "c".into(),
+            message_id: "m".into(),
+            name: "n".into(),
+            args: serde_json::json!({}),
+            user_id: "u".into(),
+            workspace_id: None,
+        };
+        let finish = |message_id: &str| Op::FinishToolCall {
+            call_id: "c".into(),
+            message_id: message_id.into(),
+            status: agentplane_actors::ports::ToolCallStatus::Done,
+            result: String::new(),
+            is_error: false,
+            exit_code: None,
+            duration_ms: None,
+            workspace_id: None,
+        };
+        let message = Op::InsertMessage(message("chat", "m"));
+        assert!(independent_ops(&[message.clone(), insert.clone(), Op::SetArchived(false)]));
+        assert!(independent_ops(&[finish("m"), message.clone()]), "a call made in an earlier batch");
+        assert!(!independent_ops(&[insert, finish("m")]), "the finish must see the insert");
+        assert!(!independent_ops(&[message, Op::DropMessagesFrom { from_position: 1 }]));
+
+        let statements = batch_statements(DbBackend::Postgres, "chat", batch("chat", "m"), Utc::now()).expect("build");
+        let values: usize = statements.iter().map(|s| s.values.as_ref().map_or(0, |v| v.0.len())).sum();
+        let one = one_statement(statements);
+        assert_eq!(one.len(), 1);
+        assert!(one[0].sql.starts_with("WITH p0 AS (INSERT"), "{}", one[0].sql);
+        assert!(one[0].sql.contains(&format!("${values}")) && !one[0].sql.contains(&format!("${}", values + 1)));
+    }
+
+    /// Batches shaped as a step commits them, on both databases: on PostgreSQL each one is a
+    /// single statement, and every value must land in its own column.
+    #[tokio::test]
+    async fn batches_as_steps_commit_them_read_back_as_written() {
+        use agentplane_actors::ports::{ToolCallStatus, Usage};
+        use agentplane_schema::api::ChatStatus;
+        for database in
+            [agentplane_tests::pg::TestDatabase::sqlite_temp(), agentplane_tests::pg::TestDatabase::postgres()]
+        {
+            let db = agentplane_schema::db::connect_and_migrate(database.url(), 4).await.expect("database");
+            let store = DbStore::new(db, SecretBox::new(&[1; 32]));
+            let chat = store.create_chat(NewChat { owner_id: "u".into(), ..Default::default() }).await.expect("chat");
+            let id = chat.id.as_str();
+            let backend = database.backend();
+            let tricky = r#"it's "$1" ? $2; -- ''"#;
+            let mut answer = message(id, "m1");
+            answer.role = Role::Assistant;
+            answer.parts = vec![Part::text(tricky)].into();
+            let ops = vec![
+                Op::InsertMessage(answer.clone()),
+                Op::InsertToolCall {
+                    id: "tc1".into(),
+                    call_id: "c1".into(),
+                    message_id: "m1".into(),
+                    name: "write_file".into(),
+                    args: serde_json::json!({"path": tricky}),
+                    user_id: "u".into(),
+                    workspace_id: Some("w$1".into()),
+                },
+                Op::RecordUsage {
+                    message_id: "m1".into(),
+                    model_id: "model-$2".into(),
+                    usage: Usage { input_tokens: 5, output_tokens: 6, cache_read_tokens: 7, cache_write_tokens: 8 },
+                    cost_usd: None,
+                },
+                Op::SetStatus { status: ChatStatus::Running, error: None },
+                Op::SetTitle(tricky.into()),
+            ];
+            let events =
+                (1..=3).map(|seq| StreamEvent::durable(seq, id, EventBody::Message { message: answer.clone() }));
+            store.commit(id, Batch { ops, events: events.collect() }).await.expect("first");
+            let mut results = message(id, "m2");
+            results.position = 2;
+            results.parts = vec![Part::text("result $1")].into();
+            let ops = vec![
+                Op::FinishToolCall {
+                    call_id: "c1".into(),
+                    message_id: "m1".into(),
+                    status: ToolCallStatus::Done,
+                    result: tricky.into(),
+                    is_error: true,
+                    exit_code: Some(1),
+                    duration_ms: Some(9),
+                    workspace_id: None,
+                },
+                Op::Audit {
+                    user_id: Some("u".into()),
+                    action: "tool.executed".into(),
+                    target_type: "tool_call".into(),
+                    target_id: Some("c1".into()),
+                    details: serde_json::json!({"text": tricky}),
+                },
+                Op::InsertMessage(results),
+                Op::SetStatus { status: ChatStatus::Idle, error: None },
+            ];
+            let events = vec![StreamEvent::durable(4, id, EventBody::StreamReset)];
+            store.commit(id, Batch { ops, events }).await.expect("second");
+
+            let state = store.load_chat(id).await.expect("load");
+            let texts: Vec<String> = state.messages.iter().map(|m| m.text()).collect();
+            assert_eq!(texts, [tricky, "result $1"], "{backend:?}");
+            assert_eq!(
+                (state.chat.status, state.chat.title.as_deref()),
+                (ChatStatus::Idle, Some(tricky)),
+                "{backend:?}"
+            );
+            assert_eq!(state.last_seq, 4, "{backend:?}");
+            assert_eq!(event_seqs(&store, id).await, [1, 2, 3, 4], "{backend:?}");
+            let call = tool_calls::Entity::find_by_id("tc1").one(&store.db).await.expect("query").expect("row");
+            assert_eq!(
+                (call.status.as_str(), call.result.as_deref(), call.is_error, call.exit_code, call.duration_ms),
+                ("done", Some(tricky), true, Some(1), Some(9)),
+                "{backend:?}"
+            );
+            assert_eq!(
+                (call.args, call.workspace_id.as_deref()),
+                (serde_json::json!({"path": tricky}), Some("w$1")),
+                "{backend:?}"
+            );
+            let used = usage::Entity::find().filter(usage::Column::ChatId.eq(id)).one(&store.db).await.expect("q");
+            let used = used.expect("usage row");
+            assert_eq!(
+                (used.input_tokens, used.output_tokens, used.cache_read_tokens, used.cache_write_tokens),
+                (5, 6, 7, 8),
+                "{backend:?}"
+            );
+            assert_eq!((used.cost_usd, used.model_id.as_deref()), (None, Some("model-$2")), "{backend:?}");
+            let audit = audit_events::Entity::find()
+                .filter(audit_events::Column::Action.eq("tool.executed"))
+                .one(&store.db)
+                .await
+                .expect("query")
+                .expect("audit row");
+            assert_eq!(audit.details, serde_json::json!({"text": tricky}), "{backend:?}");
         }
     }
 
