@@ -139,22 +139,29 @@ async fn commit_group(db: &DatabaseConnection, mut group: Vec<PendingCommit>) {
     }
 }
 
-/// Writes the chats' batches in one transaction on a connection from the pool, in order, the
-/// statements one by one.
+/// Writes the chats' batches atomically on a connection from the pool, in order: one statement
+/// per batch where its statements are independent ([`one_statement`]), and all of them in one
+/// transaction (a single statement is a transaction of its own).
 async fn write(
     db: &DatabaseConnection,
     batches: Vec<(&str, Batch)>,
     now: chrono::DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let backend = db.get_database_backend();
-    let txn = db.begin().await.map_err(db_err)?;
+    let mut statements = Vec::new();
     for (chat_id, batch) in batches {
         let independent = backend == DbBackend::Postgres && independent_ops(&batch.ops);
-        let statements = batch_statements(backend, chat_id, batch, now)?;
-        let statements = if independent { one_statement(statements) } else { statements };
-        for statement in statements {
-            txn.execute_raw(statement).await.map_err(db_err)?;
-        }
+        let batch = batch_statements(backend, chat_id, batch, now)?;
+        statements.extend(if independent { one_statement(batch) } else { batch });
+    }
+    // One statement is atomic on its own: no BEGIN and COMMIT round trips around it.
+    if statements.len() == 1 {
+        let statement = statements.pop().expect("one statement");
+        return db.execute_raw(statement).await.map(drop).map_err(db_err);
+    }
+    let txn = db.begin().await.map_err(db_err)?;
+    for statement in statements {
+        txn.execute_raw(statement).await.map_err(db_err)?;
     }
     txn.commit().await.map_err(db_err)
 }
