@@ -10,6 +10,7 @@
 //! API keys travel only in request headers: they are never logged and are scrubbed from error
 //! messages.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentplane_actors::ports::{ModelClient, ModelError, ModelEvent, ModelRequest, ModelStream};
@@ -17,6 +18,7 @@ use agentplane_schema::api::ProviderType;
 
 mod anthropic;
 mod bedrock;
+mod fragments;
 mod gemini;
 mod http;
 mod openai_compat;
@@ -68,6 +70,8 @@ pub fn decode_recorded(dialect: WireDialect, body: &[u8]) -> Vec<Result<ModelEve
 #[derive(Clone)]
 pub struct Providers {
     http: reqwest::Client,
+    /// History messages as the dialects wrote them for earlier steps.
+    fragments: Arc<fragments::Fragments>,
 }
 
 impl Providers {
@@ -76,7 +80,7 @@ impl Providers {
     /// deadline (`reqwest`'s `timeout`) would kill long answers.
     pub fn new(connect_timeout: Duration, read_timeout: Duration) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder().connect_timeout(connect_timeout).read_timeout(read_timeout).build()?;
-        Ok(Providers { http })
+        Ok(Providers { http, fragments: Default::default() })
     }
 }
 
@@ -102,7 +106,9 @@ impl ModelClient for Providers {
             | ProviderType::Azure
             | ProviderType::Openrouter
             | ProviderType::Vercel => match openai_compat::Api::for_target(&request.target)? {
-                openai_compat::Api::ChatCompletions => openai_compat::stream(&self.http, request).await,
+                openai_compat::Api::ChatCompletions => {
+                    openai_compat::stream(&self.http, &self.fragments, request).await
+                }
                 openai_compat::Api::Responses => openai_responses::stream(&self.http, request).await,
             },
             ProviderType::Anthropic => anthropic::stream(&self.http, request).await,

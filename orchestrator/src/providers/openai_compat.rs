@@ -22,14 +22,19 @@ use reqwest::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::fragments::{self, Fragments, Written};
 use super::http;
 use super::sse::{self, SseEvent, SseParser};
 
 /// Sends `request` and returns its answer as a stream. Errors up to and including the response
 /// headers (bad settings, connect failures, error statuses) come from the outer `Result`.
-pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> Result<ModelStream, ModelError> {
+pub(crate) async fn stream(
+    client: &reqwest::Client,
+    fragments: &Fragments,
+    request: ModelRequest,
+) -> Result<ModelStream, ModelError> {
     let endpoint = Endpoint::for_target(&request.target, Api::ChatCompletions)?;
-    let body = request_body(&request, &endpoint)?;
+    let body = request_body(&request, &endpoint, fragments)?;
     let response = endpoint.send(client, &body).await?;
     let api_key = endpoint.api_key.clone();
 
@@ -246,15 +251,25 @@ pub(crate) fn image_data_url(request: &ModelRequest, file_id: &str) -> Result<St
 // Request
 
 /// The Chat Completions body for `request`, sent to `endpoint`: borrowed from the request and
-/// serialized straight to bytes (no JSON tree is built for a prompt that every step resends).
-pub(crate) fn request_body<'a>(request: &'a ModelRequest, endpoint: &'a Endpoint) -> Result<Body<'a>, ModelError> {
-    let mut messages = Vec::with_capacity(request.messages.len() + 1);
-    if !request.system.is_empty() {
-        messages.push(OutMessage::System { content: &request.system });
-    }
-    for message in &request.messages {
-        push_message(&mut messages, message, request)?;
-    }
+/// serialized straight to bytes (no JSON tree is built for a prompt that every step resends),
+/// each history message as `fragments` kept it from an earlier step.
+pub(crate) fn request_body<'a>(
+    request: &'a ModelRequest,
+    endpoint: &'a Endpoint,
+    fragments: &Fragments,
+) -> Result<Body<'a>, ModelError> {
+    let written = request
+        .messages
+        .iter()
+        .map(|message| {
+            fragments.get_or_write("openai_chat", &message.parts, || {
+                let mut out = Vec::new();
+                push_message(&mut out, message, request)?;
+                out.iter().map(fragments::raw).collect::<Result<Written, _>>()
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let messages = Messages { system: (!request.system.is_empty()).then_some(request.system.as_str()), written };
     let max = request.target.max_output_tokens.filter(|m| *m > 0);
     let (max_tokens, max_completion_tokens) = match endpoint.max_tokens_field {
         "max_completion_tokens" => (None, max),
@@ -266,7 +281,9 @@ pub(crate) fn request_body<'a>(request: &'a ModelRequest, endpoint: &'a Endpoint
         stream_options: StreamOptions { include_usage: true },
         messages,
         // An empty `tools` array is rejected by several servers, so the key is left out instead.
-        tools: request.tools.iter().map(tool_definition).collect(),
+        tools: fragments.get_or_write("openai_chat", &request.tools, || {
+            request.tools.iter().map(|tool| fragments::raw(&tool_definition(tool))).collect()
+        })?,
         max_tokens,
         max_completion_tokens,
     })
@@ -278,13 +295,33 @@ pub(crate) struct Body<'a> {
     model: &'a str,
     stream: bool,
     stream_options: StreamOptions,
-    messages: Vec<OutMessage<'a>>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    tools: Vec<OutTool<'a>>,
+    messages: Messages<'a>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    tools: Written,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_completion_tokens: Option<i64>,
+}
+
+/// The system prompt, then each history message as written.
+pub(crate) struct Messages<'a> {
+    system: Option<&'a str>,
+    written: Vec<Written>,
+}
+
+impl Serialize for Messages<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq as _;
+        let mut seq = serializer.serialize_seq(None)?;
+        if let Some(content) = self.system {
+            seq.serialize_element(&OutMessage::System { content })?;
+        }
+        for message in self.written.iter().flat_map(|written| written.iter()) {
+            seq.serialize_element(message)?;
+        }
+        seq.end()
+    }
 }
 
 #[derive(Serialize)]

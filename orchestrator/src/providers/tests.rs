@@ -867,20 +867,25 @@ async fn request_shape() {
         )]
         .into(),
     };
-    let events: Vec<_> = providers().stream(request).await.expect("opens").collect().await;
-    assert!(events.iter().all(Result::is_ok));
+    // The next step's request: the same history (its messages' parts shared, as the loop shares
+    // them) and one more message. The client writes the shared part from what it kept.
+    let mut next = request.clone();
+    next.messages.push(PromptMessage { role: Role::Assistant, parts: vec![Part::text("Done: \"a\", b.")].into() });
+    let providers = providers();
+    for request in [request, next] {
+        let events: Vec<_> = providers.stream(request).await.expect("opens").collect().await;
+        assert!(events.iter().all(Result::is_ok));
+    }
 
     let requests = server.requests();
-    assert_eq!(requests.len(), 1);
+    assert_eq!(requests.len(), 2);
     let recorded = &requests[0];
     assert_eq!(recorded.method, "POST");
     assert_eq!(recorded.path, "/v1/chat/completions");
     assert_eq!(recorded.header("authorization"), Some(format!("Bearer {API_KEY}").as_str()));
     assert_eq!(recorded.header("content-type"), Some("application/json"));
     assert_eq!(recorded.header("accept"), Some("text/event-stream"));
-    assert_eq!(
-        recorded.json(),
-        json!({
+    let first = json!({
             "model": "gpt-4o",
             "stream": true,
             "stream_options": {"include_usage": true},
@@ -908,8 +913,14 @@ async fn request_shape() {
                 "description": "Run a command.",
                 "parameters": command_schema(),
             }}],
-        })
-    );
+    });
+    assert_eq!(recorded.json(), first);
+    let mut second = first;
+    second["messages"]
+        .as_array_mut()
+        .expect("messages")
+        .push(json!({"role": "assistant", "content": "Done: \"a\", b."}));
+    assert_eq!(requests[1].json(), second, "the next step's body, from what was kept and the new message");
 }
 
 #[tokio::test]
