@@ -12,6 +12,7 @@
 //! [`Message::parts`]: agentplane_schema::message::Message::parts
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, Weak};
 
 use agentplane_actors::ports::ModelError;
@@ -34,9 +35,48 @@ pub(crate) struct Fragments {
 
 #[derive(Default)]
 struct Entries {
-    by_value: HashMap<(usize, &'static str), (Alive, Written)>,
+    by_value: HashMap<Key, (Alive, Written), BuildHasherDefault<AddressHasher>>,
     /// The map is swept of dead entries when it grows past this.
     sweep_at: usize,
+}
+
+/// A shared value's address and the dialect that wrote it.
+#[derive(PartialEq, Eq)]
+struct Key {
+    address: usize,
+    dialect: &'static str,
+}
+
+impl std::hash::Hash for Key {
+    /// By the address alone: a value is seldom written by two dialects.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_usize(self.address);
+    }
+}
+
+/// Addresses are already well spread but for their low bits (alignment): one multiplication
+/// mixes them, where the default hasher would cost more than the lookup saves on a short message.
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.write_u64(u64::from(*byte));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
 }
 
 impl Fragments {
@@ -48,7 +88,7 @@ impl Fragments {
         shared: &Arc<T>,
         write: impl FnOnce() -> Result<Written, ModelError>,
     ) -> Result<Written, ModelError> {
-        let key = (Arc::as_ptr(shared).cast::<()>() as usize, dialect);
+        let key = Key { address: Arc::as_ptr(shared).cast::<()>() as usize, dialect };
         if let Some((_, written)) = self.lock().by_value.get(&key) {
             return Ok(written.clone());
         }
