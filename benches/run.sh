@@ -38,7 +38,7 @@ run() {
 }
 
 run first-delta first-delta --turns 1000
-run idle idle --chats 1000
+run idle idle --chats 10000
 run delta-latency delta-latency
 run fanout fanout --chats 200 --watchers 2
 run burst burst --users 200
