@@ -38,6 +38,9 @@ pub struct Settings {
     pub secrets: SecretsSettings,
 }
 
+/// The largest `server.stream_buffer`: each watched chat allocates its buffer in full.
+pub const MAX_STREAM_BUFFER: usize = 65_536;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSettings {
@@ -50,7 +53,9 @@ pub struct ServerSettings {
     /// HTTP worker threads; 0 = half the cores (at least one). Default 0.
     pub http_workers: usize,
     /// Live events a WebSocket watcher may fall behind by before it is caught up from the
-    /// database. Default 1024.
+    /// database. Each watched chat holds a buffer of this many events (rounded up to a power of
+    /// two), allocated when its first watcher connects. Default 1024, at most
+    /// [`MAX_STREAM_BUFFER`].
     pub stream_buffer: usize,
     /// Log as JSON lines instead of text. Default false.
     pub log_json: bool,
@@ -247,8 +252,8 @@ impl Settings {
                 format!("`{}` is not an address like 127.0.0.1:7420", self.server.listen),
             ));
         }
-        if self.server.stream_buffer == 0 {
-            return Err(invalid("server.stream_buffer", "must be at least 1"));
+        if !(1..=MAX_STREAM_BUFFER).contains(&self.server.stream_buffer) {
+            return Err(invalid("server.stream_buffer", format!("must be between 1 and {MAX_STREAM_BUFFER}")));
         }
         if self.server.data_dir.as_os_str().is_empty() {
             return Err(invalid("server.data_dir", "must not be empty"));
@@ -405,6 +410,11 @@ mod tests {
         let err =
             Settings::load_with_env(None, env(&[("AGENTPLANE__LLM__RETRY__MAX_ATTEMPTS", "0")])).expect_err("invalid");
         assert!(err.to_string().contains("llm.retry.max_attempts"), "{err}");
+        for bad in ["0", "65537"] {
+            let err =
+                Settings::load_with_env(None, env(&[("AGENTPLANE__SERVER__STREAM_BUFFER", bad)])).expect_err("invalid");
+            assert!(err.to_string().contains("server.stream_buffer"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -54,14 +54,16 @@ impl std::hash::Hash for Key {
     }
 }
 
-/// Addresses are already well spread but for their low bits (alignment): one multiplication
-/// mixes them, where the default hasher would cost more than the lookup saves on a short message.
+/// An address hashed with one multiplication, where the default hasher would cost more than
+/// the lookup saves on a short message. A product's low bits depend only on the factor's low
+/// bits, which alignment leaves zero, so `finish` rotates the well-mixed high bits down: the
+/// map picks a bucket by the low ones.
 #[derive(Default)]
 struct AddressHasher(u64);
 
 impl Hasher for AddressHasher {
     fn finish(&self) -> u64 {
-        self.0
+        self.0.rotate_left(26)
     }
 
     fn write(&mut self, bytes: &[u8]) {

@@ -262,11 +262,18 @@ pub(crate) fn request_body<'a>(
         .messages
         .iter()
         .map(|message| {
-            fragments.get_or_write("openai_chat", &message.parts, || {
+            let write = || {
                 let mut out = Vec::new();
                 push_message(&mut out, message, request)?;
                 out.iter().map(fragments::raw).collect::<Result<Written, _>>()
-            })
+            };
+            // An image is written as a data URL of its bytes, up to 13 MiB of text, which is
+            // not worth keeping for as long as the chat is loaded.
+            if message.parts.iter().any(|p| matches!(p, Part::Image { .. })) {
+                write()
+            } else {
+                fragments.get_or_write("openai_chat", &message.parts, write)
+            }
         })
         .collect::<Result<_, _>>()?;
     let messages = Messages { system: (!request.system.is_empty()).then_some(request.system.as_str()), written };

@@ -173,21 +173,31 @@ async fn write(
 fn independent_ops(ops: &[Op]) -> bool {
     ops.iter().all(|op| {
         match op {
-        Op::InsertMessage(_)
-        | Op::InsertToolCall { .. }
-        | Op::RecordUsage { .. }
-        | Op::Audit { .. }
-        | Op::SetStatus { .. }
-        | Op::SetWorkspace(_)
-        | Op::SetTitle(_)
-        | Op::SetArchived(_) => true,
-        Op::FinishToolCall { call_id, message_id, .. } => !ops.iter().any(|other| {
-            matches!(other, Op::InsertToolCall { call_id: c, message_id: m, .. } if c == call_id && m == message_id)
-        }),
-        Op::InsertQueued { .. } | Op::DeleteQueued { .. } | Op::UpdateQueued { .. } | Op::DropMessagesFrom { .. } => {
-            false
+            Op::InsertMessage(_)
+            | Op::InsertToolCall { .. }
+            | Op::RecordUsage { .. }
+            | Op::Audit { .. }
+            | Op::SetStatus { .. }
+            | Op::SetWorkspace(_)
+            | Op::SetTitle(_)
+            | Op::SetArchived(_) => true,
+            // Not the finish of a call inserted in the same batch, nor a call finished twice (one
+            // statement updating a row twice keeps one of the updates, which one unspecified).
+            Op::FinishToolCall { call_id, message_id, .. } => {
+                ops.iter()
+                    .filter(|other| match other {
+                        Op::InsertToolCall { call_id: c, message_id: m, .. }
+                        | Op::FinishToolCall { call_id: c, message_id: m, .. } => c == call_id && m == message_id,
+                        _ => false,
+                    })
+                    .count()
+                    == 1
+            }
+            Op::InsertQueued { .. }
+            | Op::DeleteQueued { .. }
+            | Op::UpdateQueued { .. }
+            | Op::DropMessagesFrom { .. } => false,
         }
-    }
     })
 }
 
@@ -901,6 +911,8 @@ mod tests {
         assert!(independent_ops(&[message.clone(), insert.clone(), Op::SetArchived(false)]));
         assert!(independent_ops(&[finish("m"), message.clone()]), "a call made in an earlier batch");
         assert!(!independent_ops(&[insert, finish("m")]), "the finish must see the insert");
+        assert!(!independent_ops(&[finish("m"), finish("m")]), "a row updated twice in one statement");
+        assert!(independent_ops(&[finish("m"), finish("other")]));
         assert!(!independent_ops(&[message, Op::DropMessagesFrom { from_position: 1 }]));
 
         let statements = batch_statements(DbBackend::Postgres, "chat", batch("chat", "m"), Utc::now()).expect("build");
