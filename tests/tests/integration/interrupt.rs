@@ -138,7 +138,15 @@ async fn a_watcher_who_joins_mid_answer_sees_it_from_its_start() {
 async fn interrupting_while_only_a_tool_call_was_written_voids_its_pieces() {
     let env = TestEnv::start().await;
     let (chat, mut stream) = env.idle_chat("ready").await;
-    env.llm.push(Reply::tool_call("execute", json!({"command": "echo never run"})).chunk_chars(5).then_hang());
+    // The arguments stream for over a second, so pieces would keep coming after the interrupt
+    // if it did not stop the step's reading.
+    let command = "echo never run; ".repeat(32);
+    env.llm.push(
+        Reply::tool_call("execute", json!({ "command": command }))
+            .chunk_chars(4)
+            .chunk_delay(Duration::from_millis(10))
+            .then_hang(),
+    );
     env.send(&chat.id, "run something").await;
     stream
         .wait_for(|e| matches!(&e.body, EventBody::MessageDelta { kind: DeltaKind::ToolArgs, .. }), WAIT)
