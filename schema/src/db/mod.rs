@@ -58,11 +58,17 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
             });
         }
         _ => {
-            options.max_connections(max_connections.max(1));
+            // A connection idle for a while is pinged before use (the server or the network may
+            // have cut it meanwhile); one in steady use is not: a ping is a round trip, and a
+            // group commit of small batches is only a few.
+            options.max_connections(max_connections.max(1)).test_before_acquire_if_idle_for(PING_AFTER_IDLE);
         }
     }
     Database::connect(options).await
 }
+
+/// How long a PostgreSQL connection may sit idle in the pool before it is pinged on checkout.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 /// Turns on SQLite's query planner stability guarantee for `conn`, so that prepared statements
 /// stay prepared. Without it, once SQLite prepares a statement again (as it does after any

@@ -439,6 +439,37 @@ async fn postgres_migrates_and_round_trips() {
             .try_get_by_index::<i64>(0)
             .expect("count value");
         assert_eq!(applied, <super::Migrator as sea_orm_migration::MigratorTrait>::migrations().len() as i64);
+
+        // Connections the server cut while they sat idle are found dead on checkout (the pool
+        // pings a connection idle for a while) and replaced: every query still succeeds.
+        let all_at_once = |db: &DatabaseConnection| {
+            let queries: Vec<_> = (0..4)
+                .map(|_| {
+                    let db = db.clone();
+                    tokio::spawn(async move { db.execute_unprepared("SELECT pg_sleep(0.05)").await.map(drop) })
+                })
+                .collect();
+            async move {
+                for query in queries {
+                    query.await.expect("query task").expect("query on a pooled connection");
+                }
+            }
+        };
+        all_at_once(&db).await;
+        let cut = db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            ))
+            .await
+            .expect("terminate the other connections")
+            .expect("one row")
+            .try_get_by_index::<i64>(0)
+            .expect("count");
+        assert!(cut >= 1, "the pool held other connections to cut");
+        tokio::time::sleep(super::PING_AFTER_IDLE + std::time::Duration::from_millis(100)).await;
+        all_at_once(&db).await;
         db.close().await.expect("close pool");
     };
     // Drop the database even when an assertion fails, then report the failure.
