@@ -623,6 +623,32 @@ mod tests {
         (store, chats)
     }
 
+    /// An empty SQLite file and a fresh PostgreSQL database.
+    fn both_databases() -> [agentplane_tests::pg::TestDatabase; 2] {
+        [agentplane_tests::pg::TestDatabase::sqlite_temp(), agentplane_tests::pg::TestDatabase::postgres()]
+    }
+
+    /// The chat's usage row: its four token counts, its cost and its model.
+    async fn usage_of(store: &DbStore, chat_id: &str) -> ((i64, i64, i64, i64), Option<f64>, Option<String>) {
+        let used = usage::Entity::find().filter(usage::Column::ChatId.eq(chat_id)).one(&store.db).await.expect("q");
+        let used = used.expect("usage row");
+        (
+            (used.input_tokens, used.output_tokens, used.cache_read_tokens, used.cache_write_tokens),
+            used.cost_usd,
+            used.model_id,
+        )
+    }
+
+    /// The audit row of the (only) `tool.executed` action.
+    async fn tool_audit(store: &DbStore) -> audit_events::Model {
+        audit_events::Entity::find()
+            .filter(audit_events::Column::Action.eq("tool.executed"))
+            .one(&store.db)
+            .await
+            .expect("query")
+            .expect("audit row")
+    }
+
     /// The seqs of the chat's stored events, in order.
     async fn event_seqs(store: &DbStore, chat_id: &str) -> Vec<i64> {
         chat_events::Entity::find()
@@ -703,9 +729,7 @@ mod tests {
     /// in its order, on both backends (several committers on PostgreSQL).
     #[tokio::test]
     async fn each_chats_batches_land_in_order_under_concurrent_commits() {
-        for database in
-            [agentplane_tests::pg::TestDatabase::sqlite_temp(), agentplane_tests::pg::TestDatabase::postgres()]
-        {
+        for database in both_databases() {
             let (store, chats) = store_with_chats(database.url(), 30).await;
             let rounds = 12;
             let commits = chats.iter().map(|chat| {
@@ -739,9 +763,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_whose_caller_stopped_waiting_still_lands_before_the_next() {
         use futures::FutureExt as _;
-        for database in
-            [agentplane_tests::pg::TestDatabase::sqlite_temp(), agentplane_tests::pg::TestDatabase::postgres()]
-        {
+        for database in both_databases() {
             let (store, chats) = store_with_chats(database.url(), 30).await;
             let mut abandoned = 0;
             for chat in &chats {
@@ -761,21 +783,18 @@ mod tests {
         }
     }
 
-    /// Every kind of op in one batch, with text full of `?`, `;` and quotes, through the
-    /// multi-statement path on SQLite (and one by one on PostgreSQL): everything reads back as
-    /// written, so no value went to the wrong placeholder.
+    /// Every kind of op in one batch, with text full of `?`, `;` and quotes, through the SQLite
+    /// writer's prepared statements and, on PostgreSQL, one statement at a time (the batch drops
+    /// messages and changes queued ones, so it is not made one statement): everything reads back
+    /// as written, so no value went to the wrong placeholder.
     #[tokio::test]
-    async fn batches_on_sqlite_read_back_as_written() {
+    async fn every_kind_of_op_reads_back_as_written() {
         use agentplane_actors::ports::{ToolCallStatus, Usage};
         use agentplane_schema::api::{ChatError, ChatErrorKind, ChatStatus};
         use agentplane_schema::message::QueuedMessage;
-        for database in
-            [agentplane_tests::pg::TestDatabase::sqlite_temp(), agentplane_tests::pg::TestDatabase::postgres()]
-        {
-            let db = agentplane_schema::db::connect_and_migrate(database.url(), 4).await.expect("database");
-            let store = DbStore::new(db, SecretBox::new(&[1; 32]));
-            let chat = store.create_chat(NewChat { owner_id: "u".into(), ..Default::default() }).await.expect("chat");
-            let id = chat.id.as_str();
+        for database in both_databases() {
+            let (store, chats) = store_with_chats(database.url(), 1).await;
+            let id = chats[0].as_str();
             let tricky = "it's; a ? test -- ?1 $1 '';";
             let mut kept = message(id, "m1");
             kept.parts = vec![Part::text(tricky)].into();
@@ -860,21 +879,8 @@ mod tests {
                 ("done", Some("ok ? ;"), Some(3), Some(12), serde_json::json!({"path": "a?;b"})),
                 "{backend:?}"
             );
-            let used = usage::Entity::find().filter(usage::Column::ChatId.eq(id)).one(&store.db).await.expect("q");
-            let used = used.expect("usage row");
-            assert_eq!(
-                (used.input_tokens, used.output_tokens, used.cache_read_tokens, used.cache_write_tokens),
-                (1, 2, 3, 4),
-                "{backend:?}"
-            );
-            assert_eq!((used.cost_usd, used.model_id.as_deref()), (Some(0.5), Some("model-x")), "{backend:?}");
-            let audit = audit_events::Entity::find()
-                .filter(audit_events::Column::Action.eq("tool.executed"))
-                .one(&store.db)
-                .await
-                .expect("query")
-                .expect("audit row");
-            assert_eq!(audit.target_id.as_deref(), Some("c1"), "{backend:?}");
+            assert_eq!(usage_of(&store, id).await, ((1, 2, 3, 4), Some(0.5), Some("model-x".into())), "{backend:?}");
+            assert_eq!(tool_audit(&store).await.target_id.as_deref(), Some("c1"), "{backend:?}");
             assert_eq!(event_seqs(&store, id).await, [1, 2], "{backend:?}");
         }
     }
@@ -929,13 +935,9 @@ mod tests {
     async fn batches_as_steps_commit_them_read_back_as_written() {
         use agentplane_actors::ports::{ToolCallStatus, Usage};
         use agentplane_schema::api::ChatStatus;
-        for database in
-            [agentplane_tests::pg::TestDatabase::sqlite_temp(), agentplane_tests::pg::TestDatabase::postgres()]
-        {
-            let db = agentplane_schema::db::connect_and_migrate(database.url(), 4).await.expect("database");
-            let store = DbStore::new(db, SecretBox::new(&[1; 32]));
-            let chat = store.create_chat(NewChat { owner_id: "u".into(), ..Default::default() }).await.expect("chat");
-            let id = chat.id.as_str();
+        for database in both_databases() {
+            let (store, chats) = store_with_chats(database.url(), 1).await;
+            let id = chats[0].as_str();
             let backend = database.backend();
             let tricky = r#"it's "$1" ? $2; -- ''"#;
             let mut answer = message(id, "m1");
@@ -1012,21 +1014,8 @@ mod tests {
                 (serde_json::json!({"path": tricky}), Some("w$1")),
                 "{backend:?}"
             );
-            let used = usage::Entity::find().filter(usage::Column::ChatId.eq(id)).one(&store.db).await.expect("q");
-            let used = used.expect("usage row");
-            assert_eq!(
-                (used.input_tokens, used.output_tokens, used.cache_read_tokens, used.cache_write_tokens),
-                (5, 6, 7, 8),
-                "{backend:?}"
-            );
-            assert_eq!((used.cost_usd, used.model_id.as_deref()), (None, Some("model-$2")), "{backend:?}");
-            let audit = audit_events::Entity::find()
-                .filter(audit_events::Column::Action.eq("tool.executed"))
-                .one(&store.db)
-                .await
-                .expect("query")
-                .expect("audit row");
-            assert_eq!(audit.details, serde_json::json!({"text": tricky}), "{backend:?}");
+            assert_eq!(usage_of(&store, id).await, ((5, 6, 7, 8), None, Some("model-$2".into())), "{backend:?}");
+            assert_eq!(tool_audit(&store).await.details, serde_json::json!({"text": tricky}), "{backend:?}");
         }
     }
 
@@ -1085,9 +1074,7 @@ mod tests {
         use agentplane_schema::api::UserRole;
         use agentplane_schema::db::entities::api_tokens;
         use sea_orm::ActiveValue::Set;
-        for database in
-            [agentplane_tests::pg::TestDatabase::sqlite_temp(), agentplane_tests::pg::TestDatabase::postgres()]
-        {
+        for database in both_databases() {
             let (store, _) = store_with_chats(database.url(), 0).await;
             let (ada, ada_token_id, ada_token) =
                 store.create_user_with_token("ada", UserRole::Admin, None).await.expect("ada");

@@ -6,7 +6,7 @@
 //! thread and back, one per batch, and every value went through sqlx's argument conversion; here
 //! a group is one hand-off to this thread and one message back per batch. Values are bound as
 //! sqlx binds them, so sea-orm reads back what this thread writes
-//! (`batches_on_sqlite_read_back_as_written` checks every kind of op).
+//! (`every_kind_of_op_reads_back_as_written` checks every kind of op).
 
 use std::time::Duration;
 
