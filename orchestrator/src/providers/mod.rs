@@ -70,7 +70,7 @@ pub fn decode_recorded(dialect: WireDialect, body: &[u8]) -> Vec<Result<ModelEve
 #[derive(Clone)]
 pub struct Providers {
     http: reqwest::Client,
-    /// History messages as the dialects wrote them for earlier steps.
+    /// History messages and tool definitions as the dialects wrote them for earlier steps.
     fragments: Arc<fragments::Fragments>,
 }
 

@@ -250,6 +250,9 @@ pub(crate) fn image_data_url(request: &ModelRequest, file_id: &str) -> Result<St
 // ---------------------------------------------------------------------------------------------
 // Request
 
+/// The name under which [`Fragments`] keeps what this dialect wrote.
+const KEPT_AS: &str = "openai_chat";
+
 /// The Chat Completions body for `request`, sent to `endpoint`: borrowed from the request and
 /// serialized straight to bytes (no JSON tree is built for a prompt that every step resends),
 /// each history message as `fragments` kept it from an earlier step.
@@ -272,7 +275,7 @@ pub(crate) fn request_body<'a>(
             if message.parts.iter().any(|p| matches!(p, Part::Image { .. })) {
                 write()
             } else {
-                fragments.get_or_write("openai_chat", &message.parts, write)
+                fragments.get_or_write(KEPT_AS, &message.parts, write)
             }
         })
         .collect::<Result<_, _>>()?;
@@ -288,7 +291,7 @@ pub(crate) fn request_body<'a>(
         stream_options: StreamOptions { include_usage: true },
         messages,
         // An empty `tools` array is rejected by several servers, so the key is left out instead.
-        tools: fragments.get_or_write("openai_chat", &request.tools, || {
+        tools: fragments.get_or_write(KEPT_AS, &request.tools, || {
             request.tools.iter().map(|tool| fragments::raw(&tool_definition(tool))).collect()
         })?,
         max_tokens,

@@ -8,6 +8,7 @@ mod sqlite_writer;
 mod uploads;
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use agentplane_actors::ports::{Batch, ChatState, ImageData, NewChild, Op, Prices, ResolvedModel, Store, StoreError};
@@ -224,7 +225,7 @@ fn one_statement(statements: Vec<Statement>) -> Vec<Statement> {
             if index > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!("p{index} AS ("));
+            let _ = write!(sql, "p{index} AS (");
             renumber_placeholders(&statement.sql, offset, &mut sql);
             sql.push(')');
         }
