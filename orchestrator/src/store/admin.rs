@@ -146,20 +146,30 @@ impl DbStore {
             .map(user_from_row))
     }
 
-    /// The user a (not revoked) token belongs to: one query, as every API request asks it.
+    /// The user a (not revoked) token belongs to: one query, as every API request asks it, and
+    /// none while the answer is recent (see [`super::TOKEN_CACHE_TTL`]).
     pub async fn user_by_token(&self, token: &str) -> Result<Option<User>, StoreError> {
+        let hash = token_hash(token);
+        let miss = match self.tokens.get(&hash) {
+            Ok(user) => return Ok(Some(user)),
+            Err(miss) => miss,
+        };
         let token_owner = Query::select()
             .column(api_tokens::Column::UserId)
             .from(api_tokens::Entity)
-            .and_where(api_tokens::Column::TokenHash.eq(token_hash(token)))
+            .and_where(api_tokens::Column::TokenHash.eq(hash.as_str()))
             .and_where(api_tokens::Column::Revoked.eq(false))
             .to_owned();
-        Ok(users::Entity::find()
+        let user = users::Entity::find()
             .filter(users::Column::Id.in_subquery(token_owner))
             .one(&self.db)
             .await
             .map_err(db_err)?
-            .map(user_from_row))
+            .map(user_from_row);
+        if let Some(user) = &user {
+            self.tokens.put(miss, hash, user.clone());
+        }
+        Ok(user)
     }
 
     /// Adds a provider; its API key is stored sealed (see [`crate::secrets`]).

@@ -4,6 +4,7 @@
 mod admin;
 mod chats;
 mod convert;
+mod recent;
 mod sqlite_writer;
 mod uploads;
 
@@ -12,7 +13,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use agentplane_actors::ports::{Batch, ChatState, ImageData, NewChild, Op, Prices, ResolvedModel, Store, StoreError};
-use agentplane_schema::api::{Chat, ProviderType};
+use agentplane_schema::api::{Chat, ProviderType, User};
 use agentplane_schema::db::entities::{
     audit_events, chat_events, chats as chat_rows, files, messages, models, providers, queued_messages, tool_calls,
     usage,
@@ -30,6 +31,7 @@ pub use chats::{NewChat, Snapshot};
 pub use convert::{chat_from_row, message_from_row};
 pub use uploads::{ImageKind, MAX_IMAGE_BYTES};
 
+use self::recent::Recent;
 use crate::secrets::SecretBox;
 
 #[derive(Clone)]
@@ -42,22 +44,23 @@ pub struct DbStore {
     committers: Arc<[mpsc::UnboundedSender<PendingCommit>]>,
     /// Models as the loop uses them (provider row joined, key decrypted), by the id asked for
     /// (`None`: the default): every step resolves its model, and the rows rarely change. Emptied
-    /// by every provider or model change made through this store, and entries expire after
+    /// by every provider or model change made through this store; each is read again after
     /// [`MODEL_CACHE_TTL`] in case another process changed the rows.
-    models: Arc<std::sync::Mutex<ModelCache>>,
-}
-
-/// Resolved models with when they were resolved, by the id asked for.
-#[derive(Default)]
-struct ModelCache {
-    entries: HashMap<Option<String>, (std::time::Instant, ResolvedModel)>,
-    /// Bumped by every change: a resolution that read the rows before a change does not store
-    /// its (old) result after it.
-    generation: u64,
+    models: Arc<Recent<Option<String>, ResolvedModel>>,
+    /// The user of each token (by its hash) a request came with: every API request asks, and a
+    /// conversation sends many. Only tokens found are kept, so a new token works at once; a token
+    /// revoked in the database stops working within [`TOKEN_CACHE_TTL`].
+    tokens: Arc<Recent<String, User>>,
 }
 
 /// How long a resolved model is reused.
 const MODEL_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a token's user is reused: the longest a revoked token still works.
+pub const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tokens kept at most (a sweep of expired ones, or of all, makes room).
+const TOKEN_CACHE_CAPACITY: usize = 10_000;
 
 /// Batches of different chats committed in one transaction at most.
 const MAX_GROUP: usize = 256;
@@ -291,7 +294,13 @@ impl DbStore {
                 committer
             })
             .collect();
-        DbStore { db, secrets, committers, models: Default::default() }
+        DbStore {
+            db,
+            secrets,
+            committers,
+            models: Arc::new(Recent::new(MODEL_CACHE_TTL, 64)),
+            tokens: Arc::new(Recent::new(TOKEN_CACHE_TTL, TOKEN_CACHE_CAPACITY)),
+        }
     }
 
     /// A transaction that writes. On SQLite it takes the write lock at `BEGIN`, waiting for it
@@ -360,9 +369,7 @@ impl DbStore {
 
     /// Forgets every resolved model; called after a provider or model row changed.
     pub(crate) fn forget_models(&self) {
-        let mut cache = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        cache.entries.clear();
-        cache.generation += 1;
+        self.models.forget_all();
     }
 }
 
@@ -418,20 +425,12 @@ impl Store for DbStore {
 
     async fn resolve_model(&self, model_id: Option<&str>) -> Result<ResolvedModel, StoreError> {
         let key = model_id.map(str::to_string);
-        let generation = {
-            let cache = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some((at, model)) = cache.entries.get(&key)
-                && at.elapsed() < MODEL_CACHE_TTL
-            {
-                return Ok(model.clone());
-            }
-            cache.generation
+        let miss = match self.models.get(&key) {
+            Ok(model) => return Ok(model),
+            Err(miss) => miss,
         };
         let resolved = self.resolve_model_uncached(model_id).await?;
-        let mut cache = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if cache.generation == generation {
-            cache.entries.insert(key, (std::time::Instant::now(), resolved.clone()));
-        }
+        self.models.put(miss, key, resolved.clone());
         Ok(resolved)
     }
 
@@ -1069,24 +1068,25 @@ mod tests {
         }
     }
 
-    /// A token finds its user until it is revoked; an unknown token finds no one.
+    /// A token finds its user until it is revoked (its answer reused for at most
+    /// [`TOKEN_CACHE_TTL`]); an unknown token finds no one.
     #[tokio::test]
     async fn a_token_finds_its_user_until_revoked() {
         use agentplane_schema::api::UserRole;
         use agentplane_schema::db::entities::api_tokens;
         use sea_orm::ActiveValue::Set;
         for database in both_databases() {
-            let (store, _) = store_with_chats(database.url(), 0).await;
+            let (mut store, _) = store_with_chats(database.url(), 0).await;
             let (ada, ada_token_id, ada_token) =
                 store.create_user_with_token("ada", UserRole::Admin, None).await.expect("ada");
             let (bob, _, bob_token) = store.create_user_with_token("bob", UserRole::Member, None).await.expect("bob");
-            let found = |token: String| {
-                let store = store.clone();
+            let found = |store: &DbStore, token: &str| {
+                let (store, token) = (store.clone(), token.to_string());
                 async move { store.user_by_token(&token).await.expect("lookup").map(|u| u.id) }
             };
-            assert_eq!(found(ada_token.clone()).await, Some(ada.id.clone()));
-            assert_eq!(found(bob_token.clone()).await, Some(bob.id.clone()));
-            assert_eq!(found("not-a-token".into()).await, None);
+            assert_eq!(found(&store, &ada_token).await, Some(ada.id.clone()));
+            assert_eq!(found(&store, &bob_token).await, Some(bob.id.clone()));
+            assert_eq!(found(&store, "not-a-token").await, None);
 
             api_tokens::Entity::update(api_tokens::ActiveModel {
                 id: Set(ada_token_id),
@@ -1096,8 +1096,11 @@ mod tests {
             .exec(&store.db)
             .await
             .expect("revoke");
-            assert_eq!(found(ada_token).await, None, "{:?}: a revoked token", database.backend());
-            assert_eq!(found(bob_token).await, Some(bob.id), "{:?}", database.backend());
+            assert_eq!(found(&store, &ada_token).await, Some(ada.id.clone()), "the answer is reused a while");
+            // Once the answer has expired, the revocation counts.
+            store.tokens = Arc::new(Recent::new(std::time::Duration::ZERO, 8));
+            assert_eq!(found(&store, &ada_token).await, None, "{:?}: a revoked token", database.backend());
+            assert_eq!(found(&store, &bob_token).await, Some(bob.id), "{:?}", database.backend());
         }
     }
 }
