@@ -62,21 +62,6 @@ pub fn message_from_row(row: messages::Model) -> Result<Message, StoreError> {
     })
 }
 
-pub fn message_to_row(m: &Message) -> Result<messages::ActiveModel, StoreError> {
-    Ok(messages::ActiveModel {
-        id: Set(m.id.clone()),
-        chat_id: Set(m.chat_id.clone()),
-        position: Set(m.position),
-        role: Set(m.role.as_str().to_string()),
-        parts: Set(to_json(&m.parts)?),
-        interrupted: Set(m.interrupted),
-        deleted: Set(false),
-        user_id: Set(m.user_id.clone()),
-        model_id: Set(m.model_id.clone()),
-        created_at: Set(m.created_at),
-    })
-}
-
 /// An audit log row: who did what to which target.
 pub fn audit_row(
     user_id: Option<String>,

@@ -5,6 +5,7 @@ mod admin;
 mod chats;
 mod convert;
 mod recent;
+mod sql;
 mod sqlite_writer;
 mod uploads;
 
@@ -12,7 +13,9 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use agentplane_actors::ports::{Batch, ChatState, ImageData, NewChild, Op, Prices, ResolvedModel, Store, StoreError};
+use agentplane_actors::ports::{
+    Batch, ChatState, ImageData, NewChild, Op, Prices, ResolvedModel, Store, StoreError, ToolCallStatus,
+};
 use agentplane_schema::api::{Chat, ProviderType, User};
 use agentplane_schema::db::entities::{
     audit_events, chat_events, chats as chat_rows, files, messages, models, providers, queued_messages, tool_calls,
@@ -20,10 +23,9 @@ use agentplane_schema::db::entities::{
 };
 use agentplane_schema::new_id;
 use chrono::Utc;
-use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QueryTrait, Statement, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    Statement, TransactionTrait,
 };
 use tokio::sync::mpsc;
 
@@ -452,67 +454,131 @@ fn batch_statements(
     batch: Batch,
     now: chrono::DateTime<Utc>,
 ) -> Result<Vec<Statement>, StoreError> {
-    let mut statements = Vec::new();
-    let mut chat = chat_rows::ActiveModel { updated_at: Set(now), ..Default::default() };
+    use sql::{Sql, json};
+    let mut statements = Vec::with_capacity(batch.ops.len() + 2);
+    // The chat row's changes, the last of each kind counting: written once, after the others.
+    let mut status = None;
+    let mut workspace = None;
+    let mut title = None;
+    let mut archived = None;
     for op in batch.ops {
         let statement = match op {
-            Op::InsertMessage(m) => messages::Entity::insert(convert::message_to_row(&m)?).build(backend),
-            Op::SetStatus { status, error } => {
-                chat.status = Set(status.as_str().to_string());
-                chat.error_kind = Set(error.as_ref().map(|e| convert::enum_str(&e.kind)));
-                chat.error_message = Set(error.map(|e| e.message));
+            Op::InsertMessage(m) => {
+                use messages::Column as C;
+                let mut insert = Sql::insert(
+                    backend,
+                    messages::Entity,
+                    &[
+                        C::Id,
+                        C::ChatId,
+                        C::Position,
+                        C::Role,
+                        C::Parts,
+                        C::Interrupted,
+                        C::Deleted,
+                        C::UserId,
+                        C::ModelId,
+                        C::CreatedAt,
+                    ],
+                );
+                insert.row([
+                    m.id.into(),
+                    m.chat_id.into(),
+                    m.position.into(),
+                    m.role.as_str().into(),
+                    json(backend, &m.parts)?,
+                    m.interrupted.into(),
+                    false.into(),
+                    m.user_id.into(),
+                    m.model_id.into(),
+                    m.created_at.into(),
+                ]);
+                insert
+            }
+            Op::SetStatus { status: s, error } => {
+                status = Some((s, error));
                 continue;
             }
             Op::SetWorkspace(w) => {
-                chat.workspace_id = Set(w);
+                workspace = Some(w);
                 continue;
             }
-            Op::InsertQueued { message, position } => queued_messages::Entity::insert(queued_messages::ActiveModel {
-                id: Set(message.id),
-                chat_id: Set(message.chat_id),
-                position: Set(position),
-                content: Set(convert::to_json(&message.content)?),
-                user_id: Set(message.user_id),
-                created_at: Set(message.created_at),
-            })
-            .build(backend),
-            Op::DeleteQueued { id } => queued_messages::Entity::delete_by_id(id).build(backend),
-            Op::SetTitle(title) => {
-                chat.title = Set(Some(title));
+            Op::InsertQueued { message, position } => {
+                use queued_messages::Column as C;
+                let mut insert = Sql::insert(
+                    backend,
+                    queued_messages::Entity,
+                    &[C::Id, C::ChatId, C::Position, C::Content, C::UserId, C::CreatedAt],
+                );
+                insert.row([
+                    message.id.into(),
+                    message.chat_id.into(),
+                    position.into(),
+                    json(backend, &message.content)?,
+                    message.user_id.into(),
+                    message.created_at.into(),
+                ]);
+                insert
+            }
+            Op::DeleteQueued { id } => {
+                let mut delete = Sql::delete(backend, queued_messages::Entity);
+                delete.and_where(queued_messages::Column::Id, "=", id);
+                delete
+            }
+            Op::SetTitle(t) => {
+                title = Some(t);
                 continue;
             }
-            Op::SetArchived(archived) => {
-                chat.archived = Set(archived);
+            Op::SetArchived(a) => {
+                archived = Some(a);
                 continue;
             }
-            Op::DropMessagesFrom { from_position } => messages::Entity::update_many()
-                .col_expr(messages::Column::Deleted, Expr::value(true))
-                .filter(messages::Column::ChatId.eq(chat_id))
-                .filter(messages::Column::Position.gte(from_position))
-                .build(backend),
-            Op::UpdateQueued { id, content } => queued_messages::Entity::update_many()
-                .col_expr(queued_messages::Column::Content, Expr::value(convert::to_json(&content)?))
-                .filter(queued_messages::Column::Id.eq(id))
-                .build(backend),
+            Op::DropMessagesFrom { from_position } => {
+                let mut update = Sql::update(backend, messages::Entity);
+                update.set(messages::Column::Deleted, true);
+                update.and_where(messages::Column::ChatId, "=", chat_id);
+                update.and_where(messages::Column::Position, ">=", from_position);
+                update
+            }
+            Op::UpdateQueued { id, content } => {
+                let mut update = Sql::update(backend, queued_messages::Entity);
+                update.set(queued_messages::Column::Content, json(backend, &content)?);
+                update.and_where(queued_messages::Column::Id, "=", id);
+                update
+            }
             Op::InsertToolCall { id, call_id, message_id, name, args, user_id, workspace_id } => {
-                tool_calls::Entity::insert(tool_calls::ActiveModel {
-                    id: Set(id),
-                    call_id: Set(call_id),
-                    chat_id: Set(chat_id.to_string()),
-                    message_id: Set(message_id),
-                    name: Set(name),
-                    args: Set(args),
-                    status: Set("dispatched".into()),
-                    result: Set(None),
-                    is_error: Set(false),
-                    user_id: Set(user_id),
-                    workspace_id: Set(workspace_id),
-                    exit_code: Set(None),
-                    duration_ms: Set(None),
-                    created_at: Set(now),
-                    finished_at: Set(None),
-                })
-                .build(backend)
+                use tool_calls::Column as C;
+                let mut insert = Sql::insert(
+                    backend,
+                    tool_calls::Entity,
+                    &[
+                        C::Id,
+                        C::CallId,
+                        C::ChatId,
+                        C::MessageId,
+                        C::Name,
+                        C::Args,
+                        C::Status,
+                        C::IsError,
+                        C::UserId,
+                        C::WorkspaceId,
+                        C::CreatedAt,
+                    ],
+                );
+                insert.row([
+                    id.into(),
+                    call_id.into(),
+                    chat_id.into(),
+                    message_id.into(),
+                    name.into(),
+                    json(backend, &args)?,
+                    ToolCallStatus::Dispatched.as_str().into(),
+                    false.into(),
+                    user_id.into(),
+                    workspace_id.into(),
+                    now.into(),
+                ]);
+                insert
             }
             Op::FinishToolCall {
                 call_id,
@@ -524,61 +590,109 @@ fn batch_statements(
                 duration_ms,
                 workspace_id,
             } => {
-                let mut update = tool_calls::Entity::update_many()
-                    .col_expr(tool_calls::Column::Status, Expr::value(status.as_str()))
-                    .col_expr(tool_calls::Column::Result, Expr::value(result))
-                    .col_expr(tool_calls::Column::IsError, Expr::value(is_error))
-                    .col_expr(tool_calls::Column::ExitCode, Expr::value(exit_code))
-                    .col_expr(tool_calls::Column::DurationMs, Expr::value(duration_ms.map(|d| d as i64)))
-                    .col_expr(tool_calls::Column::FinishedAt, Expr::value(now));
+                use tool_calls::Column as C;
+                let mut update = Sql::update(backend, tool_calls::Entity);
+                update.set(C::Status, status.as_str());
+                update.set(C::Result, result);
+                update.set(C::IsError, is_error);
+                update.set(C::ExitCode, exit_code);
+                update.set(C::DurationMs, duration_ms.map(|d| d as i64));
+                update.set(C::FinishedAt, now);
                 if workspace_id.is_some() {
-                    update = update.col_expr(tool_calls::Column::WorkspaceId, Expr::value(workspace_id));
+                    update.set(C::WorkspaceId, workspace_id);
                 }
+                update.and_where(C::ChatId, "=", chat_id);
+                update.and_where(C::CallId, "=", call_id);
+                update.and_where(C::MessageId, "=", message_id);
                 update
-                    .filter(tool_calls::Column::ChatId.eq(chat_id))
-                    .filter(tool_calls::Column::CallId.eq(call_id))
-                    .filter(tool_calls::Column::MessageId.eq(message_id))
-                    .build(backend)
             }
-            Op::RecordUsage { message_id, model_id, usage: u, cost_usd } => usage::Entity::insert(usage::ActiveModel {
-                id: Set(new_id()),
-                chat_id: Set(chat_id.to_string()),
-                message_id: Set(Some(message_id)),
-                model_id: Set(Some(model_id)),
-                input_tokens: Set(u.input_tokens as i64),
-                output_tokens: Set(u.output_tokens as i64),
-                cache_read_tokens: Set(u.cache_read_tokens as i64),
-                cache_write_tokens: Set(u.cache_write_tokens as i64),
-                cost_usd: Set(cost_usd),
-                created_at: Set(now),
-            })
-            .build(backend),
+            Op::RecordUsage { message_id, model_id, usage: u, cost_usd } => {
+                use usage::Column as C;
+                let mut insert = Sql::insert(
+                    backend,
+                    usage::Entity,
+                    &[
+                        C::Id,
+                        C::ChatId,
+                        C::MessageId,
+                        C::ModelId,
+                        C::InputTokens,
+                        C::OutputTokens,
+                        C::CacheReadTokens,
+                        C::CacheWriteTokens,
+                        C::CostUsd,
+                        C::CreatedAt,
+                    ],
+                );
+                insert.row([
+                    new_id().into(),
+                    chat_id.into(),
+                    Some(message_id).into(),
+                    Some(model_id).into(),
+                    (u.input_tokens as i64).into(),
+                    (u.output_tokens as i64).into(),
+                    (u.cache_read_tokens as i64).into(),
+                    (u.cache_write_tokens as i64).into(),
+                    cost_usd.into(),
+                    now.into(),
+                ]);
+                insert
+            }
             Op::Audit { user_id, action, target_type, target_id, details } => {
-                audit_events::Entity::insert(convert::audit_row(user_id, &action, &target_type, target_id, details))
-                    .build(backend)
+                use audit_events::Column as C;
+                let mut insert = Sql::insert(
+                    backend,
+                    audit_events::Entity,
+                    &[C::Id, C::UserId, C::Action, C::TargetType, C::TargetId, C::Details, C::CreatedAt],
+                );
+                insert.row([
+                    new_id().into(),
+                    user_id.into(),
+                    action.into(),
+                    target_type.into(),
+                    target_id.into(),
+                    json(backend, &details)?,
+                    now.into(),
+                ]);
+                insert
             }
         };
-        statements.push(statement);
+        statements.push(statement.statement());
+    }
+    let mut chat = Sql::update(backend, chat_rows::Entity);
+    chat.set(chat_rows::Column::UpdatedAt, now);
+    if let Some((status, error)) = status {
+        chat.set(chat_rows::Column::Status, status.as_str());
+        chat.set(chat_rows::Column::ErrorKind, error.as_ref().map(|e| convert::enum_str(&e.kind)));
+        chat.set(chat_rows::Column::ErrorMessage, error.map(|e| e.message));
+    }
+    if let Some(workspace) = workspace {
+        chat.set(chat_rows::Column::WorkspaceId, workspace);
+    }
+    if let Some(title) = title {
+        chat.set(chat_rows::Column::Title, Some(title));
+    }
+    if let Some(archived) = archived {
+        chat.set(chat_rows::Column::Archived, archived);
     }
     if let Some(last) = batch.events.iter().filter_map(|e| e.seq).max() {
-        let rows = batch
-            .events
-            .iter()
-            .map(|e| {
-                Ok(chat_events::ActiveModel {
-                    chat_id: Set(chat_id.to_string()),
-                    seq: Set(e.seq.unwrap_or_default()),
-                    kind: Set(e.body.kind().to_string()),
-                    payload: Set(convert::to_json(e)?),
-                    created_at: Set(now),
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        statements.push(chat_events::Entity::insert_many(rows).build(backend));
-        chat.last_seq = Set(last);
+        use chat_events::Column as C;
+        let mut insert =
+            Sql::insert(backend, chat_events::Entity, &[C::ChatId, C::Seq, C::Kind, C::Payload, C::CreatedAt]);
+        for event in &batch.events {
+            insert.row([
+                chat_id.into(),
+                event.seq.unwrap_or_default().into(),
+                event.body.kind().into(),
+                json(backend, event)?,
+                now.into(),
+            ]);
+        }
+        statements.push(insert.statement());
+        chat.set(chat_rows::Column::LastSeq, last);
     }
-    statements
-        .push(chat_rows::Entity::update_many().set(chat).filter(chat_rows::Column::Id.eq(chat_id)).build(backend));
+    chat.and_where(chat_rows::Column::Id, "=", chat_id);
+    statements.push(chat.statement());
     Ok(statements)
 }
 
@@ -687,7 +801,8 @@ mod tests {
         };
         let waited = tokio::time::timeout(std::time::Duration::from_millis(200), &mut other).await;
         assert!(waited.is_err(), "another commit got in while the transaction was open");
-        let row = chat_rows::ActiveModel { title: Set(Some("renamed".into())), ..Default::default() };
+        let row =
+            chat_rows::ActiveModel { title: sea_orm::ActiveValue::Set(Some("renamed".into())), ..Default::default() };
         chat_rows::Entity::update_many()
             .set(row)
             .filter(chat_rows::Column::Id.eq(&chats[0]))
