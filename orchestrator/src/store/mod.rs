@@ -601,9 +601,10 @@ fn batch_statements(
                 if workspace_id.is_some() {
                     update.set(C::WorkspaceId, workspace_id);
                 }
-                update.and_where(C::ChatId, "=", chat_id);
-                update.and_where(C::CallId, "=", call_id);
+                // Found by the index on message and call id.
                 update.and_where(C::MessageId, "=", message_id);
+                update.and_where(C::CallId, "=", call_id);
+                update.and_where(C::ChatId, "=", chat_id);
                 update
             }
             Op::RecordUsage { message_id, model_id, usage: u, cost_usd } => {

@@ -8,6 +8,7 @@ use sea_orm::{
 use serde_json::json;
 
 use super::entities::*;
+use super::migration::Migrator;
 use super::{connect, connect_and_migrate, migrate};
 
 /// Admin database the PostgreSQL test connects to first; override with `AGENTPLANE_TEST_PG_URL`.
@@ -385,6 +386,41 @@ async fn sqlite_file_migrates_round_trips_and_pools_wal_connections() {
     assert_eq!(users::Entity::find().count(&again).await.expect("count"), 2);
     again.close().await.expect("close pool");
 
+    std::fs::remove_dir_all(&dir).expect("remove temp dir");
+}
+
+/// A tool call's finish finds its row by message and call id through the index made for it, and
+/// the migration that made it can be undone and done again.
+#[tokio::test]
+async fn tool_calls_are_found_by_message_and_call_id() {
+    use sea_orm_migration::MigratorTrait as _;
+    let (dir, url) = temp_sqlite();
+    // Checked on a connection of its own, opened after the schema changed (a connection that was
+    // open keeps planning EXPLAIN with the schema it read before).
+    let plan = || async {
+        let db = connect(&url, 1).await.expect("connect");
+        let rows = db
+            .query_all_raw(Statement::from_string(
+                DbBackend::Sqlite,
+                "EXPLAIN QUERY PLAN UPDATE tool_calls SET status = 'done' \
+                 WHERE message_id = 'm' AND call_id = 'c' AND chat_id = 'x'",
+            ))
+            .await
+            .expect("explain");
+        db.close().await.expect("close");
+        rows.iter().map(|r| r.try_get_by_index::<String>(3).expect("detail")).collect::<Vec<_>>().join("; ")
+    };
+    let db = connect_and_migrate(&url, 2).await.expect("connect and migrate");
+    let detail = plan().await;
+    assert!(detail.contains("USING INDEX idx_tool_calls_message_call"), "{detail}");
+
+    Migrator::down(&db, Some(1)).await.expect("undo the last migration");
+    let detail = plan().await;
+    assert!(detail.contains("USING INDEX idx_tool_calls_chat_call"), "undone: {detail}");
+    migrate(&db).await.expect("migrate again");
+    let detail = plan().await;
+    assert!(detail.contains("USING INDEX idx_tool_calls_message_call"), "done again: {detail}");
+    db.close().await.expect("close pool");
     std::fs::remove_dir_all(&dir).expect("remove temp dir");
 }
 

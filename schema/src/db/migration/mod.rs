@@ -8,6 +8,7 @@ use sea_orm_migration::prelude::*;
 
 mod m20261101_000001_initial;
 mod m20261124_000001_model_settings;
+mod m20261125_000001_tool_calls_by_message;
 
 /// Every migration of agentplane's database, oldest first.
 pub struct Migrator;
@@ -15,6 +16,10 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261101_000001_initial::Migration), Box::new(m20261124_000001_model_settings::Migration)]
+        vec![
+            Box::new(m20261101_000001_initial::Migration),
+            Box::new(m20261124_000001_model_settings::Migration),
+            Box::new(m20261125_000001_tool_calls_by_message::Migration),
+        ]
     }
 }
