@@ -12,6 +12,37 @@ use crate::chat::messages::ChildEvent;
 use crate::deps::Deps;
 use crate::handle::{ChatFacts, ChatHandle};
 
+/// The threads (actix arbiters) chat actors run on. Started before the directory, so that I/O the
+/// actors wait on can be driven from the same thread: a task a [`ActorThreads::run_on_first`]
+/// future spawns stays on the first actor thread, and waking an actor from there is no hand-off
+/// to another thread.
+pub struct ActorThreads {
+    arbiters: Vec<Arbiter>,
+}
+
+impl ActorThreads {
+    /// Starts `threads` arbiters (at least one). Must run inside an actix system.
+    pub fn start(threads: usize) -> Self {
+        ActorThreads { arbiters: (0..threads.max(1)).map(|_| Arbiter::new()).collect() }
+    }
+
+    /// Runs `future` on the first actor thread and returns its output; `None` if the thread
+    /// stopped before it finished.
+    pub async fn run_on_first<F>(&self, future: F) -> Option<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let (done, output) = tokio::sync::oneshot::channel();
+        if !self.arbiters[0].spawn(async move {
+            let _ = done.send(future.await);
+        }) {
+            return None;
+        }
+        output.await.ok()
+    }
+}
+
 #[derive(Clone)]
 pub struct Directory {
     inner: Arc<Inner>,
@@ -24,9 +55,9 @@ struct Inner {
 }
 
 impl Directory {
-    /// Starts `threads` arbiters (at least one). Must run inside an actix system.
-    pub fn new(deps: Deps, threads: usize) -> Self {
-        let arbiters = (0..threads.max(1)).map(|_| Arbiter::new()).collect();
+    /// Chats' actors are spread over `threads`.
+    pub fn new(deps: Deps, threads: ActorThreads) -> Self {
+        let arbiters = threads.arbiters;
         Directory { inner: Arc::new(Inner { deps: Arc::new(deps), arbiters, chats: Mutex::new(HashMap::new()) }) }
     }
 

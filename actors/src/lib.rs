@@ -26,6 +26,6 @@ pub mod title;
 pub mod tools;
 
 pub use deps::Deps;
-pub use directory::Directory;
+pub use directory::{ActorThreads, Directory};
 pub use error::{ChatOpError, ChatOpErrorKind};
 pub use handle::ChatHandle;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use actix_web::{App, HttpServer, web};
 use agentplane_actors::bus::LocalEventBus;
 use agentplane_actors::ports::{EventBus, ModelClient, ToolTransport};
-use agentplane_actors::{Deps, Directory};
+use agentplane_actors::{ActorThreads, Deps, Directory};
 use agentplane_config::Settings;
 use agentplane_schema::api::{
     CreateModel, CreateProvider, CreateTemplate, ModelPrices, ProviderType, ProvisionerSpec, UserRole,
@@ -85,7 +85,17 @@ pub async fn prepare_with(settings: Settings, layer: Option<ModelLayer>) -> anyh
     }
     let admin_token = bootstrap(&store, &settings).await?;
 
-    let backend = tool_backend(&settings).await?;
+    // The NATS client's connection is driven from the first actor thread (its tasks are spawned
+    // where it connects): with one actor thread, the default on two cores, a tool call's request
+    // and result wake no other thread.
+    let threads = ActorThreads::start(settings.server.actor_thread_count());
+    let backend = {
+        let settings = settings.clone();
+        threads
+            .run_on_first(async move { tool_backend(&settings).await })
+            .await
+            .context("the actor thread stopped while connecting the tool backend")??
+    };
     let transport: Arc<dyn ToolTransport> = match &backend {
         ToolBackend::InProcess(t) => t.clone(),
         ToolBackend::Nats(n) => n.transport.clone(),
@@ -108,7 +118,7 @@ pub async fn prepare_with(settings: Settings, layer: Option<ModelLayer>) -> anyh
         bus: bus.clone(),
         settings: settings.clone(),
     };
-    let directory = Directory::new(deps, settings.server.actor_thread_count());
+    let directory = Directory::new(deps, threads);
     let running = store.running_chat_ids().await?;
     for id in &running {
         directory.chat(id);
