@@ -575,6 +575,9 @@ struct Chunk {
     choices: Option<Vec<Choice>>,
     #[serde(default)]
     usage: Option<WireUsage>,
+    /// An error in the stream (null when there is none): read again whole, as an error.
+    #[serde(default)]
+    error: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -702,6 +705,17 @@ impl ChunkDecoder {
         if data.is_empty() {
             return Continue(());
         }
+        // Read as a chunk at once; only an error, or what is not a chunk, is read again as any
+        // JSON to tell what it is.
+        let is_error_event = event.event.as_deref() == Some("error");
+        let not_a_chunk = match serde_json::from_str::<Chunk>(data) {
+            Ok(chunk) if chunk.error.is_none() && !is_error_event => {
+                self.on_chunk(chunk, out);
+                return Continue(());
+            }
+            Ok(_) => None,
+            Err(error) => Some(error),
+        };
         let value: Value = match serde_json::from_str(data) {
             Ok(value) => value,
             // A keep-alive some proxies send as data; nothing to decode.
@@ -715,23 +729,18 @@ impl ChunkDecoder {
                 return Break(());
             }
         };
-        let is_error_event = event.event.as_deref() == Some("error");
         if is_error_event || value.get("error").is_some_and(|e| !e.is_null()) {
             let error = http::stream_error(&value, self.api_key.as_deref());
             tracing::warn!(%error, "model stream reported an error");
             out.push_back(Err(error));
             return Break(());
         }
-        let chunk: Chunk = match serde_json::from_value(value) {
-            Ok(chunk) => chunk,
-            Err(error) => {
-                let message = format!("unexpected chunk in model stream: {error}");
-                out.push_back(Err(ModelError::new(ChatErrorKind::Provider, message)));
-                return Break(());
-            }
-        };
-        self.on_chunk(chunk, out);
-        Continue(())
+        let error = not_a_chunk.map_or_else(|| "not a chunk".to_string(), |e| e.to_string());
+        out.push_back(Err(ModelError::new(
+            ChatErrorKind::Provider,
+            format!("unexpected chunk in model stream: {error}"),
+        )));
+        Break(())
     }
 
     fn on_chunk(&mut self, chunk: Chunk, out: &mut VecDeque<Result<ModelEvent, ModelError>>) {

@@ -784,6 +784,30 @@ async fn in_stream_rate_limit_keeps_its_kind() {
     assert_eq!((error.kind, error.retryable), (ChatErrorKind::RateLimit, true));
 }
 
+/// Data lines that are not chunks, over HTTP: a keep-alive is skipped; JSON of another shape, and
+/// broken JSON, end the stream with a provider error saying which.
+#[tokio::test]
+async fn data_that_is_not_a_chunk() {
+    let hi = json!({"choices": [{"index": 0, "delta": {"content": "hi"}}]});
+    let skipped = format!("data: ping\n\ndata: {hi}\n\ndata: [DONE]\n\n");
+    let (result, _) = run(Reply::sse(skipped.as_bytes(), 64)).await;
+    let items = result.expect("opens");
+    assert!(items.iter().all(Result::is_ok), "{items:?}");
+    assert!(matches!(items.first(), Some(Ok(ModelEvent::TextDelta(text))) if text == "hi"), "{items:?}");
+
+    for (body, says) in [
+        (format!("data: {hi}\n\ndata: {}\n\n", json!({"choices": "none"})), "unexpected chunk"),
+        (format!("data: {hi}\n\ndata: {{\"choices\": [\n\n"), "malformed chunk"),
+    ] {
+        let (result, _) = run(Reply::sse(body.as_bytes(), 64)).await;
+        let items = result.expect("opens");
+        let error = items.last().and_then(|i| i.as_ref().err()).expect("error item");
+        assert_eq!(error.kind, ChatErrorKind::Provider, "{body}");
+        assert!(error.message.contains(says), "{body}: {}", error.message);
+        assert!(matches!(items.first(), Some(Ok(ModelEvent::TextDelta(text))) if text == "hi"), "{items:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Requests
 
