@@ -71,7 +71,7 @@ async fn the_api_key_reaches_the_provider_and_nothing_else() {
     });
     client.flush().await.expect("flush");
 
-    let _server = Server(
+    let server = Server(
         Command::new(&exe)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .current_dir(dir.path())
@@ -168,4 +168,34 @@ async fn the_api_key_reaches_the_provider_and_nothing_else() {
             assert!(!contains(&std::fs::read(&path).expect("test setup"), KEY), "the key is in {}", path.display());
         }
     }
+
+    // Killed outright, the server leaves no relay behind: a relay stops once its parent's end of
+    // its standard input is closed.
+    let relays = children_of(server.0.id());
+    assert!(!relays.is_empty(), "the workspace's relay runs as the server's child");
+    drop(server);
+    for pid in relays {
+        let started = std::time::Instant::now();
+        while running(pid) {
+            assert!(started.elapsed() < WAIT, "relay {pid} outlived the server");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The processes `pid` started that are still its children.
+fn children_of(pid: u32) -> Vec<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the server's tasks");
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("children")).ok())
+        .flat_map(|children| children.split_whitespace().filter_map(|c| c.parse().ok()).collect::<Vec<u32>>())
+        .collect()
+}
+
+/// Whether process `pid` exists and has not exited (an exited one no one reaped is a zombie).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
 }

@@ -71,6 +71,10 @@ struct Args {
     #[arg(long, env = "AGENTPLANE_RELAY_SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
     shutdown_grace_seconds: u64,
     /// Log JSON lines instead of text (to stderr; filter with RUST_LOG).
+    /// Stop, as on SIGTERM, once standard input is closed. Whoever starts the relay holds it
+    /// open, so the relay ends with its parent, even a parent killed outright.
+    #[arg(long, env = "AGENTPLANE_RELAY_STOP_WHEN_STDIN_CLOSES")]
+    stop_when_stdin_closes: bool,
     #[arg(long, env = "AGENTPLANE_LOG_JSON")]
     log_json: bool,
 }
@@ -79,8 +83,19 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(args.log_json);
+    let with_stdin = args.stop_when_stdin_closes;
     let settings = settings(args)?;
-    worker::run(settings, worker::termination_signal()).await?;
+    let stop = async move {
+        if with_stdin {
+            tokio::select! {
+                () = worker::termination_signal() => {}
+                () = worker::stdin_closed() => {}
+            }
+        } else {
+            worker::termination_signal().await;
+        }
+    };
+    worker::run(settings, stop).await?;
     Ok(())
 }
 

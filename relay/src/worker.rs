@@ -252,6 +252,26 @@ pub async fn termination_signal() {
     }
 }
 
+/// Resolves once standard input ends (or cannot be read): the process that started the relay
+/// held the other end, and has closed it or died. Read on a thread of its own, which a relay
+/// stopped otherwise leaves blocked until the process exits.
+pub async fn stdin_closed() {
+    let (closed, wait) = tokio::sync::oneshot::channel::<()>();
+    let watching = std::thread::Builder::new().name("stdin-watch".into()).spawn(move || {
+        use std::io::Read as _;
+        let mut stdin = std::io::stdin();
+        let mut buffer = [0u8; 256];
+        while matches!(stdin.read(&mut buffer), Ok(n) if n > 0) {}
+        let _ = closed.send(());
+    });
+    if let Err(err) = watching {
+        tracing::error!(%err, "cannot watch standard input; the relay stops on signals only");
+        std::future::pending::<()>().await;
+    }
+    let _ = wait.await;
+    tracing::info!("standard input closed: the process that started the relay is gone");
+}
+
 async fn open_journal(settings: &WorkerSettings, relay: &Relay) -> Result<(Journal, Vec<ToolResult>), WorkerError> {
     let dir = settings.state_dir.clone();
     let failed = |source| WorkerError::Journal { dir: dir.clone(), source };

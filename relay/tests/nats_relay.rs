@@ -72,6 +72,10 @@ impl Fixture {
     }
 
     fn spawn_relay_with(&self, extra_args: &[&str]) -> RelayProcess {
+        self.spawn_relay_reading(extra_args, Stdio::null())
+    }
+
+    fn spawn_relay_reading(&self, extra_args: &[&str], stdin: Stdio) -> RelayProcess {
         let log = self.tmp.path().join(format!("relay-{}.log", uuid::Uuid::now_v7()));
         let stderr = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_agentplane-relay"))
@@ -85,7 +89,7 @@ impl Fixture {
             .env_remove("AGENTPLANE_RELAY_CREDS")
             .env_remove("AGENTPLANE_RELAY_CREDS_FILE")
             .env("RUST_LOG", "info,agentplane_relay=debug")
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -472,6 +476,21 @@ async fn sigterm_lets_a_running_call_finish_then_exits() {
     assert!(relay.exited().await.success(), "log:\n{}", relay.log());
     let Err(err) = fx.try_send(&execute("true")).await else { panic!("a stopped relay answered") };
     assert_eq!(err.kind(), async_nats::RequestErrorKind::NoResponders);
+}
+
+/// With `--stop-when-stdin-closes` the relay stops, as on SIGTERM, once the process holding its
+/// standard input lets go of it (as the kernel does for a parent that dies).
+#[tokio::test]
+async fn the_relay_stops_when_its_standard_input_closes() {
+    let fx = Fixture::start().await;
+    let mut hellos = fx.subscribe(fx.subjects.hello(&fx.ws)).await;
+    let mut relay = fx.spawn_relay_reading(&["--stop-when-stdin-closes"], Stdio::piped());
+    next(&mut hellos, "the first hello").await;
+    assert_eq!(fx.call(&execute("echo still here")).await.output.lines().next(), Some("still here"));
+
+    drop(relay.child.stdin.take());
+    assert!(relay.exited().await.success(), "log:\n{}", relay.log());
+    assert!(relay.log().contains("standard input closed"), "{}", relay.log());
 }
 
 #[tokio::test]

@@ -84,12 +84,16 @@ impl LocalRelays {
             .arg(&state)
             .arg("--prefix")
             .arg(nats.transport.subjects().prefix())
+            // Its standard input is a pipe this process holds: should the orchestrator die
+            // without stopping it (killed, crashed), the relay sees the pipe close and stops,
+            // rather than serving the workspace beside the one a restart starts.
+            .arg("--stop-when-stdin-closes")
             // The relay gets nothing of the orchestrator's environment: no keys, no tokens.
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", &root)
             .env("LANG", "C.UTF-8")
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(log);
         if let Some(minter) = &nats.minter {
