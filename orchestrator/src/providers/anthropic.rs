@@ -480,6 +480,21 @@ impl EventDecoder {
         if data.is_empty() {
             return ControlFlow::Continue(());
         }
+        // Read as a known event at once. An error (whose type reads as an unknown event), an
+        // unknown event, and what is not an event are read again as any JSON to tell which.
+        if event.event.as_deref() != Some("error") {
+            match serde_json::from_str::<WireEvent>(data) {
+                Ok(WireEvent::MessageStop) => {
+                    self.finish(out);
+                    return ControlFlow::Break(());
+                }
+                Ok(WireEvent::Other) | Err(_) => {}
+                Ok(event) => {
+                    self.on_wire_event(event, out);
+                    return ControlFlow::Continue(());
+                }
+            }
+        }
         let value: Value = match serde_json::from_str(data) {
             Ok(value) => value,
             Err(error) => {

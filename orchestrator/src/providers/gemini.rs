@@ -512,6 +512,10 @@ struct Chunk {
     prompt_feedback: Option<PromptFeedback>,
     #[serde(default)]
     response_id: Option<String>,
+    /// A Google error body in the stream (null when there is none): read again whole, as an
+    /// error.
+    #[serde(default)]
+    error: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -673,6 +677,13 @@ impl ChunkDecoder {
         let data = event.data.trim();
         if data.is_empty() {
             return ControlFlow::Continue(());
+        }
+        // A chunk is read as one at once; an error, a JSON array of chunks (a whole body) and
+        // what is not a chunk are read again as any JSON to tell which.
+        if let Ok(chunk) = serde_json::from_str::<Chunk>(data)
+            && chunk.error.is_none()
+        {
+            return self.on_chunk(chunk, out);
         }
         let value: Value = match serde_json::from_str(data) {
             Ok(value) => value,
