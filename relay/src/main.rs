@@ -70,11 +70,11 @@ struct Args {
     /// On SIGTERM/SIGINT, how long running calls may take to finish before they are cancelled.
     #[arg(long, env = "AGENTPLANE_RELAY_SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
     shutdown_grace_seconds: u64,
-    /// Log JSON lines instead of text (to stderr; filter with RUST_LOG).
     /// Stop, as on SIGTERM, once standard input is closed. Whoever starts the relay holds it
     /// open, so the relay ends with its parent, even a parent killed outright.
     #[arg(long, env = "AGENTPLANE_RELAY_STOP_WHEN_STDIN_CLOSES")]
     stop_when_stdin_closes: bool,
+    /// Log JSON lines instead of text (to stderr; filter with RUST_LOG).
     #[arg(long, env = "AGENTPLANE_LOG_JSON")]
     log_json: bool,
 }

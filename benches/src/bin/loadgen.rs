@@ -1171,14 +1171,18 @@ async fn steps_scenario(
     // figures are taken: the reads are the generator's check, not part of the load.
     for result in &mut results {
         if let Ok((label, chat_id, _)) = result {
-            let messages = agentplane_benches::storage::all_messages(&admin, chat_id).await?;
             let expected = turns * (2 + 2 * steps);
-            let answers = messages.iter().filter(|m| m.text() == "done").count();
-            if messages.len() != expected || answers != turns {
-                *result = Err(anyhow::anyhow!(
-                    "{label}: {} messages ({answers} answers), expected {expected} ({turns} answers)",
-                    messages.len()
-                ));
+            match agentplane_benches::storage::all_messages(&admin, chat_id).await {
+                Ok(messages) => {
+                    let answers = messages.iter().filter(|m| m.text() == "done").count();
+                    if messages.len() != expected || answers != turns {
+                        *result = Err(anyhow::anyhow!(
+                            "{label}: {} messages ({answers} answers), expected {expected} ({turns} answers)",
+                            messages.len()
+                        ));
+                    }
+                }
+                Err(error) => *result = Err(error.context(format!("{label}: reading its history"))),
             }
         }
     }

@@ -735,6 +735,16 @@ impl ChunkDecoder {
             out.push_back(Err(error));
             return Break(());
         }
+        // Read from the value, a key that appears twice counts once (its last value), as servers
+        // that repeat one expect; read from the text, it is refused.
+        let not_a_chunk = match serde_json::from_value::<Chunk>(value) {
+            Ok(chunk) if chunk.error.is_none() => {
+                self.on_chunk(chunk, out);
+                return Continue(());
+            }
+            Ok(_) => not_a_chunk,
+            Err(error) => Some(error),
+        };
         let error = not_a_chunk.map_or_else(|| "not a chunk".to_string(), |e| e.to_string());
         out.push_back(Err(ModelError::new(
             ChatErrorKind::Provider,

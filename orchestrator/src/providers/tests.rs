@@ -784,8 +784,8 @@ async fn in_stream_rate_limit_keeps_its_kind() {
     assert_eq!((error.kind, error.retryable), (ChatErrorKind::RateLimit, true));
 }
 
-/// Data lines that are not chunks, over HTTP: a keep-alive is skipped; JSON of another shape, and
-/// broken JSON, end the stream with a provider error saying which.
+/// Data lines that are not chunks, over HTTP: a keep-alive is skipped; a repeated key counts once;
+/// JSON of another shape, and broken JSON, end the stream with a provider error saying which.
 #[tokio::test]
 async fn data_that_is_not_a_chunk() {
     let hi = json!({"choices": [{"index": 0, "delta": {"content": "hi"}}]});
@@ -794,6 +794,13 @@ async fn data_that_is_not_a_chunk() {
     let items = result.expect("opens");
     assert!(items.iter().all(Result::is_ok), "{items:?}");
     assert!(matches!(items.first(), Some(Ok(ModelEvent::TextDelta(text))) if text == "hi"), "{items:?}");
+
+    // A key given twice counts once, its last value, as when the chunk was read as any JSON.
+    let twice = r#"{"choices": [{"index": 0, "delta": {"content": "a", "content": "b"}}]}"#;
+    let (result, _) = run(Reply::sse(format!("data: {twice}\n\ndata: [DONE]\n\n").as_bytes(), 64)).await;
+    let items = result.expect("opens");
+    assert!(items.iter().all(Result::is_ok), "{items:?}");
+    assert!(matches!(items.first(), Some(Ok(ModelEvent::TextDelta(text))) if text == "b"), "{items:?}");
 
     for (body, says) in [
         (format!("data: {hi}\n\ndata: {}\n\n", json!({"choices": "none"})), "unexpected chunk"),

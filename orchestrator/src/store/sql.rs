@@ -18,13 +18,15 @@ pub(super) struct Sql {
     values: Vec<Value>,
     /// Rows or assignments written so far: the next is preceded by a separator.
     items: usize,
+    /// An insert's columns, which each row must match.
+    columns: usize,
     /// Whether a `WHERE` was begun: the next condition is joined with `AND`.
     conditions: bool,
 }
 
 impl Sql {
     fn new(backend: DbBackend, text: String) -> Self {
-        Sql { backend, text, values: Vec::new(), items: 0, conditions: false }
+        Sql { backend, text, values: Vec::new(), items: 0, columns: 0, conditions: false }
     }
 
     /// `INSERT INTO table (columns) VALUES`; rows follow with [`Sql::row`].
@@ -36,11 +38,13 @@ impl Sql {
             let _ = write!(sql.text, "{separator}\"{}\"", column.as_str());
         }
         sql.text.push_str(") VALUES ");
+        sql.columns = columns.len();
         sql
     }
 
     /// One row of an insert: a value per column, in the columns' order.
     pub(super) fn row<const N: usize>(&mut self, values: [Value; N]) {
+        debug_assert_eq!(N, self.columns, "an insert's row must have a value per column");
         self.text.push_str(if self.items == 0 { "(" } else { ", (" });
         self.items += 1;
         for (i, value) in values.into_iter().enumerate() {
