@@ -465,35 +465,22 @@ fn batch_statements(
         let statement = match op {
             Op::InsertMessage(m) => {
                 use messages::Column as C;
-                let mut insert = Sql::insert(
+                Sql::insert_one(
                     backend,
                     messages::Entity,
-                    &[
-                        C::Id,
-                        C::ChatId,
-                        C::Position,
-                        C::Role,
-                        C::Parts,
-                        C::Interrupted,
-                        C::Deleted,
-                        C::UserId,
-                        C::ModelId,
-                        C::CreatedAt,
+                    [
+                        (C::Id, m.id.into()),
+                        (C::ChatId, m.chat_id.into()),
+                        (C::Position, m.position.into()),
+                        (C::Role, m.role.as_str().into()),
+                        (C::Parts, json(backend, &m.parts)?),
+                        (C::Interrupted, m.interrupted.into()),
+                        (C::Deleted, false.into()),
+                        (C::UserId, m.user_id.into()),
+                        (C::ModelId, m.model_id.into()),
+                        (C::CreatedAt, m.created_at.into()),
                     ],
-                );
-                insert.row([
-                    m.id.into(),
-                    m.chat_id.into(),
-                    m.position.into(),
-                    m.role.as_str().into(),
-                    json(backend, &m.parts)?,
-                    m.interrupted.into(),
-                    false.into(),
-                    m.user_id.into(),
-                    m.model_id.into(),
-                    m.created_at.into(),
-                ]);
-                insert
+                )
             }
             Op::SetStatus { status: s, error } => {
                 status = Some((s, error));
@@ -505,20 +492,18 @@ fn batch_statements(
             }
             Op::InsertQueued { message, position } => {
                 use queued_messages::Column as C;
-                let mut insert = Sql::insert(
+                Sql::insert_one(
                     backend,
                     queued_messages::Entity,
-                    &[C::Id, C::ChatId, C::Position, C::Content, C::UserId, C::CreatedAt],
-                );
-                insert.row([
-                    message.id.into(),
-                    message.chat_id.into(),
-                    position.into(),
-                    json(backend, &message.content)?,
-                    message.user_id.into(),
-                    message.created_at.into(),
-                ]);
-                insert
+                    [
+                        (C::Id, message.id.into()),
+                        (C::ChatId, message.chat_id.into()),
+                        (C::Position, position.into()),
+                        (C::Content, json(backend, &message.content)?),
+                        (C::UserId, message.user_id.into()),
+                        (C::CreatedAt, message.created_at.into()),
+                    ],
+                )
             }
             Op::DeleteQueued { id } => {
                 let mut delete = Sql::delete(backend, queued_messages::Entity);
@@ -548,37 +533,23 @@ fn batch_statements(
             }
             Op::InsertToolCall { id, call_id, message_id, name, args, user_id, workspace_id } => {
                 use tool_calls::Column as C;
-                let mut insert = Sql::insert(
+                Sql::insert_one(
                     backend,
                     tool_calls::Entity,
-                    &[
-                        C::Id,
-                        C::CallId,
-                        C::ChatId,
-                        C::MessageId,
-                        C::Name,
-                        C::Args,
-                        C::Status,
-                        C::IsError,
-                        C::UserId,
-                        C::WorkspaceId,
-                        C::CreatedAt,
+                    [
+                        (C::Id, id.into()),
+                        (C::CallId, call_id.into()),
+                        (C::ChatId, chat_id.into()),
+                        (C::MessageId, message_id.into()),
+                        (C::Name, name.into()),
+                        (C::Args, json(backend, &args)?),
+                        (C::Status, ToolCallStatus::Dispatched.as_str().into()),
+                        (C::IsError, false.into()),
+                        (C::UserId, user_id.into()),
+                        (C::WorkspaceId, workspace_id.into()),
+                        (C::CreatedAt, now.into()),
                     ],
-                );
-                insert.row([
-                    id.into(),
-                    call_id.into(),
-                    chat_id.into(),
-                    message_id.into(),
-                    name.into(),
-                    json(backend, &args)?,
-                    ToolCallStatus::Dispatched.as_str().into(),
-                    false.into(),
-                    user_id.into(),
-                    workspace_id.into(),
-                    now.into(),
-                ]);
-                insert
+                )
             }
             Op::FinishToolCall {
                 call_id,
@@ -609,53 +580,38 @@ fn batch_statements(
             }
             Op::RecordUsage { message_id, model_id, usage: u, cost_usd } => {
                 use usage::Column as C;
-                let mut insert = Sql::insert(
+                Sql::insert_one(
                     backend,
                     usage::Entity,
-                    &[
-                        C::Id,
-                        C::ChatId,
-                        C::MessageId,
-                        C::ModelId,
-                        C::InputTokens,
-                        C::OutputTokens,
-                        C::CacheReadTokens,
-                        C::CacheWriteTokens,
-                        C::CostUsd,
-                        C::CreatedAt,
+                    [
+                        (C::Id, new_id().into()),
+                        (C::ChatId, chat_id.into()),
+                        (C::MessageId, Some(message_id).into()),
+                        (C::ModelId, Some(model_id).into()),
+                        (C::InputTokens, (u.input_tokens as i64).into()),
+                        (C::OutputTokens, (u.output_tokens as i64).into()),
+                        (C::CacheReadTokens, (u.cache_read_tokens as i64).into()),
+                        (C::CacheWriteTokens, (u.cache_write_tokens as i64).into()),
+                        (C::CostUsd, cost_usd.into()),
+                        (C::CreatedAt, now.into()),
                     ],
-                );
-                insert.row([
-                    new_id().into(),
-                    chat_id.into(),
-                    Some(message_id).into(),
-                    Some(model_id).into(),
-                    (u.input_tokens as i64).into(),
-                    (u.output_tokens as i64).into(),
-                    (u.cache_read_tokens as i64).into(),
-                    (u.cache_write_tokens as i64).into(),
-                    cost_usd.into(),
-                    now.into(),
-                ]);
-                insert
+                )
             }
             Op::Audit { user_id, action, target_type, target_id, details } => {
                 use audit_events::Column as C;
-                let mut insert = Sql::insert(
+                Sql::insert_one(
                     backend,
                     audit_events::Entity,
-                    &[C::Id, C::UserId, C::Action, C::TargetType, C::TargetId, C::Details, C::CreatedAt],
-                );
-                insert.row([
-                    new_id().into(),
-                    user_id.into(),
-                    action.into(),
-                    target_type.into(),
-                    target_id.into(),
-                    json(backend, &details)?,
-                    now.into(),
-                ]);
-                insert
+                    [
+                        (C::Id, new_id().into()),
+                        (C::UserId, user_id.into()),
+                        (C::Action, action.into()),
+                        (C::TargetType, target_type.into()),
+                        (C::TargetId, target_id.into()),
+                        (C::Details, json(backend, &details)?),
+                        (C::CreatedAt, now.into()),
+                    ],
+                )
             }
         };
         statements.push(statement.statement());
@@ -679,7 +635,7 @@ fn batch_statements(
     if let Some(last) = batch.events.iter().filter_map(|e| e.seq).max() {
         use chat_events::Column as C;
         let mut insert =
-            Sql::insert(backend, chat_events::Entity, &[C::ChatId, C::Seq, C::Kind, C::Payload, C::CreatedAt]);
+            Sql::insert(backend, chat_events::Entity, [C::ChatId, C::Seq, C::Kind, C::Payload, C::CreatedAt]);
         for event in &batch.events {
             insert.row([
                 chat_id.into(),

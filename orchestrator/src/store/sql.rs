@@ -30,29 +30,46 @@ impl Sql {
     }
 
     /// `INSERT INTO table (columns) VALUES`; rows follow with [`Sql::row`].
-    pub(super) fn insert<E: EntityName, C: IdenStatic>(backend: DbBackend, table: E, columns: &[C]) -> Self {
-        let mut sql = Sql::new(backend, String::with_capacity(64 + 16 * columns.len()));
+    pub(super) fn insert<E: EntityName, C: IdenStatic>(
+        backend: DbBackend,
+        table: E,
+        columns: impl IntoIterator<Item = C>,
+    ) -> Self {
+        let mut sql = Sql::new(backend, String::with_capacity(256));
         let _ = write!(sql.text, "INSERT INTO \"{}\" (", table.table_name());
-        for (i, column) in columns.iter().enumerate() {
-            let separator = if i == 0 { "" } else { ", " };
+        for column in columns {
+            let separator = if sql.columns == 0 { "" } else { ", " };
             let _ = write!(sql.text, "{separator}\"{}\"", column.as_str());
+            sql.columns += 1;
         }
         sql.text.push_str(") VALUES ");
-        sql.columns = columns.len();
+        sql
+    }
+
+    /// `INSERT INTO table (columns) VALUES (values)`: one row, each column beside its value.
+    pub(super) fn insert_one<E: EntityName, C: IdenStatic, const N: usize>(
+        backend: DbBackend,
+        table: E,
+        row: [(C, Value); N],
+    ) -> Self {
+        let mut sql = Sql::insert(backend, table, row.iter().map(|(column, _)| *column));
+        sql.row(row.into_iter().map(|(_, value)| value));
         sql
     }
 
     /// One row of an insert: a value per column, in the columns' order.
-    pub(super) fn row<const N: usize>(&mut self, values: [Value; N]) {
-        debug_assert_eq!(N, self.columns, "an insert's row must have a value per column");
+    pub(super) fn row(&mut self, values: impl IntoIterator<Item = Value>) {
         self.text.push_str(if self.items == 0 { "(" } else { ", (" });
         self.items += 1;
-        for (i, value) in values.into_iter().enumerate() {
-            if i > 0 {
+        let mut count = 0;
+        for value in values {
+            if count > 0 {
                 self.text.push_str(", ");
             }
+            count += 1;
             self.param(value);
         }
+        debug_assert_eq!(count, self.columns, "an insert's row must have a value per column");
         self.text.push(')');
     }
 
@@ -104,10 +121,11 @@ impl Sql {
 /// `value` for a JSON column: its text on SQLite (which stores JSON as text), a JSON value on
 /// PostgreSQL.
 pub(super) fn json(backend: DbBackend, value: &impl Serialize) -> Result<Value, StoreError> {
-    let failed = |e: serde_json::Error| StoreError::Database(format!("encoding JSON: {e}"));
     Ok(match backend {
-        DbBackend::Postgres => Value::Json(Some(Box::new(serde_json::to_value(value).map_err(failed)?))),
-        _ => Value::String(Some(serde_json::to_string(value).map_err(failed)?)),
+        DbBackend::Postgres => Value::Json(Some(Box::new(super::convert::to_json(value)?))),
+        _ => Value::String(Some(
+            serde_json::to_string(value).map_err(|e| StoreError::Database(format!("encoding JSON: {e}")))?,
+        )),
     })
 }
 
@@ -120,12 +138,14 @@ mod tests {
     #[test]
     fn statements_are_written_with_each_backends_placeholders() {
         use messages::Column::{ChatId, Id};
-        let mut insert = Sql::insert(DbBackend::Postgres, messages::Entity, &[Id, ChatId]);
+        let mut insert = Sql::insert(DbBackend::Postgres, messages::Entity, [Id, ChatId]);
         insert.row(["a".into(), "b".into()]);
         insert.row(["c".into(), "d".into()]);
         let insert = insert.statement();
         assert_eq!(insert.sql, r#"INSERT INTO "messages" ("id", "chat_id") VALUES ($1, $2), ($3, $4)"#);
         assert_eq!(insert.values.map(|v| v.0.len()), Some(4));
+        let one = Sql::insert_one(DbBackend::Sqlite, messages::Entity, [(Id, "a".into()), (ChatId, "b".into())]);
+        assert_eq!(one.statement().sql, r#"INSERT INTO "messages" ("id", "chat_id") VALUES (?, ?)"#);
 
         let mut update = Sql::update(DbBackend::Sqlite, chats::Entity);
         update.set(chats::Column::Status, "idle");
