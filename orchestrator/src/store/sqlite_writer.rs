@@ -131,33 +131,31 @@ pub(super) fn commit_group(conn: &mut Connection, group: Vec<PendingCommit>) {
             Err(error) => drop(done.send(Err(error))),
         }
     }
-    if built.len() <= 1 {
-        for (statements, done) in built {
-            let _ = done.send(write(conn, std::slice::from_ref(&statements)).map_err(Failed::into_error));
+    if built.len() > 1 {
+        let all: Vec<&[Bound]> = built.iter().map(|(statements, _)| statements.as_slice()).collect();
+        match write(conn, &all) {
+            Ok(()) => {
+                for (_, done) in built {
+                    let _ = done.send(Ok(()));
+                }
+                return;
+            }
+            // No transaction could start (the write lock stayed taken past the busy timeout,
+            // say): one per batch would only wait as long again for each.
+            Err(Failed::Begin(error)) => {
+                tracing::warn!(%error, batches = built.len(), "group commit could not begin");
+                for (_, done) in built {
+                    let _ = done.send(Err(StoreError::Database(error.to_string())));
+                }
+                return;
+            }
+            Err(Failed::Batch(error)) => {
+                tracing::warn!(%error, batches = built.len(), "group commit failed; committing its batches one by one");
+            }
         }
-        return;
     }
-    let all: Vec<&[Bound]> = built.iter().map(|(statements, _)| statements.as_slice()).collect();
-    match write(conn, &all) {
-        Ok(()) => {
-            for (_, done) in built {
-                let _ = done.send(Ok(()));
-            }
-        }
-        // No transaction could start (the write lock stayed taken past the busy timeout, say):
-        // one per batch would only wait as long again for each.
-        Err(Failed::Begin(error)) => {
-            tracing::warn!(%error, batches = built.len(), "group commit could not begin");
-            for (_, done) in built {
-                let _ = done.send(Err(StoreError::Database(error.to_string())));
-            }
-        }
-        Err(Failed::Batch(error)) => {
-            tracing::warn!(%error, batches = built.len(), "group commit failed; committing its batches one by one");
-            for (statements, done) in built {
-                let _ = done.send(write(conn, std::slice::from_ref(&statements)).map_err(Failed::into_error));
-            }
-        }
+    for (statements, done) in built {
+        let _ = done.send(write(conn, std::slice::from_ref(&statements)).map_err(Failed::into_error));
     }
 }
 
