@@ -705,17 +705,16 @@ impl ChunkDecoder {
         if data.is_empty() {
             return Continue(());
         }
-        // Read as a chunk at once; only an error, or what is not a chunk, is read again as any
-        // JSON to tell what it is.
+        // Read as a chunk at once. An error, and what is not a chunk (or a chunk naming a key
+        // twice, which only a JSON value takes, keeping the last), are read again as any JSON.
         let is_error_event = event.event.as_deref() == Some("error");
-        let not_a_chunk = match serde_json::from_str::<Chunk>(data) {
-            Ok(chunk) if chunk.error.is_none() && !is_error_event => {
-                self.on_chunk(chunk, out);
-                return Continue(());
-            }
-            Ok(_) => None,
-            Err(error) => Some(error),
-        };
+        if !is_error_event
+            && let Ok(chunk) = serde_json::from_str::<Chunk>(data)
+            && chunk.error.is_none()
+        {
+            self.on_chunk(chunk, out);
+            return Continue(());
+        }
         let value: Value = match serde_json::from_str(data) {
             Ok(value) => value,
             // A keep-alive some proxies send as data; nothing to decode.
@@ -735,22 +734,16 @@ impl ChunkDecoder {
             out.push_back(Err(error));
             return Break(());
         }
-        // Read from the value, a key that appears twice counts once (its last value), as servers
-        // that repeat one expect; read from the text, it is refused.
-        let not_a_chunk = match serde_json::from_value::<Chunk>(value) {
-            Ok(chunk) if chunk.error.is_none() => {
-                self.on_chunk(chunk, out);
-                return Continue(());
+        let chunk: Chunk = match serde_json::from_value(value) {
+            Ok(chunk) => chunk,
+            Err(error) => {
+                let message = format!("unexpected chunk in model stream: {error}");
+                out.push_back(Err(ModelError::new(ChatErrorKind::Provider, message)));
+                return Break(());
             }
-            Ok(_) => not_a_chunk,
-            Err(error) => Some(error),
         };
-        let error = not_a_chunk.map_or_else(|| "not a chunk".to_string(), |e| e.to_string());
-        out.push_back(Err(ModelError::new(
-            ChatErrorKind::Provider,
-            format!("unexpected chunk in model stream: {error}"),
-        )));
-        Break(())
+        self.on_chunk(chunk, out);
+        Continue(())
     }
 
     fn on_chunk(&mut self, chunk: Chunk, out: &mut VecDeque<Result<ModelEvent, ModelError>>) {
