@@ -61,8 +61,13 @@ impl Fixture {
     }
 
     async fn relay_with(&self, extra_args: &[&str]) -> RelayProcess {
+        self.relay_reading(extra_args, Stdio::null()).await
+    }
+
+    /// [`Fixture::relay_with`], its standard input set to `stdin`.
+    async fn relay_reading(&self, extra_args: &[&str], stdin: Stdio) -> RelayProcess {
         let mut hellos = self.subscribe(self.subjects.hello(&self.ws)).await;
-        let relay = self.spawn_relay_with(extra_args);
+        let relay = self.spawn_relay_reading(extra_args, stdin);
         next(&mut hellos, "the first hello").await;
         relay
     }
@@ -483,9 +488,7 @@ async fn sigterm_lets_a_running_call_finish_then_exits() {
 #[tokio::test]
 async fn the_relay_stops_when_its_standard_input_closes() {
     let fx = Fixture::start().await;
-    let mut hellos = fx.subscribe(fx.subjects.hello(&fx.ws)).await;
-    let mut relay = fx.spawn_relay_reading(&["--stop-when-stdin-closes"], Stdio::piped());
-    next(&mut hellos, "the first hello").await;
+    let mut relay = fx.relay_reading(&["--stop-when-stdin-closes"], Stdio::piped()).await;
     assert_eq!(fx.call(&execute("echo still here")).await.output.lines().next(), Some("still here"));
 
     drop(relay.child.stdin.take());

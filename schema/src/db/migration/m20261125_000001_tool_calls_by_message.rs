@@ -20,32 +20,19 @@ impl MigrationTrait for Migration {
     }
 
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .create_index(
-                Index::create()
-                    .name(BY_MESSAGE)
-                    .table(ToolCalls::Table)
-                    .col(ToolCalls::MessageId)
-                    .col(ToolCalls::CallId)
-                    .to_owned(),
-            )
-            .await?;
-        manager.drop_index(Index::drop().name(BY_CHAT).table(ToolCalls::Table).to_owned()).await
+        swap(manager, (BY_MESSAGE, ToolCalls::MessageId), BY_CHAT).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .create_index(
-                Index::create()
-                    .name(BY_CHAT)
-                    .table(ToolCalls::Table)
-                    .col(ToolCalls::ChatId)
-                    .col(ToolCalls::CallId)
-                    .to_owned(),
-            )
-            .await?;
-        manager.drop_index(Index::drop().name(BY_MESSAGE).table(ToolCalls::Table).to_owned()).await
+        swap(manager, (BY_CHAT, ToolCalls::ChatId), BY_MESSAGE).await
     }
+}
+
+/// Creates the index `name` on (`first`, call id), then drops the index `old`.
+async fn swap(manager: &SchemaManager<'_>, (name, first): (&str, ToolCalls), old: &str) -> Result<(), DbErr> {
+    let index = Index::create().name(name).table(ToolCalls::Table).col(first).col(ToolCalls::CallId).to_owned();
+    manager.create_index(index).await?;
+    manager.drop_index(Index::drop().name(old).table(ToolCalls::Table).to_owned()).await
 }
 
 #[derive(DeriveIden)]
