@@ -7,10 +7,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
+use agentplane_schema::api::ChatStatus;
 use agentplane_schema::event::{EventBody, StreamEvent};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
+use tokio_util::sync::CancellationToken;
 
 use crate::ports::{Batch, EventBus, ImageData, Op, Store, StoreError};
 
@@ -24,6 +26,8 @@ pub struct ChatShared {
     /// lock, so each one comes after the durable event it names and before the next one.
     published_seq: std::sync::Mutex<i64>,
     last_position: AtomicI64,
+    /// Whether the actor holds queued messages, which go on with the turn once the step ends.
+    queue_waiting: AtomicBool,
     workspace_id: std::sync::Mutex<Option<String>>,
     /// Serialises `create_workspace` calls of one chat.
     pub workspace_lock: Mutex<()>,
@@ -53,6 +57,7 @@ impl ChatShared {
             last_seq: Mutex::new(last_seq),
             published_seq: std::sync::Mutex::new(last_seq),
             last_position: AtomicI64::new(last_position),
+            queue_waiting: AtomicBool::new(false),
             workspace_id: std::sync::Mutex::new(workspace_id),
             workspace_lock: Mutex::new(()),
             reported_usage: std::sync::Mutex::new(None),
@@ -80,7 +85,36 @@ impl ChatShared {
 
     /// Commits `ops` with the durable `events`, then publishes the events.
     pub async fn commit(&self, ops: Vec<Op>, events: Vec<EventBody>) -> Result<(), StoreError> {
-        let mut last_seq = self.last_seq.lock().await;
+        let last_seq = self.last_seq.lock().await;
+        self.commit_locked(last_seq, ops, events).await
+    }
+
+    /// Commits a step's answer that calls no tool. When nothing would go on with the turn (no
+    /// queued message, no interrupt), the same transaction ends it (`idle`), which saves the
+    /// turn's last commit; returns whether it did. Decided under the commit lock, so a message
+    /// queued or an interrupt stored before it is seen, and one after it comes after the `idle`.
+    pub async fn commit_answer(
+        &self,
+        mut ops: Vec<Op>,
+        mut events: Vec<EventBody>,
+        cancel: &CancellationToken,
+    ) -> Result<bool, StoreError> {
+        let last_seq = self.last_seq.lock().await;
+        let ends = !self.queue_waiting.load(Ordering::SeqCst) && !cancel.is_cancelled();
+        if ends {
+            ops.push(Op::SetStatus { status: ChatStatus::Idle, error: None });
+            events.push(EventBody::Status { status: ChatStatus::Idle, error: None });
+        }
+        self.commit_locked(last_seq, ops, events).await?;
+        Ok(ends)
+    }
+
+    async fn commit_locked(
+        &self,
+        mut last_seq: MutexGuard<'_, i64>,
+        ops: Vec<Op>,
+        events: Vec<EventBody>,
+    ) -> Result<(), StoreError> {
         let mut seq = *last_seq;
         let events: Vec<StreamEvent> = events
             .into_iter()
@@ -104,6 +138,11 @@ impl ChatShared {
     pub fn publish(&self, body: EventBody) {
         let published = self.published_seq.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.bus.publish(StreamEvent::ephemeral(*published, self.chat_id.clone(), body));
+    }
+
+    /// Tells the running step whether queued messages wait for it to end.
+    pub fn set_queue_waiting(&self, waiting: bool) {
+        self.queue_waiting.store(waiting, Ordering::SeqCst);
     }
 
     /// The next message position.

@@ -49,6 +49,9 @@ pub enum StepOutcome {
     Continue,
     /// The model answered without tool calls.
     Done,
+    /// The model answered without tool calls, and the answer's commit also ended the turn: the
+    /// chat is `idle` in the database.
+    Ended,
     Interrupted,
     Failed(ChatError),
     /// The step's task panicked: nothing it held in memory can be trusted, only what it committed.
@@ -263,18 +266,25 @@ async fn step(
             calls: 1,
         },
     });
-    input.shared.commit(ops, events).await?;
+    let filtered = draft.stop == Some(StopReason::ContentFilter);
+    let ended = if calls.is_empty() && !filtered {
+        input.shared.commit_answer(ops, events, &input.cancel).await?
+    } else {
+        input.shared.commit(ops, events).await?;
+        false
+    };
     input.shared.record_usage(draft.usage.input_tokens + draft.usage.output_tokens, assistant.position);
     let assistant_id = assistant.id.clone();
     committed.push(assistant);
 
     if calls.is_empty() {
-        return Ok(match draft.stop {
-            Some(StopReason::ContentFilter) => StepOutcome::Failed(ChatError {
+        return Ok(match (filtered, ended) {
+            (true, _) => StepOutcome::Failed(ChatError {
                 kind: ChatErrorKind::ContentFilter,
                 message: "the provider's content filter stopped the answer".into(),
             }),
-            _ => StepOutcome::Done,
+            (false, true) => StepOutcome::Ended,
+            (false, false) => StepOutcome::Done,
         });
     }
 

@@ -54,6 +54,13 @@ struct Live {
     children: Vec<tree::Child>,
 }
 
+impl Live {
+    /// To call after every change of `queue`: the running step reads whether it is empty.
+    fn queue_changed(&self) {
+        self.shared.set_queue_waiting(!self.queue.is_empty());
+    }
+}
+
 struct Turn {
     user_id: String,
     steps: u32,
@@ -135,6 +142,9 @@ impl ChatActor {
             depth: state.depth,
             children,
         });
+        if let Some(live) = &self.live {
+            live.queue_changed();
+        }
         // Recover from a stop in the middle of a step: tool calls without results get an
         // "outcome unknown" result (never re-run), then the turn continues where it stood.
         let fut = self.recover(was_running);
@@ -261,25 +271,15 @@ impl ChatActor {
     /// Ends the turn: `idle`, or `error` with the error kept on the chat.
     fn end_turn(&mut self, error: Option<ChatError>, ctx: &mut Context<Self>) {
         let Some(live) = self.live.as_mut() else { return };
-        live.turn = None;
-        live.shared.forget_images();
         let status = if error.is_some() { ChatStatus::Error } else { ChatStatus::Idle };
+        let (outcome, report) = Self::close_turn(live, status, error.as_ref());
         // The parent hears of it once it is stored (or failed to be): a snapshot of the parent
         // that holds its `finished` event then finds this chat's turn ended too.
-        let (outcome, report) = match &error {
-            Some(e) => (SubagentStatus::Failed, Some(e.message.clone())),
-            None => (
-                SubagentStatus::Finished,
-                live.history.iter().rev().find(|m| m.role == Role::Assistant).map(|m| m.text()),
-            ),
-        };
         let mut events = Vec::new();
         if let Some(e) = &error {
             events.push(EventBody::Error { error: e.clone() });
         }
         events.push(EventBody::Status { status, error: error.clone() });
-        live.chat.status = status;
-        live.chat.error = error.clone();
         let shared = live.shared.clone();
         let fut = async move { shared.commit(vec![Op::SetStatus { status, error }], events).await };
         ctx.wait(fut.into_actor(self).map(move |res, act, _| {
@@ -290,10 +290,34 @@ impl ChatActor {
         }));
     }
 
-    /// Moves the queued messages into the history and starts a step for them.
-    fn deliver_queue(&mut self, ctx: &mut Context<Self>) {
+    /// The turn whose last answer also stored its end (`idle`).
+    fn turn_ended(&mut self) {
+        let Some(live) = self.live.as_mut() else { return };
+        let (outcome, report) = Self::close_turn(live, ChatStatus::Idle, None);
+        self.notify_parent(outcome, report);
+    }
+
+    /// The turn's end in memory: what the parent is told of it.
+    fn close_turn(live: &mut Live, status: ChatStatus, error: Option<&ChatError>) -> (SubagentStatus, Option<String>) {
+        live.turn = None;
+        live.shared.forget_images();
+        live.chat.status = status;
+        live.chat.error = error.cloned();
+        match error {
+            Some(e) => (SubagentStatus::Failed, Some(e.message.clone())),
+            None => (
+                SubagentStatus::Finished,
+                live.history.iter().rev().find(|m| m.role == Role::Assistant).map(|m| m.text()),
+            ),
+        }
+    }
+
+    /// Moves the queued messages into the history and starts a step for them; `resume`: the turn
+    /// was already stored as ended, so the chat is `running` again.
+    fn deliver_queue(&mut self, resume: bool, ctx: &mut Context<Self>) {
         let Some(live) = self.live.as_mut() else { return };
         let queued = std::mem::take(&mut live.queue);
+        live.queue_changed();
         let shared = live.shared.clone();
         let mut ops = Vec::new();
         let mut events = vec![EventBody::QueueUpdate { queued_messages: vec![] }];
@@ -304,6 +328,10 @@ impl ChatActor {
             ops.push(Op::InsertMessage(message.clone()));
             events.push(EventBody::Message { message: message.clone() });
             delivered.push(message);
+        }
+        if resume {
+            ops.push(Op::SetStatus { status: ChatStatus::Running, error: None });
+            events.push(EventBody::Status { status: ChatStatus::Running, error: None });
         }
         if let Some(turn) = live.turn.as_mut() {
             turn.steps = 0;
@@ -405,6 +433,7 @@ impl Handler<UserInput> for ChatActor {
             let mut events = Vec::new();
             let mut delivered = Vec::new();
             let queued = std::mem::take(&mut live.queue);
+            live.queue_changed();
             if !queued.is_empty() {
                 events.push(EventBody::QueueUpdate { queued_messages: vec![] });
             }
@@ -438,6 +467,7 @@ impl Handler<UserInput> for ChatActor {
                     Err(e) => {
                         live.turn = None;
                         live.queue = queued;
+                        live.queue_changed();
                         Err(ChatOpError::store(e))
                     }
                 }
@@ -452,6 +482,7 @@ impl Handler<UserInput> for ChatActor {
         };
         let position = Self::next_queue_position(live);
         live.queue.push(queued.clone());
+        live.queue_changed();
         let snapshot = live.queue.clone();
         let interrupt = msg.busy == BusyBehavior::Interrupt;
         let ops = vec![Op::InsertQueued { message: queued.clone(), position }, audit];
@@ -470,6 +501,7 @@ impl Handler<UserInput> for ChatActor {
             Err(e) => {
                 if let Some(live) = act.live.as_mut() {
                     live.queue.retain(|q| q.id != queued.id);
+                    live.queue_changed();
                 }
                 Err(ChatOpError::store(e))
             }
@@ -535,6 +567,7 @@ impl Handler<EditQueued> for ChatActor {
                 (Op::UpdateQueued { id: msg.queued_id, content }, live.queue[index].clone())
             }
         };
+        live.queue_changed();
         let deleted = matches!(op, Op::DeleteQueued { .. });
         let snapshot = live.queue.clone();
         let shared = live.shared.clone();
@@ -549,6 +582,7 @@ impl Handler<EditQueued> for ChatActor {
                     } else if let Some(q) = live.queue.iter_mut().find(|q| q.id == before.id) {
                         *q = before;
                     }
+                    live.queue_changed();
                 }
                 Err(ChatOpError::store(e))
             }
@@ -577,6 +611,7 @@ impl Handler<EditMessage> for ChatActor {
         }
         let shared = live.shared.clone();
         let queued = std::mem::take(&mut live.queue);
+        live.queue_changed();
         let message = user_message(&shared, msg.user_id.clone(), msg.content);
         let mut ops = vec![Op::DropMessagesFrom { from_position: old.position }];
         ops.extend(queued.iter().map(|q| Op::DeleteQueued { id: q.id.clone() }));
@@ -613,6 +648,7 @@ impl Handler<EditMessage> for ChatActor {
                 Err(e) => {
                     live.turn = None;
                     live.queue = queued;
+                    live.queue_changed();
                     Err(ChatOpError::store(e))
                 }
             }
@@ -787,10 +823,15 @@ impl Handler<StepDone> for ChatActor {
         turn.task = None;
         let has_queue = !live.queue.is_empty();
         match result.outcome {
-            StepOutcome::Continue | StepOutcome::Done if has_queue => self.deliver_queue(ctx),
+            StepOutcome::Continue | StepOutcome::Done if has_queue => self.deliver_queue(false, ctx),
+            // The answer's commit ended the turn, but a message was queued after it: it goes on.
+            StepOutcome::Ended if has_queue => self.deliver_queue(true, ctx),
             StepOutcome::Continue => self.start_step(ctx),
             StepOutcome::Done => self.end_turn(None, ctx),
-            StepOutcome::Interrupted if turn.deliver_on_interrupt && has_queue => self.deliver_queue(ctx),
+            // An interrupt stored after the `idle` left the chat `interrupting`: end it again.
+            StepOutcome::Ended if turn.cancel.is_cancelled() => self.end_turn(None, ctx),
+            StepOutcome::Ended => self.turn_ended(),
+            StepOutcome::Interrupted if turn.deliver_on_interrupt && has_queue => self.deliver_queue(false, ctx),
             StepOutcome::Interrupted => self.end_turn(None, ctx),
             StepOutcome::Failed(error) => self.end_turn(Some(error), ctx),
             StepOutcome::Crashed(_) if turn.restarts < self.deps.settings.agent.step_crash_restarts => {

@@ -82,3 +82,50 @@ async fn the_deployment_prompt_reaches_the_model_and_parallel_calls_all_run() {
     let last_request = env.llm.requests().pop().expect("request");
     assert_eq!(last_request.tool_result_count(), 4);
 }
+
+/// The kind and commit time of each stored event of `chat_id`, in `seq` order. Every event of
+/// one transaction carries the same time, and two commits of one chat never share one.
+async fn stored_events(env: &TestEnv, chat_id: &str) -> Vec<(String, String)> {
+    use sea_orm::{ConnectionTrait, Statement};
+    let db = sea_orm::Database::connect(env.settings.database_url()).await.expect("database");
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        sea_orm::DbBackend::Postgres => {
+            "SELECT kind, CAST(created_at AS TEXT) AS at FROM chat_events WHERE chat_id = $1 ORDER BY seq"
+        }
+        _ => "SELECT kind, CAST(created_at AS TEXT) AS at FROM chat_events WHERE chat_id = ? ORDER BY seq",
+    };
+    let rows = db.query_all_raw(Statement::from_sql_and_values(backend, sql, [chat_id.into()])).await.expect("events");
+    rows.iter().map(|r| (r.try_get("", "kind").expect("kind"), r.try_get("", "at").expect("at"))).collect()
+}
+
+/// A turn's last answer (no tool call) and the turn's end are stored in one transaction: the
+/// chat does not pay a commit of its own for going `idle`.
+async fn the_last_answer_and_the_turns_end_are_one_commit(db: Db) {
+    let env = TestEnv::start_with(db, |_| {}).await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    env.llm.push_all([Reply::tool_call("list_templates", json!({})), Reply::text("done")]);
+    env.send(&chat.id, "go").await;
+    stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    let events = stored_events(&env, &chat.id).await;
+    let n = events.len();
+    let last: Vec<&str> = events[n - 3..].iter().map(|(kind, _)| kind.as_str()).collect();
+    assert_eq!(last, ["message", "usage", "status"], "{events:?}");
+    assert!(events[n - 3..].iter().all(|(_, at)| at == &events[n - 1].1), "one commit: {events:?}");
+    // The tool's result before it was a commit of its own.
+    assert_eq!(events[n - 4].0, "message");
+    assert_ne!(events[n - 4].1, events[n - 1].1, "{events:?}");
+    let messages = env.messages(&chat.id).await;
+    assert_eq!(messages.last().map(|m| (m.role, m.text())), Some((Role::Assistant, "done".into())));
+    assert_eq!(env.admin.get_chat(&chat.id).await.expect("chat").chat.status, ChatStatus::Idle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_answer_and_the_turns_end_are_one_commit_sqlite() {
+    the_last_answer_and_the_turns_end_are_one_commit(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_answer_and_the_turns_end_are_one_commit_postgres() {
+    the_last_answer_and_the_turns_end_are_one_commit(Db::Postgres).await;
+}
