@@ -9,12 +9,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
-use agentplane_schema::api::ChatStatus;
+use agentplane_schema::api::{ChatError, ChatStatus};
 use agentplane_schema::event::{EventBody, StreamEvent};
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 
 use crate::ports::{Batch, EventBus, ImageData, Op, Store, StoreError};
+
+/// A change of the chat's status and the durable event that announces it, committed together.
+pub fn status_change(status: ChatStatus, error: Option<ChatError>) -> (Op, EventBody) {
+    (Op::SetStatus { status, error: error.clone() }, EventBody::Status { status, error })
+}
 
 pub struct ChatShared {
     pub chat_id: String,
@@ -89,6 +94,12 @@ impl ChatShared {
         self.commit_locked(last_seq, ops, events).await
     }
 
+    /// Commits a change of the chat's status (without an error) and its event, alone.
+    pub async fn commit_status(&self, status: ChatStatus) -> Result<(), StoreError> {
+        let (op, event) = status_change(status, None);
+        self.commit(vec![op], vec![event]).await
+    }
+
     /// Commits a step's answer that calls no tool. When nothing would go on with the turn (no
     /// queued message, no interrupt), the same transaction ends it (`idle`), which saves the
     /// turn's last commit; returns whether it did. Decided under the commit lock, so a message
@@ -102,8 +113,9 @@ impl ChatShared {
         let last_seq = self.last_seq.lock().await;
         let ends = !self.queue_waiting.load(Ordering::SeqCst) && !cancel.is_cancelled();
         if ends {
-            ops.push(Op::SetStatus { status: ChatStatus::Idle, error: None });
-            events.push(EventBody::Status { status: ChatStatus::Idle, error: None });
+            let (op, event) = status_change(ChatStatus::Idle, None);
+            ops.push(op);
+            events.push(event);
         }
         self.commit_locked(last_seq, ops, events).await?;
         Ok(ends)

@@ -6,6 +6,7 @@
 //! interrupt cancels the step's token; the step stores what it has and returns.
 
 pub mod messages;
+mod queue;
 mod tree;
 
 use std::pin::Pin;
@@ -25,11 +26,12 @@ use crate::directory::Directory;
 use crate::error::ChatOpError;
 use crate::handle::ChatFacts;
 use crate::ports::{ChatState, Op, StoreError, ToolCallStatus};
-use crate::shared::ChatShared;
+use crate::shared::{ChatShared, status_change};
 use crate::step::{self, StepInput, StepOutcome, StepResult};
 use messages::{
     Close, Compact, EditMessage, EditQueued, GenerateTitle, Interrupt, TitleGenerated, UpdateChat, UserInput,
 };
+use queue::Queue;
 
 pub struct ChatActor {
     chat_id: String,
@@ -46,19 +48,11 @@ struct Live {
     /// Shared with the running step as a snapshot (the step holds a reference, not a copy);
     /// changed copy-on-write, which copies nothing once the step has ended.
     history: Arc<Vec<Message>>,
-    queue: Vec<QueuedMessage>,
-    last_queue_position: i64,
+    queue: Queue,
     turn: Option<Turn>,
     /// 0 for a root chat.
     depth: u32,
     children: Vec<tree::Child>,
-}
-
-impl Live {
-    /// To call after every change of `queue`: the running step reads whether it is empty.
-    fn queue_changed(&self) {
-        self.shared.set_queue_waiting(!self.queue.is_empty());
-    }
 }
 
 struct Turn {
@@ -133,18 +127,14 @@ impl ChatActor {
             })
             .collect();
         self.live = Some(Live {
+            queue: Queue::new(state.queued, shared.clone()),
             shared,
             chat: state.chat,
             history: Arc::new(state.messages),
-            last_queue_position: state.queued.len() as i64,
-            queue: state.queued,
             turn: None,
             depth: state.depth,
             children,
         });
-        if let Some(live) = &self.live {
-            live.queue_changed();
-        }
         // Recover from a stop in the middle of a step: tool calls without results get an
         // "outcome unknown" result (never re-run), then the turn continues where it stood.
         let fut = self.recover(was_running);
@@ -213,12 +203,7 @@ impl ChatActor {
             let last_role = committed.last().or(last.as_ref()).map(|m| m.role);
             let resume = was_running && matches!(last_role, Some(Role::User) | Some(Role::Tool));
             if was_running && !resume {
-                shared
-                    .commit(
-                        vec![Op::SetStatus { status: ChatStatus::Idle, error: None }],
-                        vec![EventBody::Status { status: ChatStatus::Idle, error: None }],
-                    )
-                    .await?;
+                shared.commit_status(ChatStatus::Idle).await?;
             }
             Ok((committed, resume))
         }
@@ -279,9 +264,10 @@ impl ChatActor {
         if let Some(e) = &error {
             events.push(EventBody::Error { error: e.clone() });
         }
-        events.push(EventBody::Status { status, error: error.clone() });
+        let (op, event) = status_change(status, error);
+        events.push(event);
         let shared = live.shared.clone();
-        let fut = async move { shared.commit(vec![Op::SetStatus { status, error }], events).await };
+        let fut = async move { shared.commit(vec![op], events).await };
         ctx.wait(fut.into_actor(self).map(move |res, act, _| {
             if let Err(e) = res {
                 tracing::error!(chat = %act.chat_id, error = %e, "could not store the end of the turn");
@@ -316,8 +302,7 @@ impl ChatActor {
     /// was already stored as ended, so the chat is `running` again.
     fn deliver_queue(&mut self, resume: bool, ctx: &mut Context<Self>) {
         let Some(live) = self.live.as_mut() else { return };
-        let queued = std::mem::take(&mut live.queue);
-        live.queue_changed();
+        let queued = live.queue.take();
         let shared = live.shared.clone();
         let mut ops = Vec::new();
         let mut events = vec![EventBody::QueueUpdate { queued_messages: vec![] }];
@@ -330,8 +315,9 @@ impl ChatActor {
             delivered.push(message);
         }
         if resume {
-            ops.push(Op::SetStatus { status: ChatStatus::Running, error: None });
-            events.push(EventBody::Status { status: ChatStatus::Running, error: None });
+            let (op, event) = status_change(ChatStatus::Running, None);
+            ops.push(op);
+            events.push(event);
         }
         if let Some(turn) = live.turn.as_mut() {
             turn.steps = 0;
@@ -353,11 +339,6 @@ impl ChatActor {
             }
             Err(e) => act.end_turn(Some(ChatError { kind: ChatErrorKind::Internal, message: e.to_string() }), ctx),
         }));
-    }
-
-    fn next_queue_position(live: &mut Live) -> i64 {
-        live.last_queue_position += 1;
-        live.last_queue_position
     }
 }
 
@@ -432,8 +413,7 @@ impl Handler<UserInput> for ChatActor {
             let mut ops = Vec::new();
             let mut events = Vec::new();
             let mut delivered = Vec::new();
-            let queued = std::mem::take(&mut live.queue);
-            live.queue_changed();
+            let queued = live.queue.take();
             if !queued.is_empty() {
                 events.push(EventBody::QueueUpdate { queued_messages: vec![] });
             }
@@ -445,11 +425,12 @@ impl Handler<UserInput> for ChatActor {
                 delivered.push(m);
             }
             let message = user_message(&shared, msg.user_id.clone(), msg.content);
+            let (running, running_event) = status_change(ChatStatus::Running, None);
             ops.push(Op::InsertMessage(message.clone()));
-            ops.push(Op::SetStatus { status: ChatStatus::Running, error: None });
+            ops.push(running);
             ops.push(audit);
             events.push(EventBody::Message { message: message.clone() });
-            events.push(EventBody::Status { status: ChatStatus::Running, error: None });
+            events.push(running_event);
             delivered.push(message.clone());
             live.turn = Some(Turn::new(msg.user_id));
             let fut = async move { shared.commit(ops, events).await };
@@ -466,8 +447,7 @@ impl Handler<UserInput> for ChatActor {
                     }
                     Err(e) => {
                         live.turn = None;
-                        live.queue = queued;
-                        live.queue_changed();
+                        live.queue.restore(queued);
                         Err(ChatOpError::store(e))
                     }
                 }
@@ -480,10 +460,8 @@ impl Handler<UserInput> for ChatActor {
             user_id: msg.user_id,
             created_at: chrono::Utc::now(),
         };
-        let position = Self::next_queue_position(live);
-        live.queue.push(queued.clone());
-        live.queue_changed();
-        let snapshot = live.queue.clone();
+        let position = live.queue.push(queued.clone());
+        let snapshot = live.queue.items().to_vec();
         let interrupt = msg.busy == BusyBehavior::Interrupt;
         let ops = vec![Op::InsertQueued { message: queued.clone(), position }, audit];
         let events = vec![EventBody::QueueUpdate { queued_messages: snapshot }];
@@ -500,8 +478,7 @@ impl Handler<UserInput> for ChatActor {
             }
             Err(e) => {
                 if let Some(live) = act.live.as_mut() {
-                    live.queue.retain(|q| q.id != queued.id);
-                    live.queue_changed();
+                    live.queue.remove(&queued.id);
                 }
                 Err(ChatOpError::store(e))
             }
@@ -520,14 +497,7 @@ impl ChatActor {
         turn.cancel.cancel();
         live.chat.status = ChatStatus::Interrupting;
         let shared = live.shared.clone();
-        let fut = async move {
-            shared
-                .commit(
-                    vec![Op::SetStatus { status: ChatStatus::Interrupting, error: None }],
-                    vec![EventBody::Status { status: ChatStatus::Interrupting, error: None }],
-                )
-                .await
-        };
+        let fut = async move { shared.commit_status(ChatStatus::Interrupting).await };
         ctx.wait(fut.into_actor(self).map(|res, act, _| {
             if let Err(e) = res {
                 tracing::error!(chat = %act.chat_id, error = %e, "could not store an interrupt");
@@ -556,20 +526,20 @@ impl Handler<EditQueued> for ChatActor {
         let Some(live) = self.live.as_mut() else {
             return reply(Err(ChatOpError::unavailable("the chat is not loaded")));
         };
-        let Some(index) = live.queue.iter().position(|q| q.id == msg.queued_id) else {
+        let Some(index) = live.queue.position(&msg.queued_id) else {
             return reply(Ok(None));
         };
-        let before = live.queue[index].clone();
+        let before = live.queue.items()[index].clone();
         let (op, after) = match msg.content {
-            None => (Op::DeleteQueued { id: msg.queued_id }, live.queue.remove(index)),
+            None => (Op::DeleteQueued { id: msg.queued_id }, live.queue.remove_at(index)),
             Some(content) => {
-                live.queue[index].content = content.clone();
-                (Op::UpdateQueued { id: msg.queued_id, content }, live.queue[index].clone())
+                let queued = live.queue.get_mut(index);
+                queued.content = content.clone();
+                (Op::UpdateQueued { id: msg.queued_id, content }, queued.clone())
             }
         };
-        live.queue_changed();
         let deleted = matches!(op, Op::DeleteQueued { .. });
-        let snapshot = live.queue.clone();
+        let snapshot = live.queue.items().to_vec();
         let shared = live.shared.clone();
         let fut =
             async move { shared.commit(vec![op], vec![EventBody::QueueUpdate { queued_messages: snapshot }]).await };
@@ -578,11 +548,10 @@ impl Handler<EditQueued> for ChatActor {
             Err(e) => {
                 if let Some(live) = act.live.as_mut() {
                     if deleted {
-                        live.queue.insert(index.min(live.queue.len()), before);
-                    } else if let Some(q) = live.queue.iter_mut().find(|q| q.id == before.id) {
-                        *q = before;
+                        live.queue.insert(index, before);
+                    } else if let Some(index) = live.queue.position(&before.id) {
+                        *live.queue.get_mut(index) = before;
                     }
-                    live.queue_changed();
                 }
                 Err(ChatOpError::store(e))
             }
@@ -610,13 +579,13 @@ impl Handler<EditMessage> for ChatActor {
             return reply(Err(ChatOpError::invalid("only user messages can be edited")));
         }
         let shared = live.shared.clone();
-        let queued = std::mem::take(&mut live.queue);
-        live.queue_changed();
+        let queued = live.queue.take();
         let message = user_message(&shared, msg.user_id.clone(), msg.content);
         let mut ops = vec![Op::DropMessagesFrom { from_position: old.position }];
         ops.extend(queued.iter().map(|q| Op::DeleteQueued { id: q.id.clone() }));
+        let (running, running_event) = status_change(ChatStatus::Running, None);
         ops.push(Op::InsertMessage(message.clone()));
-        ops.push(Op::SetStatus { status: ChatStatus::Running, error: None });
+        ops.push(running);
         ops.push(Op::Audit {
             user_id: Some(msg.user_id.clone()),
             action: "message.edited".into(),
@@ -629,7 +598,7 @@ impl Handler<EditMessage> for ChatActor {
             events.push(EventBody::QueueUpdate { queued_messages: vec![] });
         }
         events.push(EventBody::Message { message: message.clone() });
-        events.push(EventBody::Status { status: ChatStatus::Running, error: None });
+        events.push(running_event);
         live.turn = Some(Turn::new(msg.user_id));
         let fut = async move { shared.commit(ops, events).await };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, ctx| {
@@ -647,8 +616,7 @@ impl Handler<EditMessage> for ChatActor {
                 }
                 Err(e) => {
                     live.turn = None;
-                    live.queue = queued;
-                    live.queue_changed();
+                    live.queue.restore(queued);
                     Err(ChatOpError::store(e))
                 }
             }
@@ -752,14 +720,7 @@ impl Handler<Compact> for ChatActor {
         turn.compact_only = true;
         live.turn = Some(turn);
         let shared = live.shared.clone();
-        let fut = async move {
-            shared
-                .commit(
-                    vec![Op::SetStatus { status: ChatStatus::Running, error: None }],
-                    vec![EventBody::Status { status: ChatStatus::Running, error: None }],
-                )
-                .await
-        };
+        let fut = async move { shared.commit_status(ChatStatus::Running).await };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res, act, ctx| match res {
             Ok(()) => {
                 act.start_step(ctx);
@@ -790,8 +751,9 @@ impl Handler<Close> for ChatActor {
             // Descendants first: each closes its own before it answers.
             futures::future::join_all(children.iter().map(|c| c.send(Close { stop_turn }))).await;
             if let (true, true, Some(shared)) = (stop_turn, running, shared) {
-                let (ops, events) = tree::idle_ops();
-                if let Err(e) = shared.commit(ops, events).await {
+                // Closed for good: recorded idle, not `running`, which would resume the turn on
+                // the next start.
+                if let Err(e) = shared.commit_status(ChatStatus::Idle).await {
                     tracing::error!(chat = %shared.chat_id, error = %e, "could not record the close");
                 }
             }

@@ -15,7 +15,7 @@ use super::ChatActor;
 use super::messages::{ChildEvent, ChildHandle, ChildState, Close, CloseChild, SpawnChild, UserInput, WatchChildren};
 use crate::error::ChatOpError;
 use crate::handle::ChatHandle;
-use crate::ports::{NewChild, Op};
+use crate::ports::NewChild;
 
 /// One sub-agent, as its parent keeps it.
 pub(super) struct Child {
@@ -247,14 +247,4 @@ impl Handler<CloseChild> for ChatActor {
             Ok(())
         })))
     }
-}
-
-/// Stops the turn of a chat that is being closed for good: the step is cancelled and the chat
-/// recorded idle (not `running`, which would resume it on the next start).
-pub(super) fn idle_ops() -> (Vec<Op>, Vec<EventBody>) {
-    use agentplane_schema::api::ChatStatus;
-    (
-        vec![Op::SetStatus { status: ChatStatus::Idle, error: None }],
-        vec![EventBody::Status { status: ChatStatus::Idle, error: None }],
-    )
 }

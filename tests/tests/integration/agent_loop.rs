@@ -85,18 +85,17 @@ async fn the_deployment_prompt_reaches_the_model_and_parallel_calls_all_run() {
 
 /// The kind and commit time of each stored event of `chat_id`, in `seq` order. Every event of
 /// one transaction carries the same time, and two commits of one chat never share one.
-async fn stored_events(env: &TestEnv, chat_id: &str) -> Vec<(String, String)> {
-    use sea_orm::{ConnectionTrait, Statement};
-    let db = sea_orm::Database::connect(env.settings.database_url()).await.expect("database");
-    let backend = db.get_database_backend();
-    let sql = match backend {
-        sea_orm::DbBackend::Postgres => {
-            "SELECT kind, CAST(created_at AS TEXT) AS at FROM chat_events WHERE chat_id = $1 ORDER BY seq"
-        }
-        _ => "SELECT kind, CAST(created_at AS TEXT) AS at FROM chat_events WHERE chat_id = ? ORDER BY seq",
-    };
-    let rows = db.query_all_raw(Statement::from_sql_and_values(backend, sql, [chat_id.into()])).await.expect("events");
-    rows.iter().map(|r| (r.try_get("", "kind").expect("kind"), r.try_get("", "at").expect("at"))).collect()
+async fn stored_events(env: &TestEnv, chat_id: &str) -> Vec<(String, chrono::DateTime<chrono::Utc>)> {
+    use agentplane_schema::db::entities::chat_events;
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+    let db = agentplane_schema::db::connect(&env.settings.database_url(), 1).await.expect("database");
+    let rows = chat_events::Entity::find()
+        .filter(chat_events::Column::ChatId.eq(chat_id))
+        .order_by_asc(chat_events::Column::Seq)
+        .all(&db)
+        .await
+        .expect("events");
+    rows.into_iter().map(|r| (r.kind, r.created_at)).collect()
 }
 
 /// A turn's last answer (no tool call) and the turn's end are stored in one transaction: the
