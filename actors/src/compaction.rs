@@ -72,6 +72,8 @@ pub async fn compact(
         messages,
         tools: Arc::new([]),
         images: Default::default(),
+        // Its messages up to the summary prompt are the conversation's own, already written.
+        memo: input.shared.prompt_memo(),
     };
     let summary = match collect_text(input, request).await {
         Ok(text) if !text.trim().is_empty() => text,

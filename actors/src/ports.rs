@@ -66,6 +66,36 @@ pub struct ModelRequest {
     pub tools: Arc<[ToolSpec]>,
     /// The bytes of every image the messages refer to (`Part::Image { file_id }`), by file id.
     pub images: HashMap<String, ImageData>,
+    /// The conversation's memo: the same one for every request of a chat, a new one for a call
+    /// that stands alone (a title).
+    pub memo: PromptMemo,
+}
+
+/// Where a model client keeps what it wrote of one conversation's prompt, for the conversation's
+/// next request: that request resends the same history with a few messages more, and only those
+/// need writing. The chat holds it, so it goes when the chat is unloaded. What is kept is the
+/// client's own business; a value of another type than the one asked for is replaced.
+#[derive(Clone, Default)]
+pub struct PromptMemo(Arc<std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>>);
+
+impl PromptMemo {
+    /// `f` on the kept `T`, a new one if none is kept.
+    pub fn with<T: Default + Send + 'static, R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        let mut kept = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(value) = kept.as_mut().and_then(|value| value.downcast_mut::<T>()) {
+            return f(value);
+        }
+        let mut value = T::default();
+        let result = f(&mut value);
+        *kept = Some(Box::new(value));
+        result
+    }
+}
+
+impl std::fmt::Debug for PromptMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PromptMemo")
+    }
 }
 
 /// An uploaded image, checked by its magic bytes when it was stored.

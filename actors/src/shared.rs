@@ -14,7 +14,7 @@ use agentplane_schema::event::{EventBody, StreamEvent};
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 
-use crate::ports::{Batch, EventBus, ImageData, Op, Store, StoreError};
+use crate::ports::{Batch, EventBus, ImageData, Op, PromptMemo, Store, StoreError};
 
 /// A change of the chat's status and the durable event that announces it, committed together.
 pub fn status_change(status: ChatStatus, error: Option<ChatError>) -> (Op, EventBody) {
@@ -42,6 +42,8 @@ pub struct ChatShared {
     /// Image bytes the prompts of the current turn show, read from the store once per turn (an
     /// uploaded file never changes); dropped when the turn ends so an idle chat holds none.
     images: std::sync::Mutex<HashMap<String, ImageData>>,
+    /// What the model client wrote of this chat's prompt for its last request.
+    prompt_memo: PromptMemo,
 }
 
 impl ChatShared {
@@ -67,7 +69,13 @@ impl ChatShared {
             workspace_lock: Mutex::new(()),
             reported_usage: std::sync::Mutex::new(None),
             images: std::sync::Mutex::new(HashMap::new()),
+            prompt_memo: PromptMemo::default(),
         }
+    }
+
+    /// The memo every model request of this chat's conversation carries.
+    pub fn prompt_memo(&self) -> PromptMemo {
+        self.prompt_memo.clone()
     }
 
     /// The bytes of the images `ids` names; those not read yet in this turn come from the store.

@@ -175,6 +175,7 @@ async fn step(
             messages,
             tools: tools::specs(),
             images,
+            memo: input.shared.prompt_memo(),
         };
         match stream_with_retries(input, &request, &mut draft).await? {
             Ok(s) => break s,

@@ -42,6 +42,7 @@ pub async fn generate(
         }],
         tools: Arc::new([]),
         images: Default::default(),
+        memo: Default::default(),
     };
     let mut text = String::new();
     match deps.model.stream(request).await {

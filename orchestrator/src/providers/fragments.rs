@@ -5,17 +5,24 @@
 //! nor do the tool definitions every request shares, so what a dialect writes for them is kept
 //! and reused.
 //!
-//! An entry is found by the address of the shared value and holds a [`Weak`] to it: while the
-//! entry exists the allocation cannot be reused, so an address never names two values, and
-//! entries whose value is gone are dropped as the map grows.
+//! Two keepers, both by the address of the shared value:
+//! - [`SentPrefix`], one per conversation (kept in the request's [`PromptMemo`]): the messages of
+//!   its last request as one text. The next request resends them first, so it reuses the text
+//!   after one address comparison per message and writes only what is new.
+//! - [`Fragments`], one for all: what a dialect wrote for one shared value (a message the prefix
+//!   does not hold, the tool definitions). An entry holds a [`Weak`] to its value: while the entry
+//!   exists the allocation cannot be reused, so an address never names two values, and entries
+//!   whose value is gone are dropped as the map grows.
 //!
 //! [`Message::parts`]: agentplane_schema::message::Message::parts
+//! [`PromptMemo`]: agentplane_actors::ports::PromptMemo
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, Weak};
 
-use agentplane_actors::ports::ModelError;
+use agentplane_actors::ports::{ModelError, PromptMessage};
+use agentplane_schema::message::{Part, Role};
 use serde_json::value::RawValue;
 
 /// What a dialect writes for one shared value: none, one or several elements of an array (its
@@ -116,16 +123,70 @@ impl Fragments {
     }
 }
 
+/// The messages a dialect wrote for a conversation's last request, as the text between the
+/// brackets of a JSON array: the elements, comma-separated.
+#[derive(Default)]
+pub(crate) struct SentPrefix {
+    dialect: &'static str,
+    /// What each message was written from (held, so its address cannot name another value while
+    /// it is here), and where its elements end in `text`.
+    sent: Vec<(Role, Arc<Vec<Part>>, usize)>,
+    text: String,
+}
+
+impl SentPrefix {
+    /// How many of `messages`, from the first, this prefix holds as `dialect` wrote them; what it
+    /// held beyond them is dropped. A message matches by its parts' address or, failing that,
+    /// their value: the summary that opens a compacted conversation is made anew for each
+    /// request, with the same text.
+    pub(crate) fn reuse(&mut self, dialect: &'static str, messages: &[PromptMessage]) -> usize {
+        if self.dialect != dialect {
+            *self = SentPrefix { dialect, ..SentPrefix::default() };
+            return 0;
+        }
+        let same = self
+            .sent
+            .iter()
+            .zip(messages)
+            .take_while(|((role, parts, _), message)| {
+                *role == message.role && (Arc::ptr_eq(parts, &message.parts) || **parts == *message.parts)
+            })
+            .count();
+        let end = same.checked_sub(1).map_or(0, |last| self.sent[last].2);
+        self.sent.truncate(same);
+        self.text.truncate(end);
+        same
+    }
+
+    /// Appends `message` as the elements `written`, each one JSON text.
+    pub(crate) fn push(&mut self, message: &PromptMessage, written: &[Box<RawValue>]) {
+        for element in written {
+            if !self.text.is_empty() {
+                self.text.push(',');
+            }
+            self.text.push_str(element.get());
+        }
+        self.sent.push((message.role, message.parts.clone(), self.text.len()));
+    }
+
+    /// The elements, comma-separated; empty when none.
+    pub(crate) fn text(&self) -> &str {
+        &self.text
+    }
+}
+
 /// `value` as raw JSON, to keep.
 pub(crate) fn raw(value: &impl serde::Serialize) -> Result<Box<RawValue>, ModelError> {
-    serde_json::value::to_raw_value(value).map_err(|e| {
-        ModelError::new(agentplane_schema::api::ChatErrorKind::Internal, format!("writing the prompt: {e}"))
-    })
+    serde_json::value::to_raw_value(value).map_err(writing_error)
+}
+
+/// A prompt that could not be written as JSON (a failure of ours, not the provider's).
+pub(crate) fn writing_error(e: serde_json::Error) -> ModelError {
+    ModelError::new(agentplane_schema::api::ChatErrorKind::Internal, format!("writing the prompt: {e}"))
 }
 
 #[cfg(test)]
 mod tests {
-    use agentplane_schema::message::Part;
 
     use super::*;
 
@@ -156,6 +217,66 @@ mod tests {
             let got = fragments.get_or_write("d", &parts, || written(&text)).expect("new");
             assert_eq!(got[0].get(), format!("\"{text}\""));
         }
+    }
+
+    fn message(role: Role, text: &str) -> PromptMessage {
+        PromptMessage { role, parts: Arc::new(vec![Part::text(text)]) }
+    }
+
+    /// Pushes `messages` as their text, one element each.
+    fn push_all(prefix: &mut SentPrefix, messages: &[PromptMessage]) {
+        for m in messages {
+            prefix.push(m, &[raw(&m.parts[0]).expect("raw")]);
+        }
+    }
+
+    #[test]
+    fn a_prefix_is_reused_up_to_where_the_messages_part() {
+        let history: Vec<PromptMessage> = ["one", "two", "three"].iter().map(|t| message(Role::User, t)).collect();
+        let mut prefix = SentPrefix::default();
+        assert_eq!(prefix.reuse("d", &history), 0);
+        push_all(&mut prefix, &history);
+        let all = prefix.text().to_owned();
+
+        // The next request: the same messages and one more.
+        let mut next = history.clone();
+        next.push(message(Role::Assistant, "four"));
+        assert_eq!(prefix.reuse("d", &next), 3);
+        assert_eq!(prefix.text(), all);
+
+        // A summary made anew with the same text still matches; a role or text that differs
+        // does not, and what came after it is dropped.
+        let mut rebuilt = next.clone();
+        rebuilt[0] = message(Role::User, "one");
+        assert_eq!(prefix.reuse("d", &rebuilt), 3);
+        let mut changed = rebuilt.clone();
+        changed[1] = message(Role::Assistant, "two");
+        assert_eq!(prefix.reuse("d", &changed), 1);
+        assert_eq!(prefix.text(), raw(&history[0].parts[0]).expect("raw").get());
+        push_all(&mut prefix, &changed[1..]);
+        assert_eq!(prefix.reuse("d", &changed), 4);
+
+        // Another dialect starts over; so does a history that shares nothing.
+        assert_eq!(prefix.reuse("e", &changed), 0);
+        assert_eq!(prefix.text(), "");
+        push_all(&mut prefix, &changed);
+        assert_eq!(prefix.reuse("e", &[message(Role::User, "other")]), 0);
+        assert_eq!(prefix.text(), "");
+    }
+
+    #[test]
+    fn a_message_written_as_nothing_keeps_its_place() {
+        let history = [message(Role::User, "one"), message(Role::Assistant, ""), message(Role::User, "three")];
+        let mut prefix = SentPrefix::default();
+        prefix.reuse("d", &history);
+        prefix.push(&history[0], &[raw(&"one").expect("raw")]);
+        prefix.push(&history[1], &[]);
+        prefix.push(&history[2], &[raw(&"three").expect("raw")]);
+        assert_eq!(prefix.text(), r#""one","three""#);
+        assert_eq!(prefix.reuse("d", &history[..2]), 2);
+        assert_eq!(prefix.text(), r#""one""#);
+        prefix.push(&history[2], &[raw(&"three").expect("raw")]);
+        assert_eq!(prefix.text(), r#""one","three""#);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use reqwest::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::fragments::{self, Fragments, Written};
+use super::fragments::{self, Fragments, SentPrefix, Written};
 use super::http;
 use super::sse::{self, SseEvent, SseParser};
 
@@ -35,7 +35,7 @@ pub(crate) async fn stream(
 ) -> Result<ModelStream, ModelError> {
     let endpoint = Endpoint::for_target(&request.target, Api::ChatCompletions)?;
     let body = request_body(&request, &endpoint, fragments)?;
-    let response = endpoint.send(client, &body).await?;
+    let response = endpoint.send(client, body).await?;
     let api_key = endpoint.api_key.clone();
 
     // Some compatible servers ignore `stream: true` and answer with one JSON completion.
@@ -163,13 +163,13 @@ impl Endpoint {
         Ok(Endpoint { url, auth, extra_headers, max_tokens_field, model, api_key })
     }
 
-    /// Posts `body` and returns the response once its status is known to be a success.
-    pub(crate) async fn send(
-        &self,
-        client: &reqwest::Client,
-        body: &impl serde::Serialize,
-    ) -> Result<reqwest::Response, ModelError> {
-        let mut builder = client.post(&self.url).header(reqwest::header::ACCEPT, "text/event-stream").json(body);
+    /// Posts `body` (JSON) and returns the response once its status is known to be a success.
+    pub(crate) async fn send(&self, client: &reqwest::Client, body: Vec<u8>) -> Result<reqwest::Response, ModelError> {
+        let mut builder = client
+            .post(&self.url)
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
         if let Some((name, value)) = &self.auth {
             builder = builder.header(name, value);
         }
@@ -253,85 +253,98 @@ pub(crate) fn image_data_url(request: &ModelRequest, file_id: &str) -> Result<St
 /// The name under which [`Fragments`] keeps what this dialect wrote.
 const KEPT_AS: &str = "openai_chat";
 
-/// The Chat Completions body for `request`, sent to `endpoint`: borrowed from the request and
-/// serialized straight to bytes (no JSON tree is built for a prompt that every step resends),
-/// each history message as `fragments` kept it from an earlier step.
-pub(crate) fn request_body<'a>(
-    request: &'a ModelRequest,
-    endpoint: &'a Endpoint,
+/// The Chat Completions body for `request`, sent to `endpoint`, as bytes. No JSON tree is built
+/// for a prompt that every step resends: the history comes from the conversation's
+/// [`SentPrefix`] and, past it, from what `fragments` kept or is written now.
+pub(crate) fn request_body(
+    request: &ModelRequest,
+    endpoint: &Endpoint,
     fragments: &Fragments,
-) -> Result<Body<'a>, ModelError> {
-    let written = request
-        .messages
-        .iter()
-        .map(|message| {
+) -> Result<Vec<u8>, ModelError> {
+    request.memo.with(|sent: &mut SentPrefix| {
+        let kept = sent.reuse(KEPT_AS, &request.messages);
+        // The prefix grows while the messages have no image: an image is written as a data URL
+        // of its bytes, up to 13 MiB of text, which is not worth keeping for as long as the
+        // chat is loaded. The messages after one are found in `fragments`.
+        let mut extends = true;
+        let mut after = Vec::new();
+        for message in &request.messages[kept..] {
             let write = || {
                 let mut out = Vec::new();
                 push_message(&mut out, message, request)?;
                 out.iter().map(fragments::raw).collect::<Result<Written, _>>()
             };
-            // An image is written as a data URL of its bytes, up to 13 MiB of text, which is
-            // not worth keeping for as long as the chat is loaded.
-            if message.parts.iter().any(|p| matches!(p, Part::Image { .. })) {
-                write()
+            let has_image = message.parts.iter().any(|p| matches!(p, Part::Image { .. }));
+            extends &= !has_image;
+            if extends {
+                sent.push(message, &write()?);
+            } else if has_image {
+                after.push(write()?);
             } else {
-                fragments.get_or_write(KEPT_AS, &message.parts, write)
+                after.push(fragments.get_or_write(KEPT_AS, &message.parts, write)?);
             }
-        })
-        .collect::<Result<_, _>>()?;
-    let messages = Messages { system: (!request.system.is_empty()).then_some(request.system.as_str()), written };
-    let max = request.target.max_output_tokens.filter(|m| *m > 0);
-    let (max_tokens, max_completion_tokens) = match endpoint.max_tokens_field {
-        "max_completion_tokens" => (None, max),
-        _ => (max, None),
-    };
-    Ok(Body {
-        model: &endpoint.model,
-        stream: true,
-        stream_options: StreamOptions { include_usage: true },
-        messages,
-        // An empty `tools` array is rejected by several servers, so the key is left out instead.
-        tools: fragments.get_or_write(KEPT_AS, &request.tools, || {
-            request.tools.iter().map(|tool| fragments::raw(&tool_definition(tool))).collect()
-        })?,
-        max_tokens,
-        max_completion_tokens,
+        }
+        let max = request.target.max_output_tokens.filter(|m| *m > 0);
+        let (max_tokens, max_completion_tokens) = match endpoint.max_tokens_field {
+            "max_completion_tokens" => (None, max),
+            _ => (max, None),
+        };
+        let rest = Body {
+            model: &endpoint.model,
+            stream: true,
+            stream_options: StreamOptions { include_usage: true },
+            // An empty `tools` array is rejected by several servers, so the key is left out instead.
+            tools: fragments.get_or_write(KEPT_AS, &request.tools, || {
+                request.tools.iter().map(|tool| fragments::raw(&tool_definition(tool))).collect()
+            })?,
+            max_tokens,
+            max_completion_tokens,
+        };
+        let system = (!request.system.is_empty()).then(|| OutMessage::System { content: &request.system });
+        let elements = after.iter().flat_map(|written| written.iter()).map(|element| element.get());
+        body_bytes(system.as_ref(), sent.text(), elements, &rest)
     })
 }
 
-/// A Chat Completions request body.
+/// `{"messages":[system, prefix, elements…], …rest}`. `rest` is never empty (it names the
+/// model), so its own object's fields follow the array after a comma.
+fn body_bytes<'e>(
+    system: Option<&OutMessage<'_>>,
+    prefix: &'e str,
+    elements: impl Iterator<Item = &'e str>,
+    rest: &Body<'_>,
+) -> Result<Vec<u8>, ModelError> {
+    let rest = serde_json::to_vec(rest).map_err(fragments::writing_error)?;
+    let mut out = Vec::with_capacity(prefix.len() + rest.len() + 4096);
+    out.extend_from_slice(b"{\"messages\":[");
+    let mut first = true;
+    if let Some(system) = system {
+        serde_json::to_writer(&mut out, system).map_err(fragments::writing_error)?;
+        first = false;
+    }
+    for element in std::iter::once(prefix).filter(|p| !p.is_empty()).chain(elements) {
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        out.extend_from_slice(element.as_bytes());
+    }
+    out.extend_from_slice(b"],");
+    out.extend_from_slice(rest.get(1..).unwrap_or_default());
+    Ok(out)
+}
+
+/// A Chat Completions request body but for its messages, which [`body_bytes`] writes first.
 #[derive(Serialize)]
-pub(crate) struct Body<'a> {
+struct Body<'a> {
     model: &'a str,
     stream: bool,
     stream_options: StreamOptions,
-    messages: Messages<'a>,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     tools: Written,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_completion_tokens: Option<i64>,
-}
-
-/// The system prompt, then each history message as written.
-pub(crate) struct Messages<'a> {
-    system: Option<&'a str>,
-    written: Vec<Written>,
-}
-
-impl Serialize for Messages<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq as _;
-        let mut seq = serializer.serialize_seq(None)?;
-        if let Some(content) = self.system {
-            seq.serialize_element(&OutMessage::System { content })?;
-        }
-        for message in self.written.iter().flat_map(|written| written.iter()) {
-            seq.serialize_element(message)?;
-        }
-        seq.end()
-    }
 }
 
 #[derive(Serialize)]

@@ -29,8 +29,8 @@ use super::sse::{self, SseEvent};
 /// headers (bad settings, connect failures, error statuses) come from the outer `Result`.
 pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> Result<ModelStream, ModelError> {
     let endpoint = Endpoint::for_target(&request.target, Api::Responses)?;
-    let body = request_body(&request, &endpoint)?;
-    let response = endpoint.send(client, &body).await?;
+    let body = serde_json::to_vec(&request_body(&request, &endpoint)?).map_err(super::fragments::writing_error)?;
+    let response = endpoint.send(client, body).await?;
     Ok(sse::decode_stream(response.bytes_stream().boxed(), EventDecoder::new(endpoint.api_key.clone())))
 }
 

@@ -228,6 +228,7 @@ pub(super) fn simple_request(base_url: &str) -> ModelRequest {
         messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")].into() }],
         tools: Vec::new().into(),
         images: Default::default(),
+        memo: Default::default(),
     }
 }
 
@@ -897,6 +898,7 @@ async fn request_shape() {
             ImageData { media_type: "image/png".to_owned(), bytes: Arc::from(&b"\x89PNG"[..]) },
         )]
         .into(),
+        memo: Default::default(),
     };
     // The next step's request: the same history (its messages' parts shared, as the loop shares
     // them) and one more message. The client writes the shared part from what it kept.
@@ -952,6 +954,88 @@ async fn request_shape() {
         .expect("messages")
         .push(json!({"role": "assistant", "content": "Done: \"a\", b."}));
     assert_eq!(requests[1].json(), second, "the next step's body, from what was kept and the new message");
+}
+
+/// A conversation's requests as the loop makes them, each body written with the conversation's
+/// memo and again with a new one: the memo never changes a byte, whether the history grew, was
+/// summarised (the summary made anew, with the same text, for every request), had a compaction
+/// request in between, or holds an image the prefix stops at.
+#[test]
+fn the_conversations_memo_never_changes_what_is_sent() {
+    use super::fragments::{Fragments, SentPrefix};
+    use super::openai_compat::{Api, Endpoint, request_body};
+
+    let text = |role: Role, text: &str| PromptMessage { role, parts: vec![Part::text(text)].into() };
+    let call = |id: &str| PromptMessage {
+        role: Role::Assistant,
+        parts: vec![Part::ToolCall {
+            call_id: id.to_owned(),
+            name: "execute".to_owned(),
+            args: json!({"command": "ls"}),
+        }]
+        .into(),
+    };
+    let result = |id: &str| PromptMessage {
+        role: Role::Tool,
+        parts: vec![Part::ToolResult {
+            call_id: id.to_owned(),
+            name: "execute".to_owned(),
+            result: "a \"b\"\n".to_owned(),
+            is_error: false,
+        }]
+        .into(),
+    };
+    let image = PromptMessage {
+        role: Role::User,
+        parts: vec![Part::text("this?"), Part::Image { file_id: "file_1".to_owned() }].into(),
+    };
+    let summary = || text(Role::User, "[Summary] the files were listed");
+    let (u1, a1, t1, a2, u2) =
+        (text(Role::User, "list"), call("c1"), result("c1"), text(Role::Assistant, "listed"), text(Role::User, "more"));
+    let (u3, a3, t3, a4) = (text(Role::User, "again"), call("c3"), result("c3"), text(Role::Assistant, "done"));
+    let histories: Vec<Vec<PromptMessage>> = vec![
+        vec![u1.clone()],
+        vec![u1.clone(), a1.clone(), t1.clone()],
+        vec![u1.clone(), a1.clone(), t1.clone(), a2.clone(), u2.clone()],
+        // The compaction's own request, then the conversation after it.
+        vec![u1.clone(), a1.clone(), t1.clone(), a2.clone(), text(Role::User, "Summarise.")],
+        vec![summary(), u2.clone()],
+        vec![summary(), u2.clone(), a3.clone(), t3.clone()],
+        vec![summary(), u2.clone(), a3.clone(), t3.clone(), image.clone(), a4.clone()],
+        vec![summary(), u2.clone(), a3.clone(), t3.clone(), image.clone(), a4.clone(), u3.clone()],
+        // A history that shares nothing with the last (an edited first message).
+        vec![text(Role::User, "list files"), a1.clone()],
+    ];
+    let fragments = Fragments::default();
+    let memo = agentplane_actors::ports::PromptMemo::default();
+    for (i, messages) in histories.into_iter().enumerate() {
+        let request = ModelRequest {
+            target: target("http://127.0.0.1:9/v1"),
+            system: "You are a coding agent.".to_owned(),
+            messages,
+            tools: vec![ToolSpec { name: "execute".to_owned(), description: "Run.".to_owned(), parameters: json!({}) }]
+                .into(),
+            images: [(
+                "file_1".to_owned(),
+                ImageData { media_type: "image/png".to_owned(), bytes: Arc::from(&b"\x89PNG"[..]) },
+            )]
+            .into(),
+            memo: memo.clone(),
+        };
+        let endpoint = Endpoint::for_target(&request.target, Api::ChatCompletions).expect("endpoint");
+        let with_memo = request_body(&request, &endpoint, &fragments).expect("body");
+        let alone = ModelRequest { memo: Default::default(), ..request.clone() };
+        let without = request_body(&alone, &endpoint, &Fragments::default()).expect("body");
+        assert_eq!(String::from_utf8_lossy(&with_memo), String::from_utf8_lossy(&without), "request {i}");
+        let body: Value = serde_json::from_slice(&with_memo).expect("JSON");
+        assert_eq!(body["messages"].as_array().map(Vec::len), Some(request.messages.len() + 1), "request {i}");
+        assert_eq!(body["model"], "gpt-4o");
+        // The memo holds the messages before the first image, for the next request.
+        let before_image =
+            request.messages.iter().take_while(|m| !m.parts.iter().any(|p| matches!(p, Part::Image { .. })));
+        let held = memo.with(|sent: &mut SentPrefix| sent.text().matches(r#""role":"#).count());
+        assert_eq!(held, before_image.count(), "request {i}");
+    }
 }
 
 #[tokio::test]

@@ -41,6 +41,7 @@ fn simple_request(base_url: &str) -> ModelRequest {
         messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")].into() }],
         tools: Vec::new().into(),
         images: HashMap::new(),
+        memo: Default::default(),
     }
 }
 
@@ -529,6 +530,7 @@ async fn request_shape() {
             "file_9".to_owned(),
             ImageData { media_type: "image/png".to_owned(), bytes: Arc::from(PNG) },
         )]),
+        memo: Default::default(),
     };
     let recorded = sent(request).await;
     assert_eq!(recorded.method, "POST");

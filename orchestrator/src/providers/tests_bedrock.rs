@@ -129,6 +129,7 @@ fn simple_request(base_url: &str) -> ModelRequest {
         messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("Reply with exactly OK.")].into() }],
         tools: Vec::new().into(),
         images: HashMap::new(),
+        memo: Default::default(),
     }
 }
 
@@ -781,6 +782,7 @@ async fn request_shape() {
         }]
         .into(),
         images: images(),
+        memo: Default::default(),
     })
     .await;
     assert!(result.expect("opens").iter().all(Result::is_ok));

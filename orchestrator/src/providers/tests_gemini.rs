@@ -72,6 +72,7 @@ fn simple_request(base_url: &str) -> ModelRequest {
         }],
         tools: Vec::new().into(),
         images: HashMap::new(),
+        memo: Default::default(),
     }
 }
 
@@ -559,6 +560,7 @@ async fn request_shape() {
             ("file_png".to_owned(), ImageData { media_type: "image/png".to_owned(), bytes: png_bytes() }),
             ("file_gif".to_owned(), ImageData { media_type: "image/gif".to_owned(), bytes: gif_bytes() }),
         ]),
+        memo: Default::default(),
     };
     let (body, recorded) = sent_body(request).await;
 

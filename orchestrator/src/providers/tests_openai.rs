@@ -44,6 +44,7 @@ fn request_for(target: ModelTarget) -> ModelRequest {
         messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")].into() }],
         tools: Vec::new().into(),
         images: Default::default(),
+        memo: Default::default(),
     }
 }
 
@@ -166,6 +167,7 @@ fn full_conversation(target: ModelTarget) -> ModelRequest {
         }]
         .into(),
         images: [("file_1".to_owned(), png(b"\x89PNG"))].into(),
+        memo: Default::default(),
     }
 }
 
