@@ -60,6 +60,12 @@ const EMPTY_TOOL_RESULT: &str = "(no output)";
 /// real signature cannot look like this.
 const REDACTED_PREFIX: &str = "bedrock-redacted:";
 
+/// The Converse body of `request`, as sent.
+pub(crate) fn body_bytes(request: &ModelRequest) -> Result<Vec<u8>, ModelError> {
+    let settings = Settings::from_target(&request.target.settings);
+    serde_json::to_vec(&request_body(request, &settings)?).map_err(super::fragments::writing_error)
+}
+
 /// Validation messages by which Bedrock models say the prompt does not fit, besides the phrases
 /// `http` knows.
 const OVERFLOW_PHRASES: &[&str] = &["input is too long", "too many input tokens", "exceed context limit"];
@@ -70,8 +76,7 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
     let settings = Settings::from_target(&request.target.settings);
     let secret = request.target.api_key.clone().filter(|key| !key.is_empty());
     let url = endpoint(&request.target.base_url, &request.target.model, settings.region.as_deref())?;
-    let body = serde_json::to_vec(&request_body(&request, &settings)?)
-        .map_err(|e| ModelError::new(ChatErrorKind::Internal, format!("could not encode the request: {e}")))?;
+    let body = body_bytes(&request)?;
 
     let mut builder = client.post(url.clone()).header(reqwest::header::CONTENT_TYPE, "application/json");
     match (&settings.access_key_id, &secret) {

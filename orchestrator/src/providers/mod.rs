@@ -84,6 +84,30 @@ impl Providers {
     }
 }
 
+impl Providers {
+    /// The body `dialect` would send for `request`, written as [`ModelClient::stream`] writes
+    /// it (the conversation's memo and the kept fragments included), without sending it. Not an
+    /// API: it exists for the request-writing benchmark (`benches/benches/request_writing.rs`).
+    #[doc(hidden)]
+    pub fn write_request(&self, dialect: WireDialect, request: &ModelRequest) -> Result<Vec<u8>, ModelError> {
+        let json = |value: &serde_json::Value| serde_json::to_vec(value).map_err(fragments::writing_error);
+        match dialect {
+            WireDialect::OpenAiChat => {
+                let endpoint =
+                    openai_compat::Endpoint::for_target(&request.target, openai_compat::Api::ChatCompletions)?;
+                openai_compat::request_body(request, &endpoint, &self.fragments)
+            }
+            WireDialect::OpenAiResponses => {
+                let endpoint = openai_compat::Endpoint::for_target(&request.target, openai_compat::Api::Responses)?;
+                json(&openai_responses::request_body(request, &endpoint)?)
+            }
+            WireDialect::Anthropic => json(&anthropic::request_body(request)?),
+            WireDialect::Gemini => json(&gemini::request_body(request)?),
+            WireDialect::Bedrock => bedrock::body_bytes(request),
+        }
+    }
+}
+
 impl std::fmt::Debug for Providers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Providers").finish_non_exhaustive()
