@@ -17,6 +17,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::fragments::{self, SentPrefix};
 use super::http;
 use super::sse::{self, SseEvent};
 
@@ -42,7 +43,8 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
         .post(&url)
         .header("anthropic-version", ANTHROPIC_VERSION)
         .header(reqwest::header::ACCEPT, "text/event-stream")
-        .json(&body);
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body);
     if let Some(key) = &api_key {
         builder = builder.header("x-api-key", key);
     }
@@ -74,49 +76,136 @@ fn messages_url(base_url: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Request
 
-/// The Messages body for `request`. Fails (as a `Config` error, before anything is sent) when a
-/// message names an image whose bytes are missing or whose type the API does not take.
-pub(crate) fn request_body(request: &ModelRequest) -> Result<Value, ModelError> {
-    let mut messages: Vec<WireMessage> = Vec::with_capacity(request.messages.len());
-    for message in &request.messages {
-        let Some((role, blocks)) = message_blocks(message, &request.images)? else {
-            continue;
-        };
+/// The name under which a conversation's [`SentPrefix`] holds what this dialect wrote.
+const KEPT_AS: &str = "anthropic";
+
+/// The Messages body for `request`, as bytes. Fails (as a `Config` error, before anything is
+/// sent) when a message names an image whose bytes are missing or whose type the API does not
+/// take.
+///
+/// Each history message's content blocks come from the conversation's [`SentPrefix`] as written
+/// for an earlier step, or are written now and kept there (but a message with an image, whose
+/// data would be kept for as long as the chat is loaded, is written anew each time). Only the
+/// wire messages around them and the two cache breakpoints are put together for each request.
+pub(crate) fn request_body(request: &ModelRequest) -> Result<Vec<u8>, ModelError> {
+    request.memo.with(|sent: &mut SentPrefix| {
+        let kept = sent.reuse(KEPT_AS, &request.messages);
+        let mut unkept = HashMap::new();
+        for (index, message) in request.messages.iter().enumerate() {
+            let held = index < kept;
+            if held && sent.piece(index).is_some() {
+                continue;
+            }
+            let blocks = message_blocks(message, &request.images)?;
+            let written = blocks.iter().map(fragments::raw).collect::<Result<Vec<_>, _>>()?;
+            // Only messages with an image are held without their text.
+            if message.parts.iter().any(|p| matches!(p, Part::Image { .. })) {
+                if !held {
+                    sent.push_unkept(message);
+                }
+                unkept.insert(index, join(&written));
+            } else {
+                sent.push(message, &written);
+            }
+        }
         // The API wants user and assistant strictly alternating: tool results (a user message)
         // followed by a queued user message, or a dropped message in between, are merged.
-        match messages.last_mut() {
-            Some(last) if last.role == role => last.blocks.extend(blocks),
-            _ => messages.push(WireMessage { role, blocks }),
+        let mut messages: Vec<(WireRole, Vec<&str>)> = Vec::with_capacity(request.messages.len());
+        for (index, message) in request.messages.iter().enumerate() {
+            let blocks = match sent.piece(index) {
+                Some(piece) => piece,
+                None => unkept.get(&index).map(String::as_str).unwrap_or_default(),
+            };
+            // A message with nothing to send (a marker, an answer of reasoning alone) has no blocks.
+            let Some(role) = wire_role(message.role).filter(|_| !blocks.is_empty()) else {
+                continue;
+            };
+            match messages.last_mut() {
+                Some((last, pieces)) if *last == role => pieces.push(blocks),
+                _ => messages.push((role, vec![blocks])),
+            }
         }
-    }
-    place_message_breakpoints(&mut messages);
 
-    let settings = &request.target.settings;
-    let thinking_budget = settings.get("thinking_budget_tokens").and_then(Value::as_i64).filter(|b| *b > 0);
-    let max_tokens = max_tokens(request, thinking_budget)?;
-
-    let mut body = json!({
-        "model": request.target.model,
-        "max_tokens": max_tokens,
-        "stream": true,
-        "messages": messages.into_iter().map(WireMessage::into_json).collect::<Vec<_>>(),
-    });
-    if !request.system.is_empty() {
-        body["system"] = json!([{"type": "text", "text": request.system, "cache_control": ephemeral()}]);
-    }
-    if !request.tools.is_empty() {
-        let mut tools: Vec<Value> = request.tools.iter().map(tool_definition).collect();
-        // Tools come first in the cached prefix; their own breakpoint keeps them cached even
-        // when the system prompt changes (an edited deployment prompt).
-        if let Some(last) = tools.last_mut() {
-            last["cache_control"] = ephemeral();
+        let settings = &request.target.settings;
+        let thinking_budget = settings.get("thinking_budget_tokens").and_then(Value::as_i64).filter(|b| *b > 0);
+        let max_tokens = max_tokens(request, thinking_budget)?;
+        let mut body = json!({
+            "model": request.target.model,
+            "max_tokens": max_tokens,
+            "stream": true,
+        });
+        if !request.system.is_empty() {
+            body["system"] = json!([{"type": "text", "text": request.system, "cache_control": ephemeral()}]);
         }
-        body["tools"] = Value::Array(tools);
+        if !request.tools.is_empty() {
+            let mut tools: Vec<Value> = request.tools.iter().map(tool_definition).collect();
+            // Tools come first in the cached prefix; their own breakpoint keeps them cached even
+            // when the system prompt changes (an edited deployment prompt).
+            if let Some(last) = tools.last_mut() {
+                last["cache_control"] = ephemeral();
+            }
+            body["tools"] = Value::Array(tools);
+        }
+        if let Some(budget) = thinking_budget {
+            body["thinking"] = json!({"type": "enabled", "budget_tokens": budget});
+        }
+        body_bytes(&messages, &body)
+    })
+}
+
+/// The wire role a prompt message's blocks go in; `None` for a marker, which is not sent.
+fn wire_role(role: Role) -> Option<WireRole> {
+    match role {
+        // The loop turns summaries into user messages and drops markers before a prompt is
+        // built; should one arrive anyway, a summary reads as user context.
+        Role::User | Role::Summary | Role::Tool => Some(WireRole::User),
+        Role::Assistant => Some(WireRole::Assistant),
+        Role::Marker => None,
     }
-    if let Some(budget) = thinking_budget {
-        body["thinking"] = json!({"type": "enabled", "budget_tokens": budget});
+}
+
+/// Elements, comma-separated.
+fn join(written: &[Box<serde_json::value::RawValue>]) -> String {
+    written.iter().map(|element| element.get()).collect::<Vec<_>>().join(",")
+}
+
+/// `{"messages":[…], …rest}`, each wire message's content the blocks of its prompt messages.
+/// The last block of the last message, and of the user message before it, carry a cache
+/// breakpoint (see [`message_breakpoints`]), put before the block's closing brace.
+fn body_bytes(messages: &[(WireRole, Vec<&str>)], rest: &Value) -> Result<Vec<u8>, ModelError> {
+    let rest = serde_json::to_vec(rest).map_err(fragments::writing_error)?;
+    let size: usize = messages.iter().flat_map(|(_, pieces)| pieces.iter().map(|p| p.len() + 1)).sum();
+    let mut out = Vec::with_capacity(size + 64 * messages.len() + rest.len() + 32);
+    out.extend_from_slice(b"{\"messages\":[");
+    let breakpoints = message_breakpoints(messages.iter().map(|(role, _)| *role));
+    for (index, (role, pieces)) in messages.iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(match role {
+            WireRole::User => b"{\"role\":\"user\",\"content\":[",
+            WireRole::Assistant => b"{\"role\":\"assistant\",\"content\":[",
+        });
+        for (i, piece) in pieces.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let last = i + 1 == pieces.len();
+            match piece.strip_suffix('}') {
+                // Thinking blocks cannot carry a breakpoint; they are never last in a message
+                // anyway, because a message of reasoning alone is not sent.
+                Some(open) if last && breakpoints.contains(&index) => {
+                    out.extend_from_slice(open.as_bytes());
+                    out.extend_from_slice(br#","cache_control":{"type":"ephemeral"}}"#);
+                }
+                _ => out.extend_from_slice(piece.as_bytes()),
+            }
+        }
+        out.extend_from_slice(b"]}");
     }
-    Ok(body)
+    out.extend_from_slice(b"],");
+    out.extend_from_slice(rest.get(1..).unwrap_or_default());
+    Ok(out)
 }
 
 /// The model's limit, else the provider's `max_tokens` setting, else [`DEFAULT_MAX_TOKENS`].
@@ -150,72 +239,44 @@ enum WireRole {
     Assistant,
 }
 
-struct WireMessage {
-    role: WireRole,
-    blocks: Vec<Value>,
-}
-
-impl WireMessage {
-    fn into_json(self) -> Value {
-        let role = match self.role {
-            WireRole::User => "user",
-            WireRole::Assistant => "assistant",
-        };
-        json!({"role": role, "content": self.blocks})
-    }
-}
-
-/// Prompt-caching breakpoints in the conversation. The cache is a prefix cache: a breakpoint on
-/// the last block of the prompt writes the whole prompt, which the next step of the same turn
-/// (the same prompt plus an answer and tool results) reads back. The API only looks about 20
-/// blocks back from a breakpoint for an earlier one, and a step with many parallel tool calls
-/// adds more than that, so the previous user message (the previous step's last block) gets a
-/// breakpoint too. With the tools and system breakpoints that makes four, the API's maximum.
-fn place_message_breakpoints(messages: &mut [WireMessage]) {
-    let Some(last) = messages.len().checked_sub(1) else {
-        return;
+/// Prompt-caching breakpoints in the conversation, as indexes of the wire messages whose last
+/// block carries one. The cache is a prefix cache: a breakpoint on the last block of the prompt
+/// writes the whole prompt, which the next step of the same turn (the same prompt plus an answer
+/// and tool results) reads back. The API only looks about 20 blocks back from a breakpoint for
+/// an earlier one, and a step with many parallel tool calls adds more than that, so the previous
+/// user message (the previous step's last block) gets a breakpoint too. With the tools and
+/// system breakpoints that makes four, the API's maximum.
+fn message_breakpoints(roles: impl DoubleEndedIterator<Item = WireRole> + ExactSizeIterator) -> Vec<usize> {
+    let Some(last) = roles.len().checked_sub(1) else {
+        return Vec::new();
     };
-    let previous_user = messages[..last].iter().rposition(|m| m.role == WireRole::User);
-    for index in previous_user.into_iter().chain([last]) {
-        // Thinking blocks cannot carry a breakpoint; they are never last in a message anyway,
-        // because a message of reasoning alone is not sent.
-        if let Some(block) = messages[index].blocks.last_mut() {
-            block["cache_control"] = ephemeral();
-        }
-    }
+    let previous_user = roles.enumerate().rev().skip(1).find(|(_, role)| *role == WireRole::User);
+    previous_user.map(|(index, _)| index).into_iter().chain([last]).collect()
 }
 
-/// The role and content blocks of one prompt message, or `None` when it has nothing to send.
-fn message_blocks(
-    message: &PromptMessage,
-    images: &HashMap<String, ImageData>,
-) -> Result<Option<(WireRole, Vec<Value>)>, ModelError> {
-    let (role, blocks) = match message.role {
-        // The loop turns summaries into user messages and drops markers before a prompt is built;
-        // should one arrive anyway, a summary reads as user context and a marker is not sent.
-        Role::User | Role::Summary => (WireRole::User, user_blocks(&message.parts, images)?),
-        Role::Marker => return Ok(None),
-        Role::Assistant => (WireRole::Assistant, assistant_blocks(&message.parts)),
+/// The content blocks of one prompt message; none when it has nothing to send.
+fn message_blocks(message: &PromptMessage, images: &HashMap<String, ImageData>) -> Result<Vec<Value>, ModelError> {
+    let blocks = match message.role {
+        Role::User | Role::Summary => user_blocks(&message.parts, images)?,
+        Role::Marker => Vec::new(),
+        Role::Assistant => assistant_blocks(&message.parts),
         // Tool results go back as a user message of `tool_result` blocks, which the API wants
         // before any text in that message (the merge in `request_body` keeps them first).
-        Role::Tool => (
-            WireRole::User,
-            message
-                .parts
-                .iter()
-                .filter_map(|p| match p {
-                    Part::ToolResult { call_id, result, is_error, .. } => {
-                        Some(tool_result_block(call_id, result, *is_error))
-                    }
-                    _ => None,
-                })
-                .collect(),
-        ),
+        Role::Tool => message
+            .parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::ToolResult { call_id, result, is_error, .. } => {
+                    Some(tool_result_block(call_id, result, *is_error))
+                }
+                _ => None,
+            })
+            .collect(),
     };
     // The API rejects messages without content; an assistant message of reasoning alone (an
     // answer interrupted while thinking) is not worth sending either.
     let has_content = blocks.iter().any(|b| b["type"] != "thinking");
-    Ok(has_content.then_some((role, blocks)))
+    Ok(if has_content { blocks } else { Vec::new() })
 }
 
 fn user_blocks(parts: &[Part], images: &HashMap<String, ImageData>) -> Result<Vec<Value>, ModelError> {

@@ -124,14 +124,23 @@ impl Fragments {
 }
 
 /// The messages a dialect wrote for a conversation's last request, as the text between the
-/// brackets of a JSON array: the elements, comma-separated.
+/// brackets of a JSON array: the elements, comma-separated. A message may also be held without
+/// its text (one with an image, written anew for each request); a dialect that sends the text
+/// as one run ([`SentPrefix::text`]) never holds one so.
 #[derive(Default)]
 pub(crate) struct SentPrefix {
     dialect: &'static str,
     /// What each message was written from (held, so its address cannot name another value while
-    /// it is here), and where its elements end in `text`.
-    sent: Vec<(Role, Arc<Vec<Part>>, usize)>,
+    /// it is here), and whether its elements are in `text`, ending where.
+    sent: Vec<Sent>,
     text: String,
+}
+
+struct Sent {
+    role: Role,
+    parts: Arc<Vec<Part>>,
+    kept: bool,
+    end: usize,
 }
 
 impl SentPrefix {
@@ -148,11 +157,11 @@ impl SentPrefix {
             .sent
             .iter()
             .zip(messages)
-            .take_while(|((role, parts, _), message)| {
-                *role == message.role && (Arc::ptr_eq(parts, &message.parts) || **parts == *message.parts)
+            .take_while(|(sent, message)| {
+                sent.role == message.role && (Arc::ptr_eq(&sent.parts, &message.parts) || *sent.parts == *message.parts)
             })
             .count();
-        let end = same.checked_sub(1).map_or(0, |last| self.sent[last].2);
+        let end = same.checked_sub(1).map_or(0, |last| self.sent[last].end);
         self.sent.truncate(same);
         self.text.truncate(end);
         same
@@ -166,12 +175,27 @@ impl SentPrefix {
             }
             self.text.push_str(element.get());
         }
-        self.sent.push((message.role, message.parts.clone(), self.text.len()));
+        self.sent.push(Sent { role: message.role, parts: message.parts.clone(), kept: true, end: self.text.len() });
+    }
+
+    /// Appends `message` without its text.
+    pub(crate) fn push_unkept(&mut self, message: &PromptMessage) {
+        self.sent.push(Sent { role: message.role, parts: message.parts.clone(), kept: false, end: self.text.len() });
     }
 
     /// The elements, comma-separated; empty when none.
     pub(crate) fn text(&self) -> &str {
         &self.text
+    }
+
+    /// The elements of the `index`th message, comma-separated (empty when it has none); `None`
+    /// when it is held without its text or not held.
+    pub(crate) fn piece(&self, index: usize) -> Option<&str> {
+        let sent = self.sent.get(index).filter(|sent| sent.kept)?;
+        let previous = index.checked_sub(1).map_or(0, |i| self.sent[i].end);
+        // The comma before the message's first element, if anything came before it.
+        let start = if previous > 0 && sent.end > previous { previous + 1 } else { previous };
+        self.text.get(start..sent.end)
     }
 }
 

@@ -101,7 +101,7 @@ impl Providers {
                 let endpoint = openai_compat::Endpoint::for_target(&request.target, openai_compat::Api::Responses)?;
                 json(&openai_responses::request_body(request, &endpoint)?)
             }
-            WireDialect::Anthropic => json(&anthropic::request_body(request)?),
+            WireDialect::Anthropic => anthropic::request_body(request),
             WireDialect::Gemini => json(&gemini::request_body(request)?),
             WireDialect::Bedrock => bedrock::body_bytes(request),
         }

@@ -957,13 +957,13 @@ async fn request_shape() {
 }
 
 /// A conversation's requests as the loop makes them, each body written with the conversation's
-/// memo and again with a new one: the memo never changes a byte, whether the history grew, was
-/// summarised (the summary made anew, with the same text, for every request), had a compaction
-/// request in between, or holds an image the prefix stops at.
+/// memo and again with a new one, by each dialect that keeps one: the memo never changes a byte,
+/// whether the history grew, was summarised (the summary made anew, with the same text, for
+/// every request), had a compaction request in between, or holds an image (which is not kept).
 #[test]
 fn the_conversations_memo_never_changes_what_is_sent() {
-    use super::fragments::{Fragments, SentPrefix};
-    use super::openai_compat::{Api, Endpoint, request_body};
+    use super::WireDialect;
+    use super::fragments::SentPrefix;
 
     let text = |role: Role, text: &str| PromptMessage { role, parts: vec![Part::text(text)].into() };
     let call = |id: &str| PromptMessage {
@@ -993,7 +993,7 @@ fn the_conversations_memo_never_changes_what_is_sent() {
     let (u1, a1, t1, a2, u2) =
         (text(Role::User, "list"), call("c1"), result("c1"), text(Role::Assistant, "listed"), text(Role::User, "more"));
     let (u3, a3, t3, a4) = (text(Role::User, "again"), call("c3"), result("c3"), text(Role::Assistant, "done"));
-    let histories: Vec<Vec<PromptMessage>> = vec![
+    let histories: [Vec<PromptMessage>; 9] = [
         vec![u1.clone()],
         vec![u1.clone(), a1.clone(), t1.clone()],
         vec![u1.clone(), a1.clone(), t1.clone(), a2.clone(), u2.clone()],
@@ -1006,35 +1006,47 @@ fn the_conversations_memo_never_changes_what_is_sent() {
         // A history that shares nothing with the last (an edited first message).
         vec![text(Role::User, "list files"), a1.clone()],
     ];
-    let fragments = Fragments::default();
-    let memo = agentplane_actors::ports::PromptMemo::default();
-    for (i, messages) in histories.into_iter().enumerate() {
-        let request = ModelRequest {
-            target: target("http://127.0.0.1:9/v1"),
-            system: "You are a coding agent.".to_owned(),
-            messages,
-            tools: vec![ToolSpec { name: "execute".to_owned(), description: "Run.".to_owned(), parameters: json!({}) }]
+    let has_image = |m: &PromptMessage| m.parts.iter().any(|p| matches!(p, Part::Image { .. }));
+    for (dialect, provider_type) in
+        [(WireDialect::OpenAiChat, ProviderType::OpenaiCompatible), (WireDialect::Anthropic, ProviderType::Anthropic)]
+    {
+        let (client, memo) = (providers(), agentplane_actors::ports::PromptMemo::default());
+        for (i, messages) in histories.iter().enumerate() {
+            let request = ModelRequest {
+                target: ModelTarget { provider_type, ..target("http://127.0.0.1:9/v1") },
+                system: "You are a coding agent.".to_owned(),
+                messages: messages.clone(),
+                tools: vec![ToolSpec {
+                    name: "execute".to_owned(),
+                    description: "Run.".to_owned(),
+                    parameters: json!({}),
+                }]
                 .into(),
-            images: [(
-                "file_1".to_owned(),
-                ImageData { media_type: "image/png".to_owned(), bytes: Arc::from(&b"\x89PNG"[..]) },
-            )]
-            .into(),
-            memo: memo.clone(),
-        };
-        let endpoint = Endpoint::for_target(&request.target, Api::ChatCompletions).expect("endpoint");
-        let with_memo = request_body(&request, &endpoint, &fragments).expect("body");
-        let alone = ModelRequest { memo: Default::default(), ..request.clone() };
-        let without = request_body(&alone, &endpoint, &Fragments::default()).expect("body");
-        assert_eq!(String::from_utf8_lossy(&with_memo), String::from_utf8_lossy(&without), "request {i}");
-        let body: Value = serde_json::from_slice(&with_memo).expect("JSON");
-        assert_eq!(body["messages"].as_array().map(Vec::len), Some(request.messages.len() + 1), "request {i}");
-        assert_eq!(body["model"], "gpt-4o");
-        // The memo holds the messages before the first image, for the next request.
-        let before_image =
-            request.messages.iter().take_while(|m| !m.parts.iter().any(|p| matches!(p, Part::Image { .. })));
-        let held = memo.with(|sent: &mut SentPrefix| sent.text().matches(r#""role":"#).count());
-        assert_eq!(held, before_image.count(), "request {i}");
+                images: [(
+                    "file_1".to_owned(),
+                    ImageData { media_type: "image/png".to_owned(), bytes: Arc::from(&b"\x89PNG"[..]) },
+                )]
+                .into(),
+                memo: memo.clone(),
+            };
+            let with_memo = client.write_request(dialect, &request).expect("body");
+            let alone = ModelRequest { memo: Default::default(), ..request.clone() };
+            let without = providers().write_request(dialect, &alone).expect("body");
+            let context = format!("{dialect:?}, request {i}");
+            assert_eq!(String::from_utf8_lossy(&with_memo), String::from_utf8_lossy(&without), "{context}");
+            let body: Value = serde_json::from_slice(&with_memo).expect("JSON");
+            assert_eq!(body["model"], "gpt-4o", "{context}");
+            let held = memo.with(|sent: &mut SentPrefix| match dialect {
+                // Chat Completions holds the messages before the first image as one text.
+                WireDialect::OpenAiChat => {
+                    let before_image = messages.iter().take_while(|m| !has_image(m)).count();
+                    sent.text().matches(r#""role":"#).count() == before_image
+                }
+                // Anthropic holds every message, an image's without its text.
+                _ => messages.iter().enumerate().all(|(i, m)| sent.piece(i).is_some() != has_image(m)),
+            });
+            assert!(held, "{context}");
+        }
     }
 }
 
