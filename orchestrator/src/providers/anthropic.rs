@@ -88,69 +88,73 @@ const KEPT_AS: &str = "anthropic";
 /// data would be kept for as long as the chat is loaded, is written anew each time). Only the
 /// wire messages around them and the two cache breakpoints are put together for each request.
 pub(crate) fn request_body(request: &ModelRequest) -> Result<Vec<u8>, ModelError> {
-    request.memo.with(|sent: &mut SentPrefix| {
-        let kept = sent.reuse(KEPT_AS, &request.messages);
-        let mut unkept = HashMap::new();
-        for (index, message) in request.messages.iter().enumerate() {
-            let held = index < kept;
-            if held && sent.piece(index).is_some() {
-                continue;
-            }
-            let blocks = message_blocks(message, &request.images)?;
-            let written = blocks.iter().map(fragments::raw).collect::<Result<Vec<_>, _>>()?;
-            // Only messages with an image are held without their text.
-            if message.parts.iter().any(|p| matches!(p, Part::Image { .. })) {
-                if !held {
-                    sent.push_unkept(message);
-                }
-                unkept.insert(index, join(&written));
-            } else {
-                sent.push(message, &written);
-            }
+    let settings = &request.target.settings;
+    let thinking_budget = settings.get("thinking_budget_tokens").and_then(Value::as_i64).filter(|b| *b > 0);
+    let max_tokens = max_tokens(request, thinking_budget)?;
+    let mut rest = json!({
+        "model": request.target.model,
+        "max_tokens": max_tokens,
+        "stream": true,
+    });
+    if !request.system.is_empty() {
+        rest["system"] = json!([{"type": "text", "text": request.system, "cache_control": ephemeral()}]);
+    }
+    if !request.tools.is_empty() {
+        let mut tools: Vec<Value> = request.tools.iter().map(tool_definition).collect();
+        // Tools come first in the cached prefix; their own breakpoint keeps them cached even
+        // when the system prompt changes (an edited deployment prompt).
+        if let Some(last) = tools.last_mut() {
+            last["cache_control"] = ephemeral();
         }
+        rest["tools"] = Value::Array(tools);
+    }
+    if let Some(budget) = thinking_budget {
+        rest["thinking"] = json!({"type": "enabled", "budget_tokens": budget});
+    }
+
+    request.memo.with(|sent: &mut SentPrefix| {
+        let pieces =
+            fragments::message_pieces(sent, KEPT_AS, request, |message| message_blocks(message, &request.images))?;
         // The API wants user and assistant strictly alternating: tool results (a user message)
         // followed by a queued user message, or a dropped message in between, are merged.
-        let mut messages: Vec<(WireRole, Vec<&str>)> = Vec::with_capacity(request.messages.len());
-        for (index, message) in request.messages.iter().enumerate() {
-            let blocks = match sent.piece(index) {
-                Some(piece) => piece,
-                None => unkept.get(&index).map(String::as_str).unwrap_or_default(),
-            };
-            // A message with nothing to send (a marker, an answer of reasoning alone) has no blocks.
-            let Some(role) = wire_role(message.role).filter(|_| !blocks.is_empty()) else {
-                continue;
-            };
-            match messages.last_mut() {
-                Some((last, pieces)) if *last == role => pieces.push(blocks),
-                _ => messages.push((role, vec![blocks])),
+        let messages = fragments::merged_by_role(&pieces, &request.messages, |m| wire_role(m.role));
+        let breakpoints = message_breakpoints(messages.iter().map(|(role, _)| *role));
+        let size = pieces.iter().map(|piece| piece.len() + 1).sum::<usize>() + 48 * messages.len();
+        fragments::object_with_array_first("messages", size, &rest, |out| {
+            for (index, (role, blocks)) in messages.iter().enumerate() {
+                if index > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(match role {
+                    WireRole::User => br#"{"role":"user","content":["#,
+                    WireRole::Assistant => br#"{"role":"assistant","content":["#,
+                });
+                let (last, before) =
+                    blocks.split_last().map_or((None, &[][..]), |(last, before)| (Some(*last), before));
+                fragments::push_joined(out, before.iter().copied());
+                if let Some(last) = last {
+                    if !before.is_empty() {
+                        out.push(b',');
+                    }
+                    push_last_blocks(out, last, breakpoints.contains(&index));
+                }
+                out.extend_from_slice(b"]}");
             }
-        }
-
-        let settings = &request.target.settings;
-        let thinking_budget = settings.get("thinking_budget_tokens").and_then(Value::as_i64).filter(|b| *b > 0);
-        let max_tokens = max_tokens(request, thinking_budget)?;
-        let mut body = json!({
-            "model": request.target.model,
-            "max_tokens": max_tokens,
-            "stream": true,
-        });
-        if !request.system.is_empty() {
-            body["system"] = json!([{"type": "text", "text": request.system, "cache_control": ephemeral()}]);
-        }
-        if !request.tools.is_empty() {
-            let mut tools: Vec<Value> = request.tools.iter().map(tool_definition).collect();
-            // Tools come first in the cached prefix; their own breakpoint keeps them cached even
-            // when the system prompt changes (an edited deployment prompt).
-            if let Some(last) = tools.last_mut() {
-                last["cache_control"] = ephemeral();
-            }
-            body["tools"] = Value::Array(tools);
-        }
-        if let Some(budget) = thinking_budget {
-            body["thinking"] = json!({"type": "enabled", "budget_tokens": budget});
-        }
-        body_bytes(&messages, &body)
+        })
     })
+}
+
+/// A message's last prompt message's blocks, the last of them with a cache breakpoint (put
+/// before its closing brace) when `breakpoint`. Thinking blocks cannot carry one; they are never
+/// last in a message anyway, because a message of reasoning alone is not sent.
+fn push_last_blocks(out: &mut Vec<u8>, blocks: &str, breakpoint: bool) {
+    match blocks.strip_suffix('}') {
+        Some(open) if breakpoint => {
+            out.extend_from_slice(open.as_bytes());
+            out.extend_from_slice(br#","cache_control":{"type":"ephemeral"}}"#);
+        }
+        _ => out.extend_from_slice(blocks.as_bytes()),
+    }
 }
 
 /// The wire role a prompt message's blocks go in; `None` for a marker, which is not sent.
@@ -162,50 +166,6 @@ fn wire_role(role: Role) -> Option<WireRole> {
         Role::Assistant => Some(WireRole::Assistant),
         Role::Marker => None,
     }
-}
-
-/// Elements, comma-separated.
-fn join(written: &[Box<serde_json::value::RawValue>]) -> String {
-    written.iter().map(|element| element.get()).collect::<Vec<_>>().join(",")
-}
-
-/// `{"messages":[…], …rest}`, each wire message's content the blocks of its prompt messages.
-/// The last block of the last message, and of the user message before it, carry a cache
-/// breakpoint (see [`message_breakpoints`]), put before the block's closing brace.
-fn body_bytes(messages: &[(WireRole, Vec<&str>)], rest: &Value) -> Result<Vec<u8>, ModelError> {
-    let rest = serde_json::to_vec(rest).map_err(fragments::writing_error)?;
-    let size: usize = messages.iter().flat_map(|(_, pieces)| pieces.iter().map(|p| p.len() + 1)).sum();
-    let mut out = Vec::with_capacity(size + 64 * messages.len() + rest.len() + 32);
-    out.extend_from_slice(b"{\"messages\":[");
-    let breakpoints = message_breakpoints(messages.iter().map(|(role, _)| *role));
-    for (index, (role, pieces)) in messages.iter().enumerate() {
-        if index > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(match role {
-            WireRole::User => b"{\"role\":\"user\",\"content\":[",
-            WireRole::Assistant => b"{\"role\":\"assistant\",\"content\":[",
-        });
-        for (i, piece) in pieces.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            let last = i + 1 == pieces.len();
-            match piece.strip_suffix('}') {
-                // Thinking blocks cannot carry a breakpoint; they are never last in a message
-                // anyway, because a message of reasoning alone is not sent.
-                Some(open) if last && breakpoints.contains(&index) => {
-                    out.extend_from_slice(open.as_bytes());
-                    out.extend_from_slice(br#","cache_control":{"type":"ephemeral"}}"#);
-                }
-                _ => out.extend_from_slice(piece.as_bytes()),
-            }
-        }
-        out.extend_from_slice(b"]}");
-    }
-    out.extend_from_slice(b"],");
-    out.extend_from_slice(rest.get(1..).unwrap_or_default());
-    Ok(out)
 }
 
 /// The model's limit, else the provider's `max_tokens` setting, else [`DEFAULT_MAX_TOKENS`].

@@ -37,6 +37,7 @@ use reqwest::header::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::fragments::{self, SentPrefix};
 use super::http;
 
 /// The SigV4 signing name of the Bedrock runtime.
@@ -62,8 +63,7 @@ const REDACTED_PREFIX: &str = "bedrock-redacted:";
 
 /// The Converse body of `request`, as sent.
 pub(crate) fn body_bytes(request: &ModelRequest) -> Result<Vec<u8>, ModelError> {
-    let settings = Settings::from_target(&request.target.settings);
-    serde_json::to_vec(&request_body(request, &settings)?).map_err(super::fragments::writing_error)
+    request_body(request, &Settings::from_target(&request.target.settings))
 }
 
 /// Validation messages by which Bedrock models say the prompt does not fit, besides the phrases
@@ -248,53 +248,62 @@ fn sign(
 // Request
 
 /// The Converse body for `request`. Fails with a `Config` error when a message names an image
-/// the request does not carry, or one in a format Converse does not take.
-fn request_body(request: &ModelRequest, settings: &Settings) -> Result<Value, ModelError> {
+/// the request does not carry, or one in a format Converse does not take. Each history message's
+/// content blocks come from the conversation's [`SentPrefix`] as written for an earlier step, or
+/// are written now and kept there; what is put together for each request is the messages
+/// around them and the cache points.
+fn request_body(request: &ModelRequest, settings: &Settings) -> Result<Vec<u8>, ModelError> {
     let tools_offered = !request.tools.is_empty();
-    let mut messages: Vec<(&'static str, Vec<Value>)> = Vec::with_capacity(request.messages.len());
-    for message in &request.messages {
-        let (role, content) = message_content(message, &request.images, tools_offered)?;
-        // Converse rejects empty content, and roles must alternate: a user message after tool
-        // results (or two answers in a row) joins the message before it.
-        if content.is_empty() {
-            continue;
-        }
-        match messages.last_mut() {
-            Some((last_role, last)) if *last_role == role => last.extend(content),
-            _ => messages.push((role, content)),
-        }
-    }
-    if settings.cache_points
-        && let Some((_, last)) = messages.last_mut()
-    {
-        last.push(cache_point());
-    }
-
-    let mut body = json!({
-        "messages": messages
-            .into_iter()
-            .map(|(role, content)| json!({"role": role, "content": content}))
-            .collect::<Vec<_>>(),
-    });
+    let mut rest = json!({});
     if !request.system.is_empty() {
         let mut system = vec![json!({"text": request.system})];
         if settings.cache_points {
             system.push(cache_point());
         }
-        body["system"] = Value::Array(system);
+        rest["system"] = Value::Array(system);
     }
     // An empty tool list is rejected, so the key is left out instead.
     if tools_offered {
-        body["toolConfig"] = json!({"tools": request.tools.iter().map(tool_definition).collect::<Vec<_>>()});
+        rest["toolConfig"] = json!({"tools": request.tools.iter().map(tool_definition).collect::<Vec<_>>()});
     }
     // Converse does not require a limit; without one the model's own default applies.
     if let Some(max) = request.target.max_output_tokens.filter(|m| *m > 0) {
-        body["inferenceConfig"] = json!({"maxTokens": max});
+        rest["inferenceConfig"] = json!({"maxTokens": max});
     }
     if let Some(fields) = &settings.additional_model_request_fields {
-        body["additionalModelRequestFields"] = fields.clone();
+        rest["additionalModelRequestFields"] = fields.clone();
     }
-    Ok(body)
+
+    // Without tools, calls and results are written as text (see `message_content`).
+    let written_as = if tools_offered { "bedrock" } else { "bedrock, no tools" };
+    request.memo.with(|sent: &mut SentPrefix| {
+        let pieces = fragments::message_pieces(sent, written_as, request, |message| {
+            Ok(message_content(message, &request.images, tools_offered)?.1)
+        })?;
+        // Converse rejects empty content, and roles must alternate: a user message after tool
+        // results (or two answers in a row) joins the message before it.
+        let messages = fragments::merged_by_role(&pieces, &request.messages, |m| match m.role {
+            Role::Marker => None,
+            Role::Assistant => Some("assistant"),
+            Role::User | Role::Summary | Role::Tool => Some("user"),
+        });
+        let size = pieces.iter().map(|piece| piece.len() + 1).sum::<usize>() + 40 * messages.len();
+        let cache_point = settings.cache_points.then(|| cache_point().to_string());
+        fragments::object_with_array_first("messages", size, &rest, |out| {
+            for (index, (role, content)) in messages.iter().enumerate() {
+                if index > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(br#"{"role":"#);
+                out.extend_from_slice(if *role == "user" { br#""user""# } else { br#""assistant""# });
+                out.extend_from_slice(br#","content":["#);
+                let last = index + 1 == messages.len();
+                let point = cache_point.as_deref().filter(|_| last);
+                fragments::push_joined(out, content.iter().copied().chain(point));
+                out.extend_from_slice(b"]}");
+            }
+        })
+    })
 }
 
 /// Converse refuses text blocks that are empty or only whitespace.

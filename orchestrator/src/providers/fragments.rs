@@ -17,11 +17,12 @@
 //! [`Message::parts`]: agentplane_schema::message::Message::parts
 //! [`PromptMemo`]: agentplane_actors::ports::PromptMemo
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, Weak};
 
-use agentplane_actors::ports::{ModelError, PromptMessage};
+use agentplane_actors::ports::{ModelError, ModelRequest, PromptMessage};
 use agentplane_schema::message::{Part, Role};
 use serde_json::value::RawValue;
 
@@ -129,7 +130,8 @@ impl Fragments {
 /// as one run ([`SentPrefix::text`]) never holds one so.
 #[derive(Default)]
 pub(crate) struct SentPrefix {
-    dialect: &'static str,
+    /// The dialect and whatever else changes how it writes a message (a model's options).
+    written_as: String,
     /// What each message was written from (held, so its address cannot name another value while
     /// it is here), and whether its elements are in `text`, ending where.
     sent: Vec<Sent>,
@@ -144,13 +146,14 @@ struct Sent {
 }
 
 impl SentPrefix {
-    /// How many of `messages`, from the first, this prefix holds as `dialect` wrote them; what it
+    /// How many of `messages`, from the first, this prefix holds as written by `written_as` (a
+    /// dialect, and what else changes how it writes a message); what it
     /// held beyond them is dropped. A message matches by its parts' address or, failing that,
     /// their value: the summary that opens a compacted conversation is made anew for each
     /// request, with the same text.
-    pub(crate) fn reuse(&mut self, dialect: &'static str, messages: &[PromptMessage]) -> usize {
-        if self.dialect != dialect {
-            *self = SentPrefix { dialect, ..SentPrefix::default() };
+    pub(crate) fn reuse(&mut self, written_as: &str, messages: &[PromptMessage]) -> usize {
+        if self.written_as != written_as {
+            *self = SentPrefix { written_as: written_as.to_owned(), ..SentPrefix::default() };
             return 0;
         }
         let same = self
@@ -196,6 +199,98 @@ impl SentPrefix {
         // The comma before the message's first element, if anything came before it.
         let start = if previous > 0 && sent.end > previous { previous + 1 } else { previous };
         self.text.get(start..sent.end)
+    }
+}
+
+/// The elements of each of `request`'s messages as text, comma-separated (empty for a message
+/// with nothing to send): kept in the conversation's memo from an earlier request, or written
+/// now by `write` and kept there. A message with an image is written anew for each request and
+/// held without its text, which would be its image's data for as long as the chat is loaded.
+pub(crate) fn message_pieces<'s, T: serde::Serialize>(
+    sent: &'s mut SentPrefix,
+    written_as: &str,
+    request: &ModelRequest,
+    write: impl Fn(&PromptMessage) -> Result<Vec<T>, ModelError>,
+) -> Result<Vec<Cow<'s, str>>, ModelError> {
+    let kept = sent.reuse(written_as, &request.messages);
+    let mut unkept = HashMap::new();
+    for (index, message) in request.messages.iter().enumerate() {
+        let held = index < kept;
+        if held && sent.piece(index).is_some() {
+            continue;
+        }
+        let written = write(message)?.iter().map(raw).collect::<Result<Vec<_>, _>>()?;
+        if message.parts.iter().any(|p| matches!(p, Part::Image { .. })) {
+            if !held {
+                sent.push_unkept(message);
+            }
+            let text: Vec<&str> = written.iter().map(|element| element.get()).collect();
+            unkept.insert(index, text.join(","));
+        } else {
+            sent.push(message, &written);
+        }
+    }
+    let sent: &'s SentPrefix = sent;
+    Ok((0..request.messages.len())
+        .map(|index| match sent.piece(index) {
+            Some(piece) => Cow::Borrowed(piece),
+            None => Cow::Owned(unkept.remove(&index).unwrap_or_default()),
+        })
+        .collect())
+}
+
+/// Consecutive non-empty `pieces` of one role joined into one message (dialects whose roles
+/// must alternate), with the role `role_of` gives the piece's message; a message without one
+/// (a marker) is left out.
+pub(crate) fn merged_by_role<'p, R: PartialEq + Copy>(
+    pieces: &'p [Cow<'_, str>],
+    messages: &[PromptMessage],
+    role_of: impl Fn(&PromptMessage) -> Option<R>,
+) -> Vec<(R, Vec<&'p str>)> {
+    let mut merged: Vec<(R, Vec<&str>)> = Vec::with_capacity(pieces.len());
+    for (piece, message) in pieces.iter().zip(messages) {
+        let Some(role) = role_of(message).filter(|_| !piece.is_empty()) else {
+            continue;
+        };
+        match merged.last_mut() {
+            Some((last, joined)) if *last == role => joined.push(piece),
+            _ => merged.push((role, vec![piece])),
+        }
+    }
+    merged
+}
+
+/// `{"<key>":[…], …rest}`: the JSON object `rest` with one more field written first, an array
+/// whose elements `write_elements` writes (comma-separated, no brackets).
+pub(crate) fn object_with_array_first(
+    key: &str,
+    capacity: usize,
+    rest: &impl serde::Serialize,
+    write_elements: impl FnOnce(&mut Vec<u8>),
+) -> Result<Vec<u8>, ModelError> {
+    let rest = serde_json::to_vec(rest).map_err(writing_error)?;
+    let mut out = Vec::with_capacity(capacity + rest.len() + key.len() + 8);
+    out.push(b'{');
+    serde_json::to_writer(&mut out, key).map_err(writing_error)?;
+    out.extend_from_slice(b":[");
+    write_elements(&mut out);
+    out.push(b']');
+    // `rest` is an object: after its `{`, nothing (`}`) or its fields.
+    let fields = rest.get(1..).unwrap_or_default();
+    if fields != b"}" {
+        out.push(b',');
+    }
+    out.extend_from_slice(fields);
+    Ok(out)
+}
+
+/// Writes `elements` comma-separated.
+pub(crate) fn push_joined<'e>(out: &mut Vec<u8>, elements: impl IntoIterator<Item = &'e str>) {
+    for (i, element) in elements.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(element.as_bytes());
     }
 }
 

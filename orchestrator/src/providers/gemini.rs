@@ -32,6 +32,7 @@ use reqwest::header::{HeaderValue, InvalidHeaderValue};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use super::fragments::{self, SentPrefix};
 use super::http;
 use super::sse::{self, SseEvent, SseParser};
 
@@ -56,7 +57,11 @@ pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> R
     let body = request_body(&request)?;
     let url = endpoint(&request.target);
 
-    let mut builder = client.post(&url).header(reqwest::header::ACCEPT, "text/event-stream").json(&body);
+    let mut builder = client
+        .post(&url)
+        .header(reqwest::header::ACCEPT, "text/event-stream")
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body);
     if let Some(key) = &api_key {
         let value = key_header(key).map_err(|_| {
             ModelError::new(ChatErrorKind::Config, "the provider's API key contains characters a header cannot carry")
@@ -182,35 +187,12 @@ impl Options {
 /// models), `stream_function_call_arguments` (Vertex only; default off) and `generation_config`,
 /// an object laid over the `generationConfig` built here (e.g. `{"thinkingConfig":
 /// {"thinkingLevel": "low"}, "temperature": 0.2}`).
-pub(crate) fn request_body(request: &ModelRequest) -> Result<Value, ModelError> {
+pub(crate) fn request_body(request: &ModelRequest) -> Result<Vec<u8>, ModelError> {
     let target = &request.target;
     let options = Options::of(target);
 
-    let mut contents: Vec<(&'static str, Vec<Value>)> = Vec::with_capacity(request.messages.len());
-    for message in &request.messages {
-        let Some((role, parts)) = content(message, &request.images, options)? else {
-            continue;
-        };
-        // Consecutive contents of one role (tool results, then the user's next message) are
-        // merged: Gemini expects the turns to alternate.
-        match contents.last_mut() {
-            Some((last_role, last_parts)) if *last_role == role => last_parts.extend(parts),
-            _ => contents.push((role, parts)),
-        }
-    }
-
     let system = request.system.trim();
-    if !system.is_empty() && options.gemma {
-        let first_user = contents.iter_mut().find(|(role, _)| *role == "user");
-        match first_user {
-            Some((_, parts)) => parts.insert(0, json!({"text": format!("{system}\n\n")})),
-            None => contents.insert(0, ("user", vec![json!({"text": system})])),
-        }
-    }
-
-    let contents: Vec<Value> =
-        contents.into_iter().map(|(role, parts)| json!({"role": role, "parts": parts})).collect();
-    let mut body = json!({"contents": contents});
+    let mut body = json!({});
     if !system.is_empty() && !options.gemma {
         body["systemInstruction"] = json!({"parts": [{"text": system}]});
     }
@@ -221,7 +203,6 @@ pub(crate) fn request_body(request: &ModelRequest) -> Result<Value, ModelError> 
             body["toolConfig"] = json!({"functionCallingConfig": {"streamFunctionCallArguments": true}});
         }
     }
-
     let mut config = Map::new();
     if let Some(max) = target.max_output_tokens.filter(|m| *m > 0) {
         config.insert("maxOutputTokens".into(), json!(max));
@@ -246,7 +227,46 @@ pub(crate) fn request_body(request: &ModelRequest) -> Result<Value, ModelError> 
     if !config.is_empty() {
         body["generationConfig"] = Value::Object(config);
     }
-    Ok(body)
+
+    // How a message is written depends on these options of the model.
+    let written_as = format!("gemini, vertex {}, signatures {}", options.vertex, options.requires_signatures);
+    request.memo.with(|sent: &mut SentPrefix| {
+        let pieces = fragments::message_pieces(sent, &written_as, request, |message| {
+            Ok(content(message, &request.images, options)?.map(|(_, parts)| parts).unwrap_or_default())
+        })?;
+        // Consecutive contents of one role (tool results, then the user's next message) are
+        // merged: Gemini expects the turns to alternate.
+        let contents = fragments::merged_by_role(&pieces, &request.messages, |m| match m.role {
+            Role::Marker => None,
+            Role::Assistant => Some("model"),
+            Role::User | Role::Summary | Role::Tool => Some("user"),
+        });
+        // Gemma takes no system instruction: the system prompt opens the first user content.
+        let system_part = (!system.is_empty() && options.gemma).then(|| json!({"text": format!("{system}\n\n")}));
+        let system_part = system_part.map(|part| part.to_string());
+        let first_user = contents.iter().position(|(role, _)| *role == "user");
+        let size = pieces.iter().map(|piece| piece.len() + 1).sum::<usize>() + 32 * contents.len();
+        fragments::object_with_array_first("contents", size, &body, |out| {
+            if let (Some(_), None) = (&system_part, first_user) {
+                out.extend_from_slice(br#"{"role":"user","parts":[{"text":"#);
+                out.extend_from_slice(Value::from(system).to_string().as_bytes());
+                out.extend_from_slice(b"}]}");
+            }
+            for (index, (role, parts)) in contents.iter().enumerate() {
+                if index > 0 || (system_part.is_some() && first_user.is_none()) {
+                    out.push(b',');
+                }
+                out.extend_from_slice(if *role == "user" {
+                    br#"{"role":"user","parts":["#
+                } else {
+                    br#"{"role":"model","parts":["#
+                });
+                let opening = system_part.as_deref().filter(|_| first_user == Some(index));
+                fragments::push_joined(out, opening.into_iter().chain(parts.iter().copied()));
+                out.extend_from_slice(b"]}");
+            }
+        })
+    })
 }
 
 /// One prompt message as a Gemini content: its role and parts, or `None` when nothing of it is

@@ -90,7 +90,6 @@ impl Providers {
     /// API: it exists for the request-writing benchmark (`benches/benches/request_writing.rs`).
     #[doc(hidden)]
     pub fn write_request(&self, dialect: WireDialect, request: &ModelRequest) -> Result<Vec<u8>, ModelError> {
-        let json = |value: &serde_json::Value| serde_json::to_vec(value).map_err(fragments::writing_error);
         match dialect {
             WireDialect::OpenAiChat => {
                 let endpoint =
@@ -99,10 +98,10 @@ impl Providers {
             }
             WireDialect::OpenAiResponses => {
                 let endpoint = openai_compat::Endpoint::for_target(&request.target, openai_compat::Api::Responses)?;
-                json(&openai_responses::request_body(request, &endpoint)?)
+                openai_responses::request_body(request, &endpoint)
             }
             WireDialect::Anthropic => anthropic::request_body(request),
-            WireDialect::Gemini => json(&gemini::request_body(request)?),
+            WireDialect::Gemini => gemini::request_body(request),
             WireDialect::Bedrock => bedrock::body_bytes(request),
         }
     }

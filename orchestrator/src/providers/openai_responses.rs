@@ -21,6 +21,7 @@ use agentplane_schema::message::{Part, Role};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+use super::fragments::{self, SentPrefix};
 use super::http;
 use super::openai_compat::{Api, Endpoint, image_data_url, setting};
 use super::sse::{self, SseEvent};
@@ -29,7 +30,7 @@ use super::sse::{self, SseEvent};
 /// headers (bad settings, connect failures, error statuses) come from the outer `Result`.
 pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> Result<ModelStream, ModelError> {
     let endpoint = Endpoint::for_target(&request.target, Api::Responses)?;
-    let body = serde_json::to_vec(&request_body(&request, &endpoint)?).map_err(super::fragments::writing_error)?;
+    let body = request_body(&request, &endpoint)?;
     let response = endpoint.send(client, body).await?;
     Ok(sse::decode_stream(response.bytes_stream().boxed(), EventDecoder::new(endpoint.api_key.clone())))
 }
@@ -43,15 +44,15 @@ pub(crate) fn decode_body(body: &[u8]) -> Vec<Result<ModelEvent, ModelError>> {
 // ---------------------------------------------------------------------------------------------
 // Request
 
-/// The Responses API body for `request`, sent to `endpoint`.
-pub(crate) fn request_body(request: &ModelRequest, endpoint: &Endpoint) -> Result<Value, ModelError> {
-    let mut input = Vec::with_capacity(request.messages.len());
-    for message in &request.messages {
-        push_items(&mut input, message, request)?;
-    }
+/// The name under which a conversation's [`SentPrefix`] holds what this dialect wrote.
+const KEPT_AS: &str = "openai_responses";
+
+/// The Responses API body for `request`, sent to `endpoint`, as bytes. Each history message's
+/// input items come from the conversation's [`SentPrefix`] as written for an earlier step, or
+/// are written now and kept there.
+pub(crate) fn request_body(request: &ModelRequest, endpoint: &Endpoint) -> Result<Vec<u8>, ModelError> {
     let mut body = json!({
         "model": endpoint.model,
-        "input": input,
         "stream": true,
         // Nothing is kept at the provider: each call carries the whole conversation, so a chat
         // does not depend on OpenAI's retention or on which replica made the last call.
@@ -80,7 +81,17 @@ pub(crate) fn request_body(request: &ModelRequest, endpoint: &Endpoint) -> Resul
             body["reasoning"] = Value::Object(reasoning);
         }
     }
-    Ok(body)
+    request.memo.with(|sent: &mut SentPrefix| {
+        let pieces = fragments::message_pieces(sent, KEPT_AS, request, |message| {
+            let mut items = Vec::new();
+            push_items(&mut items, message, request)?;
+            Ok(items)
+        })?;
+        let size = pieces.iter().map(|piece| piece.len() + 1).sum();
+        fragments::object_with_array_first("input", size, &body, |out| {
+            fragments::push_joined(out, pieces.iter().map(AsRef::as_ref).filter(|piece: &&str| !piece.is_empty()))
+        })
+    })
 }
 
 /// Whether the model is a reasoning model. OpenAI rejects `include: ["reasoning.encrypted_content"]`

@@ -1007,13 +1007,25 @@ fn the_conversations_memo_never_changes_what_is_sent() {
         vec![text(Role::User, "list files"), a1.clone()],
     ];
     let has_image = |m: &PromptMessage| m.parts.iter().any(|p| matches!(p, Part::Image { .. }));
-    for (dialect, provider_type) in
-        [(WireDialect::OpenAiChat, ProviderType::OpenaiCompatible), (WireDialect::Anthropic, ProviderType::Anthropic)]
-    {
+    let every = [
+        (WireDialect::OpenAiChat, ProviderType::OpenaiCompatible, "gpt-4o", json!({})),
+        (WireDialect::OpenAiResponses, ProviderType::Openai, "gpt-4o", json!({"api": "responses"})),
+        (WireDialect::Anthropic, ProviderType::Anthropic, "claude-sonnet-4-5", json!({})),
+        (WireDialect::Gemini, ProviderType::Gemini, "gemini-3-pro-preview", json!({})),
+        // Gemma's system prompt opens the first user content.
+        (WireDialect::Gemini, ProviderType::Gemini, "gemma-3-27b-it", json!({})),
+        (WireDialect::Bedrock, ProviderType::Bedrock, "anthropic.claude", json!({"region": "us-east-1"})),
+    ];
+    for (dialect, provider_type, model, settings) in every {
         let (client, memo) = (providers(), agentplane_actors::ports::PromptMemo::default());
         for (i, messages) in histories.iter().enumerate() {
             let request = ModelRequest {
-                target: ModelTarget { provider_type, ..target("http://127.0.0.1:9/v1") },
+                target: ModelTarget {
+                    provider_type,
+                    model: model.to_owned(),
+                    settings: settings.clone(),
+                    ..target("http://127.0.0.1:9/v1")
+                },
                 system: "You are a coding agent.".to_owned(),
                 messages: messages.clone(),
                 tools: vec![ToolSpec {
@@ -1032,17 +1044,18 @@ fn the_conversations_memo_never_changes_what_is_sent() {
             let with_memo = client.write_request(dialect, &request).expect("body");
             let alone = ModelRequest { memo: Default::default(), ..request.clone() };
             let without = providers().write_request(dialect, &alone).expect("body");
-            let context = format!("{dialect:?}, request {i}");
+            let context = format!("{dialect:?} ({model}), request {i}");
             assert_eq!(String::from_utf8_lossy(&with_memo), String::from_utf8_lossy(&without), "{context}");
             let body: Value = serde_json::from_slice(&with_memo).expect("JSON");
-            assert_eq!(body["model"], "gpt-4o", "{context}");
+            let history = ["messages", "input", "contents"].iter().find_map(|key| body.get(key));
+            assert!(history.is_some_and(Value::is_array), "{context}: {body}");
             let held = memo.with(|sent: &mut SentPrefix| match dialect {
                 // Chat Completions holds the messages before the first image as one text.
                 WireDialect::OpenAiChat => {
                     let before_image = messages.iter().take_while(|m| !has_image(m)).count();
                     sent.text().matches(r#""role":"#).count() == before_image
                 }
-                // Anthropic holds every message, an image's without its text.
+                // The others hold every message, an image's without its text.
                 _ => messages.iter().enumerate().all(|(i, m)| sent.piece(i).is_some() != has_image(m)),
             });
             assert!(held, "{context}");

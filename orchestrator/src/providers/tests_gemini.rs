@@ -756,7 +756,7 @@ async fn settings_vertex_gemma_and_no_key() {
 
 fn request_body_for(mut request: ModelRequest, base_url: &str) -> Value {
     request.target.base_url = base_url.to_owned();
-    gemini::request_body(&request).expect("a body")
+    serde_json::from_slice(&gemini::request_body(&request).expect("a body")).expect("JSON")
 }
 
 #[tokio::test]
