@@ -79,6 +79,7 @@ bench chat_actor
 bench subagents
 bench fanout
 bench tool_roundtrip
+bench request_writing
 
 say "report: $report"
 exit "$failed"

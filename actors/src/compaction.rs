@@ -72,7 +72,8 @@ pub async fn compact(
         messages,
         tools: Arc::new([]),
         images: Default::default(),
-        // Its messages up to the summary prompt are the conversation's own, already written.
+        // Its messages up to the summary prompt are the conversation's own, already written
+        // (reused where the dialect writes them alike without tools: all but Bedrock).
         memo: input.shared.prompt_memo(),
     };
     let summary = match collect_text(input, request).await {

@@ -167,6 +167,11 @@ impl SentPrefix {
         let end = same.checked_sub(1).map_or(0, |last| self.sent[last].end);
         self.sent.truncate(same);
         self.text.truncate(end);
+        // After a summary most of the text goes: its buffer need not stay the size of the
+        // longest prompt so far.
+        if self.text.capacity() > 4 * self.text.len() + (64 << 10) {
+            self.text.shrink_to(2 * self.text.len());
+        }
         same
     }
 
@@ -381,6 +386,20 @@ mod tests {
         push_all(&mut prefix, &changed);
         assert_eq!(prefix.reuse("e", &[message(Role::User, "other")]), 0);
         assert_eq!(prefix.text(), "");
+    }
+
+    #[test]
+    fn a_prefix_cut_short_gives_back_its_buffer() {
+        let long = "x".repeat(1 << 20);
+        let history = [message(Role::User, "one"), message(Role::Assistant, &long)];
+        let mut prefix = SentPrefix::default();
+        prefix.reuse("d", &history);
+        push_all(&mut prefix, &history);
+        assert!(prefix.text.capacity() >= 1 << 20);
+        // A summary replaced the long message.
+        assert_eq!(prefix.reuse("d", &[history[0].clone(), message(Role::User, "summary")]), 1);
+        assert!(prefix.text.capacity() < 64 << 10, "{} bytes kept", prefix.text.capacity());
+        assert_eq!(prefix.text(), raw(&history[0].parts[0]).expect("raw").get());
     }
 
     #[test]

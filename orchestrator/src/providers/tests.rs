@@ -993,7 +993,7 @@ fn the_conversations_memo_never_changes_what_is_sent() {
     let (u1, a1, t1, a2, u2) =
         (text(Role::User, "list"), call("c1"), result("c1"), text(Role::Assistant, "listed"), text(Role::User, "more"));
     let (u3, a3, t3, a4) = (text(Role::User, "again"), call("c3"), result("c3"), text(Role::Assistant, "done"));
-    let histories: [Vec<PromptMessage>; 9] = [
+    let histories: [Vec<PromptMessage>; 10] = [
         vec![u1.clone()],
         vec![u1.clone(), a1.clone(), t1.clone()],
         vec![u1.clone(), a1.clone(), t1.clone(), a2.clone(), u2.clone()],
@@ -1003,8 +1003,21 @@ fn the_conversations_memo_never_changes_what_is_sent() {
         vec![summary(), u2.clone(), a3.clone(), t3.clone()],
         vec![summary(), u2.clone(), a3.clone(), t3.clone(), image.clone(), a4.clone()],
         vec![summary(), u2.clone(), a3.clone(), t3.clone(), image.clone(), a4.clone(), u3.clone()],
-        // A history that shares nothing with the last (an edited first message).
-        vec![text(Role::User, "list files"), a1.clone()],
+        // A history that shares nothing with the last (an edited first message), with messages
+        // that send nothing: a marker, an answer of unsigned reasoning alone.
+        vec![
+            text(Role::User, "list files"),
+            a1.clone(),
+            t1.clone(),
+            text(Role::Marker, "compacted"),
+            PromptMessage {
+                role: Role::Assistant,
+                parts: vec![Part::Reasoning { text: "hmm".to_owned(), signature: None }].into(),
+            },
+            text(Role::User, "go on"),
+        ],
+        // No user message at all.
+        vec![a2.clone()],
     ];
     let has_image = |m: &PromptMessage| m.parts.iter().any(|p| matches!(p, Part::Image { .. }));
     let every = [
@@ -1028,12 +1041,13 @@ fn the_conversations_memo_never_changes_what_is_sent() {
                 },
                 system: "You are a coding agent.".to_owned(),
                 messages: messages.clone(),
-                tools: vec![ToolSpec {
-                    name: "execute".to_owned(),
-                    description: "Run.".to_owned(),
-                    parameters: json!({}),
-                }]
-                .into(),
+                // The compaction's request offers no tools, as the loop's does not.
+                tools: if i == 3 {
+                    Vec::new().into()
+                } else {
+                    vec![ToolSpec { name: "execute".to_owned(), description: "Run.".to_owned(), parameters: json!({}) }]
+                        .into()
+                },
                 images: [(
                     "file_1".to_owned(),
                     ImageData { media_type: "image/png".to_owned(), bytes: Arc::from(&b"\x89PNG"[..]) },
@@ -1053,7 +1067,7 @@ fn the_conversations_memo_never_changes_what_is_sent() {
                 // Chat Completions holds the messages before the first image as one text.
                 WireDialect::OpenAiChat => {
                     let before_image = messages.iter().take_while(|m| !has_image(m)).count();
-                    sent.text().matches(r#""role":"#).count() == before_image
+                    (0..messages.len()).all(|i| sent.piece(i).is_some() == (i < before_image))
                 }
                 // The others hold every message, an image's without its text.
                 _ => messages.iter().enumerate().all(|(i, m)| sent.piece(i).is_some() != has_image(m)),
