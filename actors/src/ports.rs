@@ -90,6 +90,16 @@ impl PromptMemo {
         *kept = Some(Box::new(value));
         result
     }
+
+    /// Lets what is kept go.
+    pub fn clear(&self) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// Whether nothing is kept.
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_none()
+    }
 }
 
 impl std::fmt::Debug for PromptMemo {

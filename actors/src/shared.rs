@@ -78,6 +78,11 @@ impl ChatShared {
         self.prompt_memo.clone()
     }
 
+    /// Lets the text of the last prompt go (an idle chat need not hold it).
+    pub fn forget_prompt(&self) {
+        self.prompt_memo.clear();
+    }
+
     /// The bytes of the images `ids` names; those not read yet in this turn come from the store.
     /// Ids that do not exist are left out.
     pub async fn images(&self, ids: &[String]) -> Result<HashMap<String, ImageData>, StoreError> {

@@ -112,6 +112,9 @@ pub struct AgentSettings {
     pub title_model_id: String,
     /// Deployment system prompt, layered above the built-in one. Default empty.
     pub system_prompt: String,
+    /// How long an idle chat keeps the text of its last prompt, so that a turn starting soon
+    /// writes only its new messages; 0 = let it go when the turn ends. Default 60000.
+    pub keep_prompt_idle_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -11,6 +11,7 @@ mod tree;
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use agentplane_schema::api::{BusyBehavior, Chat, ChatError, ChatErrorKind, ChatStatus, SendOutcome};
@@ -50,6 +51,8 @@ struct Live {
     history: Arc<Vec<Message>>,
     queue: Queue,
     turn: Option<Turn>,
+    /// The timer after which an idle chat lets its last prompt's text go.
+    forget_prompt: Option<SpawnHandle>,
     /// 0 for a root chat.
     depth: u32,
     children: Vec<tree::Child>,
@@ -132,6 +135,7 @@ impl ChatActor {
             chat: state.chat,
             history: Arc::new(state.messages),
             turn: None,
+            forget_prompt: None,
             depth: state.depth,
             children,
         });
@@ -258,6 +262,8 @@ impl ChatActor {
         let Some(live) = self.live.as_mut() else { return };
         let status = if error.is_some() { ChatStatus::Error } else { ChatStatus::Idle };
         let (outcome, report) = Self::close_turn(live, status, error.as_ref());
+        self.keep_prompt_while_idle(ctx);
+        let Some(live) = self.live.as_mut() else { return };
         // The parent hears of it once it is stored (or failed to be): a snapshot of the parent
         // that holds its `finished` event then finds this chat's turn ended too.
         let mut events = Vec::new();
@@ -277,10 +283,33 @@ impl ChatActor {
     }
 
     /// The turn whose last answer also stored its end (`idle`).
-    fn turn_ended(&mut self) {
+    fn turn_ended(&mut self, ctx: &mut Context<Self>) {
         let Some(live) = self.live.as_mut() else { return };
         let (outcome, report) = Self::close_turn(live, ChatStatus::Idle, None);
+        self.keep_prompt_while_idle(ctx);
         self.notify_parent(outcome, report);
+    }
+
+    /// An idle chat keeps the text of its last prompt for `agent.keep_prompt_idle_ms`, for a
+    /// turn that starts soon (a follow-up, the next task of a script); then it lets it go.
+    fn keep_prompt_while_idle(&mut self, ctx: &mut Context<Self>) {
+        let keep = Duration::from_millis(self.deps.settings.agent.keep_prompt_idle_ms);
+        let Some(live) = self.live.as_mut() else { return };
+        if let Some(pending) = live.forget_prompt.take() {
+            ctx.cancel_future(pending);
+        }
+        if keep.is_zero() {
+            live.shared.forget_prompt();
+            return;
+        }
+        live.forget_prompt = Some(ctx.run_later(keep, |act, _| {
+            if let Some(live) = act.live.as_mut() {
+                live.forget_prompt = None;
+                if live.turn.is_none() {
+                    live.shared.forget_prompt();
+                }
+            }
+        }));
     }
 
     /// The turn's end in memory: what the parent is told of it.
@@ -792,7 +821,7 @@ impl Handler<StepDone> for ChatActor {
             StepOutcome::Done => self.end_turn(None, ctx),
             // An interrupt stored after the `idle` left the chat `interrupting`: end it again.
             StepOutcome::Ended if turn.cancel.is_cancelled() => self.end_turn(None, ctx),
-            StepOutcome::Ended => self.turn_ended(),
+            StepOutcome::Ended => self.turn_ended(ctx),
             StepOutcome::Interrupted if turn.deliver_on_interrupt && has_queue => self.deliver_queue(false, ctx),
             StepOutcome::Interrupted => self.end_turn(None, ctx),
             StepOutcome::Failed(error) => self.end_turn(Some(error), ctx),

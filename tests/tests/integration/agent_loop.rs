@@ -1,13 +1,16 @@
 //! The agent loop's edges: frames sent on the stream socket, a connection reset mid-answer, the
 //! step limit, the deployment prompt, parallel tool calls.
 
+use std::sync::{Arc, Mutex};
+
+use agentplane_actors::ports::{ModelClient, ModelError, ModelRequest, ModelStream};
 use agentplane_schema::api::{BusyBehavior, ChatErrorKind, ChatStatus};
 use agentplane_schema::event::{ClientFrame, EventBody};
 use agentplane_schema::message::{Part, Role};
-use agentplane_tests::{Reply, ScriptedCall};
+use agentplane_tests::{Reply, ScriptedCall, ScriptedLlm};
 use serde_json::json;
 
-use crate::common::{Db, TestEnv, WAIT, is_status, reset_mid_stream_turn, tool_results};
+use crate::common::{Db, ProviderSetup, TestEnv, WAIT, is_status, reset_mid_stream_turn, tool_results};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_and_interrupt_frames_on_the_socket_work() {
@@ -127,4 +130,51 @@ async fn the_last_answer_and_the_turns_end_are_one_commit_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_answer_and_the_turns_end_are_one_commit_postgres() {
     the_last_answer_and_the_turns_end_are_one_commit(Db::Postgres).await;
+}
+
+/// The real model client, recording for each request whether the conversation's memo held the
+/// text of an earlier prompt when the request was made.
+fn memo_probe(held: Arc<Mutex<Vec<bool>>>) -> agentplane::server::ModelLayer {
+    struct Probe {
+        inner: Arc<dyn ModelClient>,
+        held: Arc<Mutex<Vec<bool>>>,
+    }
+    #[async_trait::async_trait]
+    impl ModelClient for Probe {
+        async fn stream(&self, request: ModelRequest) -> Result<ModelStream, ModelError> {
+            self.held.lock().expect("lock").push(!request.memo.is_empty());
+            self.inner.stream(request).await
+        }
+    }
+    Box::new(move |inner| Arc::new(Probe { inner, held }))
+}
+
+/// Two turns of one chat, the second `pause` after the first ended: whether the second turn's
+/// model call found the first prompt's text still kept, with `agent.keep_prompt_idle_ms` = `keep_ms`.
+async fn prompt_kept_across(keep_ms: u64, pause: std::time::Duration) -> Vec<bool> {
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let llm = ScriptedLlm::start();
+    let provider = ProviderSetup::openai_compatible(&llm);
+    let layer = Some(memo_probe(held.clone()));
+    let env = TestEnv::start_layered(llm, provider, Db::Sqlite, |s| s.agent.keep_prompt_idle_ms = keep_ms, layer).await;
+    let (chat, mut stream) = env.idle_chat("first answer").await;
+    tokio::time::sleep(pause).await;
+    env.llm.push(Reply::text("second answer"));
+    env.send(&chat.id, "again").await;
+    stream
+        .wait_for(|e| matches!(&e.body, EventBody::Message { message } if message.text() == "second answer"), WAIT)
+        .await
+        .expect("second answer");
+    held.lock().expect("lock").clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_chat_keeps_its_last_prompt_for_a_while_then_lets_it_go() {
+    use std::time::Duration;
+    // Kept for the next turn; the first call of a chat finds nothing.
+    assert_eq!(prompt_kept_across(60_000, Duration::ZERO).await, [false, true]);
+    // Let go when the turn ends.
+    assert_eq!(prompt_kept_across(0, Duration::ZERO).await, [false, false]);
+    // Let go once the chat was idle for longer than the setting.
+    assert_eq!(prompt_kept_across(50, Duration::from_millis(400)).await, [false, false]);
 }
