@@ -129,10 +129,8 @@ pub(crate) fn request_body(request: &ModelRequest) -> Result<Vec<u8>, ModelError
                     WireRole::User => br#"{"role":"user","content":["#,
                     WireRole::Assistant => br#"{"role":"assistant","content":["#,
                 });
-                let (last, before) =
-                    blocks.split_last().map_or((None, &[][..]), |(last, before)| (Some(*last), before));
-                fragments::push_joined(out, before.iter().copied());
-                if let Some(last) = last {
+                if let Some((last, before)) = blocks.split_last() {
+                    fragments::push_joined(out, before.iter().copied());
                     if !before.is_empty() {
                         out.push(b',');
                     }

@@ -241,19 +241,24 @@ pub(crate) fn request_body(request: &ModelRequest) -> Result<Vec<u8>, ModelError
             Role::Assistant => Some("model"),
             Role::User | Role::Summary | Role::Tool => Some("user"),
         });
-        // Gemma takes no system instruction: the system prompt opens the first user content.
-        let system_part = (!system.is_empty() && options.gemma).then(|| json!({"text": format!("{system}\n\n")}));
-        let system_part = system_part.map(|part| part.to_string());
+        // Gemma takes no system instruction: the system prompt opens the first user content, or
+        // is a user content of its own when there is none.
         let first_user = contents.iter().position(|(role, _)| *role == "user");
+        let opening = (!system.is_empty() && options.gemma).then(|| {
+            let text = if first_user.is_some() { format!("{system}\n\n") } else { system.to_owned() };
+            json!({"text": text}).to_string()
+        });
         let size = pieces.iter().map(|piece| piece.len() + 1).sum::<usize>() + 32 * contents.len();
         fragments::object_with_array_first("contents", size, &body, |out| {
-            if let (Some(_), None) = (&system_part, first_user) {
-                out.extend_from_slice(br#"{"role":"user","parts":[{"text":"#);
-                out.extend_from_slice(Value::from(system).to_string().as_bytes());
-                out.extend_from_slice(b"}]}");
+            let mut first = true;
+            if let (Some(opening), None) = (&opening, first_user) {
+                out.extend_from_slice(br#"{"role":"user","parts":["#);
+                out.extend_from_slice(opening.as_bytes());
+                out.extend_from_slice(b"]}");
+                first = false;
             }
             for (index, (role, parts)) in contents.iter().enumerate() {
-                if index > 0 || (system_part.is_some() && first_user.is_none()) {
+                if !std::mem::take(&mut first) {
                     out.push(b',');
                 }
                 out.extend_from_slice(if *role == "user" {
@@ -261,7 +266,7 @@ pub(crate) fn request_body(request: &ModelRequest) -> Result<Vec<u8>, ModelError
                 } else {
                     br#"{"role":"model","parts":["#
                 });
-                let opening = system_part.as_deref().filter(|_| first_user == Some(index));
+                let opening = opening.as_deref().filter(|_| first_user == Some(index));
                 fragments::push_joined(out, opening.into_iter().chain(parts.iter().copied()));
                 out.extend_from_slice(b"]}");
             }
