@@ -278,15 +278,11 @@ fn request_body(request: &ModelRequest, settings: &Settings) -> Result<Vec<u8>, 
     let written_as = if tools_offered { "bedrock" } else { "bedrock, no tools" };
     request.memo.with(|sent: &mut SentPrefix| {
         let pieces = fragments::message_pieces(sent, written_as, request, |message| {
-            Ok(message_content(message, &request.images, tools_offered)?.1)
+            message_content(message, &request.images, tools_offered)
         })?;
         // Converse rejects empty content, and roles must alternate: a user message after tool
         // results (or two answers in a row) joins the message before it.
-        let messages = fragments::merged_by_role(&pieces, &request.messages, |m| match m.role {
-            Role::Marker => None,
-            Role::Assistant => Some("assistant"),
-            Role::User | Role::Summary | Role::Tool => Some("user"),
-        });
+        let messages = fragments::merged_by_role(&pieces, &request.messages, |m| wire_role(m.role));
         let size = pieces.iter().map(|piece| piece.len() + 1).sum::<usize>() + 40 * messages.len();
         let cache_point = settings.cache_points.then(|| cache_point().to_string());
         fragments::object_with_array_first("messages", size, &rest, |out| {
@@ -315,17 +311,16 @@ fn cache_point() -> Value {
     json!({"cachePoint": {"type": "default"}})
 }
 
-/// The Converse role and content blocks of one prompt message.
+/// The Converse content blocks of one prompt message (in the role [`wire_role`] gives it).
 fn message_content(
     message: &PromptMessage,
     images: &HashMap<String, ImageData>,
     tools_offered: bool,
-) -> Result<(&'static str, Vec<Value>), ModelError> {
+) -> Result<Vec<Value>, ModelError> {
     let mut content = Vec::with_capacity(message.parts.len());
-    let role = match message.role {
-        // The loop turns summaries into user messages and drops markers before a prompt is built;
-        // should one arrive anyway, a summary reads as user context and a marker is not sent.
-        Role::Marker => return Ok(("user", Vec::new())),
+    match message.role {
+        // The loop drops markers before a prompt is built; should one arrive anyway, it is not sent.
+        Role::Marker => {}
         Role::User | Role::Summary => {
             for part in message.parts.iter() {
                 match part {
@@ -334,7 +329,6 @@ fn message_content(
                     _ => {}
                 }
             }
-            "user"
         }
         Role::Assistant => {
             for part in message.parts.iter() {
@@ -356,7 +350,6 @@ fn message_content(
                     _ => {}
                 }
             }
-            "assistant"
         }
         Role::Tool => {
             for part in message.parts.iter() {
@@ -375,10 +368,20 @@ fn message_content(
                     content.push(json!({"text": format!("[{outcome} {name} ({call_id})]\n{text}")}));
                 }
             }
-            "user"
         }
-    };
-    Ok((role, content))
+    }
+    Ok(content)
+}
+
+/// The Converse role of a prompt message's content; `None` for a marker, which is not sent. The
+/// loop turns summaries into user messages before a prompt is built; should one arrive anyway, it
+/// reads as user context. Tool results go back in a user message.
+fn wire_role(role: Role) -> Option<&'static str> {
+    match role {
+        Role::Marker => None,
+        Role::Assistant => Some("assistant"),
+        Role::User | Role::Summary | Role::Tool => Some("user"),
+    }
 }
 
 fn reasoning_block(text: &str, signature: &str) -> Value {

@@ -232,15 +232,11 @@ pub(crate) fn request_body(request: &ModelRequest) -> Result<Vec<u8>, ModelError
     let written_as = format!("gemini, vertex {}, signatures {}", options.vertex, options.requires_signatures);
     request.memo.with(|sent: &mut SentPrefix| {
         let pieces = fragments::message_pieces(sent, &written_as, request, |message| {
-            Ok(content(message, &request.images, options)?.map(|(_, parts)| parts).unwrap_or_default())
+            content(message, &request.images, options)
         })?;
         // Consecutive contents of one role (tool results, then the user's next message) are
         // merged: Gemini expects the turns to alternate.
-        let contents = fragments::merged_by_role(&pieces, &request.messages, |m| match m.role {
-            Role::Marker => None,
-            Role::Assistant => Some("model"),
-            Role::User | Role::Summary | Role::Tool => Some("user"),
-        });
+        let contents = fragments::merged_by_role(&pieces, &request.messages, |m| wire_role(m.role));
         // Gemma takes no system instruction: the system prompt opens the first user content, or
         // is a user content of its own when there is none.
         let first_user = contents.iter().position(|(role, _)| *role == "user");
@@ -274,17 +270,16 @@ pub(crate) fn request_body(request: &ModelRequest) -> Result<Vec<u8>, ModelError
     })
 }
 
-/// One prompt message as a Gemini content: its role and parts, or `None` when nothing of it is
-/// sent.
+/// The parts of one prompt message's Gemini content (in the role [`wire_role`] gives it); none
+/// when nothing of it is sent.
 fn content(
     message: &PromptMessage,
     images: &HashMap<String, ImageData>,
     options: Options,
-) -> Result<Option<(&'static str, Vec<Value>)>, ModelError> {
-    let (role, parts) = match message.role {
-        // The loop turns summaries into user messages and drops markers before a prompt is built;
-        // should one arrive anyway, a summary reads as user context and a marker is not sent.
-        Role::Marker => return Ok(None),
+) -> Result<Vec<Value>, ModelError> {
+    let parts = match message.role {
+        // The loop drops markers before a prompt is built; should one arrive anyway, it is not sent.
+        Role::Marker => Vec::new(),
         Role::User | Role::Summary => {
             let mut parts = Vec::with_capacity(message.parts.len());
             for part in message.parts.iter() {
@@ -295,32 +290,40 @@ fn content(
                     _ => {}
                 }
             }
-            ("user", parts)
+            parts
         }
-        Role::Assistant => ("model", model_parts(&message.parts, options)),
+        Role::Assistant => model_parts(&message.parts, options),
         // Results go back in a user turn, one `functionResponse` per call. Gemini has no error
         // flag; its documented convention is the key: `output` for a result, `error` for a
         // failure.
-        Role::Tool => {
-            let parts = message
-                .parts
-                .iter()
-                .filter_map(|part| match part {
-                    Part::ToolResult { call_id, name, result, is_error } => {
-                        let key = if *is_error { "error" } else { "output" };
-                        let mut response = json!({"name": name, "response": {key: result}});
-                        if !options.vertex {
-                            response["id"] = json!(call_id);
-                        }
-                        Some(json!({"functionResponse": response}))
+        Role::Tool => message
+            .parts
+            .iter()
+            .filter_map(|part| match part {
+                Part::ToolResult { call_id, name, result, is_error } => {
+                    let key = if *is_error { "error" } else { "output" };
+                    let mut response = json!({"name": name, "response": {key: result}});
+                    if !options.vertex {
+                        response["id"] = json!(call_id);
                     }
-                    _ => None,
-                })
-                .collect();
-            ("user", parts)
-        }
+                    Some(json!({"functionResponse": response}))
+                }
+                _ => None,
+            })
+            .collect(),
     };
-    Ok((!parts.is_empty()).then_some((role, parts)))
+    Ok(parts)
+}
+
+/// The role of a prompt message's content; `None` for a marker, which is not sent. The loop turns
+/// summaries into user messages before a prompt is built; should one arrive anyway, it reads as
+/// user context. Results go back in a user turn.
+fn wire_role(role: Role) -> Option<&'static str> {
+    match role {
+        Role::Marker => None,
+        Role::Assistant => Some("model"),
+        Role::User | Role::Summary | Role::Tool => Some("user"),
+    }
 }
 
 /// An assistant message as the parts of a model turn: text, then the calls, with the turn's
