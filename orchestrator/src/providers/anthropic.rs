@@ -17,7 +17,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::fragments::{self, SentPrefix};
+use super::fragments::{self, SentPrefix, WireRole};
 use super::http;
 use super::sse::{self, SseEvent};
 
@@ -113,13 +113,14 @@ pub(crate) fn request_body(request: &ModelRequest) -> Result<Vec<u8>, ModelError
     }
 
     request.memo.with(|sent: &mut SentPrefix| {
-        let pieces =
-            fragments::message_pieces(sent, KEPT_AS, request, |message| message_blocks(message, &request.images))?;
+        let pieces = fragments::message_pieces(sent, KEPT_AS, request, |message| {
+            fragments::raw_all(&message_blocks(message, &request.images)?)
+        })?;
         // The API wants user and assistant strictly alternating: tool results (a user message)
         // followed by a queued user message, or a dropped message in between, are merged.
-        let messages = fragments::merged_by_role(&pieces, &request.messages, |m| wire_role(m.role));
+        let messages = fragments::merged_by_role(&pieces, &request.messages);
         let breakpoints = message_breakpoints(messages.iter().map(|(role, _)| *role));
-        let size = pieces.iter().map(|piece| piece.len() + 1).sum::<usize>() + 48 * messages.len();
+        let size = pieces.size() + 48 * messages.len();
         fragments::object_with_array_first("messages", size, &rest, |out| {
             for (index, (role, blocks)) in messages.iter().enumerate() {
                 if index > 0 {
@@ -155,17 +156,6 @@ fn push_last_blocks(out: &mut Vec<u8>, blocks: &str, breakpoint: bool) {
     }
 }
 
-/// The wire role a prompt message's blocks go in; `None` for a marker, which is not sent.
-fn wire_role(role: Role) -> Option<WireRole> {
-    match role {
-        // The loop turns summaries into user messages and drops markers before a prompt is
-        // built; should one arrive anyway, a summary reads as user context.
-        Role::User | Role::Summary | Role::Tool => Some(WireRole::User),
-        Role::Assistant => Some(WireRole::Assistant),
-        Role::Marker => None,
-    }
-}
-
 /// The model's limit, else the provider's `max_tokens` setting, else [`DEFAULT_MAX_TOKENS`].
 /// Extended thinking counts against `max_tokens`, which must exceed the thinking budget: a
 /// default is raised to leave room for the answer, a configured limit that leaves none is an
@@ -189,12 +179,6 @@ fn max_tokens(request: &ModelRequest, thinking_budget: Option<i64>) -> Result<i6
 
 fn ephemeral() -> Value {
     json!({"type": "ephemeral"})
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WireRole {
-    User,
-    Assistant,
 }
 
 /// Prompt-caching breakpoints in the conversation, as indexes of the wire messages whose last

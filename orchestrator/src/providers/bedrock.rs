@@ -37,7 +37,7 @@ use reqwest::header::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::fragments::{self, SentPrefix};
+use super::fragments::{self, SentPrefix, WireRole};
 use super::http;
 
 /// The SigV4 signing name of the Bedrock runtime.
@@ -278,21 +278,22 @@ fn request_body(request: &ModelRequest, settings: &Settings) -> Result<Vec<u8>, 
     let written_as = if tools_offered { "bedrock" } else { "bedrock, no tools" };
     request.memo.with(|sent: &mut SentPrefix| {
         let pieces = fragments::message_pieces(sent, written_as, request, |message| {
-            message_content(message, &request.images, tools_offered)
+            fragments::raw_all(&message_content(message, &request.images, tools_offered)?)
         })?;
         // Converse rejects empty content, and roles must alternate: a user message after tool
         // results (or two answers in a row) joins the message before it.
-        let messages = fragments::merged_by_role(&pieces, &request.messages, |m| wire_role(m.role));
-        let size = pieces.iter().map(|piece| piece.len() + 1).sum::<usize>() + 40 * messages.len();
+        let messages = fragments::merged_by_role(&pieces, &request.messages);
+        let size = pieces.size() + 40 * messages.len();
         let cache_point = settings.cache_points.then(|| cache_point().to_string());
         fragments::object_with_array_first("messages", size, &rest, |out| {
             for (index, (role, content)) in messages.iter().enumerate() {
                 if index > 0 {
                     out.push(b',');
                 }
-                out.extend_from_slice(br#"{"role":"#);
-                out.extend_from_slice(if *role == "user" { br#""user""# } else { br#""assistant""# });
-                out.extend_from_slice(br#","content":["#);
+                out.extend_from_slice(match role {
+                    WireRole::User => br#"{"role":"user","content":["#,
+                    WireRole::Assistant => br#"{"role":"assistant","content":["#,
+                });
                 let last = index + 1 == messages.len();
                 let point = cache_point.as_deref().filter(|_| last);
                 fragments::push_joined(out, content.iter().copied().chain(point));
@@ -311,7 +312,8 @@ fn cache_point() -> Value {
     json!({"cachePoint": {"type": "default"}})
 }
 
-/// The Converse content blocks of one prompt message (in the role [`wire_role`] gives it).
+/// The Converse content blocks of one prompt message (`assistant` for an assistant's, `user` for
+/// the others').
 fn message_content(
     message: &PromptMessage,
     images: &HashMap<String, ImageData>,
@@ -371,17 +373,6 @@ fn message_content(
         }
     }
     Ok(content)
-}
-
-/// The Converse role of a prompt message's content; `None` for a marker, which is not sent. The
-/// loop turns summaries into user messages before a prompt is built; should one arrive anyway, it
-/// reads as user context. Tool results go back in a user message.
-fn wire_role(role: Role) -> Option<&'static str> {
-    match role {
-        Role::Marker => None,
-        Role::Assistant => Some("assistant"),
-        Role::User | Role::Summary | Role::Tool => Some("user"),
-    }
 }
 
 fn reasoning_block(text: &str, signature: &str) -> Value {

@@ -6,18 +6,18 @@
 //! and reused.
 //!
 //! Two keepers, both by the address of the shared value:
-//! - [`SentPrefix`], one per conversation (kept in the request's [`PromptMemo`]): the messages of
-//!   its last request as one text. The next request resends them first, so it reuses the text
-//!   after one address comparison per message and writes only what is new.
-//! - [`Fragments`], one for all: what a dialect wrote for one shared value (a message the prefix
-//!   does not hold, the tool definitions). An entry holds a [`Weak`] to its value: while the entry
-//!   exists the allocation cannot be reused, so an address never names two values, and entries
-//!   whose value is gone are dropped as the map grows.
+//! - [`SentPrefix`], one per conversation (kept in the request's [`PromptMemo`]): what each
+//!   message of its last request was written as, in one text. The next request resends them
+//!   first, so it reuses them after one address comparison per message and writes only what is
+//!   new ([`message_pieces`]).
+//! - [`Fragments`], one for all: what a dialect wrote for one shared value (the tool definitions
+//!   every request carries). An entry holds a [`Weak`] to its value: while the entry exists the
+//!   allocation cannot be reused, so an address never names two values, and entries whose value
+//!   is gone are dropped as the map grows.
 //!
 //! [`Message::parts`]: agentplane_schema::message::Message::parts
 //! [`PromptMemo`]: agentplane_actors::ports::PromptMemo
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, Weak};
@@ -27,7 +27,7 @@ use agentplane_schema::message::{Part, Role};
 use serde_json::value::RawValue;
 
 /// What a dialect writes for one shared value: none, one or several elements of an array (its
-/// messages for a prompt message, its tools for the tool definitions).
+/// tools for the tool definitions).
 pub(crate) type Written = Arc<[Box<RawValue>]>;
 
 /// Entries kept before the dead ones are swept, at least.
@@ -90,7 +90,7 @@ impl Hasher for AddressHasher {
 }
 
 impl Fragments {
-    /// What `dialect` writes for `shared` (a message's parts, the tool definitions): kept from
+    /// What `dialect` writes for `shared` (the tool definitions): kept from
     /// an earlier request, or written now by `write` and kept. A failure is not kept.
     pub(crate) fn get_or_write<T: ?Sized + Send + Sync + 'static>(
         &self,
@@ -126,8 +126,7 @@ impl Fragments {
 
 /// The messages a dialect wrote for a conversation's last request, as the text between the
 /// brackets of a JSON array: the elements, comma-separated. A message may also be held without
-/// its text (one with an image, written anew for each request); a dialect that sends the text
-/// as one run ([`SentPrefix::text`]) never holds one so.
+/// its text (one with an image, written anew for each request).
 #[derive(Default)]
 pub(crate) struct SentPrefix {
     /// The dialect and whatever else changes how it writes a message (a model's options).
@@ -192,7 +191,7 @@ impl SentPrefix {
     }
 
     /// The elements, comma-separated; empty when none.
-    pub(crate) fn text(&self) -> &str {
+    fn text(&self) -> &str {
         &self.text
     }
 
@@ -209,14 +208,15 @@ impl SentPrefix {
 
 /// The elements of each of `request`'s messages as text, comma-separated (empty for a message
 /// with nothing to send): kept in the conversation's memo from an earlier request, or written
-/// now by `write` and kept there. A message with an image is written anew for each request and
-/// held without its text, which would be its image's data for as long as the chat is loaded.
-pub(crate) fn message_pieces<'s, T: serde::Serialize>(
+/// now by `write` (its elements, see [`raw_all`]) and kept there. A message with an image is
+/// written anew for each request and held without its text, which would be its image's data for
+/// as long as the chat is loaded.
+pub(crate) fn message_pieces<'s>(
     sent: &'s mut SentPrefix,
     written_as: &str,
     request: &ModelRequest,
-    write: impl Fn(&PromptMessage) -> Result<Vec<T>, ModelError>,
-) -> Result<Vec<Cow<'s, str>>, ModelError> {
+    write: impl Fn(&PromptMessage) -> Result<Vec<Box<RawValue>>, ModelError>,
+) -> Result<Pieces<'s>, ModelError> {
     let kept = sent.reuse(written_as, &request.messages);
     let mut unkept = HashMap::new();
     for (index, message) in request.messages.iter().enumerate() {
@@ -224,7 +224,7 @@ pub(crate) fn message_pieces<'s, T: serde::Serialize>(
         if held && sent.piece(index).is_some() {
             continue;
         }
-        let written = write(message)?.iter().map(raw).collect::<Result<Vec<_>, _>>()?;
+        let written = write(message)?;
         if message.parts.iter().any(|p| matches!(p, Part::Image { .. })) {
             if !held {
                 sent.push_unkept(message);
@@ -235,26 +235,78 @@ pub(crate) fn message_pieces<'s, T: serde::Serialize>(
             sent.push(message, &written);
         }
     }
-    let sent: &'s SentPrefix = sent;
-    Ok((0..request.messages.len())
-        .map(|index| match sent.piece(index) {
-            Some(piece) => Cow::Borrowed(piece),
-            None => Cow::Owned(unkept.remove(&index).unwrap_or_default()),
-        })
-        .collect())
+    Ok(Pieces { sent, unkept, len: request.messages.len() })
 }
 
-/// Consecutive non-empty `pieces` of one role joined into one message (dialects whose roles
-/// must alternate), with the role `role_of` gives the piece's message; a message without one
-/// (a marker) is left out.
-pub(crate) fn merged_by_role<'p, R: PartialEq + Copy>(
-    pieces: &'p [Cow<'_, str>],
-    messages: &[PromptMessage],
-    role_of: impl Fn(&PromptMessage) -> Option<R>,
-) -> Vec<(R, Vec<&'p str>)> {
-    let mut merged: Vec<(R, Vec<&str>)> = Vec::with_capacity(pieces.len());
+/// What [`message_pieces`] gives: each of the request's messages as its elements' text.
+pub(crate) struct Pieces<'s> {
+    /// Holds every message of the request, in order.
+    sent: &'s SentPrefix,
+    /// The text of the messages `sent` holds without it, by index.
+    unkept: HashMap<usize, String>,
+    len: usize,
+}
+
+impl Pieces<'_> {
+    /// The `index`th message's elements, comma-separated; empty when it has none.
+    pub(crate) fn get(&self, index: usize) -> &str {
+        match self.sent.piece(index) {
+            Some(piece) => piece,
+            None => self.unkept.get(&index).map_or("", String::as_str),
+        }
+    }
+
+    /// Every message's elements in order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &str> {
+        (0..self.len).map(|index| self.get(index))
+    }
+
+    /// The bytes of all the elements, for sizing a body.
+    pub(crate) fn size(&self) -> usize {
+        self.sent.text().len() + self.unkept.values().map(|text| text.len() + 1).sum::<usize>()
+    }
+
+    /// Whether no message has an element.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.sent.text().is_empty() && self.unkept.values().all(String::is_empty)
+    }
+
+    /// Writes every message's elements, comma-separated: in one copy when the memo holds them
+    /// all (its text is exactly that).
+    pub(crate) fn push_all(&self, out: &mut Vec<u8>) {
+        if self.unkept.is_empty() {
+            out.extend_from_slice(self.sent.text().as_bytes());
+        } else {
+            push_joined(out, self.iter().filter(|piece| !piece.is_empty()));
+        }
+    }
+}
+
+/// Who a message of a dialect whose roles must alternate is from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WireRole {
+    User,
+    Assistant,
+}
+
+/// The wire role of a prompt message; `None` for a marker, which is not sent. Tool results go
+/// back in a user message. The loop turns summaries into user messages before a prompt is
+/// built; should one arrive anyway, it reads as user context.
+fn wire_role(role: Role) -> Option<WireRole> {
+    match role {
+        Role::Marker => None,
+        Role::Assistant => Some(WireRole::Assistant),
+        Role::User | Role::Summary | Role::Tool => Some(WireRole::User),
+    }
+}
+
+/// Consecutive non-empty pieces of one [`WireRole`] joined into one message, for dialects whose
+/// roles must alternate (tool results then the user's next message, or a dropped message in
+/// between, make one); markers are left out.
+pub(crate) fn merged_by_role<'p>(pieces: &'p Pieces<'_>, messages: &[PromptMessage]) -> Vec<(WireRole, Vec<&'p str>)> {
+    let mut merged: Vec<(WireRole, Vec<&str>)> = Vec::with_capacity(messages.len());
     for (piece, message) in pieces.iter().zip(messages) {
-        let Some(role) = role_of(message).filter(|_| !piece.is_empty()) else {
+        let Some(role) = wire_role(message.role).filter(|_| !piece.is_empty()) else {
             continue;
         };
         match merged.last_mut() {
@@ -302,6 +354,11 @@ pub(crate) fn push_joined<'e>(out: &mut Vec<u8>, elements: impl IntoIterator<Ite
 /// `value` as raw JSON, to keep.
 pub(crate) fn raw(value: &impl serde::Serialize) -> Result<Box<RawValue>, ModelError> {
     serde_json::value::to_raw_value(value).map_err(writing_error)
+}
+
+/// Each of `values` as raw JSON.
+pub(crate) fn raw_all(values: &[impl serde::Serialize]) -> Result<Vec<Box<RawValue>>, ModelError> {
+    values.iter().map(raw).collect()
 }
 
 /// A prompt that could not be written as JSON (a failure of ours, not the provider's).

@@ -32,7 +32,7 @@ use reqwest::header::{HeaderValue, InvalidHeaderValue};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::fragments::{self, SentPrefix};
+use super::fragments::{self, SentPrefix, WireRole};
 use super::http;
 use super::sse::{self, SseEvent, SseParser};
 
@@ -232,19 +232,19 @@ pub(crate) fn request_body(request: &ModelRequest) -> Result<Vec<u8>, ModelError
     let written_as = format!("gemini, vertex {}, signatures {}", options.vertex, options.requires_signatures);
     request.memo.with(|sent: &mut SentPrefix| {
         let pieces = fragments::message_pieces(sent, &written_as, request, |message| {
-            content(message, &request.images, options)
+            fragments::raw_all(&content(message, &request.images, options)?)
         })?;
         // Consecutive contents of one role (tool results, then the user's next message) are
         // merged: Gemini expects the turns to alternate.
-        let contents = fragments::merged_by_role(&pieces, &request.messages, |m| wire_role(m.role));
+        let contents = fragments::merged_by_role(&pieces, &request.messages);
         // Gemma takes no system instruction: the system prompt opens the first user content, or
         // is a user content of its own when there is none.
-        let first_user = contents.iter().position(|(role, _)| *role == "user");
+        let first_user = contents.iter().position(|(role, _)| *role == WireRole::User);
         let opening = (!system.is_empty() && options.gemma).then(|| {
             let text = if first_user.is_some() { format!("{system}\n\n") } else { system.to_owned() };
             json!({"text": text}).to_string()
         });
-        let size = pieces.iter().map(|piece| piece.len() + 1).sum::<usize>() + 32 * contents.len();
+        let size = pieces.size() + 32 * contents.len();
         fragments::object_with_array_first("contents", size, &body, |out| {
             let mut first = true;
             if let (Some(opening), None) = (&opening, first_user) {
@@ -257,10 +257,9 @@ pub(crate) fn request_body(request: &ModelRequest) -> Result<Vec<u8>, ModelError
                 if !std::mem::take(&mut first) {
                     out.push(b',');
                 }
-                out.extend_from_slice(if *role == "user" {
-                    br#"{"role":"user","parts":["#
-                } else {
-                    br#"{"role":"model","parts":["#
+                out.extend_from_slice(match role {
+                    WireRole::User => br#"{"role":"user","parts":["#,
+                    WireRole::Assistant => br#"{"role":"model","parts":["#,
                 });
                 let opening = opening.as_deref().filter(|_| first_user == Some(index));
                 fragments::push_joined(out, opening.into_iter().chain(parts.iter().copied()));
@@ -270,7 +269,8 @@ pub(crate) fn request_body(request: &ModelRequest) -> Result<Vec<u8>, ModelError
     })
 }
 
-/// The parts of one prompt message's Gemini content (in the role [`wire_role`] gives it); none
+/// The parts of one prompt message's Gemini content (`model` for an assistant's, `user` for the
+/// others'); none
 /// when nothing of it is sent.
 fn content(
     message: &PromptMessage,
@@ -313,17 +313,6 @@ fn content(
             .collect(),
     };
     Ok(parts)
-}
-
-/// The role of a prompt message's content; `None` for a marker, which is not sent. The loop turns
-/// summaries into user messages before a prompt is built; should one arrive anyway, it reads as
-/// user context. Results go back in a user turn.
-fn wire_role(role: Role) -> Option<&'static str> {
-    match role {
-        Role::Marker => None,
-        Role::Assistant => Some("model"),
-        Role::User | Role::Summary | Role::Tool => Some("user"),
-    }
 }
 
 /// An assistant message as the parts of a model turn: text, then the calls, with the turn's

@@ -254,86 +254,54 @@ pub(crate) fn image_data_url(request: &ModelRequest, file_id: &str) -> Result<St
 const KEPT_AS: &str = "openai_chat";
 
 /// The Chat Completions body for `request`, sent to `endpoint`, as bytes. No JSON tree is built
-/// for a prompt that every step resends: the history comes from the conversation's
-/// [`SentPrefix`] and, past it, from what `fragments` kept or is written now.
+/// for a prompt that every step resends: each history message comes from the conversation's
+/// [`SentPrefix`] as written for an earlier step, or is written now and kept there; the tool
+/// definitions every request shares come from `fragments`.
 pub(crate) fn request_body(
     request: &ModelRequest,
     endpoint: &Endpoint,
     fragments: &Fragments,
 ) -> Result<Vec<u8>, ModelError> {
+    let max = request.target.max_output_tokens.filter(|m| *m > 0);
+    let (max_tokens, max_completion_tokens) = match endpoint.max_tokens_field {
+        "max_completion_tokens" => (None, max),
+        _ => (max, None),
+    };
+    let rest = Body {
+        model: &endpoint.model,
+        stream: true,
+        stream_options: StreamOptions { include_usage: true },
+        // An empty `tools` array is rejected by several servers, so the key is left out instead.
+        tools: fragments.get_or_write(KEPT_AS, &request.tools, || {
+            request.tools.iter().map(|tool| fragments::raw(&tool_definition(tool))).collect()
+        })?,
+        max_tokens,
+        max_completion_tokens,
+    };
+    let system = (!request.system.is_empty())
+        .then(|| serde_json::to_string(&OutMessage::System { content: &request.system }))
+        .transpose()
+        .map_err(fragments::writing_error)?;
     request.memo.with(|sent: &mut SentPrefix| {
-        let kept = sent.reuse(KEPT_AS, &request.messages);
-        // The prefix grows while the messages have no image: an image is written as a data URL
-        // of its bytes, up to 13 MiB of text, which is not worth keeping for as long as the
-        // chat is loaded. The messages after one are found in `fragments`.
-        let mut extends = true;
-        let mut after = Vec::new();
-        for message in &request.messages[kept..] {
-            let write = || {
-                let mut out = Vec::new();
-                push_message(&mut out, message, request)?;
-                out.iter().map(fragments::raw).collect::<Result<Written, _>>()
-            };
-            let has_image = message.parts.iter().any(|p| matches!(p, Part::Image { .. }));
-            extends &= !has_image;
-            if extends {
-                sent.push(message, &write()?);
-            } else if has_image {
-                after.push(write()?);
-            } else {
-                after.push(fragments.get_or_write(KEPT_AS, &message.parts, write)?);
+        let pieces = fragments::message_pieces(sent, KEPT_AS, request, |message| {
+            let mut out = Vec::new();
+            push_message(&mut out, message, request)?;
+            fragments::raw_all(&out)
+        })?;
+        let size = pieces.size() + system.as_ref().map_or(0, String::len) + 1;
+        fragments::object_with_array_first("messages", size, &rest, |out| {
+            if let Some(system) = &system {
+                out.extend_from_slice(system.as_bytes());
+                if !pieces.is_empty() {
+                    out.push(b',');
+                }
             }
-        }
-        let max = request.target.max_output_tokens.filter(|m| *m > 0);
-        let (max_tokens, max_completion_tokens) = match endpoint.max_tokens_field {
-            "max_completion_tokens" => (None, max),
-            _ => (max, None),
-        };
-        let rest = Body {
-            model: &endpoint.model,
-            stream: true,
-            stream_options: StreamOptions { include_usage: true },
-            // An empty `tools` array is rejected by several servers, so the key is left out instead.
-            tools: fragments.get_or_write(KEPT_AS, &request.tools, || {
-                request.tools.iter().map(|tool| fragments::raw(&tool_definition(tool))).collect()
-            })?,
-            max_tokens,
-            max_completion_tokens,
-        };
-        let system = (!request.system.is_empty()).then(|| OutMessage::System { content: &request.system });
-        let elements = after.iter().flat_map(|written| written.iter()).map(|element| element.get());
-        body_bytes(system.as_ref(), sent.text(), elements, &rest)
+            pieces.push_all(out);
+        })
     })
 }
 
-/// `{"messages":[system, prefix, elements…], …rest}`. `rest` is never empty (it names the
-/// model), so its own object's fields follow the array after a comma.
-fn body_bytes<'e>(
-    system: Option<&OutMessage<'_>>,
-    prefix: &'e str,
-    elements: impl Iterator<Item = &'e str>,
-    rest: &Body<'_>,
-) -> Result<Vec<u8>, ModelError> {
-    let rest = serde_json::to_vec(rest).map_err(fragments::writing_error)?;
-    let mut out = Vec::with_capacity(prefix.len() + rest.len() + 4096);
-    out.extend_from_slice(b"{\"messages\":[");
-    let mut first = true;
-    if let Some(system) = system {
-        serde_json::to_writer(&mut out, system).map_err(fragments::writing_error)?;
-        first = false;
-    }
-    for element in std::iter::once(prefix).filter(|p| !p.is_empty()).chain(elements) {
-        if !std::mem::take(&mut first) {
-            out.push(b',');
-        }
-        out.extend_from_slice(element.as_bytes());
-    }
-    out.extend_from_slice(b"],");
-    out.extend_from_slice(rest.get(1..).unwrap_or_default());
-    Ok(out)
-}
-
-/// A Chat Completions request body but for its messages, which [`body_bytes`] writes first.
+/// A Chat Completions request body but for its messages, which are written before it.
 #[derive(Serialize)]
 struct Body<'a> {
     model: &'a str,

@@ -85,12 +85,9 @@ pub(crate) fn request_body(request: &ModelRequest, endpoint: &Endpoint) -> Resul
         let pieces = fragments::message_pieces(sent, KEPT_AS, request, |message| {
             let mut items = Vec::new();
             push_items(&mut items, message, request)?;
-            Ok(items)
+            fragments::raw_all(&items)
         })?;
-        let size = pieces.iter().map(|piece| piece.len() + 1).sum();
-        fragments::object_with_array_first("input", size, &body, |out| {
-            fragments::push_joined(out, pieces.iter().map(AsRef::as_ref).filter(|piece: &&str| !piece.is_empty()))
-        })
+        fragments::object_with_array_first("input", pieces.size(), &body, |out| pieces.push_all(out))
     })
 }
 

@@ -1063,14 +1063,9 @@ fn the_conversations_memo_never_changes_what_is_sent() {
             let body: Value = serde_json::from_slice(&with_memo).expect("JSON");
             let history = ["messages", "input", "contents"].iter().find_map(|key| body.get(key));
             assert!(history.is_some_and(Value::is_array), "{context}: {body}");
-            let held = memo.with(|sent: &mut SentPrefix| match dialect {
-                // Chat Completions holds the messages before the first image as one text.
-                WireDialect::OpenAiChat => {
-                    let before_image = messages.iter().take_while(|m| !has_image(m)).count();
-                    (0..messages.len()).all(|i| sent.piece(i).is_some() == (i < before_image))
-                }
-                // The others hold every message, an image's without its text.
-                _ => messages.iter().enumerate().all(|(i, m)| sent.piece(i).is_some() != has_image(m)),
+            // The memo holds every message for the next request, an image's without its text.
+            let held = memo.with(|sent: &mut SentPrefix| {
+                messages.iter().enumerate().all(|(i, m)| sent.piece(i).is_some() != has_image(m))
             });
             assert!(held, "{context}");
         }
