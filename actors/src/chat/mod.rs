@@ -259,11 +259,9 @@ impl ChatActor {
 
     /// Ends the turn: `idle`, or `error` with the error kept on the chat.
     fn end_turn(&mut self, error: Option<ChatError>, ctx: &mut Context<Self>) {
-        let Some(live) = self.live.as_mut() else { return };
         let status = if error.is_some() { ChatStatus::Error } else { ChatStatus::Idle };
-        let (outcome, report) = Self::close_turn(live, status, error.as_ref());
-        self.keep_prompt_while_idle(ctx);
-        let Some(live) = self.live.as_mut() else { return };
+        let Some((outcome, report)) = self.close_turn(status, error.as_ref(), ctx) else { return };
+        let Some(live) = self.live.as_ref() else { return };
         // The parent hears of it once it is stored (or failed to be): a snapshot of the parent
         // that holds its `finished` event then finds this chat's turn ended too.
         let mut events = Vec::new();
@@ -284,10 +282,9 @@ impl ChatActor {
 
     /// The turn whose last answer also stored its end (`idle`).
     fn turn_ended(&mut self, ctx: &mut Context<Self>) {
-        let Some(live) = self.live.as_mut() else { return };
-        let (outcome, report) = Self::close_turn(live, ChatStatus::Idle, None);
-        self.keep_prompt_while_idle(ctx);
-        self.notify_parent(outcome, report);
+        if let Some((outcome, report)) = self.close_turn(ChatStatus::Idle, None, ctx) {
+            self.notify_parent(outcome, report);
+        }
     }
 
     /// An idle chat keeps the text of its last prompt for `agent.keep_prompt_idle_ms`, for a
@@ -312,19 +309,28 @@ impl ChatActor {
         }));
     }
 
-    /// The turn's end in memory: what the parent is told of it.
-    fn close_turn(live: &mut Live, status: ChatStatus, error: Option<&ChatError>) -> (SubagentStatus, Option<String>) {
+    /// The turn's end in memory (and the idle chat's timer for its prompt's text): what the
+    /// parent is told of it.
+    fn close_turn(
+        &mut self,
+        status: ChatStatus,
+        error: Option<&ChatError>,
+        ctx: &mut Context<Self>,
+    ) -> Option<(SubagentStatus, Option<String>)> {
+        let live = self.live.as_mut()?;
         live.turn = None;
         live.shared.forget_images();
         live.chat.status = status;
         live.chat.error = error.cloned();
-        match error {
+        let told = match error {
             Some(e) => (SubagentStatus::Failed, Some(e.message.clone())),
             None => (
                 SubagentStatus::Finished,
                 live.history.iter().rev().find(|m| m.role == Role::Assistant).map(|m| m.text()),
             ),
-        }
+        };
+        self.keep_prompt_while_idle(ctx);
+        Some(told)
     }
 
     /// Moves the queued messages into the history and starts a step for them; `resume`: the turn
