@@ -21,6 +21,18 @@ pub mod fleet;
 pub mod inprocess;
 pub mod storage;
 
+/// Where a chat's turn of tool steps stands, as its model request shows it: the text of the
+/// chat's first user message (which names the chat) and how many tool results follow the last
+/// user message. Read without building the request body, so the scripted model stays cheap
+/// whatever the history's length.
+pub fn turn_progress(request: &agentplane_tests::RecordedRequest) -> (Option<String>, usize) {
+    let messages = request.message_heads();
+    let first = messages.iter().find(|m| m.role == "user").and_then(|m| m.content_str()).map(String::from);
+    let last_user = messages.iter().rposition(|m| m.role == "user").unwrap_or(0);
+    let done = messages[last_user..].iter().filter(|m| m.role == "tool").count();
+    (first, done)
+}
+
 /// The scripted LLM as an OpenAI-compatible provider with the default model, on the server
 /// `admin` talks to (what every scenario against a server starts with).
 pub async fn setup_provider(

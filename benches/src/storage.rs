@@ -235,12 +235,9 @@ pub async fn run(options: Options) -> anyhow::Result<(serde_json::Value, Option<
 /// The scripted model: `tool_steps` `write_file` calls (one per step) after each user message,
 /// then the answer. Each chat writes its own file, named after its number in its first message.
 fn respond(r: &RecordedRequest, tool_steps: usize) -> Reply {
-    let messages = r.messages();
-    let last_user = messages.iter().rposition(|m| m["role"] == "user").unwrap_or(0);
-    let done = messages[last_user..].iter().filter(|m| m["role"] == "tool").count();
+    let (first, done) = crate::turn_progress(r);
     if done < tool_steps {
-        let first = messages.iter().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str()).unwrap_or("x");
-        let chat = first.split(':').next().unwrap_or("x").replace(' ', "-");
+        let chat = first.as_deref().unwrap_or("x").split(':').next().unwrap_or("x").replace(' ', "-");
         Reply::tool_call("write_file", json!({"path": format!("{chat}.rs"), "content": FILE_TEXT}))
     } else {
         Reply::text(ANSWER_TEXT)

@@ -23,14 +23,18 @@ mod reply;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -61,16 +65,108 @@ pub struct RecordedRequest {
     pub query: Option<String>,
     /// Header names are lower-case.
     pub headers: Vec<(String, String)>,
-    pub body: Value,
-    /// The body as it arrived (what a request signature covers).
-    pub raw_body: Vec<u8>,
+    /// The JSON body: read it as a [`Value`]; [`JsonBody::raw`] holds the bytes as they arrived
+    /// (what a request signature covers).
+    pub body: JsonBody,
     /// The request's place in arrival order (once its body was read), counted from 0: the
     /// `request` of its [`Written`] entries. [`ScriptedLlm::requests`] holds the requests in the
     /// order their replies were chosen, which is this order unless two arrived at once.
     pub index: usize,
 }
 
+/// A request's JSON body, turned into a [`Value`] the first time it is read as one. A benchmark's
+/// responder that only looks at [`RecordedRequest::message_heads`] never pays for that: with a
+/// long history it cost the scripted model more CPU than the server under test spent on the step.
+#[derive(Clone)]
+pub struct JsonBody {
+    raw: Vec<u8>,
+    value: OnceLock<Value>,
+}
+
+impl JsonBody {
+    /// The body and what the server reads of it, when `raw` is JSON; the history is only
+    /// skipped over.
+    fn read(raw: Vec<u8>) -> serde_json::Result<(Self, RequestHead)> {
+        let head = match serde_json::from_slice::<RequestHead>(&raw) {
+            Ok(head) => head,
+            // JSON, but not an object of the expected shape.
+            Err(_) => serde_json::from_slice::<serde::de::IgnoredAny>(&raw).map(|_| RequestHead::default())?,
+        };
+        Ok((JsonBody { raw, value: OnceLock::new() }, head))
+    }
+
+    /// The bytes as they arrived.
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+}
+
+impl Deref for JsonBody {
+    type Target = Value;
+
+    fn deref(&self) -> &Value {
+        // `read` checked the bytes are JSON.
+        self.value.get_or_init(|| serde_json::from_slice(&self.raw).unwrap_or(Value::Null))
+    }
+}
+
+impl std::fmt::Debug for JsonBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl std::fmt::Display for JsonBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&**self, f)
+    }
+}
+
+impl serde::Serialize for JsonBody {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        Value::serialize(self, serializer)
+    }
+}
+
+/// What the server reads of every request before it answers; the rest of the body (the
+/// history) is skipped over, not built.
+#[derive(Deserialize, Default)]
+struct RequestHead {
+    model: Option<Value>,
+    stream: Option<Value>,
+    stream_options: Option<Value>,
+    #[serde(rename = "toolConfig")]
+    tool_config: Option<Value>,
+}
+
+/// A message of the `messages` array with its role and its content left as JSON text.
+#[derive(Debug, Deserialize)]
+pub struct MessageHead<'a> {
+    #[serde(borrow, default)]
+    pub role: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub content: Option<&'a RawValue>,
+}
+
+impl MessageHead<'_> {
+    /// The content when it is a plain string.
+    pub fn content_str(&self) -> Option<Cow<'_, str>> {
+        self.content.and_then(|c| serde_json::from_str::<Cow<'_, str>>(c.get()).ok())
+    }
+}
+
 impl RecordedRequest {
+    /// Each message's role and content, read from the bytes without building the body: for
+    /// responders that run at a benchmark's rate. Empty when there is no `messages` array.
+    pub fn message_heads(&self) -> Vec<MessageHead<'_>> {
+        #[derive(Deserialize)]
+        struct Messages<'a> {
+            #[serde(borrow, default)]
+            messages: Vec<MessageHead<'a>>,
+        }
+        serde_json::from_slice::<Messages<'_>>(self.body.raw()).map(|m| m.messages).unwrap_or_default()
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
         self.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
@@ -539,34 +635,26 @@ fn unix_now() -> u64 {
 
 /// Serves one completion; `false` when the connection must close afterwards.
 async fn serve_completion(shared: &Shared, conn: &mut Connection, req: Request) -> bool {
-    let body: Value = match serde_json::from_slice(&req.body) {
-        Ok(v) => v,
+    let (body, head) = match JsonBody::read(req.body) {
+        Ok(read) => read,
         Err(e) => {
             let body = openai_error(&format!("request body is not JSON: {e}"), "invalid_request_error");
             return conn.write(&fixed_response(400, "application/json", &[], &body, req.keep_alive)).await.is_ok();
         }
     };
-    let request_bytes = req.body.len();
-    let mut recorded = RecordedRequest {
-        method: req.method,
-        path: req.path,
-        query: req.query,
-        headers: req.headers,
-        body,
-        raw_body: req.body,
-        index: 0,
-    };
-    let stream = shared.dialect.is_stream(&recorded);
-    tracing::debug!(model = ?recorded.model(), stream, "scripted LLM request");
+    let request_bytes = body.raw().len();
+    let mut recorded =
+        RecordedRequest { method: req.method, path: req.path, query: req.query, headers: req.headers, body, index: 0 };
+    let stream = shared.dialect.is_stream(&recorded.path, head.stream.as_ref().and_then(Value::as_bool));
+    let model = head.model.as_ref().and_then(Value::as_str).unwrap_or("scripted-model").to_string();
+    tracing::debug!(model, stream, "scripted LLM request");
     let _active = ActiveGuard::new(&shared.active);
     let include_usage =
-        recorded.body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
-    let stream_function_call_arguments = recorded
-        .body
-        .pointer("/toolConfig/functionCallingConfig/streamFunctionCallArguments")
-        .and_then(Value::as_bool)
+        head.stream_options.and_then(|o| o.get("include_usage").and_then(Value::as_bool)).unwrap_or(false);
+    let stream_function_call_arguments = head
+        .tool_config
+        .and_then(|c| c.pointer("/functionCallingConfig/streamFunctionCallArguments").and_then(Value::as_bool))
         .unwrap_or(false);
-    let model = recorded.model().unwrap_or("scripted-model").to_string();
     // The responder runs outside any lock (a test's may block until it is told to answer), and
     // learns the index its writes will be logged under.
     let request_index = shared.next_index.fetch_add(1, Ordering::SeqCst);

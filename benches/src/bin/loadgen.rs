@@ -1054,16 +1054,13 @@ async fn steps_scenario(
     let arrived = arrivals.clone();
     let responder = move |r: &RecordedRequest| {
         let now = Instant::now();
-        let messages = r.messages();
-        let chat = messages.iter().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str());
-        if let Some(chat) = chat {
+        let (chat, done) = agentplane_benches::turn_progress(r);
+        if let Some(chat) = &chat {
             let mut arrived = arrived.lock().unwrap_or_else(PoisonError::into_inner);
-            arrived.entry(chat.to_string()).or_default().push((now, r.index));
+            arrived.entry(chat.clone()).or_default().push((now, r.index));
         }
-        let last_user = messages.iter().rposition(|m| m["role"] == "user").unwrap_or(0);
-        let done = messages[last_user..].iter().filter(|m| m["role"] == "tool").count();
         let reply = if done < steps {
-            let file = format!("{}.txt", chat.unwrap_or("x").replace(' ', "-"));
+            let file = format!("{}.txt", chat.as_deref().unwrap_or("x").replace(' ', "-"));
             Reply::tool_call("write_file", json!({"path": file, "content": format!("step {done}")}))
         } else {
             Reply::text("done")

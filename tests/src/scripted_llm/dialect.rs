@@ -7,9 +7,6 @@ mod bedrock;
 mod gemini;
 mod openai_responses;
 
-use serde_json::Value;
-
-use super::RecordedRequest;
 use super::reply::{Completion, RenderContext};
 
 /// A provider wire format.
@@ -42,13 +39,11 @@ impl Dialect {
         }
     }
 
-    /// Whether the request asks for a streamed answer.
-    pub(crate) fn is_stream(self, request: &RecordedRequest) -> bool {
-        let path = request.path.split('?').next().unwrap_or(&request.path);
+    /// Whether a request to `path` whose body's `stream` is `stream` asks for a streamed answer.
+    pub(crate) fn is_stream(self, path: &str, stream: Option<bool>) -> bool {
+        let path = path.split('?').next().unwrap_or(path);
         match self {
-            Dialect::OpenAiChat | Dialect::OpenAiResponses | Dialect::Anthropic => {
-                request.body.get("stream").and_then(Value::as_bool).unwrap_or(false)
-            }
+            Dialect::OpenAiChat | Dialect::OpenAiResponses | Dialect::Anthropic => stream.unwrap_or(false),
             Dialect::Gemini => path.ends_with(":streamGenerateContent"),
             Dialect::Bedrock => path.ends_with("/converse-stream"),
         }

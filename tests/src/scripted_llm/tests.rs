@@ -465,3 +465,51 @@ fn server_handle_is_send_and_sync_and_stops_on_drop() {
     drop(llm);
     assert!(std::net::TcpStream::connect(addr).is_err(), "the port is closed after drop");
 }
+
+#[tokio::test]
+async fn message_heads_read_roles_and_contents_without_building_the_body() {
+    let llm = ScriptedLlm::start();
+    let body = json!({
+        "model": "gpt-test",
+        "stream": false,
+        "messages": [
+            {"role": "system", "content": "be \"brief\"\n"},
+            {"role": "user", "content": [{"type": "text", "text": "parts"}]},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "write_file", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "wrote é"},
+        ],
+    });
+    let answer: Value = post(&llm, &body).await.json().await.expect("json");
+    assert_eq!(answer["model"], "gpt-test", "the head is read: {answer}");
+    let request = &llm.requests()[0];
+    let heads = request.message_heads();
+    let roles: Vec<&str> = heads.iter().map(|m| m.role.as_ref()).collect();
+    assert_eq!(roles, ["system", "user", "assistant", "tool"]);
+    assert_eq!(heads[0].content_str().as_deref(), Some("be \"brief\"\n"), "escapes are decoded");
+    assert_eq!(heads[1].content_str(), None, "parts are not a string");
+    let parts: Value = serde_json::from_str(heads[1].content.expect("content").get()).expect("JSON");
+    assert_eq!(parts, json!([{"type": "text", "text": "parts"}]));
+    assert_eq!(heads[2].content_str(), None);
+    assert_eq!(heads[3].content_str().as_deref(), Some("wrote é"));
+    // The same request read as a value, as tests do.
+    assert_eq!(request.messages().len(), 4);
+    assert_eq!(request.body["messages"][3]["tool_call_id"], "c1");
+    assert_eq!(serde_json::from_slice::<Value>(request.body.raw()).expect("raw JSON"), body);
+}
+
+#[tokio::test]
+async fn a_json_body_that_is_not_an_object_is_answered() {
+    let llm = ScriptedLlm::start();
+    let resp = client()
+        .post(format!("{}/chat/completions", llm.base_url()))
+        .header("content-type", "application/json")
+        .body("[1, 2]")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    let request = &llm.requests()[0];
+    assert_eq!(request.body[1], 2);
+    assert!(request.message_heads().is_empty());
+}

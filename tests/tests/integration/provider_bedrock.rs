@@ -44,7 +44,7 @@ fn assert_converse_request(request: &RecordedRequest) {
     assert_eq!(request.header("content-type"), Some("application/json"));
     let expect =
         SigV4Expect { access_key_id: ACCESS_KEY_ID, secret_access_key: SECRET, region: REGION, service: "bedrock" };
-    if let Err(problem) = verify_sigv4(&request.method, &request.path, &request.headers, &request.raw_body, &expect) {
+    if let Err(problem) = verify_sigv4(&request.method, &request.path, &request.headers, request.body.raw(), &expect) {
         panic!("bad signature: {problem}");
     }
     let roles: Vec<&str> = request.messages().iter().filter_map(|m| m["role"].as_str()).collect();
