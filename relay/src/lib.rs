@@ -55,8 +55,46 @@ struct Inner {
     running: RunningCalls,
     processes: Processes,
     /// Serializes `write_file` and `edit_files` so two parallel calls editing one file cannot
-    /// lose each other's change (each reads, then replaces the whole file).
-    writes: Arc<tokio::sync::Mutex<()>>,
+    /// lose each other's change (each reads, then replaces the whole file). Held on the blocking
+    /// thread that does the work.
+    writes: std::sync::Mutex<()>,
+}
+
+/// A tool that only touches files, with its arguments: it runs from start to end on one
+/// blocking thread.
+enum FileTool {
+    Read(ReadFileArgs),
+    Write(WriteFileArgs),
+    Edit(EditFilesArgs),
+}
+
+impl FileTool {
+    /// `None` when the request is for another kind of tool.
+    fn parse(req: &ToolRequest) -> Option<Result<FileTool, ToolError>> {
+        Some(match req.name.as_str() {
+            "read_file" => parse("read_file", &req.args).map(FileTool::Read),
+            "write_file" => parse("write_file", &req.args).map(FileTool::Write),
+            "edit_files" => parse("edit_files", &req.args).map(FileTool::Edit),
+            _ => return None,
+        })
+    }
+}
+
+impl Inner {
+    /// Blocks: call it from a blocking thread.
+    fn run_file_tool(&self, tool: FileTool) -> Result<String, ToolError> {
+        match tool {
+            FileTool::Read(args) => read::read_file(&self.workspace, &self.limits, &args),
+            FileTool::Write(args) => {
+                let _writing = self.writes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                write::write_file(&self.workspace, &args)
+            }
+            FileTool::Edit(args) => {
+                let _writing = self.writes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                edit::edit_files(&self.workspace, &args)
+            }
+        }
+    }
 }
 
 impl Relay {
@@ -69,7 +107,7 @@ impl Relay {
                 limits,
                 running: RunningCalls::default(),
                 processes: Processes::default(),
-                writes: Arc::new(tokio::sync::Mutex::new(())),
+                writes: std::sync::Mutex::new(()),
             }),
         })
     }
@@ -84,13 +122,21 @@ impl Relay {
     /// `execute` sends its output to `output` piece by piece as it arrives; dropping the returned
     /// future kills the command's process group.
     pub async fn handle(&self, req: &ToolRequest, output: Option<UnboundedSender<String>>) -> ToolResult {
-        match self.dispatch(req, output).await {
-            Ok(result) => result,
-            Err(err) => {
-                tracing::debug!(call_id = %req.call_id, tool = %req.name, %err, "tool call failed");
-                ToolResult::error(&req.call_id, err.to_string())
-            }
-        }
+        result_of(req, self.dispatch(req, output).await)
+    }
+
+    /// Whether `name` is a tool that only touches files (`read_file`, `write_file`,
+    /// `edit_files`), which [`handle_file_tool`](Relay::handle_file_tool) runs.
+    pub fn is_file_tool(name: &str) -> bool {
+        matches!(name, "read_file" | "write_file" | "edit_files")
+    }
+
+    /// Runs a file tool on the calling thread, which it blocks: for a caller already on a
+    /// blocking thread, which can then do the rest of the call's blocking work (the relay's
+    /// journal) in the same trip. `None` when the request is not for a file tool.
+    pub fn handle_file_tool(&self, req: &ToolRequest) -> Option<ToolResult> {
+        let text = FileTool::parse(req)?.and_then(|tool| self.inner.run_file_tool(tool));
+        Some(result_of(req, text.map(|text| ToolResult::ok(&req.call_id, text))))
     }
 
     /// Kills the process group of the running foreground `execute` with this call id (its
@@ -106,35 +152,13 @@ impl Relay {
     ) -> Result<ToolResult, ToolError> {
         let inner = &self.inner;
         let call_id = req.call_id.as_str();
+        if let Some(tool) = FileTool::parse(req) {
+            let tool = tool?;
+            // The blocking work finishes even if this future is dropped.
+            let text = self.blocking(move |inner| inner.run_file_tool(tool)).await?;
+            return Ok(ToolResult::ok(call_id, text));
+        }
         match req.name.as_str() {
-            "read_file" => {
-                let args: ReadFileArgs = parse("read_file", &req.args)?;
-                let text = self.blocking(move |inner| read::read_file(&inner.workspace, &inner.limits, &args)).await?;
-                Ok(ToolResult::ok(call_id, text))
-            }
-            "write_file" => {
-                let args: WriteFileArgs = parse("write_file", &req.args)?;
-                // Held by the blocking work itself, which finishes even if this future is dropped.
-                let writing = Arc::clone(&inner.writes).lock_owned().await;
-                let text = self
-                    .blocking(move |inner| {
-                        let _writing = writing;
-                        write::write_file(&inner.workspace, &args)
-                    })
-                    .await?;
-                Ok(ToolResult::ok(call_id, text))
-            }
-            "edit_files" => {
-                let args: EditFilesArgs = parse("edit_files", &req.args)?;
-                let writing = Arc::clone(&inner.writes).lock_owned().await;
-                let text = self
-                    .blocking(move |inner| {
-                        let _writing = writing;
-                        edit::edit_files(&inner.workspace, &args)
-                    })
-                    .await?;
-                Ok(ToolResult::ok(call_id, text))
-            }
             "execute" => {
                 let args: ExecuteArgs = parse("execute", &req.args)?;
                 if args.background {
@@ -171,6 +195,14 @@ impl Relay {
             .await
             .map_err(|err| ToolError::Rejected(format!("internal error while running the tool: {err}")))?
     }
+}
+
+/// A call's result: a failure becomes an error result worded for the model.
+fn result_of(req: &ToolRequest, result: Result<ToolResult, ToolError>) -> ToolResult {
+    result.unwrap_or_else(|err| {
+        tracing::debug!(call_id = %req.call_id, tool = %req.name, %err, "tool call failed");
+        ToolResult::error(&req.call_id, err.to_string())
+    })
 }
 
 fn parse<T: DeserializeOwned>(tool: &'static str, args: &serde_json::Value) -> Result<T, ToolError> {

@@ -79,7 +79,9 @@ struct Args {
     log_json: bool,
 }
 
-#[tokio::main]
+// One thread for the async work (NATS, process output): the tools' file work and the journal's
+// fsyncs run on blocking threads, and a second async thread only added wake-ups between the two.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(args.log_json);

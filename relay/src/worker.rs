@@ -51,6 +51,11 @@ const PAYLOAD_HEADROOM: usize = 1024;
 /// How long, at shutdown, the last messages may take to reach the server.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The result of a call whose tool panicked.
+const PANICKED: &str = "interrupted, outcome unknown: the relay failed while running this call";
+/// How the result of a call the journal could not record begins.
+const NOT_RECORDED: &str = "the relay could not record the call in its journal, so it did not run it";
+
 /// Everything [`run`] needs.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -487,17 +492,36 @@ impl Shared {
     async fn run_call(self: Arc<Self>, request: ToolRequest, cancelled: CancellationToken) {
         let call_id = request.call_id.clone();
         let _running = RunningGuard { shared: &self, call_id: &call_id };
+        if Relay::is_file_tool(&request.name) {
+            // Its journal lines and the tool in one trip to a blocking thread. A file tool takes
+            // moments and is not cancelled: what it did is what the result says.
+            let shared = Arc::clone(&self);
+            let result =
+                tokio::task::spawn_blocking(move || shared.run_file_call(&request)).await.unwrap_or_else(|_| {
+                    // The tool's own panics are caught on the thread; this is the journal's, which
+                    // would otherwise leave the call claimed and its repeats unanswered.
+                    tracing::error!(%call_id, "the relay panicked while running a call");
+                    self.journal.abandon(&call_id);
+                    ToolResult::error(&call_id, PANICKED)
+                });
+            self.publish_result(&result).await;
+            return;
+        }
 
         // A read that runs again after a restart does no harm: only calls with effects wait for
         // their `started` line to be durable.
         let durable = Relay::has_effects(&request.name);
-        if durable && let Err(err) = self.record(move |journal, id| journal.record_started(&id), &call_id).await {
-            // Running it unrecorded could, after a crash, make a repeat run it a second time.
-            tracing::error!(%call_id, %err, "cannot record the call in the journal; not running it");
-            self.journal.abandon(&call_id);
-            let text = format!("the relay could not record the call in its journal, so it did not run it: {err}");
-            self.publish_result(&ToolResult::error(&call_id, text)).await;
-            return;
+        if durable {
+            let shared = Arc::clone(&self);
+            let id = call_id.clone();
+            let started = tokio::task::spawn_blocking(move || shared.record_started(&id)).await.unwrap_or_else(|err| {
+                self.journal.abandon(&call_id);
+                Err(ToolResult::error(&call_id, format!("{NOT_RECORDED}: {err}")))
+            });
+            if let Err(refusal) = started {
+                self.publish_result(&refusal).await;
+                return;
+            }
         }
 
         let (pieces_tx, pieces) = mpsc::unbounded_channel();
@@ -509,7 +533,7 @@ impl Shared {
             Ok(result) => result,
             Err(_) => {
                 tracing::error!(%call_id, tool = %request.name, "the tool panicked");
-                ToolResult::error(&call_id, "interrupted, outcome unknown: the relay failed while running this call")
+                ToolResult::error(&call_id, PANICKED)
             }
         };
         // Every piece is handed to the client before the result, so they reach the server first.
@@ -517,28 +541,59 @@ impl Shared {
 
         let result = fit_payload(result, self.client.server_info().max_payload);
         if durable {
+            let shared = Arc::clone(&self);
             let recorded = result.clone();
-            if let Err(err) = self.record(move |journal, _| journal.record_finished(&recorded), &call_id).await {
-                tracing::error!(%call_id, %err, "cannot record the call's result in the journal");
+            let name = request.name.clone();
+            if let Err(err) =
+                tokio::task::spawn_blocking(move || shared.record_finished(&name, durable, &recorded)).await
+            {
+                tracing::error!(%call_id, %err, "recording the call's result failed");
             }
         } else {
-            self.journal.remember_finished(&result);
+            self.record_finished(&request.name, durable, &result);
         }
-        tracing::info!(%call_id, tool = %request.name, is_error = result.is_error, "call finished");
         self.publish_result(&result).await;
     }
 
-    /// Runs a blocking journal write off the async threads.
-    async fn record(
-        &self,
-        write: impl FnOnce(&Journal, String) -> io::Result<()> + Send + 'static,
-        call_id: &str,
-    ) -> io::Result<()> {
-        let journal = Arc::clone(&self.journal);
-        let call_id = call_id.to_owned();
-        tokio::task::spawn_blocking(move || write(&journal, call_id))
-            .await
-            .unwrap_or_else(|err| Err(io::Error::other(err)))
+    /// A file tool's call on a blocking thread: its `started` line when it has effects, the
+    /// tool, and its `finished` line.
+    fn run_file_call(&self, request: &ToolRequest) -> ToolResult {
+        let durable = Relay::has_effects(&request.name);
+        if durable && let Err(refusal) = self.record_started(&request.call_id) {
+            return refusal;
+        }
+        let result = match std::panic::catch_unwind(AssertUnwindSafe(|| self.relay.handle_file_tool(request))) {
+            Ok(Some(result)) => result,
+            Ok(None) => ToolResult::error(&request.call_id, format!("{} is not a file tool", request.name)),
+            Err(_) => {
+                tracing::error!(call_id = %request.call_id, tool = %request.name, "the tool panicked");
+                ToolResult::error(&request.call_id, PANICKED)
+            }
+        };
+        let result = fit_payload(result, self.client.server_info().max_payload);
+        self.record_finished(&request.name, durable, &result);
+        result
+    }
+
+    /// Durably records that the call is about to run; blocking. When that fails the call must
+    /// not run (after a crash, a repeat could run it a second time): the error is the result to
+    /// publish, and the call is no longer claimed.
+    fn record_started(&self, call_id: &str) -> Result<(), ToolResult> {
+        self.journal.record_started(call_id).map_err(|err| {
+            tracing::error!(%call_id, %err, "cannot record the call in the journal; not running it");
+            self.journal.abandon(call_id);
+            ToolResult::error(call_id, format!("{NOT_RECORDED}: {err}"))
+        })
+    }
+
+    /// Records how the call ended: durably (blocking) when it has effects, otherwise in memory.
+    fn record_finished(&self, tool: &str, durable: bool, result: &ToolResult) {
+        if !durable {
+            self.journal.remember_finished(result);
+        } else if let Err(err) = self.journal.record_finished(result) {
+            tracing::error!(call_id = %result.call_id, %err, "cannot record the call's result in the journal");
+        }
+        tracing::info!(call_id = %result.call_id, tool, is_error = result.is_error, "call finished");
     }
 
     /// Runs the tool. A cancel asks the relay to stop it, again every [`CANCEL_RETRY`] — a cancel

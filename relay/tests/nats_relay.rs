@@ -328,6 +328,32 @@ async fn a_repeated_request_runs_once_and_gets_the_same_result() {
 }
 
 #[tokio::test]
+async fn a_repeated_file_write_runs_once_also_after_a_restart() {
+    let fx = Fixture::start().await;
+    let mut relay = fx.relay().await;
+    let write = request("write_file", json!({"path": "a.txt", "content": "from the call\n"}));
+    let first = fx.call(&write).await;
+    assert!(!first.is_error, "{}", first.output);
+    assert_eq!(fx.read("a.txt"), "from the call\n");
+
+    // Someone changes the file; a repeat of the call must not undo that.
+    std::fs::write(fx.root().join("a.txt"), "changed since\n").expect("write");
+    assert_eq!(fx.call(&write).await, first);
+    assert_eq!(fx.read("a.txt"), "changed since\n");
+
+    // The journal on disk answers it after a restart too.
+    relay.signal("-TERM");
+    assert!(relay.exited().await.success(), "{}", relay.log());
+    let _relay = fx.relay().await;
+    assert_eq!(fx.call(&write).await, first);
+    assert_eq!(fx.read("a.txt"), "changed since\n");
+
+    // A read is not journaled on disk: after a restart it runs again.
+    let read = request("read_file", json!({"path": "a.txt"}));
+    assert!(fx.call(&read).await.output.contains("changed since"));
+}
+
+#[tokio::test]
 async fn a_copy_arriving_while_the_call_runs_does_not_run_it_again() {
     let fx = Fixture::start().await;
     let _relay = fx.relay().await;
