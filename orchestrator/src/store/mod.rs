@@ -782,6 +782,30 @@ mod tests {
         }
     }
 
+    /// The writer's own connection is set up like the pool's, and checkpoints the WAL less often
+    /// than SQLite's default.
+    #[tokio::test]
+    async fn the_sqlite_writers_connection_is_set_up_for_group_commits() {
+        let database = agentplane_tests::pg::TestDatabase::sqlite_temp();
+        let db = agentplane_schema::db::connect_and_migrate(database.url(), 1).await.expect("database");
+        let target = sqlite_writer::Target::of(db.get_sqlite_connection_pool());
+        let conn = sqlite_writer::open(&target, agentplane_schema::db::SQLITE_BUSY_TIMEOUT).expect("open");
+        let pragma = |name: &str| -> String {
+            conn.query_row(&format!("PRAGMA {name}"), [], |row| row.get::<_, rusqlite::types::Value>(0))
+                .map(|value| match value {
+                    rusqlite::types::Value::Integer(n) => n.to_string(),
+                    rusqlite::types::Value::Text(text) => text,
+                    other => format!("{other:?}"),
+                })
+                .expect(name)
+        };
+        assert_eq!(pragma("journal_mode"), "wal");
+        assert_eq!(pragma("synchronous"), "1", "NORMAL");
+        assert_eq!(pragma("foreign_keys"), "1");
+        assert_eq!(pragma("busy_timeout"), agentplane_schema::db::SQLITE_BUSY_TIMEOUT.as_millis().to_string());
+        assert_eq!(pragma("wal_autocheckpoint"), "10000");
+    }
+
     /// Many chats commit at once: their batches share a transaction, each caller hears the
     /// outcome of its own batch, and a batch that cannot be written fails alone.
     #[tokio::test]
