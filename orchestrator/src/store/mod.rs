@@ -286,11 +286,12 @@ impl DbStore {
             .map(|_| {
                 let (committer, queue) = mpsc::unbounded_channel();
                 match db.get_database_backend() {
-                    DbBackend::Sqlite => sqlite_writer::spawn(
+                    DbBackend::Sqlite => drop(sqlite_writer::spawn(
                         sqlite_writer::Target::of(db.get_sqlite_connection_pool()),
                         agentplane_schema::db::SQLITE_BUSY_TIMEOUT,
+                        sqlite_writer::CHECKPOINT_AT_PAGES,
                         queue,
-                    ),
+                    )),
                     _ => drop(tokio::spawn(commit_loop(db.clone(), queue))),
                 }
                 committer
@@ -782,8 +783,8 @@ mod tests {
         }
     }
 
-    /// The writer's own connection is set up like the pool's, and checkpoints the WAL less often
-    /// than SQLite's default.
+    /// The writer's own connection is set up like the pool's, and leaves checkpoints to the
+    /// checkpoint thread.
     #[tokio::test]
     async fn the_sqlite_writers_connection_is_set_up_for_group_commits() {
         let database = agentplane_tests::pg::TestDatabase::sqlite_temp();
@@ -803,7 +804,43 @@ mod tests {
         assert_eq!(pragma("synchronous"), "1", "NORMAL");
         assert_eq!(pragma("foreign_keys"), "1");
         assert_eq!(pragma("busy_timeout"), agentplane_schema::db::SQLITE_BUSY_TIMEOUT.as_millis().to_string());
-        assert_eq!(pragma("wal_autocheckpoint"), "10000");
+        assert_eq!(pragma("wal_autocheckpoint"), "0", "no checkpoints in commits");
+    }
+
+    /// Once the WAL is long, the writer asks the checkpoint thread, which checkpoints while
+    /// commits go on.
+    #[tokio::test]
+    async fn a_long_wal_is_checkpointed_by_the_checkpoint_thread() {
+        let database = agentplane_tests::pg::TestDatabase::sqlite_temp();
+        let (store, chats) = store_with_chats(database.url(), 1).await;
+        let (committer, queue) = mpsc::unbounded_channel();
+        let target = sqlite_writer::Target::of(store.db.get_sqlite_connection_pool());
+        let checkpoints = sqlite_writer::spawn(target, agentplane_schema::db::SQLITE_BUSY_TIMEOUT, 20, queue);
+        // What the migrations wrote is copied and the WAL emptied, so it holds only what follows.
+        store.db.execute_unprepared("PRAGMA wal_checkpoint(TRUNCATE)").await.expect("checkpoint");
+        let chat = &chats[0];
+        let mut n = 1;
+        let mut commit_one = async || {
+            let (done, outcome) = tokio::sync::oneshot::channel();
+            committer.send(PendingCommit { chat_id: chat.clone(), batch: numbered(chat, n), done }).expect("queued");
+            outcome.await.expect("answered").expect("committed");
+            n += 1;
+        };
+        // A few pages per commit: well short of 20 pages, nothing is asked.
+        commit_one().await;
+        assert_eq!(checkpoints.wait_past(0, std::time::Duration::from_millis(50)), 0, "a short WAL is left alone");
+        for _ in 0..40 {
+            commit_one().await;
+        }
+        let waiter = checkpoints.clone();
+        let ran = tokio::task::spawn_blocking(move || waiter.wait_past(0, std::time::Duration::from_secs(10)))
+            .await
+            .expect("join");
+        assert!(ran >= 1, "no checkpoint ran");
+        // Commits go on, and every one is there.
+        commit_one().await;
+        let state = store.load_chat(chat).await.expect("load");
+        assert_eq!(state.messages.len(), 42);
     }
 
     /// Many chats commit at once: their batches share a transaction, each caller hears the

@@ -8,6 +8,7 @@
 //! sqlx binds them, so sea-orm reads back what this thread writes
 //! (`every_kind_of_op_reads_back_as_written` checks every kind of op).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentplane_actors::ports::StoreError;
@@ -22,15 +23,30 @@ use super::{MAX_GROUP, PendingCommit, batch_statements};
 
 /// Statements kept prepared: a few per kind of op.
 const PREPARED_STATEMENTS: usize = 256;
-/// WAL pages after which a commit also checkpoints (SQLite's default is 1,000: about 4 MB).
-/// Under load a checkpoint came every few dozen commits, each copying the latest version of
-/// every page changed since the last one into the database file and syncing both files; the
-/// same hot pages (the ends of the tables and of each chat's index ranges) changed again in
-/// between. Ten times the interval copies each of those once per ten as many commits, for a
-/// WAL of up to about 40 MB.
-const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
+/// WAL pages after which the writer asks for a checkpoint. SQLite's own default is 1,000 pages
+/// (about 4 MB) and checkpoints inside the commit that crosses it. Under load that came every few
+/// dozen group commits, each copying the latest version of every page changed since the last one
+/// into the database file and syncing both files, while the same hot pages (the ends of the
+/// tables and of each chat's index ranges) changed again in between; and the commit that ran it,
+/// with every chat waiting on it, took that long. Here the checkpoints run on a thread of their
+/// own, ten times less often, while commits go on: the WAL may grow to about 40 MB.
+/// The pool's own connections checkpoint only past four times as many.
+pub(super) const CHECKPOINT_AT_PAGES: i32 = (agentplane_schema::db::SQLITE_POOL_AUTOCHECKPOINT_PAGES / 4) as i32;
+
+std::thread_local! {
+    /// The WAL's length in pages after the writer thread's last commit, as SQLite reports it.
+    static WAL_PAGES: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+}
+
+/// The writer connection's WAL hook. It replaces SQLite's automatic checkpoints on that
+/// connection (which are themselves a WAL hook).
+fn note_wal_pages(_: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Result<()> {
+    WAL_PAGES.with(|count| count.set(pages));
+    Ok(())
+}
 
 /// The database the writer opens: the one sqlx's pool uses.
+#[derive(Clone)]
 pub(super) struct Target {
     /// A path, or a URI (`file:…`) when `uri` is set.
     name: String,
@@ -63,17 +79,104 @@ impl Target {
     }
 }
 
-/// Starts the writer thread on `queue`; it ends when every sender is gone.
-pub(super) fn spawn(target: Target, busy_timeout: Duration, queue: mpsc::UnboundedReceiver<PendingCommit>) {
-    let started =
-        std::thread::Builder::new().name("sqlite-writer".into()).spawn(move || run(&target, busy_timeout, queue));
+/// Starts the writer thread on `queue`, and the thread that checkpoints for it once the WAL holds
+/// `checkpoint_at` pages; both end when every sender is gone.
+pub(super) fn spawn(
+    target: Target,
+    busy_timeout: Duration,
+    checkpoint_at: i32,
+    queue: mpsc::UnboundedReceiver<PendingCommit>,
+) -> Checkpoints {
+    let checkpoints = Checkpoints::default();
+    let (ask, asked) = std::sync::mpsc::sync_channel(1);
+    let (name, done) = (target.clone(), checkpoints.clone());
+    let started = std::thread::Builder::new()
+        .name("sqlite-checkpoint".into())
+        .spawn(move || checkpoint_when_asked(&name, busy_timeout, &asked, &done));
+    if let Err(error) = started {
+        // The WAL then grows until the server stops; commits still work.
+        tracing::error!(%error, "could not start the SQLite checkpoint thread");
+    }
+    let started = std::thread::Builder::new()
+        .name("sqlite-writer".into())
+        // While the WAL is long every commit asks; one request waits at most, the rest are dropped.
+        .spawn(move || {
+            run(&target, busy_timeout, queue, |pages| {
+                if pages >= checkpoint_at {
+                    let _ = ask.try_send(());
+                }
+            })
+        });
     if let Err(error) = started {
         // Nothing can commit without it; callers then get "the commit queue is closed".
         tracing::error!(%error, "could not start the SQLite writer thread");
     }
+    checkpoints
 }
 
-fn run(target: &Target, busy_timeout: Duration, mut queue: mpsc::UnboundedReceiver<PendingCommit>) {
+/// How many checkpoints the checkpoint thread has run, and a way to wait for the next.
+#[derive(Clone, Default)]
+pub(super) struct Checkpoints(Arc<(std::sync::Mutex<u64>, std::sync::Condvar)>);
+
+impl Checkpoints {
+    fn count_one(&self) {
+        let (count, changed) = &*self.0;
+        *count.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        changed.notify_all();
+    }
+
+    /// Blocks until more than `seen` checkpoints have run, or `timeout` has passed; returns the
+    /// count.
+    #[cfg(test)]
+    pub(super) fn wait_past(&self, seen: u64, timeout: Duration) -> u64 {
+        let (count, changed) = &*self.0;
+        let count = count.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (count, _) = changed
+            .wait_timeout_while(count, timeout, |count| *count <= seen)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *count
+    }
+}
+
+/// The checkpoint thread: a passive checkpoint each time the writer asks, on a connection of its
+/// own. A passive checkpoint copies what no reader still needs and waits for nobody; commits go
+/// on meanwhile, and the writer starts the WAL over at the first commit after one that copied
+/// everything.
+fn checkpoint_when_asked(
+    target: &Target,
+    busy_timeout: Duration,
+    asked: &std::sync::mpsc::Receiver<()>,
+    done: &Checkpoints,
+) {
+    let mut connection: Option<Connection> = None;
+    while asked.recv().is_ok() {
+        let conn = match &mut connection {
+            Some(conn) => conn,
+            None => match open(target, busy_timeout) {
+                Ok(conn) => connection.insert(conn),
+                Err(error) => {
+                    tracing::warn!(%error, "the SQLite checkpoint thread could not open the database");
+                    continue;
+                }
+            },
+        };
+        let passive = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+        });
+        match passive {
+            Ok((_, log, copied)) => tracing::debug!(log, copied, "WAL checkpoint"),
+            Err(error) => tracing::warn!(%error, "WAL checkpoint failed"),
+        }
+        done.count_one();
+    }
+}
+
+fn run(
+    target: &Target,
+    busy_timeout: Duration,
+    mut queue: mpsc::UnboundedReceiver<PendingCommit>,
+    ask_for_checkpoint: impl Fn(i32),
+) {
     let mut connection: Option<Connection> = None;
     let mut group = Vec::new();
     while let Some(first) = queue.blocking_recv() {
@@ -97,6 +200,7 @@ fn run(target: &Target, busy_timeout: Duration, mut queue: mpsc::UnboundedReceiv
             },
         };
         commit_group(conn, std::mem::take(&mut group));
+        ask_for_checkpoint(WAL_PAGES.with(std::cell::Cell::get));
         if !conn.is_autocommit() {
             // A transaction a failed rollback left open would hold the write lock: start afresh.
             tracing::warn!("the SQLite writer's connection was left in a transaction; reopening it");
@@ -118,11 +222,10 @@ pub(super) fn open(target: &Target, busy_timeout: Duration) -> Result<Connection
     }
     .map_err(sqlite_err)?;
     conn.busy_timeout(busy_timeout).map_err(sqlite_err)?;
-    conn.execute_batch(&format!(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
-         PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};"
-    ))
-    .map_err(sqlite_err)?;
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+        .map_err(sqlite_err)?;
+    // No checkpoints in commits: the checkpoint thread runs them.
+    conn.wal_hook(Some(note_wal_pages));
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(sqlite_err)?;
     conn.set_prepared_statement_cache_capacity(PREPARED_STATEMENTS);
     Ok(conn)

@@ -28,13 +28,20 @@ pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 /// transaction (and a transaction that re-acquires the pool deadlocks), which defeats WAL.
 pub const MIN_SQLITE_CONNECTIONS: u32 = 2;
 
+/// WAL pages after which a commit through the pool checkpoints (SQLite's default is 1,000). The
+/// orchestrator's store commits on a connection of its own and checkpoints on a thread of its own
+/// at a quarter of this; a pool commit (creating a chat, an admin change) should not take over
+/// that work in the middle of a request. This bounds the WAL of a database used without the store.
+pub const SQLITE_POOL_AUTOCHECKPOINT_PAGES: u32 = 40_000;
+
 /// Key of the PostgreSQL advisory lock that serialises migrations of replicas starting together.
 const MIGRATION_LOCK_KEY: i64 = 0x6167_656e_7470_6c6e; // "agentpln"
 
 /// Opens a connection pool for `url` (`sqlite:...` or `postgres://...` / `postgresql://...`).
 ///
 /// SQLite: the file is created if missing, and every pooled connection uses WAL journaling,
-/// `synchronous=NORMAL`, enforced foreign keys and a [`SQLITE_BUSY_TIMEOUT`] busy timeout; the
+/// `synchronous=NORMAL`, enforced foreign keys, a [`SQLITE_BUSY_TIMEOUT`] busy timeout and
+/// checkpoints every [`SQLITE_POOL_AUTOCHECKPOINT_PAGES`] WAL pages; the
 /// pool holds `max_connections` but at least [`MIN_SQLITE_CONNECTIONS`]. The directory of the
 /// file must exist. PostgreSQL: the pool holds `max_connections` (at least one).
 ///
@@ -55,6 +62,7 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
                     .synchronous(SqliteSynchronous::Normal)
                     .foreign_keys(true)
                     .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                    .pragma("wal_autocheckpoint", SQLITE_POOL_AUTOCHECKPOINT_PAGES.to_string())
             });
         }
         _ => {

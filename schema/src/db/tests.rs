@@ -363,6 +363,7 @@ async fn sqlite_file_migrates_round_trips_and_pools_wal_connections() {
         assert_eq!(pragma(txn, "synchronous").await, "1", "synchronous=NORMAL");
         assert_eq!(pragma(txn, "foreign_keys").await, "1");
         assert_eq!(pragma(txn, "busy_timeout").await, "5000");
+        assert_eq!(pragma(txn, "wal_autocheckpoint").await, "40000");
     }
     drop(open);
 
