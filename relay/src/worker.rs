@@ -541,16 +541,14 @@ impl Shared {
 
         let result = fit_payload(result, self.client.server_info().max_payload);
         if durable {
-            let shared = Arc::clone(&self);
-            let recorded = result.clone();
-            let name = request.name.clone();
-            if let Err(err) =
-                tokio::task::spawn_blocking(move || shared.record_finished(&name, durable, &recorded)).await
+            // A durable line waits for an fsync: off the async thread.
+            let (shared, recorded, name) = (Arc::clone(&self), result.clone(), request.name.clone());
+            if let Err(err) = tokio::task::spawn_blocking(move || shared.record_finished(&name, true, &recorded)).await
             {
-                tracing::error!(%call_id, %err, "recording the call's result failed");
+                tracing::error!(%call_id, %err, "recording the call's result panicked");
             }
         } else {
-            self.record_finished(&request.name, durable, &result);
+            self.record_finished(&request.name, false, &result);
         }
         self.publish_result(&result).await;
     }
