@@ -252,6 +252,12 @@ impl Journal {
         }
     }
 
+    /// Tests: the next fsync of appended lines fails as if the disk had.
+    #[cfg(test)]
+    pub(crate) fn fail_next_sync(&self) {
+        self.fail_next_sync.store(true, Ordering::Relaxed);
+    }
+
     /// Durably records that a claimed call is about to run. Blocking (fsync, shared with the
     /// calls writing at the same time).
     pub(crate) fn record_started(&self, call_id: &str) -> io::Result<()> {

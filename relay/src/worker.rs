@@ -750,6 +750,48 @@ mod tests {
         assert!(err.to_string().contains("is inside the workspace root"), "{err}");
     }
 
+    /// A file tool whose `started` line cannot be made durable does not run: its result says
+    /// so, and the call is no longer claimed, so a repeat runs it once the journal works again.
+    #[tokio::test]
+    async fn a_file_tool_the_journal_cannot_record_does_not_run() {
+        let nats = agentplane_tests::NatsServer::start();
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("root");
+        let settings = WorkerSettings { root: root.clone(), state_dir: tmp.path().join("state"), ..settings() };
+        let relay = Relay::new(&root, ToolLimits::default()).expect("relay");
+        let (journal, _) = open_journal(&settings, &relay).await.expect("journal");
+        let shared = Arc::new(Shared {
+            client: async_nats::connect(nats.url()).await.expect("connect"),
+            subjects: Subjects::new(&settings.prefix),
+            ws: settings.workspace_id.clone(),
+            relay,
+            journal: Arc::new(journal),
+            running: Mutex::default(),
+        });
+        let run = |shared: &Arc<Shared>, request: &ToolRequest| {
+            let (shared, request) = (Arc::clone(shared), request.clone());
+            tokio::task::spawn_blocking(move || shared.run_file_call(&request))
+        };
+        let request = ToolRequest {
+            call_id: "call-1".into(),
+            chat_id: "chat".into(),
+            user_id: "user".into(),
+            name: "write_file".into(),
+            args: serde_json::json!({"path": "a.txt", "content": "x"}),
+        };
+        assert!(matches!(shared.journal.claim("call-1"), Claim::New));
+        shared.journal.fail_next_sync();
+        let refused = run(&shared, &request).await.expect("join");
+        assert!(refused.is_error && refused.output.starts_with(NOT_RECORDED), "{}", refused.output);
+        assert!(!root.join("a.txt").exists(), "the tool ran");
+
+        assert!(matches!(shared.journal.claim("call-1"), Claim::New), "the call stayed claimed");
+        let ran = run(&shared, &request).await.expect("join");
+        assert!(!ran.is_error, "{}", ran.output);
+        assert_eq!(std::fs::read_to_string(root.join("a.txt")).expect("written"), "x");
+        assert!(matches!(shared.journal.claim("call-1"), Claim::Finished(_)));
+    }
+
     #[test]
     fn oversized_results_are_cut_to_fit() {
         let result = ToolResult::ok("c", "€".repeat(10_000));
