@@ -157,7 +157,8 @@ impl MessageHead<'_> {
 
 impl RecordedRequest {
     /// Each message's role and content, read from the bytes without building the body: for
-    /// responders that run at a benchmark's rate. Empty when there is no `messages` array.
+    /// responders that run at a benchmark's rate. Empty when there is no `messages` array, or
+    /// one of its messages is not an object with a string `role`.
     pub fn message_heads(&self) -> Vec<MessageHead<'_>> {
         #[derive(Deserialize)]
         struct Messages<'a> {
