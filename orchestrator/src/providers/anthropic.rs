@@ -17,7 +17,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::fragments::{self, SentPrefix, WireRole};
+use super::fragments::{self, WireRole};
 use super::http;
 use super::sse::{self, SseEvent};
 
@@ -76,14 +76,14 @@ fn messages_url(base_url: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Request
 
-/// The name under which a conversation's [`SentPrefix`] holds what this dialect wrote.
+/// The name under which a conversation's [`SentPrefix`](fragments::SentPrefix) holds what this dialect wrote.
 const KEPT_AS: &str = "anthropic";
 
 /// The Messages body for `request`, as bytes. Fails (as a `Config` error, before anything is
 /// sent) when a message names an image whose bytes are missing or whose type the API does not
 /// take.
 ///
-/// Each history message's content blocks come from the conversation's [`SentPrefix`] as written
+/// Each history message's content blocks come from the conversation's [`SentPrefix`](fragments::SentPrefix) as written
 /// for an earlier step, or are written now and kept there (but a message with an image, whose
 /// data would be kept for as long as the chat is loaded, is written anew each time). Only the
 /// wire messages around them and the two cache breakpoints are put together for each request.
@@ -112,35 +112,30 @@ pub(crate) fn request_body(request: &ModelRequest) -> Result<Vec<u8>, ModelError
         rest["thinking"] = json!({"type": "enabled", "budget_tokens": budget});
     }
 
-    request.memo.with(|sent: &mut SentPrefix| {
-        let pieces = fragments::message_pieces(sent, KEPT_AS, request, |message| {
-            fragments::raw_all(&message_blocks(message, &request.images)?)
-        })?;
-        // The API wants user and assistant strictly alternating: tool results (a user message)
-        // followed by a queued user message, or a dropped message in between, are merged.
-        let messages = fragments::merged_by_role(&pieces, &request.messages);
-        let breakpoints = message_breakpoints(messages.iter().map(|(role, _)| *role));
-        let size = pieces.size() + 48 * messages.len();
-        fragments::object_with_array_first("messages", size, &rest, |out| {
-            for (index, (role, blocks)) in messages.iter().enumerate() {
-                if index > 0 {
-                    out.push(b',');
-                }
-                out.extend_from_slice(match role {
-                    WireRole::User => br#"{"role":"user","content":["#,
-                    WireRole::Assistant => br#"{"role":"assistant","content":["#,
-                });
-                if let Some((last, before)) = blocks.split_last() {
-                    fragments::push_joined(out, before.iter().copied());
-                    if !before.is_empty() {
-                        out.push(b',');
+    fragments::with_message_pieces(
+        request,
+        KEPT_AS,
+        |message| fragments::raw_all(&message_blocks(message, &request.images)?),
+        |pieces| {
+            // The API wants user and assistant strictly alternating: tool results (a user
+            // message) followed by a queued user message, or a dropped message in between, are
+            // merged.
+            let messages = fragments::merged_by_role(pieces, &request.messages);
+            let breakpoints = message_breakpoints(messages.iter().map(|(role, _)| *role));
+            let size = pieces.size() + 48 * messages.len();
+            fragments::object_with_array_first("messages", size, &rest, |out| {
+                fragments::push_role_messages(out, &messages, fragments::ROLE_AND_CONTENT, |out, index, blocks| {
+                    if let Some((last, before)) = blocks.split_last() {
+                        fragments::push_joined(out, before.iter().copied());
+                        if !before.is_empty() {
+                            out.push(b',');
+                        }
+                        push_last_blocks(out, last, breakpoints.contains(&index));
                     }
-                    push_last_blocks(out, last, breakpoints.contains(&index));
-                }
-                out.extend_from_slice(b"]}");
-            }
-        })
-    })
+                })
+            })
+        },
+    )
 }
 
 /// A message's last prompt message's blocks, the last of them with a cache breakpoint (put

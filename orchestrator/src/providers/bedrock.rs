@@ -37,7 +37,7 @@ use reqwest::header::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::fragments::{self, SentPrefix, WireRole};
+use super::fragments;
 use super::http;
 
 /// The SigV4 signing name of the Bedrock runtime.
@@ -249,7 +249,7 @@ fn sign(
 
 /// The Converse body for `request`. Fails with a `Config` error when a message names an image
 /// the request does not carry, or one in a format Converse does not take. Each history message's
-/// content blocks come from the conversation's [`SentPrefix`] as written for an earlier step, or
+/// content blocks come from the conversation's [`SentPrefix`](fragments::SentPrefix) as written for an earlier step, or
 /// are written now and kept there; what is put together for each request is the messages
 /// around them and the cache points.
 fn request_body(request: &ModelRequest, settings: &Settings) -> Result<Vec<u8>, ModelError> {
@@ -276,31 +276,24 @@ fn request_body(request: &ModelRequest, settings: &Settings) -> Result<Vec<u8>, 
 
     // Without tools, calls and results are written as text (see `message_content`).
     let written_as = if tools_offered { "bedrock" } else { "bedrock, no tools" };
-    request.memo.with(|sent: &mut SentPrefix| {
-        let pieces = fragments::message_pieces(sent, written_as, request, |message| {
-            fragments::raw_all(&message_content(message, &request.images, tools_offered)?)
-        })?;
-        // Converse rejects empty content, and roles must alternate: a user message after tool
-        // results (or two answers in a row) joins the message before it.
-        let messages = fragments::merged_by_role(&pieces, &request.messages);
-        let size = pieces.size() + 40 * messages.len();
-        let cache_point = settings.cache_points.then(|| cache_point().to_string());
-        fragments::object_with_array_first("messages", size, &rest, |out| {
-            for (index, (role, content)) in messages.iter().enumerate() {
-                if index > 0 {
-                    out.push(b',');
-                }
-                out.extend_from_slice(match role {
-                    WireRole::User => br#"{"role":"user","content":["#,
-                    WireRole::Assistant => br#"{"role":"assistant","content":["#,
-                });
-                let last = index + 1 == messages.len();
-                let point = cache_point.as_deref().filter(|_| last);
-                fragments::push_joined(out, content.iter().copied().chain(point));
-                out.extend_from_slice(b"]}");
-            }
-        })
-    })
+    fragments::with_message_pieces(
+        request,
+        written_as,
+        |message| fragments::raw_all(&message_content(message, &request.images, tools_offered)?),
+        |pieces| {
+            // Converse rejects empty content, and roles must alternate: a user message after tool
+            // results (or two answers in a row) joins the message before it.
+            let messages = fragments::merged_by_role(pieces, &request.messages);
+            let size = pieces.size() + 40 * messages.len();
+            let cache_point = settings.cache_points.then(|| cache_point().to_string());
+            fragments::object_with_array_first("messages", size, &rest, |out| {
+                fragments::push_role_messages(out, &messages, fragments::ROLE_AND_CONTENT, |out, index, content| {
+                    let point = cache_point.as_deref().filter(|_| index + 1 == messages.len());
+                    fragments::push_joined(out, content.iter().copied().chain(point));
+                })
+            })
+        },
+    )
 }
 
 /// Converse refuses text blocks that are empty or only whitespace.

@@ -235,7 +235,18 @@ pub(crate) fn message_pieces<'s>(
             sent.push(message, &written);
         }
     }
-    Ok(Pieces { sent, unkept, len: request.messages.len() })
+    Ok(Pieces { sent, unkept })
+}
+
+/// [`message_pieces`] kept in the conversation's memo (`request.memo`), for `body` to write the
+/// request around.
+pub(crate) fn with_message_pieces<R>(
+    request: &ModelRequest,
+    written_as: &str,
+    write: impl Fn(&PromptMessage) -> Result<Vec<Box<RawValue>>, ModelError>,
+    body: impl FnOnce(&Pieces<'_>) -> Result<R, ModelError>,
+) -> Result<R, ModelError> {
+    request.memo.with(|sent: &mut SentPrefix| body(&message_pieces(sent, written_as, request, write)?))
 }
 
 /// What [`message_pieces`] gives: each of the request's messages as its elements' text.
@@ -244,7 +255,6 @@ pub(crate) struct Pieces<'s> {
     sent: &'s SentPrefix,
     /// The text of the messages `sent` holds without it, by index.
     unkept: HashMap<usize, String>,
-    len: usize,
 }
 
 impl Pieces<'_> {
@@ -258,7 +268,7 @@ impl Pieces<'_> {
 
     /// Every message's elements in order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &str> {
-        (0..self.len).map(|index| self.get(index))
+        (0..self.sent.sent.len()).map(|index| self.get(index))
     }
 
     /// The bytes of all the elements, for sizing a body.
@@ -315,6 +325,33 @@ pub(crate) fn merged_by_role<'p>(pieces: &'p Pieces<'_>, messages: &[PromptMessa
         }
     }
     merged
+}
+
+/// The openings of a user's and an assistant's message where both are `role` and `content`
+/// (Anthropic, Bedrock), for [`push_role_messages`].
+pub(crate) const ROLE_AND_CONTENT: (&[u8], &[u8]) =
+    (br#"{"role":"user","content":["#, br#"{"role":"assistant","content":["#);
+
+/// Writes `messages` comma-separated, each as its role's opening (`openings`: the user's, the
+/// assistant's; `{"role":"…","<key>":[`), the elements `write_elements` writes for it (given its
+/// index), and `]}`.
+pub(crate) fn push_role_messages<'p>(
+    out: &mut Vec<u8>,
+    messages: &[(WireRole, Vec<&'p str>)],
+    openings: (&[u8], &[u8]),
+    mut write_elements: impl FnMut(&mut Vec<u8>, usize, &[&'p str]),
+) {
+    for (index, (role, elements)) in messages.iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(match role {
+            WireRole::User => openings.0,
+            WireRole::Assistant => openings.1,
+        });
+        write_elements(out, index, elements);
+        out.extend_from_slice(b"]}");
+    }
 }
 
 /// `{"<key>":[…], …rest}`: the JSON object `rest` with one more field written first, an array

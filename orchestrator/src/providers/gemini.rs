@@ -32,9 +32,12 @@ use reqwest::header::{HeaderValue, InvalidHeaderValue};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::fragments::{self, SentPrefix, WireRole};
+use super::fragments::{self, WireRole};
 use super::http;
 use super::sse::{self, SseEvent, SseParser};
+
+/// The openings of a user's and a model's content, for [`fragments::push_role_messages`].
+const ROLE_AND_PARTS: (&[u8], &[u8]) = (br#"{"role":"user","parts":["#, br#"{"role":"model","parts":["#);
 
 /// The value Google documents for a `functionCall` replayed without the signature Gemini gave
 /// it (history written by another model, or an answer that came without one): Gemini 3 then
@@ -230,43 +233,38 @@ pub(crate) fn request_body(request: &ModelRequest) -> Result<Vec<u8>, ModelError
 
     // How a message is written depends on these options of the model.
     let written_as = format!("gemini, vertex {}, signatures {}", options.vertex, options.requires_signatures);
-    request.memo.with(|sent: &mut SentPrefix| {
-        let pieces = fragments::message_pieces(sent, &written_as, request, |message| {
-            fragments::raw_all(&content(message, &request.images, options)?)
-        })?;
-        // Consecutive contents of one role (tool results, then the user's next message) are
-        // merged: Gemini expects the turns to alternate.
-        let contents = fragments::merged_by_role(&pieces, &request.messages);
-        // Gemma takes no system instruction: the system prompt opens the first user content, or
-        // is a user content of its own when there is none.
-        let first_user = contents.iter().position(|(role, _)| *role == WireRole::User);
-        let opening = (!system.is_empty() && options.gemma).then(|| {
-            let text = if first_user.is_some() { format!("{system}\n\n") } else { system.to_owned() };
-            json!({"text": text}).to_string()
-        });
-        let size = pieces.size() + 32 * contents.len();
-        fragments::object_with_array_first("contents", size, &body, |out| {
-            let mut first = true;
-            if let (Some(opening), None) = (&opening, first_user) {
-                out.extend_from_slice(br#"{"role":"user","parts":["#);
-                out.extend_from_slice(opening.as_bytes());
-                out.extend_from_slice(b"]}");
-                first = false;
-            }
-            for (index, (role, parts)) in contents.iter().enumerate() {
-                if !std::mem::take(&mut first) {
-                    out.push(b',');
+    fragments::with_message_pieces(
+        request,
+        &written_as,
+        |message| fragments::raw_all(&content(message, &request.images, options)?),
+        |pieces| {
+            // Consecutive contents of one role (tool results, then the user's next message) are
+            // merged: Gemini expects the turns to alternate.
+            let contents = fragments::merged_by_role(pieces, &request.messages);
+            // Gemma takes no system instruction: the system prompt opens the first user content,
+            // or is a user content of its own when there is none.
+            let first_user = contents.iter().position(|(role, _)| *role == WireRole::User);
+            let opening = (!system.is_empty() && options.gemma).then(|| {
+                let text = if first_user.is_some() { format!("{system}\n\n") } else { system.to_owned() };
+                json!({"text": text}).to_string()
+            });
+            let size = pieces.size() + 32 * contents.len();
+            fragments::object_with_array_first("contents", size, &body, |out| {
+                if let (Some(opening), None) = (&opening, first_user) {
+                    out.extend_from_slice(ROLE_AND_PARTS.0);
+                    out.extend_from_slice(opening.as_bytes());
+                    out.extend_from_slice(b"]}");
+                    if !contents.is_empty() {
+                        out.push(b',');
+                    }
                 }
-                out.extend_from_slice(match role {
-                    WireRole::User => br#"{"role":"user","parts":["#,
-                    WireRole::Assistant => br#"{"role":"model","parts":["#,
-                });
-                let opening = opening.as_deref().filter(|_| first_user == Some(index));
-                fragments::push_joined(out, opening.into_iter().chain(parts.iter().copied()));
-                out.extend_from_slice(b"]}");
-            }
-        })
-    })
+                fragments::push_role_messages(out, &contents, ROLE_AND_PARTS, |out, index, parts| {
+                    let opening = opening.as_deref().filter(|_| first_user == Some(index));
+                    fragments::push_joined(out, opening.into_iter().chain(parts.iter().copied()));
+                })
+            })
+        },
+    )
 }
 
 /// The parts of one prompt message's Gemini content (`model` for an assistant's, `user` for the

@@ -22,7 +22,7 @@ use reqwest::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::fragments::{self, Fragments, SentPrefix, Written};
+use super::fragments::{self, Fragments, Written};
 use super::http;
 use super::sse::{self, SseEvent, SseParser};
 
@@ -255,7 +255,7 @@ const KEPT_AS: &str = "openai_chat";
 
 /// The Chat Completions body for `request`, sent to `endpoint`, as bytes. No JSON tree is built
 /// for a prompt that every step resends: each history message comes from the conversation's
-/// [`SentPrefix`] as written for an earlier step, or is written now and kept there; the tool
+/// [`SentPrefix`](fragments::SentPrefix) as written for an earlier step, or is written now and kept there; the tool
 /// definitions every request shares come from `fragments`.
 pub(crate) fn request_body(
     request: &ModelRequest,
@@ -282,12 +282,12 @@ pub(crate) fn request_body(
         .then(|| serde_json::to_string(&OutMessage::System { content: &request.system }))
         .transpose()
         .map_err(fragments::writing_error)?;
-    request.memo.with(|sent: &mut SentPrefix| {
-        let pieces = fragments::message_pieces(sent, KEPT_AS, request, |message| {
-            let mut out = Vec::new();
-            push_message(&mut out, message, request)?;
-            fragments::raw_all(&out)
-        })?;
+    let write = |message: &PromptMessage| {
+        let mut out = Vec::new();
+        push_message(&mut out, message, request)?;
+        fragments::raw_all(&out)
+    };
+    fragments::with_message_pieces(request, KEPT_AS, write, |pieces| {
         let size = pieces.size() + system.as_ref().map_or(0, String::len) + 1;
         fragments::object_with_array_first("messages", size, &rest, |out| {
             if let Some(system) = &system {

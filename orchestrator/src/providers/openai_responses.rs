@@ -21,7 +21,7 @@ use agentplane_schema::message::{Part, Role};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use super::fragments::{self, SentPrefix};
+use super::fragments;
 use super::http;
 use super::openai_compat::{Api, Endpoint, image_data_url, setting};
 use super::sse::{self, SseEvent};
@@ -44,11 +44,11 @@ pub(crate) fn decode_body(body: &[u8]) -> Vec<Result<ModelEvent, ModelError>> {
 // ---------------------------------------------------------------------------------------------
 // Request
 
-/// The name under which a conversation's [`SentPrefix`] holds what this dialect wrote.
+/// The name under which a conversation's [`SentPrefix`](fragments::SentPrefix) holds what this dialect wrote.
 const KEPT_AS: &str = "openai_responses";
 
 /// The Responses API body for `request`, sent to `endpoint`, as bytes. Each history message's
-/// input items come from the conversation's [`SentPrefix`] as written for an earlier step, or
+/// input items come from the conversation's [`SentPrefix`](fragments::SentPrefix) as written for an earlier step, or
 /// are written now and kept there.
 pub(crate) fn request_body(request: &ModelRequest, endpoint: &Endpoint) -> Result<Vec<u8>, ModelError> {
     let mut body = json!({
@@ -81,12 +81,12 @@ pub(crate) fn request_body(request: &ModelRequest, endpoint: &Endpoint) -> Resul
             body["reasoning"] = Value::Object(reasoning);
         }
     }
-    request.memo.with(|sent: &mut SentPrefix| {
-        let pieces = fragments::message_pieces(sent, KEPT_AS, request, |message| {
-            let mut items = Vec::new();
-            push_items(&mut items, message, request)?;
-            fragments::raw_all(&items)
-        })?;
+    let write = |message: &PromptMessage| {
+        let mut items = Vec::new();
+        push_items(&mut items, message, request)?;
+        fragments::raw_all(&items)
+    };
+    fragments::with_message_pieces(request, KEPT_AS, write, |pieces| {
         fragments::object_with_array_first("input", pieces.size(), &body, |out| pieces.push_all(out))
     })
 }
