@@ -39,6 +39,17 @@ async fn post(llm: &ScriptedLlm, body: &Value) -> reqwest::Response {
         .expect("request")
 }
 
+/// Posts `body` as it is, JSON or not.
+async fn post_text(llm: &ScriptedLlm, body: &'static str) -> reqwest::Response {
+    client()
+        .post(format!("{}/chat/completions", llm.base_url()))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("send")
+}
+
 /// The `data:` payloads of an SSE body, in order.
 fn sse_payloads(body: &str) -> Vec<String> {
     body.split("\n\n")
@@ -422,13 +433,7 @@ async fn models_route_unknown_routes_and_bad_json() {
     let resp = client().get(format!("{}/nope", llm.base_url())).send().await.expect("send");
     assert_eq!(resp.status(), 404);
 
-    let resp = client()
-        .post(format!("{}/chat/completions", llm.base_url()))
-        .header("content-type", "application/json")
-        .body("{")
-        .send()
-        .await
-        .expect("send");
+    let resp = post_text(&llm, "{").await;
     assert_eq!(resp.status(), 400);
 
     post(&llm, &chat_body("x", true, false)).await.text().await.expect("body");
@@ -501,13 +506,7 @@ async fn message_heads_read_roles_and_contents_without_building_the_body() {
 #[tokio::test]
 async fn a_json_body_that_is_not_an_object_is_answered() {
     let llm = ScriptedLlm::start();
-    let resp = client()
-        .post(format!("{}/chat/completions", llm.base_url()))
-        .header("content-type", "application/json")
-        .body("[1, 2]")
-        .send()
-        .await
-        .expect("send");
+    let resp = post_text(&llm, "[1, 2]").await;
     assert_eq!(resp.status(), 200);
     let request = &llm.requests()[0];
     assert_eq!(request.body[1], 2);
