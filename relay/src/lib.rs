@@ -60,6 +60,9 @@ struct Inner {
     writes: std::sync::Mutex<()>,
 }
 
+/// A request for a tool that only touches files, from [`Relay::file_tool`].
+pub struct FileToolCall(Result<FileTool, ToolError>);
+
 /// A tool that only touches files, with its arguments: it runs from start to end on one
 /// blocking thread.
 enum FileTool {
@@ -125,18 +128,18 @@ impl Relay {
         result_of(req, self.dispatch(req, output).await)
     }
 
-    /// Whether `name` is a tool that only touches files (`read_file`, `write_file`,
-    /// `edit_files`), which [`handle_file_tool`](Relay::handle_file_tool) runs.
-    pub fn is_file_tool(name: &str) -> bool {
-        matches!(name, "read_file" | "write_file" | "edit_files")
+    /// The request's tool when it only touches files (`read_file`, `write_file`, `edit_files`),
+    /// its arguments read; `None` for the other tools. [`Relay::run_file_tool`] runs it.
+    pub fn file_tool(req: &ToolRequest) -> Option<FileToolCall> {
+        FileTool::parse(req).map(FileToolCall)
     }
 
     /// Runs a file tool on the calling thread, which it blocks: for a caller already on a
     /// blocking thread, which can then do the rest of the call's blocking work (the relay's
-    /// journal) in the same trip. `None` when the request is not for a file tool.
-    pub fn handle_file_tool(&self, req: &ToolRequest) -> Option<ToolResult> {
-        let text = FileTool::parse(req)?.and_then(|tool| self.inner.run_file_tool(tool));
-        Some(result_of(req, text.map(|text| ToolResult::ok(&req.call_id, text))))
+    /// journal) in the same trip.
+    pub fn run_file_tool(&self, req: &ToolRequest, FileToolCall(tool): FileToolCall) -> ToolResult {
+        let text = tool.and_then(|tool| self.inner.run_file_tool(tool));
+        result_of(req, text.map(|text| ToolResult::ok(&req.call_id, text)))
     }
 
     /// Kills the process group of the running foreground `execute` with this call id (its

@@ -32,9 +32,9 @@ use tokio_util::sync::CancellationToken;
 use agentplane_schema::nats::{ACK, HEADER_CALL_ID, HELLO_INTERVAL_SECONDS, Hello, RELAY_QUEUE, Subjects, is_token};
 use agentplane_schema::tool::{ToolLimits, ToolRequest, ToolResult};
 
-use crate::Relay;
 use crate::journal::{Claim, Journal};
 pub use crate::journal::{INTERRUPTED, JournalLimits};
+use crate::{FileToolCall, Relay};
 
 /// NATS pings this often, so a dead connection is noticed in seconds rather than the client's
 /// default minute.
@@ -492,12 +492,12 @@ impl Shared {
     async fn run_call(self: Arc<Self>, request: ToolRequest, cancelled: CancellationToken) {
         let call_id = request.call_id.clone();
         let _running = RunningGuard { shared: &self, call_id: &call_id };
-        if Relay::is_file_tool(&request.name) {
+        if let Some(tool) = Relay::file_tool(&request) {
             // Its journal lines and the tool in one trip to a blocking thread. A file tool takes
             // moments and is not cancelled: what it did is what the result says.
             let shared = Arc::clone(&self);
             let result =
-                tokio::task::spawn_blocking(move || shared.run_file_call(&request)).await.unwrap_or_else(|_| {
+                tokio::task::spawn_blocking(move || shared.run_file_call(&request, tool)).await.unwrap_or_else(|_| {
                     // The tool's own panics are caught on the thread; this is the journal's, which
                     // would otherwise leave the call claimed and its repeats unanswered.
                     tracing::error!(%call_id, "the relay panicked while running a call");
@@ -555,14 +555,13 @@ impl Shared {
 
     /// A file tool's call on a blocking thread: its `started` line when it has effects, the
     /// tool, and its `finished` line.
-    fn run_file_call(&self, request: &ToolRequest) -> ToolResult {
+    fn run_file_call(&self, request: &ToolRequest, tool: FileToolCall) -> ToolResult {
         let durable = Relay::has_effects(&request.name);
         if durable && let Err(refusal) = self.record_started(&request.call_id) {
             return refusal;
         }
-        let result = match std::panic::catch_unwind(AssertUnwindSafe(|| self.relay.handle_file_tool(request))) {
-            Ok(Some(result)) => result,
-            Ok(None) => ToolResult::error(&request.call_id, format!("{} is not a file tool", request.name)),
+        let result = match std::panic::catch_unwind(AssertUnwindSafe(|| self.relay.run_file_tool(request, tool))) {
+            Ok(result) => result,
             Err(_) => {
                 tracing::error!(call_id = %request.call_id, tool = %request.name, "the tool panicked");
                 ToolResult::error(&request.call_id, PANICKED)
@@ -770,7 +769,8 @@ mod tests {
         });
         let run = |shared: &Arc<Shared>, request: &ToolRequest| {
             let (shared, request) = (Arc::clone(shared), request.clone());
-            tokio::task::spawn_blocking(move || shared.run_file_call(&request))
+            let tool = Relay::file_tool(&request).expect("a file tool");
+            tokio::task::spawn_blocking(move || shared.run_file_call(&request, tool))
         };
         let request = ToolRequest {
             call_id: "call-1".into(),
