@@ -190,12 +190,21 @@ async fn drive_chat(
     // The other watchers join now and see only what follows.
     let mut streams = vec![first];
     for _ in 1..watchers {
-        streams.push(EventStream::connect(&base, &chat.id, ADMIN_TOKEN, None).await?);
+        let mut stream = EventStream::connect(&base, &chat.id, ADMIN_TOKEN, None).await?;
+        // The session subscribes after the handshake; what it sends follows its snapshot, so a
+        // turn started before the snapshot arrived could be in the snapshot instead of the stream.
+        stream.wait_for(|e| matches!(e.body, EventBody::Snapshot { .. }), WAIT).await?;
+        streams.push(stream);
     }
     let mut tasks = Vec::with_capacity(watchers);
     let (go_tx, go_rx) = tokio::sync::watch::channel(0usize);
+    // Each watcher reports the turns it saw end (`idle` on its stream): the next turn starts when
+    // every watcher saw this one end, so the driver waits on the events it measures instead of
+    // polling the chat over REST while the other chats stream.
+    let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
     for mut stream in streams {
         let mut go = go_rx.clone();
+        let ended = ended_tx.clone();
         tasks.push(tokio::spawn(async move {
             let mut seen: Arrivals = Vec::with_capacity(turns);
             for turn in 0..turns {
@@ -216,24 +225,44 @@ async fn drive_chat(
                     .await
                     .with_context(|| format!("turn {turn}"))?;
                 seen.push(deltas);
+                let _ = ended.send(turn);
             }
             anyhow::Ok(seen)
         }));
     }
-    let mut done = Vec::with_capacity(watchers);
-    for turn in 0..turns {
-        admin
-            .send(
-                &chat.id,
-                &SendMessage { content: vec![Part::text(turn_message(c, turn))], busy_behavior: Default::default() },
-            )
-            .await?;
-        go_tx.send_replace(turn + 1);
-        // The next turn starts when the chat is idle again.
-        admin.wait_until_chat(&chat.id, |ch| ch.status == ChatStatus::Idle, WAIT).await?;
+    drop(ended_tx);
+    let driven = async {
+        for turn in 0..turns {
+            let message =
+                SendMessage { content: vec![Part::text(turn_message(c, turn))], busy_behavior: Default::default() };
+            admin.send(&chat.id, &message).await?;
+            go_tx.send_replace(turn + 1);
+            for _ in 0..watchers {
+                match tokio::time::timeout(WAIT, ended_rx.recv()).await {
+                    Ok(Some(ended)) if ended == turn => {}
+                    Ok(Some(ended)) => bail!("chat {c}: a watcher reported turn {ended} ended during turn {turn}"),
+                    Ok(None) => bail!("chat {c} turn {turn}: the watchers stopped"),
+                    Err(_) => bail!("chat {c} turn {turn}: the watchers did not see it end within {WAIT:?}"),
+                }
+            }
+        }
+        anyhow::Ok(())
     }
-    for task in tasks {
-        done.push(task.await??);
+    .await;
+    // Watchers still waiting for a turn that will not come stop when the sender goes.
+    drop(go_tx);
+    let mut done = Vec::with_capacity(watchers);
+    let mut failed = Vec::new();
+    for (w, task) in tasks.into_iter().enumerate() {
+        match task.await? {
+            Ok(seen) => done.push(seen),
+            Err(e) => failed.push(format!("watcher {w}: {e:#}")),
+        }
+    }
+    match (driven, failed.is_empty()) {
+        (Ok(()), true) => {}
+        (Ok(()), false) => bail!("chat {c}: {}", failed.join("; ")),
+        (Err(e), _) => return Err(e.context(format!("watchers: {}", failed.join("; ")))),
     }
     Ok(done)
 }
