@@ -69,7 +69,7 @@ pub async fn compact(
     let request = ModelRequest {
         target: model.target.clone(),
         system: "You summarise conversations for your own later use.".into(),
-        messages,
+        messages: Arc::new(messages),
         tools: Arc::new([]),
         images: Default::default(),
         // Its messages up to the summary prompt are the conversation's own, already written

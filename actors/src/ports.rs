@@ -61,7 +61,9 @@ pub struct ToolSpec {
 pub struct ModelRequest {
     pub target: ModelTarget,
     pub system: String,
-    pub messages: Vec<PromptMessage>,
+    /// Shared: a chat keeps its prompt list between steps and adds only the new messages
+    /// ([`crate::prompt::PromptList`]), and a retried call resends the same list.
+    pub messages: Arc<Vec<PromptMessage>>,
     /// Shared: the same definitions go with every request.
     pub tools: Arc<[ToolSpec]>,
     /// The bytes of every image the messages refer to (`Part::Image { file_id }`), by file id.

@@ -11,10 +11,12 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use agentplane_schema::api::{ChatError, ChatStatus};
 use agentplane_schema::event::{EventBody, StreamEvent};
+use agentplane_schema::message::Message;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 
-use crate::ports::{Batch, EventBus, ImageData, Op, PromptMemo, Store, StoreError};
+use crate::ports::{Batch, EventBus, ImageData, Op, PromptMemo, PromptMessage, Store, StoreError};
+use crate::prompt::PromptList;
 
 /// A change of the chat's status and the durable event that announces it, committed together.
 pub fn status_change(status: ChatStatus, error: Option<ChatError>) -> (Op, EventBody) {
@@ -44,6 +46,8 @@ pub struct ChatShared {
     images: std::sync::Mutex<HashMap<String, ImageData>>,
     /// What the model client wrote of this chat's prompt for its last request.
     prompt_memo: PromptMemo,
+    /// The prompt list of the last step, for the next one to add to.
+    prompt_list: std::sync::Mutex<PromptList>,
 }
 
 impl ChatShared {
@@ -70,6 +74,7 @@ impl ChatShared {
             reported_usage: std::sync::Mutex::new(None),
             images: std::sync::Mutex::new(HashMap::new()),
             prompt_memo: PromptMemo::default(),
+            prompt_list: Default::default(),
         }
     }
 
@@ -78,9 +83,16 @@ impl ChatShared {
         self.prompt_memo.clone()
     }
 
-    /// Lets the text of the last prompt go (an idle chat need not hold it).
+    /// Lets the text of the last prompt go (an idle chat need not hold it), and its list.
     pub fn forget_prompt(&self) {
         self.prompt_memo.clear();
+        *self.prompt_list.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = PromptList::default();
+    }
+
+    /// The prompt for `history` and the file ids of the images it shows, added to the last
+    /// step's list ([`PromptList`]).
+    pub fn prompt(&self, history: &[Message]) -> (Arc<Vec<PromptMessage>>, Vec<String>) {
+        self.prompt_list.lock().unwrap_or_else(std::sync::PoisonError::into_inner).update(history)
     }
 
     /// The bytes of the images `ids` names; those not read yet in this turn come from the store.

@@ -157,8 +157,7 @@ async fn step(
                 return Ok(StepOutcome::Failed(e));
             }
         }
-        let messages = prompt::prompt_messages(&history);
-        let image_ids = prompt::image_ids(&messages);
+        let (messages, image_ids) = input.shared.prompt(&history);
         if !image_ids.is_empty() && !model.vision {
             return Ok(StepOutcome::Failed(ChatError {
                 kind: ChatErrorKind::Config,

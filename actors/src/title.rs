@@ -33,13 +33,13 @@ pub async fn generate(
     let request = ModelRequest {
         target: model.target,
         system: "You write short, specific titles for conversations.".into(),
-        messages: vec![PromptMessage {
+        messages: Arc::new(vec![PromptMessage {
             role: Role::User,
             parts: Arc::new(vec![Part::text(format!(
                 "Write a title of at most six words for a conversation that begins with this message. \
                  Answer with the title only.\n\n{source}"
             ))]),
-        }],
+        }]),
         tools: Arc::new([]),
         images: Default::default(),
         memo: Default::default(),

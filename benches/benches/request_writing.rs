@@ -95,7 +95,7 @@ fn request_writing(c: &mut Criterion) {
             let request = |len: usize| ModelRequest {
                 target: target(provider_type),
                 system: "You are a coding agent.".into(),
-                messages: history[..len].to_vec(),
+                messages: history[..len].to_vec().into(),
                 tools: tools.clone(),
                 images: Default::default(),
                 memo: memo.clone(),

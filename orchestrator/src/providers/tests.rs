@@ -225,7 +225,8 @@ pub(super) fn simple_request(base_url: &str) -> ModelRequest {
     ModelRequest {
         target: target(base_url),
         system: "You are terse.".to_owned(),
-        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")].into() }],
+        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")].into() }]
+            .into(),
         tools: Vec::new().into(),
         images: Default::default(),
         memo: Default::default(),
@@ -886,7 +887,8 @@ async fn request_shape() {
                 role: Role::User,
                 parts: vec![Part::text("What is this?"), Part::Image { file_id: "file_9".to_owned() }].into(),
             },
-        ],
+        ]
+        .into(),
         tools: vec![ToolSpec {
             name: "execute".to_owned(),
             description: "Run a command.".to_owned(),
@@ -903,7 +905,8 @@ async fn request_shape() {
     // The next step's request: the same history (its messages' parts shared, as the loop shares
     // them) and one more message. The client writes the shared part from what it kept.
     let mut next = request.clone();
-    next.messages.push(PromptMessage { role: Role::Assistant, parts: vec![Part::text("Done: \"a\", b.")].into() });
+    Arc::make_mut(&mut next.messages)
+        .push(PromptMessage { role: Role::Assistant, parts: vec![Part::text("Done: \"a\", b.")].into() });
     let providers = providers();
     for request in [request, next] {
         let events: Vec<_> = providers.stream(request).await.expect("opens").collect().await;
@@ -1040,7 +1043,7 @@ fn the_conversations_memo_never_changes_what_is_sent() {
                     ..target("http://127.0.0.1:9/v1")
                 },
                 system: "You are a coding agent.".to_owned(),
-                messages: messages.clone(),
+                messages: messages.clone().into(),
                 // The compaction's request offers no tools, as the loop's does not.
                 tools: if i == 3 {
                     Vec::new().into()

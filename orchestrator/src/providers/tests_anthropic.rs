@@ -38,7 +38,8 @@ fn simple_request(base_url: &str) -> ModelRequest {
     ModelRequest {
         target: target(base_url),
         system: "You are terse.".to_owned(),
-        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")].into() }],
+        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")].into() }]
+            .into(),
         tools: Vec::new().into(),
         images: HashMap::new(),
         memo: Default::default(),
@@ -524,7 +525,8 @@ async fn request_shape() {
             // A message the user queued while the tools ran: merged into the tool results'
             // user message, after them.
             message(Role::User, vec![Part::text("What is this?"), Part::Image { file_id: "file_9".to_owned() }]),
-        ],
+        ]
+        .into(),
         tools: vec![tool("execute"), tool("read_file")].into(),
         images: HashMap::from([(
             "file_9".to_owned(),
@@ -616,8 +618,9 @@ async fn cache_breakpoints_follow_the_turn() {
     request.tools = vec![tool("execute")].into();
     for step in 0..5 {
         let id = format!("toolu_{step}");
-        request.messages.push(message(Role::Assistant, vec![call(&id, "execute", json!({"command": "ls"}))]));
-        request.messages.push(message(Role::Tool, vec![result(&id, "ok", false)]));
+        Arc::make_mut(&mut request.messages)
+            .push(message(Role::Assistant, vec![call(&id, "execute", json!({"command": "ls"}))]));
+        Arc::make_mut(&mut request.messages).push(message(Role::Tool, vec![result(&id, "ok", false)]));
     }
     let body = sent(request).await.json();
     assert_eq!(
@@ -647,7 +650,8 @@ async fn consecutive_roles_merge_and_empty_messages_are_dropped() {
         message(Role::User, vec![Part::text(""), Part::text("two")]),
         message(Role::Assistant, vec![Part::text("answer")]),
         message(Role::User, vec![Part::text("three")]),
-    ];
+    ]
+    .into();
     let body = sent(request).await.json();
     let cached = json!({"type": "ephemeral"});
     assert_eq!(
@@ -716,7 +720,7 @@ async fn images_of_every_accepted_type_and_config_errors_for_the_rest() {
             .insert(file_id.clone(), ImageData { media_type: media_type.to_owned(), bytes: Arc::from(&[i as u8][..]) });
         parts.push(Part::Image { file_id });
     }
-    request.messages = vec![message(Role::User, parts)];
+    request.messages = vec![message(Role::User, parts)].into();
     request.images = images;
     let body = sent(request.clone()).await.json();
     let sources: Vec<Value> =

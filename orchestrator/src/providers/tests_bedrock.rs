@@ -126,7 +126,8 @@ fn simple_request(base_url: &str) -> ModelRequest {
     ModelRequest {
         target: target(base_url),
         system: "You are terse.".to_owned(),
-        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("Reply with exactly OK.")].into() }],
+        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("Reply with exactly OK.")].into() }]
+            .into(),
         tools: Vec::new().into(),
         images: HashMap::new(),
         memo: Default::default(),
@@ -774,7 +775,7 @@ async fn request_shape() {
     let (result, requests) = run_with(eventstream(vec![body]), |base_url| ModelRequest {
         target: target(base_url),
         system: "You are a coding agent.".to_owned(),
-        messages: conversation(),
+        messages: conversation().into(),
         tools: vec![ToolSpec {
             name: "execute".to_owned(),
             description: "Run a command.".to_owned(),
@@ -853,8 +854,9 @@ async fn without_tools_calls_and_results_are_told_as_text() {
             "cache_points": true,
             "additional_model_request_fields": {"thinking": {"type": "enabled", "budget_tokens": 2048}},
         });
-        request.messages = conversation()[..3].to_vec();
-        request.messages.push(PromptMessage { role: Role::User, parts: vec![Part::text("Summarise.")].into() });
+        request.messages = conversation()[..3].to_vec().into();
+        Arc::make_mut(&mut request.messages)
+            .push(PromptMessage { role: Role::User, parts: vec![Part::text("Summarise.")].into() });
         request
     })
     .await;
@@ -938,7 +940,8 @@ async fn images_that_cannot_be_sent_are_config_errors_before_sending() {
         request.messages = vec![PromptMessage {
             role: Role::User,
             parts: vec![Part::text("Look"), Part::Image { file_id: "file_9".to_owned() }].into(),
-        }];
+        }]
+        .into();
         request.images = images;
         request
     };

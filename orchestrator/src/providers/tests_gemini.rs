@@ -69,7 +69,8 @@ fn simple_request(base_url: &str) -> ModelRequest {
         messages: vec![PromptMessage {
             role: Role::User,
             parts: vec![Part::text("How many r's in strawberry?")].into(),
-        }],
+        }]
+        .into(),
         tools: Vec::new().into(),
         images: HashMap::new(),
         memo: Default::default(),
@@ -549,7 +550,8 @@ async fn request_shape() {
             },
             PromptMessage { role: Role::User, parts: vec![Part::text("Thanks.")].into() },
             PromptMessage { role: Role::Marker, parts: vec![Part::text("conversation summarised")].into() },
-        ],
+        ]
+        .into(),
         tools: vec![ToolSpec {
             name: "execute".to_owned(),
             description: "Run a command.".to_owned(),
@@ -658,8 +660,8 @@ async fn thought_signature_survives_into_the_next_request() {
     let answer = fold_answer(&events);
     let call_id = "call_b36LacjwM668nsEP2tbsgQQ_0";
     let mut request = simple_request("set below");
-    request.messages.push(PromptMessage { role: Role::Assistant, parts: answer.into() });
-    request.messages.push(PromptMessage {
+    Arc::make_mut(&mut request.messages).push(PromptMessage { role: Role::Assistant, parts: answer.into() });
+    Arc::make_mut(&mut request.messages).push(PromptMessage {
         role: Role::Tool,
         parts: vec![tool_result(call_id, "weather", "18°C, fog", false)].into(),
     });
@@ -682,8 +684,10 @@ async fn thought_signature_survives_into_the_next_request() {
     // A text answer's signature goes back on its text.
     let events = replay("text_thought_signature.jsonl").await;
     let mut request = simple_request("set below");
-    request.messages.push(PromptMessage { role: Role::Assistant, parts: fold_answer(&events).into() });
-    request.messages.push(PromptMessage { role: Role::User, parts: vec![Part::text("And in raspberry?")].into() });
+    Arc::make_mut(&mut request.messages)
+        .push(PromptMessage { role: Role::Assistant, parts: fold_answer(&events).into() });
+    Arc::make_mut(&mut request.messages)
+        .push(PromptMessage { role: Role::User, parts: vec![Part::text("And in raspberry?")].into() });
     let (body, _) = sent_body(request).await;
     assert_eq!(
         body["contents"][1],
@@ -736,11 +740,9 @@ async fn settings_vertex_gemma_and_no_key() {
     // Vertex takes no call ids; an older model needs no signature placeholder.
     let mut request = simple_request("set below");
     request.target.model = "gemini-2.5-pro".to_owned();
-    request
-        .messages
+    Arc::make_mut(&mut request.messages)
         .push(PromptMessage { role: Role::Assistant, parts: vec![tool_call("c1", "execute", json!({}))].into() });
-    request
-        .messages
+    Arc::make_mut(&mut request.messages)
         .push(PromptMessage { role: Role::Tool, parts: vec![tool_result("c1", "execute", "", false)].into() });
     let body =
         request_body_for(request, "https://aiplatform.googleapis.com/v1/projects/p/locations/global/publishers/google");
@@ -762,12 +764,15 @@ fn request_body_for(mut request: ModelRequest, base_url: &str) -> Value {
 #[tokio::test]
 async fn images_gemini_cannot_take_fail_before_sending() {
     let mut missing = simple_request("set below");
-    std::sync::Arc::make_mut(&mut missing.messages[0].parts).push(Part::Image { file_id: "file_gone".to_owned() });
+    std::sync::Arc::make_mut(&mut Arc::make_mut(&mut missing.messages)[0].parts)
+        .push(Part::Image { file_id: "file_gone".to_owned() });
     let mut bmp = simple_request("set below");
-    std::sync::Arc::make_mut(&mut bmp.messages[0].parts).push(Part::Image { file_id: "file_bmp".to_owned() });
+    std::sync::Arc::make_mut(&mut Arc::make_mut(&mut bmp.messages)[0].parts)
+        .push(Part::Image { file_id: "file_bmp".to_owned() });
     bmp.images.insert("file_bmp".to_owned(), ImageData { media_type: "image/bmp".to_owned(), bytes: png_bytes() });
     let mut broken_gif = simple_request("set below");
-    std::sync::Arc::make_mut(&mut broken_gif.messages[0].parts).push(Part::Image { file_id: "file_gif".to_owned() });
+    std::sync::Arc::make_mut(&mut Arc::make_mut(&mut broken_gif.messages)[0].parts)
+        .push(Part::Image { file_id: "file_gif".to_owned() });
     broken_gif.images.insert(
         "file_gif".to_owned(),
         ImageData { media_type: "image/gif".to_owned(), bytes: Arc::from(&b"GIF89a\x01"[..]) },

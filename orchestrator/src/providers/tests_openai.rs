@@ -41,7 +41,8 @@ fn request_for(target: ModelTarget) -> ModelRequest {
     ModelRequest {
         target,
         system: "You are terse.".to_owned(),
-        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")].into() }],
+        messages: vec![PromptMessage { role: Role::User, parts: vec![Part::text("What's the weather?")].into() }]
+            .into(),
         tools: Vec::new().into(),
         images: Default::default(),
         memo: Default::default(),
@@ -159,7 +160,8 @@ fn full_conversation(target: ModelTarget) -> ModelRequest {
                 .into(),
             },
             PromptMessage { role: Role::User, parts: vec![Part::text("Go on.")].into() },
-        ],
+        ]
+        .into(),
         tools: vec![ToolSpec {
             name: "execute".to_owned(),
             description: "Run a command.".to_owned(),
@@ -864,7 +866,8 @@ async fn images_that_cannot_be_sent_are_config_errors_before_any_request() {
     for api in [json!({"api": "responses"}), json!({})] {
         let with_image = |base: &str, images: Vec<(String, ImageData)>| {
             let mut request = request_for(target_of(ProviderType::Openai, base, "gpt-5", api.clone()));
-            std::sync::Arc::make_mut(&mut request.messages[0].parts).push(Part::Image { file_id: "file_7".to_owned() });
+            std::sync::Arc::make_mut(&mut Arc::make_mut(&mut request.messages)[0].parts)
+                .push(Part::Image { file_id: "file_7".to_owned() });
             request.images = images.into_iter().collect();
             request
         };
@@ -942,7 +945,8 @@ async fn a_user_message_of_several_text_parts_is_sent_as_one_string() {
     request.messages = vec![
         PromptMessage { role: Role::User, parts: vec![Part::text("first"), Part::text("second")].into() },
         PromptMessage { role: Role::User, parts: vec![Part::text("only")].into() },
-    ];
+    ]
+    .into();
     let events: Vec<_> = providers().stream(request).await.expect("opens").collect().await;
     assert!(events.iter().all(Result::is_ok));
     assert_eq!(
