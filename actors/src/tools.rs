@@ -196,6 +196,19 @@ pub async fn run(ctx: &ToolContext, wire_id: &str, call_id: &str, name: &str, ar
     }
 }
 
+/// A piece of a running tool's output, for the chat's watchers.
+fn publish_output(ctx: &ToolContext, call_id: &str, name: &str, piece: String) {
+    ctx.shared.publish(EventBody::ToolCall {
+        phase: ToolPhase::Output,
+        call_id: call_id.to_string(),
+        name: name.to_string(),
+        args: None,
+        output: Some(piece),
+        is_error: None,
+        workspace_id: None,
+    });
+}
+
 async fn workspace_tool(ctx: &ToolContext, wire_id: &str, call_id: &str, name: &str, args: &Value) -> ToolOutcome {
     let Some(workspace_id) = ctx.shared.workspace_id() else {
         return ToolOutcome::error(
@@ -224,20 +237,14 @@ async fn workspace_tool(ctx: &ToolContext, wire_id: &str, call_id: &str, name: &
                 out.workspace_id = Some(workspace_id);
                 return out;
             }
-            Some(piece) = rx.recv() => {
-                ctx.shared.publish(EventBody::ToolCall {
-                    phase: ToolPhase::Output,
-                    call_id: call_id.to_string(),
-                    name: name.to_string(),
-                    args: None,
-                    output: Some(piece),
-                    is_error: None,
-                    workspace_id: None,
-                });
-            }
+            Some(piece) = rx.recv() => publish_output(ctx, call_id, name, piece),
             result = &mut call => break result,
         }
     };
+    // Pieces the call passed on in the poll that ended it come before its result too.
+    while let Ok(piece) = rx.try_recv() {
+        publish_output(ctx, call_id, name, piece);
+    }
     let mut outcome = match result {
         Ok(r) => ToolOutcome {
             output: r.output,

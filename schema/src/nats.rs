@@ -63,6 +63,12 @@ impl Subjects {
         format!("{}.ws.{ws}.res.{call}", self.prefix)
     }
 
+    /// A call's output and result (`ap.ws.<ws>.*.<call>`): one subscription gets both in the
+    /// order the relay published them.
+    pub fn call_updates(&self, ws: &str, call: &str) -> String {
+        format!("{}.ws.{ws}.*.{call}", self.prefix)
+    }
+
     /// What the results stream captures: `ap.ws.*.res.*`.
     pub fn all_results(&self) -> String {
         format!("{}.ws.*.res.*", self.prefix)

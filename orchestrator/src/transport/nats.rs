@@ -1,9 +1,9 @@
 //! The NATS transport: tool requests go to the relay of a workspace over NATS (see
 //! `agentplane_schema::nats` for the protocol).
 //!
-//! A call subscribes to its output and result subjects, sends the request and waits for the
-//! relay's acknowledgement ("no responders" = the workspace is offline, at once), then waits for
-//! the result. Core NATS is at most once, so a result missed during a reconnect is looked up in
+//! A call subscribes to its output and result subjects (one subscription), sends the request and
+//! waits for the relay's acknowledgement ("no responders" = the workspace is offline, at once),
+//! then waits for the result. Core NATS is at most once, so a result missed during a reconnect is looked up in
 //! the results stream; a relay that stops saying hello while a call runs ends the call with an
 //! "outcome unknown" error instead of a wait without end.
 
@@ -251,13 +251,14 @@ impl ToolTransport for NatsTransport {
         }
         let call_id = request.call_id.clone();
         let result_subject = self.subjects.result(workspace_id, &call_id);
-        let mut out = self
+        let output_subject = self.subjects.output(workspace_id, &call_id);
+        // One subscription for both: the last pieces of output come before the result, as the
+        // relay sent them (two subscriptions could hand over the result first).
+        let mut updates = self
             .client
-            .subscribe(self.subjects.output(workspace_id, &call_id))
+            .subscribe(self.subjects.call_updates(workspace_id, &call_id))
             .await
-            .map_err(|e| other(format!("subscribing to output: {e}")))?;
-        let mut res =
-            self.client.subscribe(result_subject.clone()).await.map_err(|e| other(format!("subscribing: {e}")))?;
+            .map_err(|e| other(format!("subscribing: {e}")))?;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(HEADER_CALL_ID, call_id.as_str());
         headers.insert(HEADER_CHAT_ID, request.chat_id.as_str());
@@ -271,16 +272,17 @@ impl ToolTransport for NatsTransport {
         let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + RESULT_POLL, RESULT_POLL);
         loop {
             tokio::select! {
-                Some(piece) = out.next() => {
-                    if let Some(tx) = &output {
-                        let _ = tx.send(String::from_utf8_lossy(&piece.payload).into_owned());
-                    }
-                }
-                msg = res.next() => match msg {
-                    Some(msg) => {
+                msg = updates.next() => match msg {
+                    Some(msg) if msg.subject.as_str() == result_subject => {
                         return serde_json::from_slice(&msg.payload)
                             .map_err(|e| other(format!("the relay sent an unreadable result: {e}")));
                     }
+                    Some(piece) if piece.subject.as_str() == output_subject => {
+                        if let Some(tx) = &output {
+                            let _ = tx.send(String::from_utf8_lossy(&piece.payload).into_owned());
+                        }
+                    }
+                    Some(_) => {}
                     None => return Err(other("the NATS connection was closed")),
                 },
                 _ = poll.tick() => {

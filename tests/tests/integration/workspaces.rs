@@ -8,6 +8,7 @@ use agentplane_schema::api::{
     ChatStatus, CommandProvisioner, CreateTemplate, CreateWorkspace, ParamType, ParamValidation, ProvisionerSpec,
     TemplateParameter, WorkspaceStatus,
 };
+use agentplane_schema::event::{EventBody, ToolPhase};
 use agentplane_tests::Reply;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -31,6 +32,38 @@ async fn conversation_runs_its_tools_in_a_relay_process_over_nats() {
         std::fs::read_dir(relay_dir.join("state")).expect("state dir").next().is_some(),
         "the relay kept a journal"
     );
+}
+
+/// A command's output reaches the chat's watchers while it runs, over NATS, all of it and before
+/// the call's result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tools_output_streams_over_nats_ahead_of_its_result() {
+    let env = TestEnv::start_nats(|_| {}).await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    let lines = (1..=5).map(|i| format!("line {i}\n")).collect::<String>();
+    env.llm.push_all([
+        Reply::tool_call("create_workspace", json!({"template_id": "local"})),
+        Reply::tool_call("execute", json!({"command": "for i in 1 2 3 4 5; do echo line $i; sleep 0.05; done"})),
+        Reply::text("done"),
+    ]);
+    env.send(&chat.id, "stream it").await;
+    let events = stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    let mut streamed = String::new();
+    let mut result = None;
+    for event in &events {
+        match &event.body {
+            EventBody::ToolCall { phase: ToolPhase::Output, name, output: Some(piece), .. } if name == "execute" => {
+                assert!(result.is_none(), "output after the call's result: {piece:?}");
+                streamed.push_str(piece);
+            }
+            EventBody::ToolCall { phase: ToolPhase::Finished, name, output, .. } if name == "execute" => {
+                result = output.clone();
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(streamed, lines, "every piece streamed, in order");
+    assert!(result.expect("the call finished").contains(&lines));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
