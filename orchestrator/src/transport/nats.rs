@@ -3,9 +3,9 @@
 //!
 //! A call subscribes to its output and result subjects (one subscription), sends the request and
 //! waits for the relay's acknowledgement ("no responders" = the workspace is offline, at once),
-//! then waits for the result. Core NATS is at most once, so a result missed during a reconnect is looked up in
-//! the results stream; a relay that stops saying hello while a call runs ends the call with an
-//! "outcome unknown" error instead of a wait without end.
+//! then waits for the result. Core NATS is at most once, so a result missed during a reconnect is
+//! looked up in the results stream; a relay that stops saying hello while a call runs ends the
+//! call with an "outcome unknown" error instead of a wait without end.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
