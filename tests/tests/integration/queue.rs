@@ -64,6 +64,99 @@ async fn queued_message_is_delivered_at_the_next_step_boundary() {
 
 /// A message queued while the final answer (no tool calls) is on its way is delivered after that
 /// answer, and the chat stays `running` until the turn it starts has answered: no `idle` between.
+/// The other side of that race: a message queued after the answer's commit has already ended the
+/// turn (`idle` in the same transaction) but before the chat actor heard the step was done. The
+/// actor delivers it and sets the chat `running` again in the commit that does; nothing stays
+/// queued on an idle chat.
+///
+/// The answer's commit is held by a write lock the test takes on the SQLite file itself (no hook
+/// in the server). The message must reach the actor after the step decided to end the turn and
+/// before that commit lands; nothing outside the actor shows those two moments, so each attempt
+/// waits a little at each, then reads from the events which way it went. An attempt where the
+/// message came first (the ordinary queue, the test below) is repeated, up to a bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_queued_after_the_answers_commit_ended_the_turn_starts_it_again() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    const ATTEMPTS: usize = 10;
+    const SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate);
+    let llm = ScriptedLlm::builder()
+        .workers(2)
+        .responder(move |req| match req.last_user_text().as_deref() {
+            Some(text) if text.starts_with("go on") => {
+                arrived_tx.send(()).expect("the test listens");
+                gate.lock().expect("gate").recv().expect("released");
+                Reply::text("first answer")
+            }
+            Some(text) if text.starts_with("also this") => Reply::text("second answer"),
+            _ => Reply::text("ready"),
+        })
+        .start();
+    let env = TestEnv::start_full(llm, Db::Sqlite, |_| {}).await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    // The test's own connection to the server's database file, to hold the write lock.
+    let file = env.data_dir.path().join("agentplane.sqlite");
+    let mut options = sea_orm::ConnectOptions::new(format!("sqlite://{}?mode=rw", file.display()));
+    options.max_connections(1).sqlx_logging(false);
+    let locker = sea_orm::Database::connect(options).await.expect("the test's connection");
+    let texts = |events: &[agentplane_schema::event::StreamEvent]| -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| match &e.body {
+                EventBody::Message { message } => Some(message.text()),
+                EventBody::Status { status, .. } => Some(format!("<{}>", status.as_str())),
+                _ => None,
+            })
+            .collect()
+    };
+
+    for attempt in 0..ATTEMPTS {
+        env.send(&chat.id, &format!("go on {attempt}")).await;
+        arrived.recv().await.expect("the model is asked");
+        let lock = locker.begin().await.expect("begin");
+        lock.execute_unprepared("UPDATE users SET name = name").await.expect("the write lock");
+        release.send(()).expect("release the answer");
+        // The answer streams (its deltas go out before its commit); then the step decides to
+        // end the turn and waits for the lock.
+        stream
+            .wait_for(|e| matches!(&e.body, EventBody::MessageDelta { kind: DeltaKind::Text, .. }), WAIT)
+            .await
+            .expect("the answer streams");
+        tokio::time::sleep(SETTLE).await;
+        let text = format!("also this {attempt}");
+        let send = {
+            let (admin, chat_id, text) = (env.admin.clone(), chat.id.clone(), text.clone());
+            tokio::spawn(async move { admin.send(&chat_id, &msg(&text, BusyBehavior::Queue)).await })
+        };
+        tokio::time::sleep(SETTLE).await;
+        lock.rollback().await.expect("unlock");
+        let outcome = send.await.expect("send task").expect("send");
+        let first = texts(&stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle"));
+        if !outcome.queued {
+            // Too late: the actor had ended the turn too, and the message started one of its own.
+            stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("its turn ends");
+            continue;
+        }
+        if first.contains(&"second answer".to_string()) {
+            // The message was queued before the step decided: delivered without an `idle`.
+            assert_eq!(first, ["first answer", &text, "second answer", "<idle>"], "the ordinary queue");
+            continue;
+        }
+        assert_eq!(first, ["first answer", "<idle>"], "the answer's commit ended the turn");
+        let rest = texts(&stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle again"));
+        assert_eq!(rest, [&text, "<running>", "second answer", "<idle>"], "the queued message started it again");
+        let page = env.admin.messages(&chat.id).await.expect("page");
+        assert!(page.queued_messages.is_empty(), "nothing stays queued");
+        let stored: Vec<String> = page.messages.iter().rev().take(3).rev().map(|m| m.text()).collect();
+        assert_eq!(stored, ["first answer", text.as_str(), "second answer"]);
+        assert_eq!(env.admin.get_chat(&chat.id).await.expect("chat").chat.status, ChatStatus::Idle);
+        return;
+    }
+    panic!("in {ATTEMPTS} attempts the message never reached the chat between the step's decision and its commit");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_queued_during_the_final_answer_is_delivered_without_going_idle() {
     let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
