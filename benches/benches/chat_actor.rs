@@ -88,10 +88,12 @@ fn send_turn(c: &mut Criterion, rt: &Runtime, server: &InProcessServer) {
                     }
                     let t0 = Instant::now();
                     let sent = target.handle.send(&target.user_id, vec![Part::text("next")], Default::default());
-                    let outcome = sent.await.expect("the actor takes the message");
+                    // The last turn's `idle` goes out with its answer's commit, which can be before
+                    // the actor has heard that its step is done: the message is then queued and
+                    // delivered at once, starting the turn all the same.
+                    sent.await.expect("the actor takes the message");
                     let events = until_idle(&mut target.live).await.expect("the turn ends idle");
                     measured += t0.elapsed();
-                    assert!(!outcome.queued, "the chat was idle, so the message starts a turn");
                     let answered = events
                         .iter()
                         .any(|e| matches!(&e.body, EventBody::Message { message } if message.role == Role::Assistant));

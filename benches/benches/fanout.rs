@@ -28,6 +28,8 @@ const IDLE_READ: Duration = Duration::from_secs(3600);
 /// N open streams of one chat; each reports every delta it reads (its number, when it arrived).
 struct Watchers {
     chat_id: String,
+    /// The chat's last durable `seq`: the deltas follow it, as a chat actor stamps them.
+    last_seq: i64,
     arrivals: mpsc::UnboundedReceiver<(Option<u64>, Instant)>,
     readers: Vec<JoinHandle<()>>,
 }
@@ -45,12 +47,16 @@ async fn watchers(server: &InProcessServer, n: u64) -> Watchers {
     let chat = server.idle_chat("hi").await.expect("a chat");
     let (tx, arrivals) = mpsc::unbounded_channel();
     let mut readers = Vec::new();
+    let mut last_seq = 0;
     for _ in 0..n {
         let mut stream = EventStream::connect(&server.base_url(), &chat.id, ADMIN_TOKEN, None).await.expect("a stream");
         // The session subscribes to live events before it sends the snapshot: once the snapshot
         // is here, nothing published later can be missed.
         let first = stream.next_event(DELIVERY_TIMEOUT).await.expect("the snapshot");
-        assert!(matches!(first.body, EventBody::Snapshot { .. }), "a stream starts with its snapshot");
+        let EventBody::Snapshot { last_seq: snapshot_seq, .. } = first.body else {
+            panic!("a stream starts with its snapshot");
+        };
+        last_seq = snapshot_seq;
         let tx = tx.clone();
         readers.push(tokio::spawn(async move {
             while let Ok(event) = stream.next_event(IDLE_READ).await {
@@ -63,7 +69,7 @@ async fn watchers(server: &InProcessServer, n: u64) -> Watchers {
             }
         }));
     }
-    Watchers { chat_id: chat.id, arrivals, readers }
+    Watchers { chat_id: chat.id, last_seq, arrivals, readers }
 }
 
 /// Publishes `iters` numbered deltas one after the other; the sum of the times from each publish
@@ -73,8 +79,10 @@ async fn deliver(server: &InProcessServer, w: &mut Watchers, n: u64, next: &mut 
     let mut measured = Duration::ZERO;
     for _ in 0..iters {
         *next += 1;
+        // Stamped before the chat's last durable event, a delta would be held back for the
+        // durable events the watcher has not seen yet (`LiveOrder`), and never delivered.
         let event = StreamEvent::ephemeral(
-            0,
+            w.last_seq,
             w.chat_id.clone(),
             EventBody::MessageDelta { kind: DeltaKind::Text, text: next.to_string(), call_id: None, name: None },
         );
