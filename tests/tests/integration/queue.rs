@@ -1,10 +1,10 @@
 //! Messages sent while the agent works: queued and delivered at the next step boundary, or
 //! delivered at once with `interrupt`; queued messages can be deleted; nothing is lost.
 
-use agentplane_schema::api::{BusyBehavior, ChatStatus, SendMessage};
+use agentplane_schema::api::{BusyBehavior, Chat, ChatStatus, SendMessage};
 use agentplane_schema::event::{DeltaKind, EventBody, ToolPhase};
 use agentplane_schema::message::{Part, Role};
-use agentplane_tests::{Reply, ScriptedLlm};
+use agentplane_tests::{EventStream, Reply, ScriptedLlm};
 use serde_json::json;
 
 use crate::common::{Db, TestEnv, WAIT, is_status};
@@ -64,6 +64,32 @@ async fn queued_message_is_delivered_at_the_next_step_boundary() {
 
 /// A message queued while the final answer (no tool calls) is on its way is delivered after that
 /// answer, and the chat stays `running` until the turn it starts has answered: no `idle` between.
+/// A chat whose model holds its answer to a message starting "go on" ("first answer") until the
+/// test sends on the returned sender, after telling it through the returned receiver that the
+/// request arrived; a message starting "also this" gets "second answer".
+async fn chat_with_held_answer()
+-> (TestEnv, Chat, EventStream, tokio::sync::mpsc::UnboundedReceiver<()>, std::sync::mpsc::Sender<()>) {
+    let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate);
+    // The scripted server's worker waits at the gate; a second worker answers the rest.
+    let llm = ScriptedLlm::builder()
+        .workers(2)
+        .responder(move |req| match req.last_user_text().as_deref() {
+            Some(text) if text.starts_with("go on") => {
+                arrived_tx.send(()).expect("the test listens");
+                gate.lock().expect("gate").recv().expect("released");
+                Reply::text("first answer")
+            }
+            Some(text) if text.starts_with("also this") => Reply::text("second answer"),
+            _ => Reply::text("ready"),
+        })
+        .start();
+    let env = TestEnv::start_full(llm, Db::Sqlite, |_| {}).await;
+    let (chat, stream) = env.idle_chat("ready").await;
+    (env, chat, stream, arrived, release)
+}
+
 /// The other side of that race: a message queued after the answer's commit has already ended the
 /// turn (`idle` in the same transaction) but before the chat actor heard the step was done. The
 /// actor delivers it and sets the chat `running` again in the commit that does; nothing stays
@@ -79,23 +105,7 @@ async fn a_message_queued_after_the_answers_commit_ended_the_turn_starts_it_agai
     use sea_orm::{ConnectionTrait, TransactionTrait};
     const ATTEMPTS: usize = 10;
     const SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
-    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
-    let (release, gate) = std::sync::mpsc::channel::<()>();
-    let gate = std::sync::Mutex::new(gate);
-    let llm = ScriptedLlm::builder()
-        .workers(2)
-        .responder(move |req| match req.last_user_text().as_deref() {
-            Some(text) if text.starts_with("go on") => {
-                arrived_tx.send(()).expect("the test listens");
-                gate.lock().expect("gate").recv().expect("released");
-                Reply::text("first answer")
-            }
-            Some(text) if text.starts_with("also this") => Reply::text("second answer"),
-            _ => Reply::text("ready"),
-        })
-        .start();
-    let env = TestEnv::start_full(llm, Db::Sqlite, |_| {}).await;
-    let (chat, mut stream) = env.idle_chat("ready").await;
+    let (env, chat, mut stream, mut arrived, release) = chat_with_held_answer().await;
     // The test's own connection to the server's database file, to hold the write lock.
     let file = env.data_dir.path().join("agentplane.sqlite");
     let mut options = sea_orm::ConnectOptions::new(format!("sqlite://{}?mode=rw", file.display()));
@@ -159,24 +169,7 @@ async fn a_message_queued_after_the_answers_commit_ended_the_turn_starts_it_agai
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_queued_during_the_final_answer_is_delivered_without_going_idle() {
-    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
-    let (release, gate) = std::sync::mpsc::channel::<()>();
-    let gate = std::sync::Mutex::new(gate);
-    // Holds the answer to "go on" until the test releases it (the scripted server's worker waits).
-    let llm = ScriptedLlm::builder()
-        .workers(2)
-        .responder(move |req| match req.last_user_text().as_deref() {
-            Some("go on") => {
-                arrived_tx.send(()).expect("the test listens");
-                gate.lock().expect("gate").recv().expect("released");
-                Reply::text("first answer")
-            }
-            Some("also this") => Reply::text("second answer"),
-            _ => Reply::text("ready"),
-        })
-        .start();
-    let env = TestEnv::start_full(llm, Db::Sqlite, |_| {}).await;
-    let (chat, mut stream) = env.idle_chat("ready").await;
+    let (env, chat, mut stream, mut arrived, release) = chat_with_held_answer().await;
 
     env.send(&chat.id, "go on").await;
     arrived.recv().await.expect("the model is asked");
