@@ -764,14 +764,13 @@ fn request_body_for(mut request: ModelRequest, base_url: &str) -> Value {
 #[tokio::test]
 async fn images_gemini_cannot_take_fail_before_sending() {
     let mut missing = simple_request("set below");
-    std::sync::Arc::make_mut(&mut Arc::make_mut(&mut missing.messages)[0].parts)
+    Arc::make_mut(&mut Arc::make_mut(&mut missing.messages)[0].parts)
         .push(Part::Image { file_id: "file_gone".to_owned() });
     let mut bmp = simple_request("set below");
-    std::sync::Arc::make_mut(&mut Arc::make_mut(&mut bmp.messages)[0].parts)
-        .push(Part::Image { file_id: "file_bmp".to_owned() });
+    Arc::make_mut(&mut Arc::make_mut(&mut bmp.messages)[0].parts).push(Part::Image { file_id: "file_bmp".to_owned() });
     bmp.images.insert("file_bmp".to_owned(), ImageData { media_type: "image/bmp".to_owned(), bytes: png_bytes() });
     let mut broken_gif = simple_request("set below");
-    std::sync::Arc::make_mut(&mut Arc::make_mut(&mut broken_gif.messages)[0].parts)
+    Arc::make_mut(&mut Arc::make_mut(&mut broken_gif.messages)[0].parts)
         .push(Part::Image { file_id: "file_gif".to_owned() });
     broken_gif.images.insert(
         "file_gif".to_owned(),

@@ -866,7 +866,7 @@ async fn images_that_cannot_be_sent_are_config_errors_before_any_request() {
     for api in [json!({"api": "responses"}), json!({})] {
         let with_image = |base: &str, images: Vec<(String, ImageData)>| {
             let mut request = request_for(target_of(ProviderType::Openai, base, "gpt-5", api.clone()));
-            std::sync::Arc::make_mut(&mut Arc::make_mut(&mut request.messages)[0].parts)
+            Arc::make_mut(&mut Arc::make_mut(&mut request.messages)[0].parts)
                 .push(Part::Image { file_id: "file_7".to_owned() });
             request.images = images.into_iter().collect();
             request
