@@ -13,7 +13,7 @@ use agentplane_schema::event::{DeltaKind, EventBody, ToolPhase};
 use agentplane_schema::message::{Message, Part, Role};
 use agentplane_schema::new_id;
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -493,33 +493,103 @@ async fn stream_with_retries(
     }
 }
 
+/// Most pieces of an answer merged into one delta: a stream that keeps arriving still reaches
+/// watchers as it goes.
+const MAX_PIECES_AT_ONCE: usize = 64;
+
 async fn stream_once(input: &StepInput, request: &ModelRequest, draft: &mut Draft) -> Result<Streamed, ModelError> {
     let mut stream = tokio::select! {
         biased;
         _ = input.cancel.cancelled() => return Ok(Streamed::Interrupted),
         s = input.deps.model.stream(request.clone()) => s?,
     };
+    // Pieces that arrive together reach watchers as one delta: one event to publish, serialise
+    // and send instead of one per piece. Nothing waits for more than what has arrived.
+    let mut deltas = Deltas::default();
+    let mut yielded = false;
     loop {
-        let event = tokio::select! {
-            biased;
-            _ = input.cancel.cancelled() => return Ok(Streamed::Interrupted),
-            e = stream.next() => e,
+        let next = if deltas.is_empty() {
+            tokio::select! {
+                biased;
+                _ = input.cancel.cancelled() => return Ok(Streamed::Interrupted),
+                e = stream.next() => Some(e),
+            }
+        } else {
+            stream.next().now_or_never()
         };
-        match event {
-            None => return Ok(Streamed::Complete),
-            Some(Err(e)) => return Err(e),
-            Some(Ok(event)) => apply(input, draft, event),
+        match next {
+            Some(None) => {
+                deltas.publish(input);
+                return Ok(Streamed::Complete);
+            }
+            Some(Some(Err(e))) => {
+                deltas.publish(input);
+                return Err(e);
+            }
+            Some(Some(Ok(event))) => {
+                apply(draft, event, &mut deltas);
+                yielded = false;
+                if deltas.pieces >= MAX_PIECES_AT_ONCE {
+                    deltas.publish(input);
+                }
+            }
+            // Nothing more yet. The HTTP client's connection task, on this thread, may hold more
+            // of what arrived with these pieces: it gets a turn before they go out.
+            None if !yielded => {
+                tokio::task::yield_now().await;
+                yielded = true;
+            }
+            None => {
+                deltas.publish(input);
+                yielded = false;
+            }
         }
     }
 }
 
-fn apply(input: &StepInput, draft: &mut Draft, event: ModelEvent) {
-    let delta = |kind, text: String, call_id: Option<String>, name: Option<String>| EventBody::MessageDelta {
-        kind,
-        text,
-        call_id,
-        name,
-    };
+/// The deltas of an answer not yet published, in order; consecutive pieces of the same thing
+/// (the text, the reasoning, one tool call's arguments) are one delta.
+#[derive(Default)]
+struct Deltas {
+    deltas: Vec<EventBody>,
+    /// Pieces in them.
+    pieces: usize,
+}
+
+impl Deltas {
+    fn is_empty(&self) -> bool {
+        self.deltas.is_empty()
+    }
+
+    fn push(&mut self, kind: DeltaKind, text: &str, call_id: Option<&str>, name: Option<&str>) {
+        self.pieces += 1;
+        // A piece that names its tool call starts that call's delta.
+        if name.is_none()
+            && let Some(EventBody::MessageDelta { kind: last_kind, text: last_text, call_id: last_call, .. }) =
+                self.deltas.last_mut()
+            && *last_kind == kind
+            && last_call.as_deref() == call_id
+        {
+            last_text.push_str(text);
+            return;
+        }
+        self.deltas.push(EventBody::MessageDelta {
+            kind,
+            text: text.to_string(),
+            call_id: call_id.map(str::to_string),
+            name: name.map(str::to_string),
+        });
+    }
+
+    fn publish(&mut self, input: &StepInput) {
+        self.pieces = 0;
+        for delta in self.deltas.drain(..) {
+            input.shared.publish(delta);
+        }
+    }
+}
+
+fn apply(draft: &mut Draft, event: ModelEvent, deltas: &mut Deltas) {
     match event {
         ModelEvent::TextDelta(text) => {
             if text.is_empty() {
@@ -527,7 +597,7 @@ fn apply(input: &StepInput, draft: &mut Draft, event: ModelEvent) {
             }
             draft.text.push_str(&text);
             draft.emitted = true;
-            input.shared.publish(delta(DeltaKind::Text, text, None, None));
+            deltas.push(DeltaKind::Text, &text, None, None);
         }
         ModelEvent::ReasoningDelta { text, signature } => {
             if signature.is_some() {
@@ -538,18 +608,18 @@ fn apply(input: &StepInput, draft: &mut Draft, event: ModelEvent) {
             }
             draft.reasoning.push_str(&text);
             draft.emitted = true;
-            input.shared.publish(delta(DeltaKind::Reasoning, text, None, None));
+            deltas.push(DeltaKind::Reasoning, &text, None, None);
         }
         ModelEvent::ToolCallStart { index, call_id, name } => {
             draft.emitted = true;
-            input.shared.publish(delta(DeltaKind::ToolArgs, String::new(), Some(call_id.clone()), Some(name.clone())));
+            deltas.push(DeltaKind::ToolArgs, "", Some(&call_id), Some(&name));
             draft.calls.push(DraftCall { index, call_id, name, args: String::new() });
         }
         ModelEvent::ToolCallArgs { index, piece } => {
             if let Some(call) = draft.calls.iter_mut().rev().find(|c| c.index == index) {
                 call.args.push_str(&piece);
                 draft.emitted = true;
-                input.shared.publish(delta(DeltaKind::ToolArgs, piece, Some(call.call_id.clone()), None));
+                deltas.push(DeltaKind::ToolArgs, &piece, Some(&call.call_id), None);
             }
         }
         ModelEvent::Usage(usage) => draft.usage = usage,

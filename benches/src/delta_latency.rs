@@ -112,7 +112,10 @@ pub async fn run_fanout(
                 .collect();
             writes.sort_by_key(|(k, _)| *k);
             for (w, turns_seen) in per_watcher.iter().enumerate() {
-                let deltas = &turns_seen[turn];
+                // Pieces that reached the server together come in one delta: each counts from
+                // its own write to that delta's arrival.
+                let deltas = split_pieces(&turns_seen[turn], piece_chars)
+                    .with_context(|| format!("chat {c} turn {turn} watcher {w}"))?;
                 if writes.len() != pieces || deltas.len() != pieces {
                     bail!(
                         "chat {c} turn {turn} watcher {w}: {} of {pieces} pieces written, {} text deltas received",
@@ -120,7 +123,7 @@ pub async fn run_fanout(
                         deltas.len()
                     );
                 }
-                for ((k, wrote), (arrived, text)) in writes.iter().zip(deltas) {
+                for ((k, wrote), (arrived, text)) in writes.iter().zip(&deltas) {
                     ensure!(
                         *text == expected[*k],
                         "chat {c} turn {turn}: delta {k} is {text:?}, the piece written was {:?}",
@@ -267,6 +270,22 @@ async fn drive_chat(
     Ok(done)
 }
 
+/// Each delta's text cut into the pieces it holds (each `width` characters), with the delta's
+/// arrival time.
+fn split_pieces(deltas: &[(Instant, String)], width: usize) -> anyhow::Result<Vec<(Instant, String)>> {
+    let mut pieces = Vec::with_capacity(deltas.len());
+    for (arrived, text) in deltas {
+        let chars: Vec<char> = text.chars().collect();
+        ensure!(
+            !chars.is_empty() && chars.len().is_multiple_of(width),
+            "a delta of {} characters is not whole pieces of {width}: {text:?}",
+            chars.len()
+        );
+        pieces.extend(chars.chunks(width).map(|piece| (*arrived, piece.iter().collect())));
+    }
+    Ok(pieces)
+}
+
 /// Characters per piece: room for the largest piece number and a space, at least a token's 4.
 fn piece_width(pieces: usize) -> usize {
     (pieces.saturating_sub(1).to_string().len() + 1).max(4)
@@ -303,5 +322,14 @@ mod tests {
         assert_eq!(turn_text(3), "  0   1   2 ");
         let all: std::collections::BTreeSet<String> = (0..1001).map(|k| piece(k, 5)).collect();
         assert!(all.len() == 1001 && all.iter().all(|p| p.chars().count() == 5));
+    }
+
+    #[test]
+    fn a_delta_of_several_pieces_counts_each_piece_at_its_arrival() {
+        let (first, second) = (Instant::now(), Instant::now() + Duration::from_millis(3));
+        let deltas = [(first, "  0 ".to_string()), (second, "  1   2 ".to_string())];
+        let split = split_pieces(&deltas, 4).expect("whole pieces");
+        assert_eq!(split, [(first, "  0 ".into()), (second, "  1 ".into()), (second, "  2 ".into())]);
+        assert!(split_pieces(&[(first, "  1  ".to_string())], 4).is_err(), "not whole pieces");
     }
 }

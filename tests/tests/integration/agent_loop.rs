@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use agentplane_actors::ports::{ModelClient, ModelError, ModelRequest, ModelStream};
 use agentplane_schema::api::{BusyBehavior, ChatErrorKind, ChatStatus};
-use agentplane_schema::event::{ClientFrame, EventBody};
+use agentplane_schema::event::{ClientFrame, DeltaKind, EventBody};
 use agentplane_schema::message::{Part, Role};
 use agentplane_tests::{Reply, ScriptedCall, ScriptedLlm};
 use serde_json::json;
@@ -36,6 +36,60 @@ async fn send_and_interrupt_frames_on_the_socket_work() {
     let last = messages.last().expect("last");
     assert_eq!((last.role, last.text().as_str(), last.interrupted), (Role::Assistant, "on it", true));
     assert_eq!(messages[messages.len() - 2].text(), "from the socket");
+}
+
+/// The deltas a watcher saw until the turn ended: (kind, text, call id, tool name).
+async fn deltas_of_turn(
+    stream: &mut agentplane_tests::EventStream,
+) -> Vec<(DeltaKind, String, Option<String>, Option<String>)> {
+    let mut deltas = Vec::new();
+    stream
+        .wait_for(
+            |e| match &e.body {
+                EventBody::MessageDelta { kind, text, call_id, name } => {
+                    deltas.push((*kind, text.clone(), call_id.clone(), name.clone()));
+                    false
+                }
+                EventBody::Status { status: ChatStatus::Idle, .. } => true,
+                _ => false,
+            },
+            WAIT,
+        )
+        .await
+        .expect("the turn ends");
+    deltas
+}
+
+/// An answer the model wrote at once reaches the server together: its pieces (ten of text,
+/// eleven of a tool call's arguments) go to watchers merged, in order, each tool call's
+/// arguments in deltas of their own that name the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pieces_that_arrive_together_reach_watchers_merged() {
+    const TEXT: &str = "one two three four five six seven eig";
+    let args = json!({"template": "none", "note": "hello there"});
+    let env = TestEnv::start().await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    env.llm.push_all([
+        Reply::tool_call("list_templates", args.to_string()).with_text(TEXT).chunk_chars(4),
+        Reply::text(TEXT).chunk_chars(4),
+    ]);
+    env.send(&chat.id, "go").await;
+    let deltas = deltas_of_turn(&mut stream).await;
+    let text = |deltas: &[(DeltaKind, String, Option<String>, Option<String>)]| -> Vec<String> {
+        deltas.iter().filter(|d| d.0 == DeltaKind::Text).map(|d| d.1.clone()).collect()
+    };
+    let texts = text(&deltas);
+    let pieces = TEXT.len().div_ceil(4);
+    assert_eq!(texts.concat(), format!("{TEXT}{TEXT}"), "both answers' text, whole and in order");
+    assert!(texts.len() < 2 * pieces, "{} text deltas for {} pieces: {texts:?}", texts.len(), 2 * pieces);
+    let calls: Vec<_> = deltas.iter().filter(|d| d.0 == DeltaKind::ToolArgs).collect();
+    let arguments: String = calls.iter().map(|d| d.1.as_str()).collect();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&arguments).expect("whole arguments"), args);
+    assert!(calls.len() < args.to_string().len().div_ceil(4), "{} argument deltas: {calls:?}", calls.len());
+    assert_eq!(calls[0].3.as_deref(), Some("list_templates"), "the call's first delta names it");
+    assert!(calls.iter().all(|d| d.2 == calls[0].2 && d.2.is_some()), "every piece names its call: {calls:?}");
+    let messages = env.messages(&chat.id).await;
+    assert_eq!(messages.last().expect("answer").text(), TEXT);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
