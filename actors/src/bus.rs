@@ -2,9 +2,9 @@
 //! streaming now, for watchers who join mid-answer.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use agentplane_schema::event::{EventBody, StreamEvent, ToolPhase};
+use agentplane_schema::event::{EventBody, SharedEvent, StreamEvent, ToolPhase};
 use tokio::sync::broadcast;
 
 use crate::ports::EventBus;
@@ -33,7 +33,7 @@ const MAX_KEPT_OUTPUT: usize = 64 * 1024;
 #[derive(Default)]
 struct ChatLine {
     /// While anyone watches.
-    tx: Option<broadcast::Sender<StreamEvent>>,
+    tx: Option<broadcast::Sender<Arc<SharedEvent>>>,
     /// The pieces streamed that nothing has closed yet, one entry per thing streamed (each kind
     /// of delta of the answer or of one tool call's arguments, each tool call's output): a few
     /// entries however long the answer.
@@ -43,7 +43,7 @@ struct ChatLine {
 }
 
 impl ChatLine {
-    fn watch(&mut self, capacity: usize) -> broadcast::Receiver<StreamEvent> {
+    fn watch(&mut self, capacity: usize) -> broadcast::Receiver<Arc<SharedEvent>> {
         self.tx.get_or_insert_with(|| broadcast::channel(capacity).0).subscribe()
     }
 
@@ -68,7 +68,7 @@ impl ChatLine {
                         let kept = match self.streaming.iter_mut().position(|kept| merge(&mut kept.body, &event.body)) {
                             Some(at) => &mut self.streaming[at],
                             None => {
-                                self.streaming.push(event.clone());
+                                self.streaming.push(StreamEvent::clone(event));
                                 self.streaming.last_mut().expect("just pushed")
                             }
                         };
@@ -127,7 +127,7 @@ impl LocalEventBus {
 }
 
 impl EventBus for LocalEventBus {
-    fn publish(&self, event: StreamEvent) {
+    fn publish(&self, event: Arc<SharedEvent>) {
         let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         // A durable event matters only to a chat that has a line; a piece starts one. (Looked
         // up before inserting: the chat id is copied only for a new line, not for every delta.)
@@ -157,12 +157,12 @@ impl EventBus for LocalEventBus {
         }
     }
 
-    fn subscribe(&self, chat_id: &str) -> broadcast::Receiver<StreamEvent> {
+    fn subscribe(&self, chat_id: &str) -> broadcast::Receiver<Arc<SharedEvent>> {
         let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         lines.entry(chat_id.to_string()).or_default().watch(self.capacity)
     }
 
-    fn subscribe_streaming(&self, chat_id: &str) -> (broadcast::Receiver<StreamEvent>, Vec<StreamEvent>) {
+    fn subscribe_streaming(&self, chat_id: &str) -> (broadcast::Receiver<Arc<SharedEvent>>, Vec<StreamEvent>) {
         let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         let line = lines.entry(chat_id.to_string()).or_default();
         let receiver = line.watch(self.capacity);
@@ -232,22 +232,22 @@ mod tests {
         let bus = LocalEventBus::new();
         let mut a = bus.subscribe("a");
         let mut b = bus.subscribe("b");
-        bus.publish(StreamEvent::durable(1, "a", EventBody::StreamReset));
+        bus.publish(SharedEvent::new(StreamEvent::durable(1, "a", EventBody::StreamReset)));
         assert_eq!(a.recv().await.expect("event").seq, Some(1));
         assert!(b.try_recv().is_err());
         drop(a);
-        bus.publish(StreamEvent::durable(2, "a", EventBody::StreamReset));
+        bus.publish(SharedEvent::new(StreamEvent::durable(2, "a", EventBody::StreamReset)));
         assert!(bus.lines.lock().expect("lock").get("a").is_none());
     }
 
     #[test]
     fn a_new_watcher_gets_what_is_streaming_merged_and_stamped_after_the_last_durable_event() {
         let bus = LocalEventBus::new();
-        bus.publish(delta(4, "hello"));
-        bus.publish(delta(4, " world"));
-        bus.publish(output(4, "c1", "line 1\n"));
-        bus.publish(output(4, "c1", "line 2\n"));
-        bus.publish(StreamEvent::durable(5, "a", EventBody::QueueUpdate { queued_messages: vec![] }));
+        bus.publish(SharedEvent::new(delta(4, "hello")));
+        bus.publish(SharedEvent::new(delta(4, " world")));
+        bus.publish(SharedEvent::new(output(4, "c1", "line 1\n")));
+        bus.publish(SharedEvent::new(output(4, "c1", "line 2\n")));
+        bus.publish(SharedEvent::new(StreamEvent::durable(5, "a", EventBody::QueueUpdate { queued_messages: vec![] })));
         let (_live, streaming) = bus.subscribe_streaming("a");
         assert_eq!(
             texts(&streaming),
@@ -259,10 +259,10 @@ mod tests {
     fn interleaved_pieces_merge_by_what_they_belong_to_and_output_keeps_its_end() {
         let bus = LocalEventBus::new();
         for _ in 0..100 {
-            bus.publish(output(1, "c1", "1"));
-            bus.publish(output(1, "c2", "2"));
+            bus.publish(SharedEvent::new(output(1, "c1", "1")));
+            bus.publish(SharedEvent::new(output(1, "c2", "2")));
         }
-        bus.publish(output(1, "c1", &"x".repeat(MAX_KEPT_OUTPUT)));
+        bus.publish(SharedEvent::new(output(1, "c1", &"x".repeat(MAX_KEPT_OUTPUT))));
         let streaming = texts(&bus.subscribe_streaming("a").1);
         assert_eq!(streaming.len(), 2, "one entry per call");
         assert_eq!(streaming[0].1, format!("output: {}", "x".repeat(MAX_KEPT_OUTPUT)), "the end of c1's output");
@@ -272,18 +272,22 @@ mod tests {
     #[test]
     fn what_closes_a_stream_clears_it_and_an_idle_chat_leaves_no_line() {
         let bus = LocalEventBus::new();
-        bus.publish(delta(1, "draft"));
-        bus.publish(StreamEvent::ephemeral(1, "a", EventBody::StreamReset));
-        bus.publish(output(1, "c1", "out"));
-        bus.publish(delta(2, "hello world"));
+        bus.publish(SharedEvent::new(delta(1, "draft")));
+        bus.publish(SharedEvent::new(StreamEvent::ephemeral(1, "a", EventBody::StreamReset)));
+        bus.publish(SharedEvent::new(output(1, "c1", "out")));
+        bus.publish(SharedEvent::new(delta(2, "hello world")));
         assert_eq!(
             texts(&bus.subscribe_streaming("a").1),
             [(Some(2), "output: out".to_string()), (Some(2), "hello world".to_string())],
             "a reset voids the answer's pieces, not a tool's output"
         );
-        bus.publish(answer(3));
+        bus.publish(SharedEvent::new(answer(3)));
         assert_eq!(texts(&bus.subscribe_streaming("a").1), [(Some(3), "output: out".to_string())]);
-        bus.publish(StreamEvent::durable(4, "a", EventBody::Status { status: ChatStatus::Idle, error: None }));
+        bus.publish(SharedEvent::new(StreamEvent::durable(
+            4,
+            "a",
+            EventBody::Status { status: ChatStatus::Idle, error: None },
+        )));
         assert!(bus.lines.lock().expect("lock").get("a").is_none(), "nobody watches, nothing streams");
         assert!(bus.subscribe_streaming("a").1.is_empty(), "the turn ended");
     }

@@ -233,7 +233,7 @@ pub trait ToolTransport: Send + Sync + 'static {
 // Store
 
 use agentplane_schema::api::{Chat, ChatError, ChatStatus, Template, Workspace};
-use agentplane_schema::event::StreamEvent;
+use agentplane_schema::event::{SharedEvent, StreamEvent};
 use agentplane_schema::message::{Message, QueuedMessage};
 
 #[derive(Debug, thiserror::Error)]
@@ -396,8 +396,9 @@ impl ToolCallStatus {
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
     pub ops: Vec<Op>,
-    /// Durable events with their `seq` assigned; stored, and `chats.last_seq` advanced.
-    pub events: Vec<StreamEvent>,
+    /// Durable events with their `seq` assigned; stored, and `chats.last_seq` advanced. Shared
+    /// with the bus, which publishes them once they are stored.
+    pub events: Vec<Arc<SharedEvent>>,
 }
 
 /// The database as the actors see it.
@@ -419,13 +420,16 @@ pub trait Store: Send + Sync + 'static {
 
 /// Fans chat events out to the sessions watching them.
 pub trait EventBus: Send + Sync + 'static {
-    fn publish(&self, event: StreamEvent);
-    fn subscribe(&self, chat_id: &str) -> tokio::sync::broadcast::Receiver<StreamEvent>;
+    fn publish(&self, event: Arc<SharedEvent>);
+    fn subscribe(&self, chat_id: &str) -> tokio::sync::broadcast::Receiver<Arc<SharedEvent>>;
     /// [`EventBus::subscribe`], and with it what the chat is streaming now that nothing has
     /// closed yet (the answer so far, running tool calls' output so far), as ephemeral events
     /// stamped after the last durable event published: what a new watcher needs to show a
     /// stream from its start. Later pieces come on the receiver.
-    fn subscribe_streaming(&self, chat_id: &str) -> (tokio::sync::broadcast::Receiver<StreamEvent>, Vec<StreamEvent>);
+    fn subscribe_streaming(
+        &self,
+        chat_id: &str,
+    ) -> (tokio::sync::broadcast::Receiver<Arc<SharedEvent>>, Vec<StreamEvent>);
 }
 
 // ---------------------------------------------------------------------------------------------

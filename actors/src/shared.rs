@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use agentplane_schema::api::{ChatError, ChatStatus};
-use agentplane_schema::event::{EventBody, StreamEvent};
+use agentplane_schema::event::{EventBody, SharedEvent, StreamEvent};
 use agentplane_schema::message::Message;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
@@ -153,12 +153,12 @@ impl ChatShared {
         events: Vec<EventBody>,
     ) -> Result<(), StoreError> {
         let mut seq = *last_seq;
-        let events: Vec<StreamEvent> = events
+        let events: Vec<Arc<SharedEvent>> = events
             .into_iter()
             .map(|body| {
                 debug_assert!(body.is_durable(), "{} is not durable", body.kind());
                 seq += 1;
-                StreamEvent::durable(seq, self.chat_id.clone(), body)
+                SharedEvent::new(StreamEvent::durable(seq, self.chat_id.clone(), body))
             })
             .collect();
         self.store.commit(&self.chat_id, Batch { ops, events: events.clone() }).await?;
@@ -174,7 +174,7 @@ impl ChatShared {
     /// Publishes an ephemeral event (a delta, an output piece, a stream reset).
     pub fn publish(&self, body: EventBody) {
         let published = self.published_seq.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.bus.publish(StreamEvent::ephemeral(*published, self.chat_id.clone(), body));
+        self.bus.publish(SharedEvent::new(StreamEvent::ephemeral(*published, self.chat_id.clone(), body)));
     }
 
     /// Tells the running step whether queued messages wait for it to end.

@@ -10,11 +10,12 @@
 //!
 //! `cargo bench -p agentplane-benches --bench chat_actor`
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentplane_actors::ChatHandle;
 use agentplane_benches::inprocess::{InProcessServer, bench_with, until_idle};
-use agentplane_schema::event::{EventBody, StreamEvent};
+use agentplane_schema::event::{EventBody, SharedEvent};
 use agentplane_schema::message::{Part, Role};
 use agentplane_tests::ScriptedLlm;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -65,7 +66,7 @@ fn mailbox(c: &mut Criterion, rt: &Runtime, server: &InProcessServer) {
 struct TurnTarget {
     handle: ChatHandle,
     user_id: String,
-    live: broadcast::Receiver<StreamEvent>,
+    live: broadcast::Receiver<Arc<SharedEvent>>,
     turns: u64,
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use agentplane_benches::ADMIN_TOKEN;
 use agentplane_benches::inprocess::{InProcessServer, bench_with};
-use agentplane_schema::event::{DeltaKind, EventBody, StreamEvent};
+use agentplane_schema::event::{DeltaKind, EventBody, SharedEvent, StreamEvent};
 use agentplane_tests::{EventStream, ScriptedLlm};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tokio::runtime::Runtime;
@@ -87,7 +87,7 @@ async fn deliver(server: &InProcessServer, w: &mut Watchers, n: u64, next: &mut 
             EventBody::MessageDelta { kind: DeltaKind::Text, text: next.to_string(), call_id: None, name: None },
         );
         let published = Instant::now();
-        bus.publish(event);
+        bus.publish(SharedEvent::new(event));
         let mut last = published;
         for _ in 0..n {
             let (number, arrived) = tokio::time::timeout(DELIVERY_TIMEOUT, w.arrivals.recv())

@@ -12,7 +12,7 @@ use agentplane::secrets::SecretBox;
 use agentplane::store::{DbStore, NewChat};
 use agentplane_actors::ports::{Batch, Op, Store, Usage};
 use agentplane_schema::api::UsageTotals;
-use agentplane_schema::event::{EventBody, StreamEvent, ToolPhase};
+use agentplane_schema::event::{EventBody, SharedEvent, StreamEvent, ToolPhase};
 use agentplane_schema::message::{Message, Part, Role};
 use agentplane_tests::TestDatabase;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -53,7 +53,7 @@ fn step_batch(t: &Target) -> Batch {
         created_at: chrono::Utc::now(),
     };
     let usage = Usage { input_tokens: 1200, output_tokens: 40, cache_read_tokens: 1000, cache_write_tokens: 0 };
-    let event = |seq: i64, body: EventBody| StreamEvent::durable(seq, t.chat_id.clone(), body);
+    let event = |seq: i64, body: EventBody| SharedEvent::new(StreamEvent::durable(seq, t.chat_id.clone(), body));
     Batch {
         ops: vec![
             Op::InsertMessage(message.clone()),

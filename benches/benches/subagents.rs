@@ -12,11 +12,12 @@
 //!
 //! `cargo bench -p agentplane-benches --bench subagents`
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentplane_actors::ChatHandle;
 use agentplane_benches::inprocess::{InProcessServer, bench_with, until_idle};
-use agentplane_schema::event::{EventBody, StreamEvent, SubagentPhase, SubagentStatus, ToolPhase};
+use agentplane_schema::event::{EventBody, SharedEvent, SubagentPhase, SubagentStatus, ToolPhase};
 use agentplane_schema::message::Part;
 use agentplane_tests::{RecordedRequest, Reply, ScriptedLlm};
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -65,7 +66,7 @@ fn respond(r: &RecordedRequest) -> Reply {
 struct Root {
     handle: ChatHandle,
     user_id: String,
-    live: broadcast::Receiver<StreamEvent>,
+    live: broadcast::Receiver<Arc<SharedEvent>>,
     turns: u64,
 }
 
@@ -77,7 +78,7 @@ async fn root(server: &InProcessServer) -> Root {
 
 /// Panics unless the turn did what `message` asks for: one sub-agent spawned, finished and
 /// closed, or three finished tool calls.
-fn check_turn(message: &str, events: &[StreamEvent]) {
+fn check_turn(message: &str, events: &[Arc<SharedEvent>]) {
     let finished_tools =
         events.iter().filter(|e| matches!(&e.body, EventBody::ToolCall { phase: ToolPhase::Finished, .. })).count();
     let subagent = |wanted: fn(SubagentPhase, Option<SubagentStatus>) -> bool| {

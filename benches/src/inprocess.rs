@@ -10,7 +10,7 @@ use agentplane::server::ServerHandle;
 use agentplane_actors::ChatHandle;
 use agentplane_actors::ports::EventBus;
 use agentplane_schema::api::{Chat, ChatStatus, CreateChat};
-use agentplane_schema::event::{EventBody, StreamEvent};
+use agentplane_schema::event::{EventBody, SharedEvent};
 use agentplane_schema::message::Part;
 use agentplane_tests::{ApiClient, ScriptedLlm};
 use anyhow::{Context, bail};
@@ -103,7 +103,7 @@ impl InProcessServer {
 
 /// Reads a chat's live events until its status is idle; returns every event read, the idle
 /// last. A turn that ends in `error` is an `Err`, so a measurement never times a failure.
-pub async fn until_idle(live: &mut broadcast::Receiver<StreamEvent>) -> anyhow::Result<Vec<StreamEvent>> {
+pub async fn until_idle(live: &mut broadcast::Receiver<Arc<SharedEvent>>) -> anyhow::Result<Vec<Arc<SharedEvent>>> {
     let mut seen = Vec::new();
     loop {
         let event = tokio::time::timeout(TURN_TIMEOUT, live.recv())

@@ -41,6 +41,39 @@ impl StreamEvent {
     }
 }
 
+/// An event as the bus and the store carry it: one allocation shared by the commit that stores
+/// it and every session that sends it, its JSON written at most once, by whichever needs it
+/// first (the store's writer for a durable event, the first watcher's session otherwise).
+#[derive(Debug)]
+pub struct SharedEvent {
+    event: StreamEvent,
+    json: std::sync::OnceLock<String>,
+}
+
+impl SharedEvent {
+    pub fn new(event: StreamEvent) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(SharedEvent { event, json: std::sync::OnceLock::new() })
+    }
+
+    /// The event's JSON: its stored payload and its WebSocket frame.
+    pub fn json(&self) -> Result<&str, serde_json::Error> {
+        if let Some(json) = self.json.get() {
+            return Ok(json);
+        }
+        // Two threads asking at once may both write it; one copy is kept.
+        let json = serde_json::to_string(&self.event)?;
+        Ok(self.json.get_or_init(|| json))
+    }
+}
+
+impl std::ops::Deref for SharedEvent {
+    type Target = StreamEvent;
+
+    fn deref(&self) -> &StreamEvent {
+        &self.event
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeltaKind {
@@ -262,6 +295,17 @@ mod tests {
         let v = serde_json::to_value(&delta).expect("json");
         assert!(v.get("seq").is_none());
         assert_eq!(v["follows_seq"], 3);
+    }
+
+    #[test]
+    fn a_shared_event_writes_its_json_once_and_reads_as_the_event() {
+        let ev = StreamEvent::durable(3, "c", EventBody::Title { title: "a \"quoted\" title".into() });
+        let shared = SharedEvent::new(ev.clone());
+        let first = shared.json().expect("json");
+        assert_eq!(first, serde_json::to_string(&ev).expect("json"));
+        assert!(std::ptr::eq(first, shared.json().expect("json")), "kept, not written again");
+        assert_eq!(**shared, ev);
+        assert_eq!(serde_json::from_str::<StreamEvent>(first).expect("parse"), ev);
     }
 
     #[test]

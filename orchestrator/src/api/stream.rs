@@ -12,7 +12,9 @@
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::AggregatedMessage;
 use agentplane_schema::api::Chat;
-use agentplane_schema::event::{ClientFrame, EventBody, StreamEvent};
+use std::sync::Arc;
+
+use agentplane_schema::event::{ClientFrame, EventBody, SharedEvent, StreamEvent};
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
@@ -51,15 +53,18 @@ async fn stream(
     Ok(response)
 }
 
+/// Sends a frame of this connection's own (its snapshot, a reset).
 async fn send_event(session: &mut actix_ws::Session, event: &StreamEvent) -> Result<(), ()> {
     let text = serde_json::to_string(event).map_err(|_| ())?;
     session.text(text).await.map_err(|_| ())
 }
 
-/// Sends `events` in order, leaving the vector empty for reuse.
-async fn send_all(session: &mut actix_ws::Session, events: &mut Vec<StreamEvent>) -> Result<(), ()> {
+/// Sends `events` in order, leaving the vector empty for reuse. Each event's JSON is written
+/// once for all the sessions that send it and the store.
+async fn send_all(session: &mut actix_ws::Session, events: &mut Vec<Arc<SharedEvent>>) -> Result<(), ()> {
     for event in events.drain(..) {
-        send_event(session, &event).await?;
+        let text = event.json().map_err(|_| ())?.to_string();
+        session.text(text).await.map_err(|_| ())?;
     }
     Ok(())
 }
@@ -73,7 +78,7 @@ async fn replay(
     session: &mut actix_ws::Session,
 ) -> Result<(), ()> {
     let stored = state.store.events_after(chat_id, order.last).await.map_err(|_| ())?;
-    admit_and_send(order, stored, session).await
+    admit_and_send(order, stored.into_iter().map(SharedEvent::new), session).await
 }
 
 /// Sends what `order` admits of `events`: stored durable events of a replay, or the pieces the
@@ -81,7 +86,7 @@ async fn replay(
 /// published right after subscribing.
 async fn admit_and_send(
     order: &mut LiveOrder,
-    events: Vec<StreamEvent>,
+    events: impl IntoIterator<Item = Arc<SharedEvent>>,
     session: &mut actix_ws::Session,
 ) -> Result<(), ()> {
     let mut out = Vec::new();
@@ -97,7 +102,7 @@ async fn admit_and_send(
 async fn resync(
     state: &AppState,
     chat_id: &str,
-    live: &mut tokio::sync::broadcast::Receiver<StreamEvent>,
+    live: &mut tokio::sync::broadcast::Receiver<Arc<SharedEvent>>,
     order: &mut LiveOrder,
     session: &mut actix_ws::Session,
 ) -> Result<(), ()> {
@@ -106,7 +111,7 @@ async fn resync(
     let (fresh, streaming) = state.bus.subscribe_streaming(chat_id);
     *live = fresh;
     replay(state, chat_id, order, session).await?;
-    admit_and_send(order, streaming, session).await
+    admit_and_send(order, streaming.into_iter().map(SharedEvent::new), session).await
 }
 
 /// Durable events were skipped: the session fills the gap from the database.
@@ -124,7 +129,7 @@ struct Gap;
 struct LiveOrder {
     /// The last durable `seq` the client has.
     last: i64,
-    held: Vec<StreamEvent>,
+    held: Vec<Arc<SharedEvent>>,
 }
 
 impl LiveOrder {
@@ -133,7 +138,7 @@ impl LiveOrder {
     }
 
     /// Takes the next live event; what is to be sent now goes to `out`, in order.
-    fn admit(&mut self, event: StreamEvent, out: &mut Vec<StreamEvent>) -> Result<(), Gap> {
+    fn admit(&mut self, event: Arc<SharedEvent>, out: &mut Vec<Arc<SharedEvent>>) -> Result<(), Gap> {
         let Some(seq) = event.seq else {
             // Behind what is held, a piece keeps its place.
             if event.follows_seq.is_some_and(|after| after < self.last) || !self.held.is_empty() {
@@ -194,7 +199,7 @@ async fn run_session(
     if behind && replay(&state, &chat_id, &mut order, &mut session).await.is_err() {
         return;
     }
-    if admit_and_send(&mut order, streaming, &mut session).await.is_err() {
+    if admit_and_send(&mut order, streaming.into_iter().map(SharedEvent::new), &mut session).await.is_err() {
         return;
     }
     let mut out = Vec::new();
@@ -301,8 +306,8 @@ mod tests {
     /// What `order` sends now for `event`.
     fn sent(order: &mut LiveOrder, event: StreamEvent) -> Vec<StreamEvent> {
         let mut out = Vec::new();
-        order.admit(event, &mut out).expect("no gap");
-        out
+        order.admit(SharedEvent::new(event), &mut out).expect("no gap");
+        out.iter().map(|e| StreamEvent::clone(e)).collect()
     }
 
     #[test]
@@ -354,7 +359,7 @@ mod tests {
         let fourth = queue_update(4);
         assert_eq!(sent(&mut order, fourth.clone()), vec![fourth]);
         assert!(sent(&mut order, queue_update(4)).is_empty());
-        assert_eq!(order.admit(queue_update(6), &mut Vec::new()), Err(Gap));
+        assert_eq!(order.admit(SharedEvent::new(queue_update(6)), &mut Vec::new()), Err(Gap));
     }
 
     #[test]

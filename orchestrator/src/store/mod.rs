@@ -642,7 +642,7 @@ fn batch_statements(
                 chat_id.into(),
                 event.seq.unwrap_or_default().into(),
                 event.body.kind().into(),
-                json(backend, event)?,
+                sql::event_json(backend, event)?,
                 now.into(),
             ]);
         }
@@ -656,7 +656,7 @@ fn batch_statements(
 
 #[cfg(test)]
 mod tests {
-    use agentplane_schema::event::{EventBody, StreamEvent};
+    use agentplane_schema::event::{EventBody, SharedEvent, StreamEvent};
     use agentplane_schema::message::{Message, Part, Role};
 
     use super::*;
@@ -676,10 +676,14 @@ mod tests {
     }
 
     fn batch(chat_id: &str, message_id: &str) -> Batch {
+        batch_with_seq(chat_id, message_id, 1)
+    }
+
+    fn batch_with_seq(chat_id: &str, message_id: &str, seq: i64) -> Batch {
         let m = message(chat_id, message_id);
         Batch {
             ops: vec![Op::InsertMessage(m.clone())],
-            events: vec![StreamEvent::durable(1, chat_id, EventBody::Message { message: m })],
+            events: vec![SharedEvent::new(StreamEvent::durable(seq, chat_id, EventBody::Message { message: m }))],
         }
     }
 
@@ -736,11 +740,10 @@ mod tests {
 
     /// The chat's `n`th batch: message `n` at position `n` with its event of seq `n`.
     fn numbered(chat_id: &str, n: i64) -> Batch {
-        let mut b = batch(chat_id, &format!("{chat_id}-{n}"));
+        let mut b = batch_with_seq(chat_id, &format!("{chat_id}-{n}"), n);
         if let Op::InsertMessage(m) = &mut b.ops[0] {
             m.position = n;
         }
-        b.events[0].seq = Some(n);
         b
     }
 
@@ -989,7 +992,9 @@ mod tests {
                 Op::DropMessagesFrom { from_position: 2 },
             ];
             let events = (1..=2)
-                .map(|seq| StreamEvent::durable(seq, id, EventBody::Message { message: kept.clone() }))
+                .map(|seq| {
+                    SharedEvent::new(StreamEvent::durable(seq, id, EventBody::Message { message: kept.clone() }))
+                })
                 .collect();
             store.commit(id, Batch { ops, events }).await.expect("commit");
 
@@ -1096,8 +1101,9 @@ mod tests {
                 Op::SetStatus { status: ChatStatus::Running, error: None },
                 Op::SetTitle(tricky.into()),
             ];
-            let events =
-                (1..=3).map(|seq| StreamEvent::durable(seq, id, EventBody::Message { message: answer.clone() }));
+            let events = (1..=3).map(|seq| {
+                SharedEvent::new(StreamEvent::durable(seq, id, EventBody::Message { message: answer.clone() }))
+            });
             store.commit(id, Batch { ops, events: events.collect() }).await.expect("first");
             let mut results = message(id, "m2");
             results.position = 2;
@@ -1123,7 +1129,7 @@ mod tests {
                 Op::InsertMessage(results),
                 Op::SetStatus { status: ChatStatus::Idle, error: None },
             ];
-            let events = vec![StreamEvent::durable(4, id, EventBody::StreamReset)];
+            let events = vec![SharedEvent::new(StreamEvent::durable(4, id, EventBody::StreamReset))];
             store.commit(id, Batch { ops, events }).await.expect("second");
 
             let state = store.load_chat(id).await.expect("load");

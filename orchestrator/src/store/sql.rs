@@ -129,6 +129,20 @@ pub(super) fn json(backend: DbBackend, value: &impl Serialize) -> Result<Value, 
     })
 }
 
+/// A durable event's payload: its JSON as the event holds it, written once for the store and
+/// the sessions that send it.
+pub(super) fn event_json(
+    backend: DbBackend,
+    event: &agentplane_schema::event::SharedEvent,
+) -> Result<Value, StoreError> {
+    Ok(match backend {
+        DbBackend::Postgres => json(backend, &**event)?,
+        _ => Value::String(Some(
+            event.json().map_err(|e| StoreError::Database(format!("encoding JSON: {e}")))?.to_string(),
+        )),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use agentplane_schema::db::entities::{chats, messages};
