@@ -185,11 +185,25 @@ impl DbStore {
         ids.push(chat_id.to_string());
         let mut totals: std::collections::HashMap<String, UsageTotals> = std::collections::HashMap::new();
         for chunk in ids.chunks(500) {
-            let rows = usage::Entity::find()
+            // Found through the chats' messages (usage is indexed by message); a record without
+            // a message, should there be one, through that index's NULL entries.
+            let of_messages = sea_orm::sea_query::Query::select()
+                .column(messages::Column::Id)
+                .from(messages::Entity)
+                .and_where(messages::Column::ChatId.is_in(chunk.to_vec()))
+                .to_owned();
+            let mut rows = usage::Entity::find()
+                .filter(usage::Column::MessageId.in_subquery(of_messages))
+                .all(&self.db)
+                .await
+                .map_err(db_err)?;
+            let without_message = usage::Entity::find()
+                .filter(usage::Column::MessageId.is_null())
                 .filter(usage::Column::ChatId.is_in(chunk.to_vec()))
                 .all(&self.db)
                 .await
                 .map_err(db_err)?;
+            rows.extend(without_message);
             for r in rows {
                 totals.entry(r.chat_id).or_default().add(&UsageTotals {
                     input_tokens: r.input_tokens.max(0) as u64,

@@ -415,12 +415,51 @@ async fn tool_calls_are_found_by_message_and_call_id() {
     let detail = plan().await;
     assert!(detail.contains("USING INDEX idx_tool_calls_message_call"), "{detail}");
 
-    Migrator::down(&db, Some(1)).await.expect("undo the last migration");
+    // It and the one after it.
+    Migrator::down(&db, Some(2)).await.expect("undo the last two migrations");
     let detail = plan().await;
     assert!(detail.contains("USING INDEX idx_tool_calls_chat_call"), "undone: {detail}");
     migrate(&db).await.expect("migrate again");
     let detail = plan().await;
     assert!(detail.contains("USING INDEX idx_tool_calls_message_call"), "done again: {detail}");
+    db.close().await.expect("close pool");
+    std::fs::remove_dir_all(&dir).expect("remove temp dir");
+}
+
+/// A chat's usage is read through its messages and the usage index by message, and the
+/// migration that made that index can be undone and done again.
+#[tokio::test]
+async fn usage_is_found_through_the_chats_messages() {
+    use sea_orm_migration::MigratorTrait as _;
+    let (dir, url) = temp_sqlite();
+    let plan = |sql: &'static str| {
+        let url = url.clone();
+        async move {
+            let db = connect(&url, 1).await.expect("connect");
+            let rows = db
+                .query_all_raw(Statement::from_string(DbBackend::Sqlite, format!("EXPLAIN QUERY PLAN {sql}")))
+                .await
+                .expect("explain");
+            db.close().await.expect("close");
+            rows.iter().map(|r| r.try_get_by_index::<String>(3).expect("detail")).collect::<Vec<_>>().join("; ")
+        }
+    };
+    const BY_MESSAGES: &str =
+        "SELECT * FROM usage WHERE message_id IN (SELECT id FROM messages WHERE chat_id IN ('a', 'b'))";
+    const WITHOUT_MESSAGE: &str = "SELECT * FROM usage WHERE message_id IS NULL AND chat_id IN ('a', 'b')";
+    let db = connect_and_migrate(&url, 2).await.expect("connect and migrate");
+    let detail = plan(BY_MESSAGES).await;
+    assert!(detail.contains("usage USING INDEX idx_usage_message (message_id=?)"), "{detail}");
+    assert!(detail.contains("messages USING INDEX ux_messages_chat_position (chat_id=?)"), "{detail}");
+    let detail = plan(WITHOUT_MESSAGE).await;
+    assert!(detail.contains("USING INDEX idx_usage_message (message_id=?)"), "{detail}");
+
+    Migrator::down(&db, Some(1)).await.expect("undo the last migration");
+    let detail = plan(WITHOUT_MESSAGE).await;
+    assert!(detail.contains("USING INDEX idx_usage_chat"), "undone: {detail}");
+    migrate(&db).await.expect("migrate again");
+    let detail = plan(BY_MESSAGES).await;
+    assert!(detail.contains("USING INDEX idx_usage_message"), "done again: {detail}");
     db.close().await.expect("close pool");
     std::fs::remove_dir_all(&dir).expect("remove temp dir");
 }

@@ -42,7 +42,16 @@ fn tokens(u: &UsageTotals) -> (u64, u64, u64, u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn usage_and_cost_of_a_chat_and_its_sub_agents_add_up() {
+async fn usage_and_cost_of_a_chat_and_its_sub_agents_add_up_sqlite() {
+    usage_and_cost_of_a_chat_and_its_sub_agents_add_up(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_and_cost_of_a_chat_and_its_sub_agents_add_up_postgres() {
+    usage_and_cost_of_a_chat_and_its_sub_agents_add_up(Db::Postgres).await;
+}
+
+async fn usage_and_cost_of_a_chat_and_its_sub_agents_add_up(db: Db) {
     let given = Arc::new(Mutex::new(Given::default()));
     let record = given.clone();
     let responder = move |r: &RecordedRequest| {
@@ -69,7 +78,7 @@ async fn usage_and_cost_of_a_chat_and_its_sub_agents_add_up() {
         };
         reply.usage(usage.0, usage.1).cached_tokens(usage.2)
     };
-    let env = TestEnv::start_full(ScriptedLlm::with_responder(responder), Db::Sqlite, |_| {}).await;
+    let env = TestEnv::start_full(ScriptedLlm::with_responder(responder), db, |_| {}).await;
     let model = env.admin.list_models().await.expect("models").remove(0);
     let patched = env
         .admin

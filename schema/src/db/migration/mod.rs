@@ -9,6 +9,7 @@ use sea_orm_migration::prelude::*;
 mod m20261101_000001_initial;
 mod m20261124_000001_model_settings;
 mod m20261125_000001_tool_calls_by_message;
+mod m20261125_000002_usage_by_message;
 
 /// Every migration of agentplane's database, oldest first.
 pub struct Migrator;
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261101_000001_initial::Migration),
             Box::new(m20261124_000001_model_settings::Migration),
             Box::new(m20261125_000001_tool_calls_by_message::Migration),
+            Box::new(m20261125_000002_usage_by_message::Migration),
         ]
     }
 }
