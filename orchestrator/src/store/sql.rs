@@ -36,10 +36,14 @@ impl Sql {
         columns: impl IntoIterator<Item = C>,
     ) -> Self {
         let mut sql = Sql::new(backend, String::with_capacity(256));
-        let _ = write!(sql.text, "INSERT INTO \"{}\" (", table.table_name());
+        sql.text.push_str("INSERT INTO ");
+        sql.quoted(table.table_name());
+        sql.text.push_str(" (");
         for column in columns {
-            let separator = if sql.columns == 0 { "" } else { ", " };
-            let _ = write!(sql.text, "{separator}\"{}\"", column.as_str());
+            if sql.columns > 0 {
+                sql.text.push_str(", ");
+            }
+            sql.quoted(column.as_str());
             sql.columns += 1;
         }
         sql.text.push_str(") VALUES ");
@@ -76,12 +80,19 @@ impl Sql {
     /// `UPDATE table SET`; assignments follow with [`Sql::set`], then conditions with
     /// [`Sql::and_where`].
     pub(super) fn update<E: EntityName>(backend: DbBackend, table: E) -> Self {
-        Sql::new(backend, format!("UPDATE \"{}\" SET ", table.table_name()))
+        let mut sql = Sql::new(backend, String::with_capacity(256));
+        sql.text.push_str("UPDATE ");
+        sql.quoted(table.table_name());
+        sql.text.push_str(" SET ");
+        sql
     }
 
     /// `DELETE FROM table`; conditions follow with [`Sql::and_where`].
     pub(super) fn delete<E: EntityName>(backend: DbBackend, table: E) -> Self {
-        Sql::new(backend, format!("DELETE FROM \"{}\"", table.table_name()))
+        let mut sql = Sql::new(backend, String::with_capacity(64));
+        sql.text.push_str("DELETE FROM ");
+        sql.quoted(table.table_name());
+        sql
     }
 
     /// `column = value` in an update's `SET`.
@@ -90,7 +101,8 @@ impl Sql {
             self.text.push_str(", ");
         }
         self.items += 1;
-        let _ = write!(self.text, "\"{}\" = ", column.as_str());
+        self.quoted(column.as_str());
+        self.text.push_str(" = ");
         self.param(value.into());
     }
 
@@ -99,8 +111,19 @@ impl Sql {
     pub(super) fn and_where(&mut self, column: impl IdenStatic, op: &str, value: impl Into<Value>) {
         self.text.push_str(if self.conditions { " AND " } else { " WHERE " });
         self.conditions = true;
-        let _ = write!(self.text, "\"{}\" {op} ", column.as_str());
+        self.quoted(column.as_str());
+        self.text.push(' ');
+        self.text.push_str(op);
+        self.text.push(' ');
         self.param(value.into());
+    }
+
+    /// A table or column name, quoted. (Pushed piece by piece: `write!` through the formatting
+    /// machinery cost more than the rest of building a statement.)
+    fn quoted(&mut self, name: &str) {
+        self.text.push('"');
+        self.text.push_str(name);
+        self.text.push('"');
     }
 
     fn param(&mut self, value: Value) {

@@ -235,11 +235,11 @@ pub(super) fn open(target: &Target, busy_timeout: Duration) -> Result<Connection
 /// batch that cannot be written fails alone. Each batch's statements are built and their values
 /// converted once, before any transaction, and bound by reference in both attempts.
 pub(super) fn commit_group(conn: &mut Connection, group: Vec<PendingCommit>) {
-    let now = Utc::now();
+    let now = Now::new(Utc::now());
     let mut built = Vec::with_capacity(group.len());
     for PendingCommit { chat_id, batch, done } in group {
         // A batch that cannot be built fails alone, before anything is written.
-        match statements(&chat_id, batch, now) {
+        match statements(&chat_id, batch, &now) {
             Ok(statements) => built.push((statements, done)),
             Err(error) => drop(done.send(Err(error))),
         }
@@ -293,16 +293,13 @@ struct Bound {
 }
 
 /// The statements that write one chat's batch, ready to bind.
-fn statements(
-    chat_id: &str,
-    batch: agentplane_actors::ports::Batch,
-    now: chrono::DateTime<Utc>,
-) -> Result<Vec<Bound>, StoreError> {
-    batch_statements(DbBackend::Sqlite, chat_id, batch, now)?
+fn statements(chat_id: &str, batch: agentplane_actors::ports::Batch, now: &Now) -> Result<Vec<Bound>, StoreError> {
+    batch_statements(DbBackend::Sqlite, chat_id, batch, now.time)?
         .into_iter()
         .map(|statement| {
             let values = statement.values.map(|v| v.0).unwrap_or_default();
-            Ok(Bound { sql: statement.sql, values: values.into_iter().map(sql_value).collect::<Result<_, _>>()? })
+            let values = values.into_iter().map(|value| sql_value(value, now)).collect::<Result<_, _>>()?;
+            Ok(Bound { sql: statement.sql, values })
         })
         .collect()
 }
@@ -322,7 +319,24 @@ fn write<S: AsRef<[Bound]>>(conn: &mut Connection, batches: &[S]) -> Result<(), 
 
 /// A sea-query value as sqlx's SQLite driver binds it: booleans as integers, timestamps as
 /// RFC 3339 text (`to_rfc3339_opts(AutoSi, false)`), JSON as its text.
-fn sql_value(value: Value) -> Result<SqlValue, StoreError> {
+/// The group's commit time, and its text: most timestamps a group writes are this one.
+struct Now {
+    time: chrono::DateTime<Utc>,
+    text: String,
+}
+
+impl Now {
+    fn new(time: chrono::DateTime<Utc>) -> Self {
+        Now { time, text: timestamp_text(&time) }
+    }
+}
+
+/// A timestamp as sqlx's SQLite driver binds it.
+fn timestamp_text(time: &chrono::DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)
+}
+
+fn sql_value(value: Value, now: &Now) -> Result<SqlValue, StoreError> {
     fn or_null<T>(value: Option<T>, f: impl FnOnce(T) -> SqlValue) -> SqlValue {
         value.map_or(SqlValue::Null, f)
     }
@@ -353,7 +367,7 @@ fn sql_value(value: Value) -> Result<SqlValue, StoreError> {
             None => SqlValue::Null,
         },
         Value::ChronoDateTimeUtc(v) => {
-            or_null(v, |t| SqlValue::Text(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)))
+            or_null(v, |t| SqlValue::Text(if t == now.time { now.text.clone() } else { timestamp_text(&t) }))
         }
         Value::ChronoDateTime(v) => or_null(v, |t| SqlValue::Text(t.format("%F %T%.f").to_string())),
         other => return Err(StoreError::Database(format!("no SQLite binding for {other:?}"))),
