@@ -561,7 +561,7 @@ impl Deltas {
         self.deltas.is_empty()
     }
 
-    fn push(&mut self, kind: DeltaKind, text: &str, call_id: Option<&str>, name: Option<&str>) {
+    fn push(&mut self, kind: DeltaKind, text: String, call_id: Option<&str>, name: Option<&str>) {
         self.pieces += 1;
         // A piece that names its tool call starts that call's delta.
         if name.is_none()
@@ -570,12 +570,12 @@ impl Deltas {
             && *last_kind == kind
             && last_call.as_deref() == call_id
         {
-            last_text.push_str(text);
+            last_text.push_str(&text);
             return;
         }
         self.deltas.push(EventBody::MessageDelta {
             kind,
-            text: text.to_string(),
+            text,
             call_id: call_id.map(str::to_string),
             name: name.map(str::to_string),
         });
@@ -597,7 +597,7 @@ fn apply(draft: &mut Draft, event: ModelEvent, deltas: &mut Deltas) {
             }
             draft.text.push_str(&text);
             draft.emitted = true;
-            deltas.push(DeltaKind::Text, &text, None, None);
+            deltas.push(DeltaKind::Text, text, None, None);
         }
         ModelEvent::ReasoningDelta { text, signature } => {
             if signature.is_some() {
@@ -608,18 +608,18 @@ fn apply(draft: &mut Draft, event: ModelEvent, deltas: &mut Deltas) {
             }
             draft.reasoning.push_str(&text);
             draft.emitted = true;
-            deltas.push(DeltaKind::Reasoning, &text, None, None);
+            deltas.push(DeltaKind::Reasoning, text, None, None);
         }
         ModelEvent::ToolCallStart { index, call_id, name } => {
             draft.emitted = true;
-            deltas.push(DeltaKind::ToolArgs, "", Some(&call_id), Some(&name));
+            deltas.push(DeltaKind::ToolArgs, String::new(), Some(&call_id), Some(&name));
             draft.calls.push(DraftCall { index, call_id, name, args: String::new() });
         }
         ModelEvent::ToolCallArgs { index, piece } => {
             if let Some(call) = draft.calls.iter_mut().rev().find(|c| c.index == index) {
                 call.args.push_str(&piece);
                 draft.emitted = true;
-                deltas.push(DeltaKind::ToolArgs, &piece, Some(&call.call_id), None);
+                deltas.push(DeltaKind::ToolArgs, piece, Some(&call.call_id), None);
             }
         }
         ModelEvent::Usage(usage) => draft.usage = usage,

@@ -9,11 +9,11 @@
 //! [`LiveOrder`], so none of an answer the snapshot already holds as a message reaches the
 //! client after it.
 
+use std::sync::Arc;
+
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::AggregatedMessage;
 use agentplane_schema::api::Chat;
-use std::sync::Arc;
-
 use agentplane_schema::event::{ClientFrame, EventBody, SharedEvent, StreamEvent};
 use futures::StreamExt;
 use serde::Deserialize;
