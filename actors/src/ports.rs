@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 // Model
 
 /// Where a model call goes: the provider's dialect, endpoint and key, and the model name.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct ModelTarget {
     pub provider_type: ProviderType,
     pub base_url: String,

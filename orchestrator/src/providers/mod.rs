@@ -72,6 +72,7 @@ pub struct Providers {
     http: reqwest::Client,
     /// History messages and tool definitions as the dialects wrote them for earlier steps.
     fragments: Arc<fragments::Fragments>,
+    endpoints: Arc<openai_compat::Endpoints>,
 }
 
 impl Providers {
@@ -80,7 +81,7 @@ impl Providers {
     /// deadline (`reqwest`'s `timeout`) would kill long answers.
     pub fn new(connect_timeout: Duration, read_timeout: Duration) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder().connect_timeout(connect_timeout).read_timeout(read_timeout).build()?;
-        Ok(Providers { http, fragments: Default::default() })
+        Ok(Providers { http, fragments: Default::default(), endpoints: Default::default() })
     }
 }
 
@@ -92,12 +93,11 @@ impl Providers {
     pub fn write_request(&self, dialect: WireDialect, request: &ModelRequest) -> Result<Vec<u8>, ModelError> {
         match dialect {
             WireDialect::OpenAiChat => {
-                let endpoint =
-                    openai_compat::Endpoint::for_target(&request.target, openai_compat::Api::ChatCompletions)?;
+                let endpoint = self.endpoints.get(&request.target, openai_compat::Api::ChatCompletions)?;
                 openai_compat::request_body(request, &endpoint, &self.fragments)
             }
             WireDialect::OpenAiResponses => {
-                let endpoint = openai_compat::Endpoint::for_target(&request.target, openai_compat::Api::Responses)?;
+                let endpoint = self.endpoints.get(&request.target, openai_compat::Api::Responses)?;
                 openai_responses::request_body(request, &endpoint)
             }
             WireDialect::Anthropic => anthropic::request_body(request),
@@ -130,9 +130,9 @@ impl ModelClient for Providers {
             | ProviderType::Openrouter
             | ProviderType::Vercel => match openai_compat::Api::for_target(&request.target)? {
                 openai_compat::Api::ChatCompletions => {
-                    openai_compat::stream(&self.http, &self.fragments, request).await
+                    openai_compat::stream(&self.http, &self.fragments, &self.endpoints, request).await
                 }
-                openai_compat::Api::Responses => openai_responses::stream(&self.http, request).await,
+                openai_compat::Api::Responses => openai_responses::stream(&self.http, &self.endpoints, request).await,
             },
             ProviderType::Anthropic => anthropic::stream(&self.http, request).await,
             ProviderType::Gemini => gemini::stream(&self.http, request).await,

@@ -11,6 +11,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
+use std::sync::Arc;
 
 use agentplane_actors::ports::{
     ModelError, ModelEvent, ModelRequest, ModelStream, ModelTarget, PromptMessage, StopReason, ToolSpec, Usage,
@@ -31,9 +32,10 @@ use super::sse::{self, SseEvent, SseParser};
 pub(crate) async fn stream(
     client: &reqwest::Client,
     fragments: &Fragments,
+    endpoints: &Endpoints,
     request: ModelRequest,
 ) -> Result<ModelStream, ModelError> {
-    let endpoint = Endpoint::for_target(&request.target, Api::ChatCompletions)?;
+    let endpoint = endpoints.get(&request.target, Api::ChatCompletions)?;
     let body = request_body(&request, &endpoint, fragments)?;
     let response = endpoint.send(client, body).await?;
     let api_key = endpoint.api_key.clone();
@@ -93,7 +95,8 @@ const AZURE_DEFAULT_API_VERSION: &str = "2024-10-21";
 
 /// Where a request of the OpenAI family goes and how it is authenticated.
 pub(crate) struct Endpoint {
-    pub(crate) url: String,
+    /// Parsed once for every request sent to it.
+    pub(crate) url: reqwest::Url,
     /// The key header (`Authorization: Bearer …` or Azure's `api-key`), marked sensitive.
     auth: Option<(HeaderName, HeaderValue)>,
     /// OpenRouter's attribution headers.
@@ -160,13 +163,14 @@ impl Endpoint {
             ProviderType::Openai | ProviderType::Azure => "max_completion_tokens",
             _ => "max_tokens",
         };
+        let url = reqwest::Url::parse(&url).map_err(|e| config_error(format!("the base URL gives {url}: {e}")))?;
         Ok(Endpoint { url, auth, extra_headers, max_tokens_field, model, api_key })
     }
 
     /// Posts `body` (JSON) and returns the response once its status is known to be a success.
     pub(crate) async fn send(&self, client: &reqwest::Client, body: Vec<u8>) -> Result<reqwest::Response, ModelError> {
         let mut builder = client
-            .post(&self.url)
+            .post(self.url.clone())
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
@@ -185,6 +189,29 @@ impl Endpoint {
             http::status_error(status, headers, body, self.api_key.as_deref())
         })
         .await)
+    }
+}
+
+/// The endpoints of recent targets: a target's URL is parsed and its headers are checked once,
+/// not on every step. A changed target (another key, model or setting) is another entry.
+#[derive(Default)]
+pub(crate) struct Endpoints(std::sync::Mutex<Vec<(ModelTarget, Api, Arc<Endpoint>)>>);
+
+/// Targets whose endpoints are kept; the oldest goes first.
+const KEPT_ENDPOINTS: usize = 32;
+
+impl Endpoints {
+    pub(crate) fn get(&self, target: &ModelTarget, api: Api) -> Result<Arc<Endpoint>, ModelError> {
+        let mut kept = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, _, endpoint)) = kept.iter().find(|(t, a, _)| *a == api && t == target) {
+            return Ok(endpoint.clone());
+        }
+        let endpoint = Arc::new(Endpoint::for_target(target, api)?);
+        if kept.len() == KEPT_ENDPOINTS {
+            kept.remove(0);
+        }
+        kept.push((target.clone(), api, endpoint.clone()));
+        Ok(endpoint)
     }
 }
 

@@ -23,13 +23,17 @@ use serde_json::{Value, json};
 
 use super::fragments;
 use super::http;
-use super::openai_compat::{Api, Endpoint, image_data_url, setting};
+use super::openai_compat::{Api, Endpoint, Endpoints, image_data_url, setting};
 use super::sse::{self, SseEvent};
 
 /// Sends `request` and returns its answer as a stream. Errors up to and including the response
 /// headers (bad settings, connect failures, error statuses) come from the outer `Result`.
-pub(crate) async fn stream(client: &reqwest::Client, request: ModelRequest) -> Result<ModelStream, ModelError> {
-    let endpoint = Endpoint::for_target(&request.target, Api::Responses)?;
+pub(crate) async fn stream(
+    client: &reqwest::Client,
+    endpoints: &Endpoints,
+    request: ModelRequest,
+) -> Result<ModelStream, ModelError> {
+    let endpoint = endpoints.get(&request.target, Api::Responses)?;
     let body = request_body(&request, &endpoint)?;
     let response = endpoint.send(client, body).await?;
     Ok(sse::decode_stream(response.bytes_stream().boxed(), EventDecoder::new(endpoint.api_key.clone())))

@@ -887,10 +887,38 @@ async fn images_that_cannot_be_sent_are_config_errors_before_any_request() {
     }
 }
 
+/// An endpoint is built once per target and API; a target that changed in anything (key,
+/// model, settings) gets one of its own, and an unparseable base URL is a `Config` error.
+#[test]
+fn endpoints_are_kept_per_target() {
+    let endpoints = openai_compat::Endpoints::default();
+    let target = target_of(ProviderType::OpenaiCompatible, "http://127.0.0.1:9/v1", "m", Value::Null);
+    let first = endpoints.get(&target, Api::ChatCompletions).expect("endpoint");
+    assert!(Arc::ptr_eq(&first, &endpoints.get(&target.clone(), Api::ChatCompletions).expect("endpoint")));
+    assert_eq!(first.url.as_str(), "http://127.0.0.1:9/v1/chat/completions");
+    let responses = endpoints.get(&target, Api::Responses).expect("endpoint");
+    assert_eq!(responses.url.as_str(), "http://127.0.0.1:9/v1/responses");
+    let rekeyed = ModelTarget { api_key: Some("another key".into()), ..target.clone() };
+    let other = endpoints.get(&rekeyed, Api::ChatCompletions).expect("endpoint");
+    assert!(!Arc::ptr_eq(&first, &other), "a new key is a new endpoint");
+    assert_eq!(other.api_key.as_deref(), Some("another key"));
+    let error = endpoints
+        .get(&target_of(ProviderType::OpenaiCompatible, "not a url", "m", Value::Null), Api::ChatCompletions)
+        .err()
+        .expect("unparseable");
+    assert_eq!(error.kind, ChatErrorKind::Config);
+    // Kept for the 32 most recent targets: the first is built again after 32 others.
+    for n in 0..32 {
+        let model = format!("model-{n}");
+        endpoints.get(&ModelTarget { model, ..target.clone() }, Api::ChatCompletions).expect("endpoint");
+    }
+    assert!(!Arc::ptr_eq(&first, &endpoints.get(&target, Api::ChatCompletions).expect("endpoint")));
+}
+
 #[test]
 fn endpoints_of_the_family() {
     let url = |provider, base: &str, settings: Value, api| {
-        Endpoint::for_target(&target_of(provider, base, "gpt-4o", settings), api).map(|e| e.url)
+        Endpoint::for_target(&target_of(provider, base, "gpt-4o", settings), api).map(|e| e.url.to_string())
     };
     let chat = Api::ChatCompletions;
     assert_eq!(
