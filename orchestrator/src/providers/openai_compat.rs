@@ -163,7 +163,9 @@ impl Endpoint {
             ProviderType::Openai | ProviderType::Azure => "max_completion_tokens",
             _ => "max_tokens",
         };
-        let url = reqwest::Url::parse(&url).map_err(|e| config_error(format!("the base URL gives {url}: {e}")))?;
+        // Not echoed: a base URL may carry credentials, and this message reaches the chat.
+        let url = reqwest::Url::parse(&url)
+            .map_err(|e| config_error(format!("the provider's base URL does not make a valid URL: {e}")))?;
         Ok(Endpoint { url, auth, extra_headers, max_tokens_field, model, api_key })
     }
 

@@ -317,8 +317,6 @@ fn write<S: AsRef<[Bound]>>(conn: &mut Connection, batches: &[S]) -> Result<(), 
     txn.commit().map_err(|e| Failed::Batch(sqlite_err(e)))
 }
 
-/// A sea-query value as sqlx's SQLite driver binds it: booleans as integers, timestamps as
-/// RFC 3339 text (`to_rfc3339_opts(AutoSi, false)`), JSON as its text.
 /// The group's commit time, and its text: most timestamps a group writes are this one.
 struct Now {
     time: chrono::DateTime<Utc>,
@@ -336,6 +334,8 @@ fn timestamp_text(time: &chrono::DateTime<Utc>) -> String {
     time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)
 }
 
+/// A sea-query value as sqlx's SQLite driver binds it: booleans as integers, timestamps as
+/// RFC 3339 text ([`timestamp_text`]; the group's commit time from `now`), JSON as its text.
 fn sql_value(value: Value, now: &Now) -> Result<SqlValue, StoreError> {
     fn or_null<T>(value: Option<T>, f: impl FnOnce(T) -> SqlValue) -> SqlValue {
         value.map_or(SqlValue::Null, f)

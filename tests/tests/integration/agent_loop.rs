@@ -38,10 +38,11 @@ async fn send_and_interrupt_frames_on_the_socket_work() {
     assert_eq!(messages[messages.len() - 2].text(), "from the socket");
 }
 
-/// The deltas a watcher saw until the turn ended: (kind, text, call id, tool name).
-async fn deltas_of_turn(
-    stream: &mut agentplane_tests::EventStream,
-) -> Vec<(DeltaKind, String, Option<String>, Option<String>)> {
+/// A delta as a watcher saw it: (kind, text, call id, tool name).
+type SeenDelta = (DeltaKind, String, Option<String>, Option<String>);
+
+/// The deltas a watcher saw until the turn ended.
+async fn deltas_of_turn(stream: &mut agentplane_tests::EventStream) -> Vec<SeenDelta> {
     let mut deltas = Vec::new();
     stream
         .wait_for(
@@ -75,10 +76,7 @@ async fn pieces_that_arrive_together_reach_watchers_merged() {
     ]);
     env.send(&chat.id, "go").await;
     let deltas = deltas_of_turn(&mut stream).await;
-    let text = |deltas: &[(DeltaKind, String, Option<String>, Option<String>)]| -> Vec<String> {
-        deltas.iter().filter(|d| d.0 == DeltaKind::Text).map(|d| d.1.clone()).collect()
-    };
-    let texts = text(&deltas);
+    let texts: Vec<&str> = deltas.iter().filter(|d| d.0 == DeltaKind::Text).map(|d| d.1.as_str()).collect();
     let pieces = TEXT.len().div_ceil(4);
     assert_eq!(texts.concat(), format!("{TEXT}{TEXT}"), "both answers' text, whole and in order");
     assert!(texts.len() < 2 * pieces, "{} text deltas for {} pieces: {texts:?}", texts.len(), 2 * pieces);
