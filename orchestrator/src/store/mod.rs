@@ -861,6 +861,26 @@ mod tests {
         concurrent_batches_are_committed_together_and_a_bad_one_fails_alone(database.url()).await;
     }
 
+    /// A batch that fails in its last statement, after its message and its first event were
+    /// written (its second event repeats a stored `seq`), leaves nothing behind: the statements
+    /// stop without undoing their own part (`OR FAIL` on SQLite), the transaction undoes it all.
+    #[tokio::test]
+    async fn a_batch_failing_part_way_leaves_nothing_behind() {
+        for database in both_databases() {
+            let (store, chats) = store_with_chats(database.url(), 1).await;
+            let chat = &chats[0];
+            store.commit(chat, numbered(chat, 1)).await.expect("first batch");
+            let mut bad = numbered(chat, 2);
+            let repeated = SharedEvent::new(StreamEvent::durable(1, chat.as_str(), EventBody::StreamReset));
+            bad.events.push(repeated);
+            store.commit(chat, bad).await.expect_err("seq 1 is stored already");
+            let state = store.load_chat(chat).await.expect("load");
+            assert_eq!(state.messages.len(), 1, "the failed batch's message is gone");
+            assert_eq!(state.last_seq, 1);
+            assert_eq!(event_seqs(&store, chat).await, [1], "the failed batch's first event is gone");
+        }
+    }
+
     /// Chats that each commit batch after batch, all at the same time: every chat's batches land
     /// in its order, on both backends (several committers on PostgreSQL).
     #[tokio::test]

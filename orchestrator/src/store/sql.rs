@@ -36,7 +36,9 @@ impl Sql {
         columns: impl IntoIterator<Item = C>,
     ) -> Self {
         let mut sql = Sql::new(backend, String::with_capacity(256));
-        sql.text.push_str("INSERT INTO ");
+        sql.text.push_str("INSERT");
+        sql.on_conflict_fail();
+        sql.text.push_str(" INTO ");
         sql.quoted(table.table_name());
         sql.text.push_str(" (");
         for column in columns {
@@ -81,7 +83,9 @@ impl Sql {
     /// [`Sql::and_where`].
     pub(super) fn update<E: EntityName>(backend: DbBackend, table: E) -> Self {
         let mut sql = Sql::new(backend, String::with_capacity(256));
-        sql.text.push_str("UPDATE ");
+        sql.text.push_str("UPDATE");
+        sql.on_conflict_fail();
+        sql.text.push(' ');
         sql.quoted(table.table_name());
         sql.text.push_str(" SET ");
         sql
@@ -116,6 +120,18 @@ impl Sql {
         self.text.push_str(op);
         self.text.push(' ');
         self.param(value.into());
+    }
+
+    /// On SQLite, ` OR FAIL`: a statement that breaks a constraint stops without undoing its own
+    /// earlier rows. Its default (`ABORT`) undoes them, and for that SQLite copies every page a
+    /// statement that may write several rows changes into a statement journal first (a multi-row
+    /// insert, an update found through a non-unique index). Nothing needs it here: SQLite's
+    /// batches are only written inside the writer thread's transaction, which is rolled back
+    /// whole when any statement fails ([`super::sqlite_writer`]).
+    fn on_conflict_fail(&mut self) {
+        if self.backend == DbBackend::Sqlite {
+            self.text.push_str(" OR FAIL");
+        }
     }
 
     /// A table or column name, quoted. (Pushed piece by piece: `write!` through the formatting
@@ -182,7 +198,7 @@ mod tests {
         assert_eq!(insert.sql, r#"INSERT INTO "messages" ("id", "chat_id") VALUES ($1, $2), ($3, $4)"#);
         assert_eq!(insert.values.map(|v| v.0.len()), Some(4));
         let one = Sql::insert_one(DbBackend::Sqlite, messages::Entity, [(Id, "a".into()), (ChatId, "b".into())]);
-        assert_eq!(one.statement().sql, r#"INSERT INTO "messages" ("id", "chat_id") VALUES (?, ?)"#);
+        assert_eq!(one.statement().sql, r#"INSERT OR FAIL INTO "messages" ("id", "chat_id") VALUES (?, ?)"#);
 
         let mut update = Sql::update(DbBackend::Sqlite, chats::Entity);
         update.set(chats::Column::Status, "idle");
@@ -191,7 +207,7 @@ mod tests {
         update.and_where(chats::Column::Deleted, "=", false);
         assert_eq!(
             update.statement().sql,
-            r#"UPDATE "chats" SET "status" = ?, "last_seq" = ? WHERE "id" = ? AND "deleted" = ?"#
+            r#"UPDATE OR FAIL "chats" SET "status" = ?, "last_seq" = ? WHERE "id" = ? AND "deleted" = ?"#
         );
     }
 }

@@ -304,7 +304,8 @@ fn statements(chat_id: &str, batch: agentplane_actors::ports::Batch, now: &Now) 
         .collect()
 }
 
-/// Writes the batches' statements in one transaction, in order.
+/// Writes the batches' statements in one transaction, in order. Any failure rolls it back whole,
+/// which the statements rely on: they do not undo their own part on a failure (`OR FAIL`).
 fn write<S: AsRef<[Bound]>>(conn: &mut Connection, batches: &[S]) -> Result<(), Failed> {
     // IMMEDIATE: the write lock is taken (or waited for) at the start, never in the middle.
     let txn =
