@@ -1,7 +1,8 @@
 //! The NATS transport: tool requests go to the relay of a workspace over NATS (see
 //! `agentplane_schema::nats` for the protocol).
 //!
-//! A call subscribes to its output and result subjects (one subscription), sends the request and
+//! A call registers with its workspace's router (see [`super::routes`]: one subscription per
+//! workspace gets every call's output and result), sends the request and
 //! waits for the relay's acknowledgement ("no responders" = the workspace is offline, at once),
 //! then waits for the result. Core NATS is at most once, so a result missed during a reconnect is
 //! looked up in the results stream; a relay that stops saying hello while a call runs ends the
@@ -19,6 +20,8 @@ use agentplane_schema::tool::{ToolRequest, ToolResult};
 use async_nats::jetstream;
 use futures::StreamExt;
 use tokio::sync::{Notify, mpsc};
+
+use super::routes::{IDLE_UNSUBSCRIBE, Routes};
 
 /// How often a waiting call looks for its result in the stream, in case the live copy was lost.
 const RESULT_POLL: Duration = Duration::from_secs(2);
@@ -84,6 +87,7 @@ pub struct NatsTransport {
     subjects: Subjects,
     request_timeout: Duration,
     presence: Arc<Presence>,
+    routes: Arc<Routes>,
 }
 
 impl NatsTransport {
@@ -143,7 +147,20 @@ impl NatsTransport {
                 }
             }
         });
-        Ok(NatsTransport { client, reconnected_at, results, subjects, request_timeout, presence })
+        let routes = Routes::new(client.clone(), subjects.clone(), IDLE_UNSUBSCRIBE);
+        Ok(NatsTransport { client, reconnected_at, results, subjects, request_timeout, presence, routes })
+    }
+
+    /// Drops a workspace's subscription once no call has used it for `idle` (at most twice that);
+    /// set before the first call.
+    pub fn idle_unsubscribe(mut self, idle: Duration) -> Self {
+        self.routes = Routes::new(self.client.clone(), self.subjects.clone(), idle);
+        self
+    }
+
+    /// How many workspaces the transport is subscribed to now (for calls in flight or lately).
+    pub async fn subscribed_workspaces(&self) -> usize {
+        self.routes.subscribed().await
     }
 
     pub fn presence(&self) -> Arc<Presence> {
@@ -252,13 +269,10 @@ impl ToolTransport for NatsTransport {
         let call_id = request.call_id.clone();
         let result_subject = self.subjects.result(workspace_id, &call_id);
         let output_subject = self.subjects.output(workspace_id, &call_id);
-        // One subscription for both: the last pieces of output come before the result, as the
-        // relay sent them (two subscriptions could hand over the result first).
-        let mut updates = self
-            .client
-            .subscribe(self.subjects.call_updates(workspace_id, &call_id))
-            .await
-            .map_err(|e| other(format!("subscribing: {e}")))?;
+        // Output and result come in one channel, in the order the relay sent them: the last
+        // pieces of output before the result.
+        let mut registration =
+            self.routes.register(workspace_id, &call_id).await.map_err(|e| other(format!("subscribing: {e}")))?;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(HEADER_CALL_ID, call_id.as_str());
         headers.insert(HEADER_CHAT_ID, request.chat_id.as_str());
@@ -272,7 +286,7 @@ impl ToolTransport for NatsTransport {
         let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + RESULT_POLL, RESULT_POLL);
         loop {
             tokio::select! {
-                msg = updates.next() => match msg {
+                msg = registration.updates.recv() => match msg {
                     Some(msg) if msg.subject.as_str() == result_subject => {
                         return serde_json::from_slice(&msg.payload)
                             .map_err(|e| other(format!("the relay sent an unreadable result: {e}")));
@@ -303,5 +317,114 @@ impl ToolTransport for NatsTransport {
         if let Err(e) = self.client.publish(self.subjects.cancel(workspace_id), call_id.to_string().into()).await {
             tracing::warn!(workspace = workspace_id, call = call_id, error = %e, "could not send a cancel");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use agentplane_schema::nats::ACK;
+    use agentplane_tests::nats::NatsServer;
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn request(call_id: &str) -> ToolRequest {
+        ToolRequest {
+            call_id: call_id.into(),
+            chat_id: "chat".into(),
+            user_id: "user".into(),
+            name: "execute".into(),
+            args: serde_json::json!({"command": "true"}),
+        }
+    }
+
+    fn result(call_id: &str) -> bytes::Bytes {
+        serde_json::to_vec(&ToolResult::ok(call_id.to_string(), format!("done {call_id}"))).expect("json").into()
+    }
+
+    /// A relay that speaks the protocol by hand: it acknowledges the requests of workspace `ws`
+    /// and hands them over, so a test decides what to answer, in which order.
+    async fn hand_relay(url: &str, ws: &str) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
+        let client = async_nats::connect(url).await.expect("connect");
+        let mut requests = client.subscribe(Subjects::default().request(ws)).await.expect("subscribe");
+        client.flush().await.expect("flush");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let answering = client.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = requests.next().await {
+                let call: ToolRequest = serde_json::from_slice(&msg.payload).expect("a tool request");
+                answering.publish(msg.reply.expect("a reply subject"), ACK.into()).await.expect("ack");
+                let _ = tx.send(call.call_id);
+            }
+        });
+        (client, rx)
+    }
+
+    async fn transport(url: &str) -> NatsTransport {
+        NatsTransport::connect(url, None, Subjects::default(), Duration::from_secs(5)).await.expect("transport")
+    }
+
+    /// Calls running at once on one workspace share its subscription, and each gets its own
+    /// output, in order and before its result, however the relay interleaves them.
+    #[tokio::test]
+    async fn calls_on_one_workspace_each_get_their_own_output_and_result() {
+        let nats = NatsServer::start();
+        let transport = Arc::new(transport(&nats.url()).await);
+        let (relay, mut taken) = hand_relay(&nats.url(), "w1").await;
+        let calls: [&'static str; 3] = ["c1", "c2", "c3"];
+        let running: Vec<_> = calls
+            .into_iter()
+            .map(|id| {
+                let (transport, (tx, rx)) = (transport.clone(), mpsc::unbounded_channel());
+                (tokio::spawn(async move { transport.call("w1", request(id), Some(tx)).await }), rx)
+            })
+            .collect();
+        for _ in calls {
+            tokio::time::timeout(WAIT, taken.recv()).await.expect("all three calls reach the relay");
+        }
+        assert_eq!(transport.subscribed_workspaces().await, 1, "one subscription for the workspace");
+        let subjects = Subjects::default();
+        for (call, piece) in [("c3", "a"), ("c1", "b"), ("c2", "c"), ("c1", "d"), ("c3", "e"), ("c2", "f")] {
+            relay.publish(subjects.output("w1", call), piece.into()).await.expect("output");
+        }
+        for call in ["c2", "c3", "c1"] {
+            relay.publish(subjects.result("w1", call), result(call)).await.expect("result");
+        }
+        for ((task, mut output), (call, expected)) in running.into_iter().zip(calls.iter().zip(["bd", "cf", "ae"])) {
+            let answer = tokio::time::timeout(WAIT, task).await.expect("the call ends").expect("task").expect("call");
+            assert_eq!(answer.output, format!("done {call}"));
+            let mut pieces = String::new();
+            while let Ok(piece) = output.try_recv() {
+                pieces.push_str(&piece);
+            }
+            assert_eq!(pieces, expected, "{call}'s output, all of it, before its result");
+        }
+    }
+
+    /// A workspace's subscription goes once no call has used it for a while, and the next call
+    /// makes it again.
+    #[tokio::test]
+    async fn an_idle_workspace_subscription_is_dropped_and_made_again() {
+        let nats = NatsServer::start();
+        let transport = transport(&nats.url()).await.idle_unsubscribe(Duration::from_millis(50));
+        let (relay, mut taken) = hand_relay(&nats.url(), "w1").await;
+        let answer = async {
+            let call = tokio::time::timeout(WAIT, taken.recv()).await.expect("taken").expect("a call");
+            relay.publish(Subjects::default().result("w1", &call), result(&call)).await.expect("result");
+        };
+        let (first, ()) = tokio::join!(transport.call("w1", request("c1"), None), answer);
+        assert_eq!(first.expect("first call").output, "done c1");
+        let deadline = Instant::now() + WAIT;
+        while transport.subscribed_workspaces().await > 0 {
+            assert!(Instant::now() < deadline, "the idle subscription was not dropped");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let answer = async {
+            let call = tokio::time::timeout(WAIT, taken.recv()).await.expect("taken").expect("a call");
+            relay.publish(Subjects::default().result("w1", &call), result(&call)).await.expect("result");
+        };
+        let (second, ()) = tokio::join!(transport.call("w1", request("c2"), None), answer);
+        assert_eq!(second.expect("second call").output, "done c2");
     }
 }
