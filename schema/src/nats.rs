@@ -63,10 +63,10 @@ impl Subjects {
         format!("{}.ws.{ws}.res.{call}", self.prefix)
     }
 
-    /// A call's output and result (`ap.ws.<ws>.*.<call>`): one subscription gets both in the
-    /// order the relay published them.
-    pub fn call_updates(&self, ws: &str, call: &str) -> String {
-        format!("{}.ws.{ws}.*.{call}", self.prefix)
+    /// Every call's output and result in one workspace (`ap.ws.<ws>.*.*`): one subscription gets
+    /// each call's in the order the relay published them; the last token names the call.
+    pub fn workspace_updates(&self, ws: &str) -> String {
+        format!("{}.ws.{ws}.*.*", self.prefix)
     }
 
     /// What the results stream captures: `ap.ws.*.res.*`.
@@ -127,6 +127,7 @@ mod tests {
         assert_eq!(s.result("w1", "c1"), "ap.ws.w1.res.c1");
         assert_eq!(s.all_results(), "ap.ws.*.res.*");
         assert_eq!(s.workspace_all("w1"), "ap.ws.w1.>");
+        assert_eq!(s.workspace_updates("w1"), "ap.ws.w1.*.*");
         assert!(is_token("01a2-b_c"));
         assert!(!is_token("a.b") && !is_token("a*") && !is_token("") && !is_token("a b"));
     }

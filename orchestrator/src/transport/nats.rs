@@ -344,11 +344,16 @@ mod tests {
     }
 
     /// A relay that speaks the protocol by hand: it acknowledges the requests of workspace `ws`
-    /// and hands them over, so a test decides what to answer, in which order.
-    async fn hand_relay(url: &str, ws: &str) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
+    /// and hands them over, so a test decides what to answer, in which order. Like a real relay it
+    /// says hello once it listens, and this returns once `transport` has heard it (a request sent
+    /// to a nats-server that has just started may otherwise find no responder).
+    async fn hand_relay(
+        url: &str,
+        ws: &str,
+        transport: &NatsTransport,
+    ) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
         let client = async_nats::connect(url).await.expect("connect");
         let mut requests = client.subscribe(Subjects::default().request(ws)).await.expect("subscribe");
-        client.flush().await.expect("flush");
         let (tx, rx) = mpsc::unbounded_channel();
         let answering = client.clone();
         tokio::spawn(async move {
@@ -358,7 +363,16 @@ mod tests {
                 let _ = tx.send(call.call_id);
             }
         });
-        (client, rx)
+        let hello = Hello { workspace_id: ws.into(), relay_version: "test".into(), started_at: "now".into() };
+        let hello = bytes::Bytes::from(serde_json::to_vec(&hello).expect("json"));
+        let (since, deadline) = (Instant::now(), Instant::now() + WAIT);
+        loop {
+            client.publish(Subjects::default().hello(ws), hello.clone()).await.expect("hello");
+            if transport.presence().wait_ready(ws, since, Duration::from_millis(50)).await {
+                return (client, rx);
+            }
+            assert!(Instant::now() < deadline, "the transport never heard the relay's hello");
+        }
     }
 
     async fn transport(url: &str) -> NatsTransport {
@@ -371,7 +385,7 @@ mod tests {
     async fn calls_on_one_workspace_each_get_their_own_output_and_result() {
         let nats = NatsServer::start();
         let transport = Arc::new(transport(&nats.url()).await);
-        let (relay, mut taken) = hand_relay(&nats.url(), "w1").await;
+        let (relay, mut taken) = hand_relay(&nats.url(), "w1", &transport).await;
         let calls: [&'static str; 3] = ["c1", "c2", "c3"];
         let running: Vec<_> = calls
             .into_iter()
@@ -402,13 +416,31 @@ mod tests {
         }
     }
 
+    /// The same call waited for twice at once (a repeat of a request) gets its result twice.
+    #[tokio::test]
+    async fn a_call_waited_for_twice_is_answered_to_both() {
+        let nats = NatsServer::start();
+        let transport = transport(&nats.url()).await;
+        let (relay, mut taken) = hand_relay(&nats.url(), "w1", &transport).await;
+        let answer = async {
+            for _ in 0..2 {
+                tokio::time::timeout(WAIT, taken.recv()).await.expect("taken").expect("a call");
+            }
+            relay.publish(Subjects::default().result("w1", "c1"), result("c1")).await.expect("result");
+        };
+        let (first, second, ()) =
+            tokio::join!(transport.call("w1", request("c1"), None), transport.call("w1", request("c1"), None), answer);
+        assert_eq!(first.expect("first").output, "done c1");
+        assert_eq!(second.expect("second").output, "done c1");
+    }
+
     /// A workspace's subscription goes once no call has used it for a while, and the next call
     /// makes it again.
     #[tokio::test]
     async fn an_idle_workspace_subscription_is_dropped_and_made_again() {
         let nats = NatsServer::start();
         let transport = transport(&nats.url()).await.idle_unsubscribe(Duration::from_millis(50));
-        let (relay, mut taken) = hand_relay(&nats.url(), "w1").await;
+        let (relay, mut taken) = hand_relay(&nats.url(), "w1", &transport).await;
         let answer = async {
             let call = tokio::time::timeout(WAIT, taken.recv()).await.expect("taken").expect("a call");
             relay.publish(Subjects::default().result("w1", &call), result(&call)).await.expect("result");

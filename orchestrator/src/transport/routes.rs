@@ -11,7 +11,7 @@
 //! each call's channel keeps that order, so a call's last output still comes before its result.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +22,9 @@ use tokio::sync::mpsc;
 /// How long a workspace's subscription outlives its last call, at least (at most twice that).
 pub const IDLE_UNSUBSCRIBE: Duration = Duration::from_secs(30);
 
-type Senders = HashMap<String, mpsc::UnboundedSender<async_nats::Message>>;
+/// The channels of the calls registered under each call id (one, unless the same call is waited
+/// for twice), numbered by registration.
+type Senders = HashMap<String, Vec<(u64, mpsc::UnboundedSender<async_nats::Message>)>>;
 
 /// The calls of one workspace that wait for messages.
 #[derive(Default)]
@@ -46,6 +48,7 @@ pub struct Routes {
     /// the same workspace waits for it rather than making another. The routers take it only to
     /// leave.
     workspaces: tokio::sync::Mutex<HashMap<String, Arc<Workspace>>>,
+    registrations: AtomicU64,
 }
 
 /// A registered call: its messages arrive on `updates`; dropping it unregisters the call.
@@ -53,17 +56,24 @@ pub struct Registration {
     pub updates: mpsc::UnboundedReceiver<async_nats::Message>,
     workspace: Arc<Workspace>,
     call_id: String,
+    number: u64,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.workspace.calls().remove(&self.call_id);
+        let mut calls = self.workspace.calls();
+        if let Some(waiting) = calls.get_mut(&self.call_id) {
+            waiting.retain(|(number, _)| *number != self.number);
+            if waiting.is_empty() {
+                calls.remove(&self.call_id);
+            }
+        }
     }
 }
 
 impl Routes {
     pub fn new(client: async_nats::Client, subjects: Subjects, idle: Duration) -> Arc<Self> {
-        Arc::new(Routes { client, subjects, idle, workspaces: Default::default() })
+        Arc::new(Routes { client, subjects, idle, workspaces: Default::default(), registrations: AtomicU64::new(0) })
     }
 
     /// Registers a call. When this returns, the workspace's subscription has been sent to the
@@ -79,7 +89,7 @@ impl Routes {
         let workspace = match workspaces.get(workspace_id) {
             Some(workspace) => workspace.clone(),
             None => {
-                let subscription = self.client.subscribe(self.subjects.call_updates(workspace_id, "*")).await?;
+                let subscription = self.client.subscribe(self.subjects.workspace_updates(workspace_id)).await?;
                 let workspace = Arc::new(Workspace::default());
                 workspaces.insert(workspace_id.to_owned(), workspace.clone());
                 tokio::spawn(self.clone().route(workspace_id.to_owned(), workspace.clone(), subscription));
@@ -87,9 +97,10 @@ impl Routes {
             }
         };
         workspace.used.store(true, Ordering::Relaxed);
-        workspace.calls().insert(call_id.to_owned(), tx);
+        let number = self.registrations.fetch_add(1, Ordering::Relaxed);
+        workspace.calls().entry(call_id.to_owned()).or_default().push((number, tx));
         drop(workspaces);
-        Ok(Registration { updates, workspace, call_id: call_id.to_owned() })
+        Ok(Registration { updates, workspace, call_id: call_id.to_owned(), number })
     }
 
     /// How many workspaces have a subscription now.
@@ -112,8 +123,11 @@ impl Routes {
                 message = subscription.next() => match message {
                     Some(message) => {
                         let call_id = message.subject.rsplit('.').next().unwrap_or_default();
-                        if let Some(tx) = workspace.calls().get(call_id) {
-                            let _ = tx.send(message);
+                        if let Some(((_, last), others)) = workspace.calls().get(call_id).and_then(|w| w.split_last()) {
+                            for (_, tx) in others {
+                                let _ = tx.send(message.clone());
+                            }
+                            let _ = last.send(message);
                         }
                     }
                     None => break,
