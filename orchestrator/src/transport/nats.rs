@@ -151,8 +151,9 @@ impl NatsTransport {
         Ok(NatsTransport { client, reconnected_at, results, subjects, request_timeout, presence, routes })
     }
 
-    /// Drops a workspace's subscription once no call has used it for `idle` (at most twice that);
-    /// set before the first call.
+    /// Checks each workspace's subscription every `idle` instead of every [`IDLE_UNSUBSCRIBE`]
+    /// (dropped when no call waits and none registered since the last check); set before the
+    /// first call.
     pub fn idle_unsubscribe(mut self, idle: Duration) -> Self {
         self.routes = Routes::new(self.client.clone(), self.subjects.clone(), idle);
         self

@@ -19,7 +19,8 @@ use agentplane_schema::nats::Subjects;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-/// How long a workspace's subscription outlives its last call, at least (at most twice that).
+/// A workspace's subscription is dropped at the first of its checks, this far apart, that finds no
+/// call waiting and none registered since the check before.
 pub const IDLE_UNSUBSCRIBE: Duration = Duration::from_secs(30);
 
 /// The channels of the calls registered under each call id (one, unless the same call is waited
