@@ -435,6 +435,36 @@ mod tests {
         assert_eq!(second.expect("second").output, "done c1");
     }
 
+    /// A router whose runtime ended (the call that started it ran on another runtime) is
+    /// replaced: the next call's output still arrives (the results stream alone would give only
+    /// the result).
+    #[tokio::test]
+    async fn a_router_whose_runtime_ended_is_replaced() {
+        let nats = NatsServer::start();
+        let transport = Arc::new(transport(&nats.url()).await);
+        let (relay, mut taken) = hand_relay(&nats.url(), "w1", &transport).await;
+        let elsewhere = transport.clone();
+        let other_runtime = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(elsewhere.call("w1", request("c1"), None))
+        });
+        let call = tokio::time::timeout(WAIT, taken.recv()).await.expect("taken").expect("a call");
+        relay.publish(Subjects::default().result("w1", &call), result(&call)).await.expect("result");
+        let first = tokio::task::spawn_blocking(move || other_runtime.join().expect("thread")).await.expect("join");
+        assert_eq!(first.expect("first call").output, "done c1");
+
+        let (tx, mut output) = mpsc::unbounded_channel();
+        let answer = async {
+            let call = tokio::time::timeout(WAIT, taken.recv()).await.expect("taken").expect("a call");
+            let subjects = Subjects::default();
+            relay.publish(subjects.output("w1", &call), "piece".into()).await.expect("output");
+            relay.publish(subjects.result("w1", &call), result(&call)).await.expect("result");
+        };
+        let (second, ()) = tokio::join!(transport.call("w1", request("c2"), Some(tx)), answer);
+        assert_eq!(second.expect("second call").output, "done c2");
+        assert_eq!(output.try_recv().ok().as_deref(), Some("piece"), "the output came through a live router");
+    }
+
     /// A workspace's subscription goes once no call has used it for a while, and the next call
     /// makes it again.
     #[tokio::test]

@@ -33,11 +33,24 @@ struct Workspace {
     calls: Mutex<Senders>,
     /// Whether a call registered since the router last looked: a subscription in use stays.
     used: AtomicBool,
+    /// Set when the router has stopped, however it stopped (its runtime may have ended).
+    closed: AtomicBool,
 }
 
 impl Workspace {
     fn calls(&self) -> std::sync::MutexGuard<'_, Senders> {
         self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Held by a router while it runs: when it stops, its workspace is marked closed and the calls
+/// still registered see their channels close.
+struct Running(Arc<Workspace>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::SeqCst);
+        self.0.calls().clear();
     }
 }
 
@@ -87,21 +100,30 @@ impl Routes {
     ) -> Result<Registration, async_nats::SubscribeError> {
         let (tx, updates) = mpsc::unbounded_channel();
         let mut workspaces = self.workspaces.lock().await;
-        let workspace = match workspaces.get(workspace_id) {
-            Some(workspace) => workspace.clone(),
-            None => {
-                let subscription = self.client.subscribe(self.subjects.workspace_updates(workspace_id)).await?;
-                let workspace = Arc::new(Workspace::default());
-                workspaces.insert(workspace_id.to_owned(), workspace.clone());
-                tokio::spawn(self.clone().route(workspace_id.to_owned(), workspace.clone(), subscription));
-                workspace
+        loop {
+            let workspace = match workspaces.get(workspace_id) {
+                Some(workspace) if !workspace.closed.load(Ordering::SeqCst) => workspace.clone(),
+                // None yet, or its router stopped without leaving (its runtime ended): a new one.
+                _ => {
+                    let subscription = self.client.subscribe(self.subjects.workspace_updates(workspace_id)).await?;
+                    let workspace = Arc::new(Workspace::default());
+                    workspaces.insert(workspace_id.to_owned(), workspace.clone());
+                    let running = Running(workspace.clone());
+                    tokio::spawn(self.clone().route(workspace_id.to_owned(), running, subscription));
+                    workspace
+                }
+            };
+            workspace.used.store(true, Ordering::Relaxed);
+            let number = self.registrations.fetch_add(1, Ordering::Relaxed);
+            let mut calls = workspace.calls();
+            // Checked under the calls' lock, which the stopping router takes after marking it.
+            if workspace.closed.load(Ordering::SeqCst) {
+                continue;
             }
-        };
-        workspace.used.store(true, Ordering::Relaxed);
-        let number = self.registrations.fetch_add(1, Ordering::Relaxed);
-        workspace.calls().entry(call_id.to_owned()).or_default().push((number, tx));
-        drop(workspaces);
-        Ok(Registration { updates, workspace, call_id: call_id.to_owned(), number })
+            calls.entry(call_id.to_owned()).or_default().push((number, tx));
+            drop(calls);
+            return Ok(Registration { updates, workspace, call_id: call_id.to_owned(), number });
+        }
     }
 
     /// How many workspaces have a subscription now.
@@ -112,12 +134,8 @@ impl Routes {
     /// One workspace's router: passes messages on until the subscription has been idle for a
     /// while or ends (the client was closed: the waiting calls then see their channels close).
     /// Dropping the subscription unsubscribes.
-    async fn route(
-        self: Arc<Self>,
-        workspace_id: String,
-        workspace: Arc<Workspace>,
-        mut subscription: async_nats::Subscriber,
-    ) {
+    async fn route(self: Arc<Self>, workspace_id: String, running: Running, mut subscription: async_nats::Subscriber) {
+        let workspace = &running.0;
         let mut check = tokio::time::interval_at(tokio::time::Instant::now() + self.idle, self.idle);
         loop {
             tokio::select! {
@@ -143,25 +161,23 @@ impl Routes {
                     if workspace.used.load(Ordering::Relaxed) {
                         continue;
                     }
-                    self.leave(workspaces, &workspace_id, &workspace);
+                    leave(workspaces, &workspace_id, workspace);
                     return;
                 }
             }
         }
         let workspaces = self.workspaces.lock().await;
-        self.leave(workspaces, &workspace_id, &workspace);
+        leave(workspaces, &workspace_id, workspace);
     }
+}
 
-    fn leave(
-        &self,
-        mut workspaces: tokio::sync::MutexGuard<'_, HashMap<String, Arc<Workspace>>>,
-        workspace_id: &str,
-        workspace: &Arc<Workspace>,
-    ) {
-        if workspaces.get(workspace_id).is_some_and(|w| Arc::ptr_eq(w, workspace)) {
-            workspaces.remove(workspace_id);
-        }
-        // Calls still registered (only when the subscription ended) see their channel close.
-        workspace.calls().clear();
+/// Takes a stopping router's workspace out of the registry (`Running`'s drop does the rest).
+fn leave(
+    mut workspaces: tokio::sync::MutexGuard<'_, HashMap<String, Arc<Workspace>>>,
+    workspace_id: &str,
+    workspace: &Arc<Workspace>,
+) {
+    if workspaces.get(workspace_id).is_some_and(|w| Arc::ptr_eq(w, workspace)) {
+        workspaces.remove(workspace_id);
     }
 }
