@@ -806,8 +806,36 @@ mod tests {
         assert_eq!(pragma("journal_mode"), "wal");
         assert_eq!(pragma("synchronous"), "1", "NORMAL");
         assert_eq!(pragma("foreign_keys"), "1");
-        assert_eq!(pragma("busy_timeout"), agentplane_schema::db::SQLITE_BUSY_TIMEOUT.as_millis().to_string());
         assert_eq!(pragma("wal_autocheckpoint"), "0", "no checkpoints in commits");
+    }
+
+    /// The writer's connection waits for a write lock another connection holds, takes it once
+    /// free, and gives up when its busy timeout has passed.
+    #[test]
+    fn the_sqlite_writer_waits_for_the_write_lock_as_long_as_its_busy_timeout() {
+        let database = agentplane_tests::pg::TestDatabase::sqlite_temp();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let db = runtime.block_on(agentplane_schema::db::connect_and_migrate(database.url(), 1)).expect("database");
+        let target = sqlite_writer::Target::of(db.get_sqlite_connection_pool());
+        let timeout = std::time::Duration::from_millis(300);
+        let writer = sqlite_writer::open(&target, timeout).expect("open");
+        let holder = sqlite_writer::open(&target, timeout).expect("open");
+        let try_lock = || writer.execute_batch("BEGIN IMMEDIATE; COMMIT;");
+
+        holder.execute_batch("BEGIN IMMEDIATE").expect("lock");
+        let started = std::time::Instant::now();
+        let refused = try_lock().expect_err("the lock is held throughout");
+        assert_eq!(refused.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy), "{refused}");
+        assert!(started.elapsed() >= timeout, "gave up after {:?}", started.elapsed());
+
+        // Released while the writer waits: it goes on.
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                holder.execute_batch("COMMIT").expect("release");
+            });
+            try_lock().expect("taken once free");
+        });
     }
 
     /// Once the WAL is long, the writer asks the checkpoint thread, which checkpoints while

@@ -9,9 +9,10 @@
 //! (`every_kind_of_op_reads_back_as_written` checks every kind of op).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentplane_actors::ports::StoreError;
+use agentplane_schema::db::SQLITE_BUSY_TIMEOUT;
 use chrono::Utc;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
@@ -36,6 +37,31 @@ pub(super) const CHECKPOINT_AT_PAGES: i32 = (agentplane_schema::db::SQLITE_POOL_
 std::thread_local! {
     /// The WAL's length in pages after the writer thread's last commit, as SQLite reports it.
     static WAL_PAGES: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+    /// The busy timeout of the connection [`open`] made on this thread (none: a connection
+    /// used on another thread than its own waits [`SQLITE_BUSY_TIMEOUT`]), and when the wait for
+    /// the lock now being waited for began.
+    static BUSY_WAIT: std::cell::Cell<(Duration, Option<Instant>)> =
+        const { std::cell::Cell::new((Duration::ZERO, None)) };
+}
+
+/// The writer's (and checkpointer's) busy handler: tries again after 50 µs, doubling to 800 µs,
+/// until the busy timeout has passed. SQLite's own handler sleeps 1, 2, 5, 10, 15, 20, 25 ms …
+/// between tries, so a commit that found a pool connection's short write (a chat being created)
+/// holding the lock went on milliseconds after it was free: commits of up to 28 ms at the start
+/// of a `steps` run, 122 waits in its first 500 group commits.
+fn wait_briefly(tries: std::ffi::c_int) -> bool {
+    BUSY_WAIT.with(|wait| {
+        let (limit, began) = wait.get();
+        let limit = if limit.is_zero() { SQLITE_BUSY_TIMEOUT } else { limit };
+        let now = Instant::now();
+        let began = if tries == 0 { now } else { began.unwrap_or(now) };
+        wait.set((limit, Some(began)));
+        if now.duration_since(began) >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(50 << tries.clamp(0, 4)));
+        true
+    })
 }
 
 /// The writer connection's WAL hook. It replaces SQLite's automatic checkpoints on that
@@ -210,7 +236,8 @@ fn run(
 }
 
 /// The connection, set up as sqlx sets up the pool's: WAL (the database already is),
-/// `synchronous=NORMAL`, enforced foreign keys, the busy timeout, and stable plans.
+/// `synchronous=NORMAL`, enforced foreign keys, the busy timeout (kept by [`wait_briefly`]), and
+/// stable plans. Use it on the thread that opened it.
 pub(super) fn open(target: &Target, busy_timeout: Duration) -> Result<Connection, StoreError> {
     let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     if target.uri {
@@ -221,7 +248,9 @@ pub(super) fn open(target: &Target, busy_timeout: Duration) -> Result<Connection
         None => Connection::open_with_flags(&target.name, flags),
     }
     .map_err(sqlite_err)?;
-    conn.busy_timeout(busy_timeout).map_err(sqlite_err)?;
+    // The connection is used on the thread that opens it.
+    BUSY_WAIT.with(|wait| wait.set((busy_timeout, None)));
+    conn.busy_handler(Some(wait_briefly)).map_err(sqlite_err)?;
     conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
         .map_err(sqlite_err)?;
     // No checkpoints in commits: the checkpoint thread runs them.
