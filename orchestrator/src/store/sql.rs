@@ -24,9 +24,31 @@ pub(super) struct Sql {
     conditions: bool,
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Verb {
+    Insert,
+    Update,
+    Delete,
+}
+
 impl Sql {
-    fn new(backend: DbBackend, text: String) -> Self {
-        Sql { backend, text, values: Vec::new(), items: 0, columns: 0, conditions: false }
+    /// `INSERT OR FAIL INTO "table"`, `UPDATE OR FAIL "table"` or `DELETE FROM "table"`: the start
+    /// of a statement, `OR FAIL` only on SQLite ([`Sql::on_conflict_fail`]).
+    fn begin(backend: DbBackend, verb: Verb, table: &str) -> Self {
+        let text = String::with_capacity(256);
+        let mut sql = Sql { backend, text, values: Vec::new(), items: 0, columns: 0, conditions: false };
+        let (word, before_table) = match verb {
+            Verb::Insert => ("INSERT", " INTO "),
+            Verb::Update => ("UPDATE", " "),
+            Verb::Delete => ("DELETE", " FROM "),
+        };
+        sql.text.push_str(word);
+        if verb != Verb::Delete {
+            sql.on_conflict_fail();
+        }
+        sql.text.push_str(before_table);
+        sql.quoted(table);
+        sql
     }
 
     /// `INSERT INTO table (columns) VALUES`; rows follow with [`Sql::row`].
@@ -35,11 +57,7 @@ impl Sql {
         table: E,
         columns: impl IntoIterator<Item = C>,
     ) -> Self {
-        let mut sql = Sql::new(backend, String::with_capacity(256));
-        sql.text.push_str("INSERT");
-        sql.on_conflict_fail();
-        sql.text.push_str(" INTO ");
-        sql.quoted(table.table_name());
+        let mut sql = Sql::begin(backend, Verb::Insert, table.table_name());
         sql.text.push_str(" (");
         for column in columns {
             if sql.columns > 0 {
@@ -82,21 +100,14 @@ impl Sql {
     /// `UPDATE table SET`; assignments follow with [`Sql::set`], then conditions with
     /// [`Sql::and_where`].
     pub(super) fn update<E: EntityName>(backend: DbBackend, table: E) -> Self {
-        let mut sql = Sql::new(backend, String::with_capacity(256));
-        sql.text.push_str("UPDATE");
-        sql.on_conflict_fail();
-        sql.text.push(' ');
-        sql.quoted(table.table_name());
+        let mut sql = Sql::begin(backend, Verb::Update, table.table_name());
         sql.text.push_str(" SET ");
         sql
     }
 
     /// `DELETE FROM table`; conditions follow with [`Sql::and_where`].
     pub(super) fn delete<E: EntityName>(backend: DbBackend, table: E) -> Self {
-        let mut sql = Sql::new(backend, String::with_capacity(64));
-        sql.text.push_str("DELETE FROM ");
-        sql.quoted(table.table_name());
-        sql
+        Sql::begin(backend, Verb::Delete, table.table_name())
     }
 
     /// `column = value` in an update's `SET`.
@@ -162,9 +173,7 @@ impl Sql {
 pub(super) fn json(backend: DbBackend, value: &impl Serialize) -> Result<Value, StoreError> {
     Ok(match backend {
         DbBackend::Postgres => Value::Json(Some(Box::new(super::convert::to_json(value)?))),
-        _ => Value::String(Some(
-            serde_json::to_string(value).map_err(|e| StoreError::Database(format!("encoding JSON: {e}")))?,
-        )),
+        _ => Value::String(Some(serde_json::to_string(value).map_err(encoding_error)?)),
     })
 }
 
@@ -176,10 +185,12 @@ pub(super) fn event_json(
 ) -> Result<Value, StoreError> {
     Ok(match backend {
         DbBackend::Postgres => json(backend, &**event)?,
-        _ => Value::String(Some(
-            event.json().map_err(|e| StoreError::Database(format!("encoding JSON: {e}")))?.to_string(),
-        )),
+        _ => Value::String(Some(event.json().map_err(encoding_error)?.to_string())),
     })
+}
+
+fn encoding_error(e: serde_json::Error) -> StoreError {
+    StoreError::Database(format!("encoding JSON: {e}"))
 }
 
 #[cfg(test)]
@@ -209,5 +220,9 @@ mod tests {
             update.statement().sql,
             r#"UPDATE OR FAIL "chats" SET "status" = ?, "last_seq" = ? WHERE "id" = ? AND "deleted" = ?"#
         );
+
+        let mut delete = Sql::delete(DbBackend::Postgres, messages::Entity);
+        delete.and_where(Id, "=", "a");
+        assert_eq!(delete.statement().sql, r#"DELETE FROM "messages" WHERE "id" = $1"#);
     }
 }
