@@ -137,7 +137,9 @@ impl Routes {
     async fn route(self: Arc<Self>, workspace_id: String, running: Running, mut subscription: async_nats::Subscriber) {
         let workspace = &running.0;
         let mut check = tokio::time::interval_at(tokio::time::Instant::now() + self.idle, self.idle);
-        loop {
+        // The registry, locked, once the router is to leave: nothing registers with a router that
+        // is going away.
+        let mut workspaces = loop {
             tokio::select! {
                 message = subscription.next() => match message {
                     Some(message) => {
@@ -149,35 +151,23 @@ impl Routes {
                             let _ = last.send(message);
                         }
                     }
-                    None => break,
+                    None => break self.workspaces.lock().await,
                 },
                 _ = check.tick() => {
                     if workspace.used.swap(false, Ordering::Relaxed) || !workspace.calls().is_empty() {
                         continue;
                     }
-                    // Leave under the lock, so no call registers with a router that is going
-                    // away; one that registered while the lock was awaited keeps it.
                     let workspaces = self.workspaces.lock().await;
-                    if workspace.used.load(Ordering::Relaxed) {
-                        continue;
+                    // A call that registered while the lock was awaited keeps the router.
+                    if !workspace.used.load(Ordering::Relaxed) {
+                        break workspaces;
                     }
-                    leave(workspaces, &workspace_id, workspace);
-                    return;
                 }
             }
+        };
+        if workspaces.get(&workspace_id).is_some_and(|w| Arc::ptr_eq(w, workspace)) {
+            workspaces.remove(&workspace_id);
         }
-        let workspaces = self.workspaces.lock().await;
-        leave(workspaces, &workspace_id, workspace);
-    }
-}
-
-/// Takes a stopping router's workspace out of the registry (`Running`'s drop does the rest).
-fn leave(
-    mut workspaces: tokio::sync::MutexGuard<'_, HashMap<String, Arc<Workspace>>>,
-    workspace_id: &str,
-    workspace: &Arc<Workspace>,
-) {
-    if workspaces.get(workspace_id).is_some_and(|w| Arc::ptr_eq(w, workspace)) {
-        workspaces.remove(workspace_id);
+        // `running`, dropped now, marks the workspace closed and closes what still waits.
     }
 }
