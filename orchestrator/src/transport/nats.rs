@@ -344,35 +344,63 @@ mod tests {
         serde_json::to_vec(&ToolResult::ok(call_id.to_string(), format!("done {call_id}"))).expect("json").into()
     }
 
-    /// A relay that speaks the protocol by hand: it acknowledges the requests of workspace `ws`
-    /// and hands them over, so a test decides what to answer, in which order. Like a real relay it
-    /// says hello once it listens, and this returns once `transport` has heard it (a request sent
-    /// to a nats-server that has just started may otherwise find no responder).
-    async fn hand_relay(
-        url: &str,
-        ws: &str,
-        transport: &NatsTransport,
-    ) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
-        let client = async_nats::connect(url).await.expect("connect");
-        let mut requests = client.subscribe(Subjects::default().request(ws)).await.expect("subscribe");
-        let (tx, rx) = mpsc::unbounded_channel();
-        let answering = client.clone();
-        tokio::spawn(async move {
-            while let Some(msg) = requests.next().await {
-                let call: ToolRequest = serde_json::from_slice(&msg.payload).expect("a tool request");
-                answering.publish(msg.reply.expect("a reply subject"), ACK.into()).await.expect("ack");
-                let _ = tx.send(call.call_id);
+    /// A relay that speaks the protocol by hand: it acknowledges the requests of workspace `w1`
+    /// and hands their call ids over, so a test decides what to answer, in which order.
+    struct HandRelay {
+        client: async_nats::Client,
+        taken: mpsc::UnboundedReceiver<String>,
+    }
+
+    impl HandRelay {
+        /// Like a real relay it says hello once it listens, and this returns once `transport`
+        /// has heard it (a request sent to a nats-server that has just started may otherwise
+        /// find no responder).
+        async fn start(url: &str, transport: &NatsTransport) -> Self {
+            let client = async_nats::connect(url).await.expect("connect");
+            let mut requests = client.subscribe(Subjects::default().request("w1")).await.expect("subscribe");
+            let (tx, taken) = mpsc::unbounded_channel();
+            let answering = client.clone();
+            tokio::spawn(async move {
+                while let Some(msg) = requests.next().await {
+                    let call: ToolRequest = serde_json::from_slice(&msg.payload).expect("a tool request");
+                    answering.publish(msg.reply.expect("a reply subject"), ACK.into()).await.expect("ack");
+                    let _ = tx.send(call.call_id);
+                }
+            });
+            let hello = Hello { workspace_id: "w1".into(), relay_version: "test".into(), started_at: "now".into() };
+            let hello = bytes::Bytes::from(serde_json::to_vec(&hello).expect("json"));
+            let (since, deadline) = (Instant::now(), Instant::now() + WAIT);
+            loop {
+                client.publish(Subjects::default().hello("w1"), hello.clone()).await.expect("hello");
+                if transport.presence().wait_ready("w1", since, Duration::from_millis(50)).await {
+                    return HandRelay { client, taken };
+                }
+                assert!(Instant::now() < deadline, "the transport never heard the relay's hello");
             }
-        });
-        let hello = Hello { workspace_id: ws.into(), relay_version: "test".into(), started_at: "now".into() };
-        let hello = bytes::Bytes::from(serde_json::to_vec(&hello).expect("json"));
-        let (since, deadline) = (Instant::now(), Instant::now() + WAIT);
-        loop {
-            client.publish(Subjects::default().hello(ws), hello.clone()).await.expect("hello");
-            if transport.presence().wait_ready(ws, since, Duration::from_millis(50)).await {
-                return (client, rx);
+        }
+
+        /// The id of the next call the relay took.
+        async fn next_call(&mut self) -> String {
+            tokio::time::timeout(WAIT, self.taken.recv()).await.expect("a call in time").expect("a call")
+        }
+
+        async fn output(&self, call: &str, piece: &str) {
+            let piece = bytes::Bytes::copy_from_slice(piece.as_bytes());
+            self.client.publish(Subjects::default().output("w1", call), piece).await.expect("output");
+        }
+
+        /// Publishes `call`'s result, "done <call>".
+        async fn finish(&self, call: &str) {
+            self.client.publish(Subjects::default().result("w1", call), result(call)).await.expect("result");
+        }
+
+        /// Answers the next call taken with `pieces` of output, then its result.
+        async fn answer_next(&mut self, pieces: &[&str]) {
+            let call = self.next_call().await;
+            for piece in pieces {
+                self.output(&call, piece).await;
             }
-            assert!(Instant::now() < deadline, "the transport never heard the relay's hello");
+            self.finish(&call).await;
         }
     }
 
@@ -386,7 +414,7 @@ mod tests {
     async fn calls_on_one_workspace_each_get_their_own_output_and_result() {
         let nats = NatsServer::start();
         let transport = Arc::new(transport(&nats.url()).await);
-        let (relay, mut taken) = hand_relay(&nats.url(), "w1", &transport).await;
+        let mut relay = HandRelay::start(&nats.url(), &transport).await;
         let calls: [&'static str; 3] = ["c1", "c2", "c3"];
         let running: Vec<_> = calls
             .into_iter()
@@ -396,15 +424,14 @@ mod tests {
             })
             .collect();
         for _ in calls {
-            tokio::time::timeout(WAIT, taken.recv()).await.expect("all three calls reach the relay");
+            relay.next_call().await;
         }
         assert_eq!(transport.subscribed_workspaces().await, 1, "one subscription for the workspace");
-        let subjects = Subjects::default();
         for (call, piece) in [("c3", "a"), ("c1", "b"), ("c2", "c"), ("c1", "d"), ("c3", "e"), ("c2", "f")] {
-            relay.publish(subjects.output("w1", call), piece.into()).await.expect("output");
+            relay.output(call, piece).await;
         }
         for call in ["c2", "c3", "c1"] {
-            relay.publish(subjects.result("w1", call), result(call)).await.expect("result");
+            relay.finish(call).await;
         }
         for ((task, mut output), (call, expected)) in running.into_iter().zip(calls.iter().zip(["bd", "cf", "ae"])) {
             let answer = tokio::time::timeout(WAIT, task).await.expect("the call ends").expect("task").expect("call");
@@ -422,12 +449,12 @@ mod tests {
     async fn a_call_waited_for_twice_is_answered_to_both() {
         let nats = NatsServer::start();
         let transport = transport(&nats.url()).await;
-        let (relay, mut taken) = hand_relay(&nats.url(), "w1", &transport).await;
+        let mut relay = HandRelay::start(&nats.url(), &transport).await;
         let answer = async {
             for _ in 0..2 {
-                tokio::time::timeout(WAIT, taken.recv()).await.expect("taken").expect("a call");
+                relay.next_call().await;
             }
-            relay.publish(Subjects::default().result("w1", "c1"), result("c1")).await.expect("result");
+            relay.finish("c1").await;
         };
         let (first, second, ()) =
             tokio::join!(transport.call("w1", request("c1"), None), transport.call("w1", request("c1"), None), answer);
@@ -442,25 +469,18 @@ mod tests {
     async fn a_router_whose_runtime_ended_is_replaced() {
         let nats = NatsServer::start();
         let transport = Arc::new(transport(&nats.url()).await);
-        let (relay, mut taken) = hand_relay(&nats.url(), "w1", &transport).await;
+        let mut relay = HandRelay::start(&nats.url(), &transport).await;
         let elsewhere = transport.clone();
         let other_runtime = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             runtime.block_on(elsewhere.call("w1", request("c1"), None))
         });
-        let call = tokio::time::timeout(WAIT, taken.recv()).await.expect("taken").expect("a call");
-        relay.publish(Subjects::default().result("w1", &call), result(&call)).await.expect("result");
+        relay.answer_next(&[]).await;
         let first = tokio::task::spawn_blocking(move || other_runtime.join().expect("thread")).await.expect("join");
         assert_eq!(first.expect("first call").output, "done c1");
 
         let (tx, mut output) = mpsc::unbounded_channel();
-        let answer = async {
-            let call = tokio::time::timeout(WAIT, taken.recv()).await.expect("taken").expect("a call");
-            let subjects = Subjects::default();
-            relay.publish(subjects.output("w1", &call), "piece".into()).await.expect("output");
-            relay.publish(subjects.result("w1", &call), result(&call)).await.expect("result");
-        };
-        let (second, ()) = tokio::join!(transport.call("w1", request("c2"), Some(tx)), answer);
+        let (second, ()) = tokio::join!(transport.call("w1", request("c2"), Some(tx)), relay.answer_next(&["piece"]));
         assert_eq!(second.expect("second call").output, "done c2");
         assert_eq!(output.try_recv().ok().as_deref(), Some("piece"), "the output came through a live router");
     }
@@ -471,23 +491,15 @@ mod tests {
     async fn an_idle_workspace_subscription_is_dropped_and_made_again() {
         let nats = NatsServer::start();
         let transport = transport(&nats.url()).await.idle_unsubscribe(Duration::from_millis(50));
-        let (relay, mut taken) = hand_relay(&nats.url(), "w1", &transport).await;
-        let answer = async {
-            let call = tokio::time::timeout(WAIT, taken.recv()).await.expect("taken").expect("a call");
-            relay.publish(Subjects::default().result("w1", &call), result(&call)).await.expect("result");
-        };
-        let (first, ()) = tokio::join!(transport.call("w1", request("c1"), None), answer);
+        let mut relay = HandRelay::start(&nats.url(), &transport).await;
+        let (first, ()) = tokio::join!(transport.call("w1", request("c1"), None), relay.answer_next(&[]));
         assert_eq!(first.expect("first call").output, "done c1");
         let deadline = Instant::now() + WAIT;
         while transport.subscribed_workspaces().await > 0 {
             assert!(Instant::now() < deadline, "the idle subscription was not dropped");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let answer = async {
-            let call = tokio::time::timeout(WAIT, taken.recv()).await.expect("taken").expect("a call");
-            relay.publish(Subjects::default().result("w1", &call), result(&call)).await.expect("result");
-        };
-        let (second, ()) = tokio::join!(transport.call("w1", request("c2"), None), answer);
+        let (second, ()) = tokio::join!(transport.call("w1", request("c2"), None), relay.answer_next(&[]));
         assert_eq!(second.expect("second call").output, "done c2");
     }
 }
