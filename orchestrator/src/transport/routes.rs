@@ -11,7 +11,7 @@
 //! each call's channel keeps that order, so a call's last output still comes before its result.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,8 +24,8 @@ use tokio::sync::mpsc;
 pub const IDLE_UNSUBSCRIBE: Duration = Duration::from_secs(30);
 
 /// The channels of the calls registered under each call id (one, unless the same call is waited
-/// for twice), numbered by registration.
-type Senders = HashMap<String, Vec<(u64, mpsc::UnboundedSender<async_nats::Message>)>>;
+/// for twice).
+type Senders = HashMap<String, Vec<mpsc::UnboundedSender<async_nats::Message>>>;
 
 /// The calls of one workspace that wait for messages.
 #[derive(Default)]
@@ -62,7 +62,6 @@ pub struct Routes {
     /// the same workspace waits for it rather than making another. The routers take it only to
     /// leave.
     workspaces: tokio::sync::Mutex<HashMap<String, Arc<Workspace>>>,
-    registrations: AtomicU64,
 }
 
 /// A registered call: its messages arrive on `updates`; dropping it unregisters the call.
@@ -70,14 +69,15 @@ pub struct Registration {
     pub updates: mpsc::UnboundedReceiver<async_nats::Message>,
     workspace: Arc<Workspace>,
     call_id: String,
-    number: u64,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        // Closed, this call's channel is the one to leave among those of its call id.
+        self.updates.close();
         let mut calls = self.workspace.calls();
         if let Some(waiting) = calls.get_mut(&self.call_id) {
-            waiting.retain(|(number, _)| *number != self.number);
+            waiting.retain(|tx| !tx.is_closed());
             if waiting.is_empty() {
                 calls.remove(&self.call_id);
             }
@@ -87,7 +87,7 @@ impl Drop for Registration {
 
 impl Routes {
     pub fn new(client: async_nats::Client, subjects: Subjects, idle: Duration) -> Arc<Self> {
-        Arc::new(Routes { client, subjects, idle, workspaces: Default::default(), registrations: AtomicU64::new(0) })
+        Arc::new(Routes { client, subjects, idle, workspaces: Default::default() })
     }
 
     /// Registers a call. When this returns, the workspace's subscription has been sent to the
@@ -114,15 +114,14 @@ impl Routes {
                 }
             };
             workspace.used.store(true, Ordering::Relaxed);
-            let number = self.registrations.fetch_add(1, Ordering::Relaxed);
             let mut calls = workspace.calls();
             // Checked under the calls' lock, which the stopping router takes after marking it.
             if workspace.closed.load(Ordering::SeqCst) {
                 continue;
             }
-            calls.entry(call_id.to_owned()).or_default().push((number, tx));
+            calls.entry(call_id.to_owned()).or_default().push(tx);
             drop(calls);
-            return Ok(Registration { updates, workspace, call_id: call_id.to_owned(), number });
+            return Ok(Registration { updates, workspace, call_id: call_id.to_owned() });
         }
     }
 
@@ -144,8 +143,8 @@ impl Routes {
                 message = subscription.next() => match message {
                     Some(message) => {
                         let call_id = message.subject.rsplit('.').next().unwrap_or_default();
-                        if let Some(((_, last), others)) = workspace.calls().get(call_id).and_then(|w| w.split_last()) {
-                            for (_, tx) in others {
+                        if let Some((last, others)) = workspace.calls().get(call_id).and_then(|w| w.split_last()) {
+                            for tx in others {
                                 let _ = tx.send(message.clone());
                             }
                             let _ = last.send(message);
