@@ -4,6 +4,8 @@
 //! Every durable change goes through [`ChatShared::commit`], which assigns `seq`s, writes the
 //! change and its events in one transaction, and only then publishes — all under one lock, so
 //! watchers see durable events in `seq` order and never one that is not stored.
+//! [`ChatShared::commit_ahead`] takes its place in that order the same way but lets the commit
+//! land in a task of its own; [`ChatShared::settle`] waits for it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use agentplane_schema::api::{ChatError, ChatStatus};
 use agentplane_schema::event::{EventBody, SharedEvent, StreamEvent};
 use agentplane_schema::message::Message;
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::ports::{Batch, EventBus, ImageData, Op, PromptMemo, PromptMessage, Store, StoreError};
@@ -28,7 +30,11 @@ pub struct ChatShared {
     pub owner_id: String,
     store: Arc<dyn Store>,
     bus: Arc<dyn EventBus>,
-    last_seq: Mutex<i64>,
+    /// The commit lock, holding the last durable `seq`.
+    last_seq: Arc<Mutex<i64>>,
+    /// The results message a [`ChatShared::commit_ahead`] could not store, until the actor drops
+    /// it from its history ([`ChatShared::take_failed_ahead`]); with why.
+    failed_ahead: std::sync::Mutex<Option<(String, String)>>,
     /// The last durable `seq` handed to the bus. Ephemeral events are stamped with it under this
     /// lock, so each one comes after the durable event it names and before the next one.
     published_seq: std::sync::Mutex<i64>,
@@ -65,7 +71,8 @@ impl ChatShared {
             owner_id,
             store,
             bus,
-            last_seq: Mutex::new(last_seq),
+            last_seq: Arc::new(Mutex::new(last_seq)),
+            failed_ahead: std::sync::Mutex::new(None),
             published_seq: std::sync::Mutex::new(last_seq),
             last_position: AtomicI64::new(last_position),
             queue_waiting: AtomicBool::new(false),
@@ -115,8 +122,40 @@ impl ChatShared {
 
     /// Commits `ops` with the durable `events`, then publishes the events.
     pub async fn commit(&self, ops: Vec<Op>, events: Vec<EventBody>) -> Result<(), StoreError> {
-        let last_seq = self.last_seq.lock().await;
-        self.commit_locked(last_seq, ops, events).await
+        let mut last_seq = self.last_seq.lock().await;
+        self.commit_locked(&mut last_seq, ops, events).await
+    }
+
+    /// Commits the step's tool results (`ops` with the durable `events`, storing the results
+    /// message `message_id`) in a task of its own, and returns once the commit has its place in
+    /// the chat's order: the next model request goes out while it lands. Every later commit
+    /// waits for it (the commit lock), and the next step waits for it ([`ChatShared::settle`])
+    /// before it publishes anything. If it fails, the results message stays unstored and
+    /// [`ChatShared::take_failed_ahead`] names it. Must run on the chat's thread (a local task).
+    pub async fn commit_ahead(self: &Arc<Self>, message_id: String, ops: Vec<Op>, events: Vec<EventBody>) {
+        let mut last_seq = self.last_seq.clone().lock_owned().await;
+        let shared = self.clone();
+        tokio::task::spawn_local(async move {
+            if let Err(error) = shared.commit_locked(&mut last_seq, ops, events).await {
+                tracing::warn!(chat = %shared.chat_id, %error, "the tool results could not be stored");
+                // Set before the lock is released: whoever takes it next sees the failure.
+                *shared.failed_ahead.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some((message_id, error.to_string()));
+            }
+        });
+    }
+
+    /// Waits until the commits before this call have landed; why the last
+    /// [`ChatShared::commit_ahead`] failed, if it did and the actor has not dropped its message yet.
+    pub async fn settle(&self) -> Option<String> {
+        drop(self.last_seq.lock().await);
+        self.failed_ahead.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(|(_, why)| why.clone())
+    }
+
+    /// The id of the results message a failed [`ChatShared::commit_ahead`] did not store and
+    /// why, once: the actor drops it from its history and ends the turn.
+    pub fn take_failed_ahead(&self) -> Option<(String, String)> {
+        self.failed_ahead.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }
 
     /// Commits a change of the chat's status (without an error) and its event, alone.
@@ -135,23 +174,19 @@ impl ChatShared {
         mut events: Vec<EventBody>,
         cancel: &CancellationToken,
     ) -> Result<bool, StoreError> {
-        let last_seq = self.last_seq.lock().await;
+        let mut last_seq = self.last_seq.lock().await;
         let ends = !self.queue_waiting.load(Ordering::SeqCst) && !cancel.is_cancelled();
         if ends {
             let (op, event) = status_change(ChatStatus::Idle, None);
             ops.push(op);
             events.push(event);
         }
-        self.commit_locked(last_seq, ops, events).await?;
+        self.commit_locked(&mut last_seq, ops, events).await?;
         Ok(ends)
     }
 
-    async fn commit_locked(
-        &self,
-        mut last_seq: MutexGuard<'_, i64>,
-        ops: Vec<Op>,
-        events: Vec<EventBody>,
-    ) -> Result<(), StoreError> {
+    /// Commits under the commit lock, whose guard holds `last_seq`.
+    async fn commit_locked(&self, last_seq: &mut i64, ops: Vec<Op>, events: Vec<EventBody>) -> Result<(), StoreError> {
         let mut seq = *last_seq;
         let events: Vec<Arc<SharedEvent>> = events
             .into_iter()
@@ -180,6 +215,11 @@ impl ChatShared {
     /// Tells the running step whether queued messages wait for it to end.
     pub fn set_queue_waiting(&self, waiting: bool) {
         self.queue_waiting.store(waiting, Ordering::SeqCst);
+    }
+
+    /// Whether queued messages wait for the running step to end.
+    pub fn queue_waiting(&self) -> bool {
+        self.queue_waiting.load(Ordering::SeqCst)
     }
 
     /// The next message position.

@@ -432,7 +432,15 @@ async fn run_and_record(
         ops.push(Op::InsertMessage(results.clone()));
         events.push(EventBody::Message { message: results.clone() });
     }
-    ctx.shared.commit(ops, events).await?;
+    // The step's last commit, when another step follows it: the next model request need not
+    // wait for it (see `ChatShared::commit_ahead`). The relay's journal keeps the results should
+    // the process stop before the commit lands.
+    let next_step_follows =
+        results.as_ref().is_some_and(|r| !r.interrupted) && !ctx.cancel.is_cancelled() && !ctx.shared.queue_waiting();
+    match &results {
+        Some(results) if next_step_follows => ctx.shared.commit_ahead(results.id.clone(), ops, events).await,
+        _ => ctx.shared.commit(ops, events).await?,
+    }
     match results {
         Some(results) => *finishing.results.lock().unwrap_or_else(|p| p.into_inner()) = Some(results),
         None => finishing.committed.lock().unwrap_or_else(|p| p.into_inner())[index] = Some(outcome.clone()),
@@ -503,6 +511,11 @@ async fn stream_once(input: &StepInput, request: &ModelRequest, draft: &mut Draf
         _ = input.cancel.cancelled() => return Ok(Streamed::Interrupted),
         s = input.deps.model.stream(request.clone()) => s?,
     };
+    // The previous step's results may still be landing (`ChatShared::commit_ahead`): nothing of
+    // this answer goes out before them, and nothing of it at all if they could not be stored.
+    if let Some(why) = input.shared.settle().await {
+        return Err(ModelError::new(ChatErrorKind::Internal, format!("the tool results could not be stored: {why}")));
+    }
     // Pieces that arrive together reach watchers as one delta: one event to publish, serialise
     // and send instead of one per piece. Nothing waits for more than what has arrived.
     let mut deltas = Deltas::default();

@@ -215,6 +215,10 @@ impl ChatActor {
 
     fn start_step(&mut self, ctx: &mut Context<Self>) {
         let max_steps = self.deps.settings.agent.max_steps;
+        if let Some(error) = self.live.as_mut().and_then(unstored_results) {
+            self.end_turn(Some(error), ctx);
+            return;
+        }
         let Some(live) = self.live.as_mut() else { return };
         let Some(turn) = live.turn.as_mut() else { return };
         turn.steps += 1;
@@ -812,14 +816,21 @@ impl Handler<StepDone> for ChatActor {
             history.retain(|m| !result.dropped.contains(&m.id));
         }
         history.extend(result.committed);
-        if matches!(result.outcome, StepOutcome::Crashed(_)) {
+        let mut outcome = result.outcome;
+        if let Some(error) = unstored_results(live) {
+            // The step's results never landed: the turn cannot go on from them.
+            if !matches!(outcome, StepOutcome::Failed(_) | StepOutcome::Crashed(_)) {
+                outcome = StepOutcome::Failed(error);
+            }
+        }
+        if matches!(outcome, StepOutcome::Crashed(_)) {
             // Whatever the crashed step streamed is void: it is produced again or never.
             live.shared.publish(EventBody::StreamReset);
         }
         let Some(turn) = live.turn.as_mut() else { return };
         turn.task = None;
         let has_queue = !live.queue.is_empty();
-        match result.outcome {
+        match outcome {
             StepOutcome::Continue | StepOutcome::Done if has_queue => self.deliver_queue(false, ctx),
             // The answer's commit ended the turn, but a message was queued after it: it goes on.
             StepOutcome::Ended if has_queue => self.deliver_queue(true, ctx),
@@ -844,13 +855,30 @@ impl Handler<StepDone> for ChatActor {
     }
 }
 
+/// When the last step's results could not be stored ([`ChatShared::commit_ahead`]): drops them
+/// from the history, which then ends as the database does, and returns the error that ends the
+/// turn.
+fn unstored_results(live: &mut Live) -> Option<ChatError> {
+    let (id, why) = live.shared.take_failed_ahead()?;
+    Arc::make_mut(&mut live.history).retain(|m| m.id != id);
+    Some(ChatError { kind: ChatErrorKind::Internal, message: format!("the tool results could not be stored: {why}") })
+}
+
 impl ChatActor {
     /// After a crash: the history is re-read from the database (what the crashed step held in
     /// memory is dropped; what it committed stays), then the step runs again.
     fn restart_from_database(&mut self, ctx: &mut Context<Self>) {
         let store = self.deps.store.clone();
         let id = self.chat_id.clone();
-        ctx.wait(async move { store.load_chat(&id).await }.into_actor(self).map(|res, act, ctx| {
+        let shared = self.live.as_ref().map(|live| live.shared.clone());
+        let reload = async move {
+            // What the crashed step still had landing is in the database before it is read.
+            if let Some(shared) = shared {
+                shared.settle().await;
+            }
+            store.load_chat(&id).await
+        };
+        ctx.wait(reload.into_actor(self).map(|res, act, ctx| {
             let Some(live) = act.live.as_mut() else { return };
             match res {
                 Ok(state) => {

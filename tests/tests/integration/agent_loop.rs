@@ -230,3 +230,120 @@ async fn an_idle_chat_keeps_its_last_prompt_for_a_while_then_lets_it_go() {
     // Let go once the chat was idle for longer than the setting.
     assert_eq!(prompt_kept_across(50, Duration::from_millis(400)).await, [false, false]);
 }
+
+/// The server's SQLite database, opened beside it (a second connection, as another process's).
+async fn sqlite_beside(env: &TestEnv) -> sea_orm::DatabaseConnection {
+    sea_orm::Database::connect(env.settings.database_url()).await.expect("open the database")
+}
+
+/// Every durable event of `events` follows the one before it without a gap.
+fn assert_seqs_follow(events: &[agentplane_schema::event::StreamEvent]) {
+    let seqs: Vec<i64> = events.iter().filter_map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "durable seqs with a gap or repeat: {seqs:?}");
+}
+
+/// A step's results land while the next model request is already out. Another connection holds
+/// SQLite's write lock while a tool runs, so the results cannot be stored until it lets go: the
+/// next request still reaches the model meanwhile, nothing of its answer reaches watchers before
+/// the results, and once the lock is free everything lands in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_model_request_goes_out_while_the_results_land() {
+    use agentplane_schema::event::ToolPhase;
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let env = TestEnv::start().await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    env.llm.push_all([
+        Reply::tool_call("create_workspace", json!({"template_id": "local"})),
+        Reply::tool_call("execute", json!({"command": "sleep 1; echo slept"})),
+        Reply::text("done"),
+    ]);
+    env.send(&chat.id, "wait a moment").await;
+    let mut events = stream
+        .wait_for(
+            |e| matches!(&e.body, EventBody::ToolCall { phase: ToolPhase::Started, name, .. } if name == "execute"),
+            WAIT,
+        )
+        .await
+        .expect("the execute call starts");
+    let db = sqlite_beside(&env).await;
+    let lock = db.begin().await.expect("begin");
+    lock.execute_unprepared("DELETE FROM chats WHERE 0").await.expect("take the write lock");
+
+    // The call finishes while the lock is held; the answer is asked for all the same.
+    let requests = env.llm.wait_for_requests(4, WAIT).await.expect("the next model request");
+    assert_eq!(requests[3].tool_result_count(), 2, "it carries the execute call's result");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(300);
+    while let Ok(Ok(event)) = tokio::time::timeout_at(deadline, stream.next_event(WAIT)).await {
+        assert!(
+            !matches!(
+                &event.body,
+                EventBody::ToolCall { phase: ToolPhase::Finished, .. }
+                    | EventBody::Message { .. }
+                    | EventBody::MessageDelta { .. }
+            ),
+            "reached a watcher before the results were stored: {event:?}"
+        );
+        events.push(event);
+    }
+    lock.rollback().await.expect("let go of the lock");
+
+    let rest = stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle");
+    let finished = rest
+        .iter()
+        .position(|e| matches!(&e.body, EventBody::ToolCall { phase: ToolPhase::Finished, .. }))
+        .expect("the call's finish");
+    let results = rest
+        .iter()
+        .position(|e| matches!(&e.body, EventBody::Message { message } if message.role == Role::Tool))
+        .expect("the results message");
+    let first_delta =
+        rest.iter().position(|e| matches!(&e.body, EventBody::MessageDelta { .. })).expect("the answer's deltas");
+    assert!(finished < results && results < first_delta, "out of order: {rest:?}");
+    events.extend(rest);
+    assert_seqs_follow(&events);
+    let stored = tool_results(&env.messages(&chat.id).await);
+    assert!(stored.iter().any(|(_, name, result, _)| name == "execute" && result.contains("slept")), "{stored:?}");
+}
+
+/// Results that cannot be stored end the turn with an error even though the next model request
+/// may already be out; the chat stays usable and its memory matches the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_that_cannot_be_stored_end_the_turn_and_the_chat_goes_on() {
+    use sea_orm::ConnectionTrait;
+    let env = TestEnv::start().await;
+    let (chat, mut stream) = env.idle_chat("ready").await;
+    let db = sqlite_beside(&env).await;
+    db.execute_unprepared(
+        "CREATE TRIGGER no_tool_results BEFORE INSERT ON messages WHEN NEW.role = 'tool' \
+         BEGIN SELECT RAISE(ABORT, 'injected: no tool results'); END",
+    )
+    .await
+    .expect("trigger");
+    env.llm.push_all([Reply::tool_call("list_templates", json!({})), Reply::text("never seen")]);
+    env.send(&chat.id, "list the templates").await;
+    let mut events = stream.wait_for(is_status(ChatStatus::Error), WAIT).await.expect("error");
+    let error = env.admin.get_chat(&chat.id).await.expect("chat").chat.error.expect("error");
+    assert_eq!(error.kind, ChatErrorKind::Internal);
+    assert!(error.message.contains("tool results could not be stored"), "{}", error.message);
+    assert!(!events.iter().any(|e| format!("{:?}", e.body).contains("never seen")), "no answer went out");
+
+    db.execute_unprepared("DROP TRIGGER no_tool_results").await.expect("drop the trigger");
+    // The failed turn may have asked for its answer before it heard of the failure, or not:
+    // the next turn gets what is left.
+    let answer = if env.llm.pending() == 0 {
+        env.llm.push(Reply::text("back"));
+        "back"
+    } else {
+        "never seen"
+    };
+    let asked_before = env.llm.request_count();
+    env.send(&chat.id, "again").await;
+    events.extend(stream.wait_for(is_status(ChatStatus::Idle), WAIT).await.expect("idle"));
+    assert_seqs_follow(&events);
+    let messages = env.messages(&chat.id).await;
+    assert!(!messages.iter().any(|m| m.role == Role::Tool), "the unstored results are nowhere");
+    assert_eq!(messages.last().map(|m| m.text()), Some(answer.to_string()));
+    let last = env.llm.requests().pop().expect("request");
+    assert!(env.llm.request_count() > asked_before);
+    assert_eq!(last.tool_result_count(), 0, "nor in what the model is sent");
+}
