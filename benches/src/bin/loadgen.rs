@@ -927,16 +927,17 @@ async fn burst(bin: Option<PathBuf>, users: usize) -> anyhow::Result<(serde_json
 }
 
 /// What one chat saw in one turn, from its WebSocket.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct TurnTimes {
     to_first_delta: Option<f64>,
     /// From each tool result (`tool_call` finished) to the next model output of the turn: the
     /// orchestration added per step (committing the result, building the prompt, the model call
     /// starting) when the model answers at once; with `--model-ms` it includes the model's time.
     step_gaps: Vec<f64>,
-    /// Each tool call's span on the WebSocket: `started` (published once the call is committed,
-    /// just before it is sent) to `finished` (published once its result is committed).
-    tool_spans: Vec<f64>,
+    /// Each tool call on the WebSocket: when `started` arrived (published once the call is
+    /// committed, just before it is sent) and when `finished` did (published once its result is
+    /// committed).
+    tool_calls: Vec<(Instant, Instant)>,
 }
 
 /// One model call of a chat as the scripted model saw it: when the request arrived and when the
@@ -947,33 +948,42 @@ struct ModelCall {
     answered: Instant,
 }
 
-/// Added orchestration latency per tool step, estimated from outside as the issue defines it
-/// (step wall time minus model stream time minus tool time): the time from the model's answer
-/// of step k (its last write, as the scripted model logs it) to the model request of step k+1,
-/// minus the tool's span between them ([`TurnTimes::tool_spans`]). What remains is the server's
-/// work between the model calls — reading the answer, committing it, dispatching the call,
-/// building the next prompt, sending it — except the commit of the tool's result, which falls
-/// inside the span. Also in it under load: the scripted model's own queueing before it reads a
-/// request, and any difference between how late the two tool events reach this process; single
-/// values can be negative. `None` when the chat's model calls do not line up with its turns
+/// Per tool step, in ms: the added orchestration latency and the time from the tool's start to
+/// the next model request. `None` when the chat's model calls do not line up with its turns
 /// (e.g. a retried model call).
-fn added_latencies(calls: &[ModelCall], turns: &[TurnTimes], steps: usize) -> Option<Vec<f64>> {
-    if calls.len() != turns.len() * (steps + 1) || turns.iter().any(|t| t.tool_spans.len() != steps) {
+///
+/// The added latency is estimated from outside as the issue defines it (step wall time minus
+/// model stream time minus tool time): the time from the model's answer of step k (its last
+/// write, as the scripted model logs it) to the model request of step k+1, minus the tool's span
+/// between them ([`TurnTimes::tool_calls`]), cut off at that request. What remains is the
+/// server's work between the model calls — reading the answer, committing it, dispatching the
+/// call, building the next prompt, sending it — except the commit of the tool's result, which
+/// falls inside the span. The next request goes out while that commit lands, so the span ends
+/// at the request when the result's `finished` event comes after it: the prompt's building is
+/// then inside the span too. Also in it under load: the scripted model's own queueing before it
+/// reads a request, and any difference between how late the two tool events reach this
+/// process; single values can be negative.
+///
+/// The second figure, from the tool's `started` event to the next request, holds the tool's own
+/// time and everything the server does with its result before the next model call: what the
+/// result's commit costs a step shows there.
+fn step_latencies(calls: &[ModelCall], turns: &[TurnTimes], steps: usize) -> Option<Vec<(f64, f64)>> {
+    if calls.len() != turns.len() * (steps + 1) || turns.iter().any(|t| t.tool_calls.len() != steps) {
         return None;
     }
-    let mut added = Vec::with_capacity(turns.len() * steps);
+    let ms = |from: Instant, to: Instant| {
+        if to >= from { (to - from).as_secs_f64() * 1000.0 } else { -(from - to).as_secs_f64() * 1000.0 }
+    };
+    let mut out = Vec::with_capacity(turns.len() * steps);
     for (t, turn) in turns.iter().enumerate() {
         let calls = &calls[t * (steps + 1)..(t + 1) * (steps + 1)];
-        for (k, span) in turn.tool_spans.iter().enumerate() {
-            let between = if calls[k + 1].arrived >= calls[k].answered {
-                (calls[k + 1].arrived - calls[k].answered).as_secs_f64()
-            } else {
-                -(calls[k].answered - calls[k + 1].arrived).as_secs_f64()
-            };
-            added.push(between * 1000.0 - span);
+        for (k, &(started, finished)) in turn.tool_calls.iter().enumerate() {
+            let next = calls[k + 1].arrived;
+            let span = ms(started, finished.min(next)).max(0.0);
+            out.push((ms(calls[k].answered, next) - span, ms(started, next)));
         }
     }
-    Some(added)
+    Some(out)
 }
 
 /// The scripted model's time for its `index`th call when it takes `mean` on average: spread
@@ -1134,7 +1144,7 @@ async fn steps_scenario(
                                 EventBody::ToolCall { phase: ToolPhase::Finished, .. } => {
                                     last_result = Some(now);
                                     if let Some(at) = call_started.take() {
-                                        times.tool_spans.push((now - at).as_secs_f64() * 1000.0);
+                                        times.tool_calls.push((at, now));
                                     }
                                 }
                                 _ => {}
@@ -1156,6 +1166,7 @@ async fn steps_scenario(
     let mut to_delta = Vec::new();
     let mut gaps = Vec::new();
     let mut added = Vec::new();
+    let mut to_request = Vec::new();
     let mut unaligned = 0;
     let mut problems = Vec::new();
     let mut results = Vec::with_capacity(chats);
@@ -1202,8 +1213,13 @@ async fn steps_scenario(
                 model_times.extend(
                     calls.iter().map(|c| (c.answered.saturating_duration_since(c.arrived)).as_secs_f64() * 1000.0),
                 );
-                match added_latencies(&calls, &turns, steps) {
-                    Some(chat_added) => added.extend(chat_added),
+                match step_latencies(&calls, &turns, steps) {
+                    Some(chat_steps) => {
+                        for (a, r) in chat_steps {
+                            added.push(a);
+                            to_request.push(r);
+                        }
+                    }
                     None => unaligned += 1,
                 }
                 for t in turns {
@@ -1219,6 +1235,7 @@ async fn steps_scenario(
     let delta = summarize(to_delta);
     let gap = summarize(gaps);
     let added = summarize(added);
+    let to_request = summarize(to_request);
     let model_time = summarize(model_times);
     let db = if database_url.is_some() { "PostgreSQL" } else { "SQLite" };
     println!(
@@ -1264,6 +1281,10 @@ async fn steps_scenario(
     );
     println!(
         "{:<40} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+        "tool start → next model request", to_request.p50, to_request.p90, to_request.p99, to_request.max
+    );
+    println!(
+        "{:<40} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
         "model call (request → last write)", model_time.p50, model_time.p90, model_time.p99, model_time.max
     );
     if unaligned > 0 {
@@ -1287,6 +1308,7 @@ async fn steps_scenario(
                "nats_cpu_s_per_1000_steps": per_1000(sides.nats),
                "loadgen_cpu_s_per_1000_steps": per_1000(sides.loadgen),
                "to_first_delta_ms": delta, "step_gap_ms": gap, "added_per_tool_step_ms": added,
+               "tool_start_to_next_request_ms": to_request,
                "model_call_ms": model_time, "chats_left_out_of_added": unaligned, "errors": problems}),
         failure,
     ))
@@ -1396,28 +1418,30 @@ async fn main() -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    fn turn(spans: &[f64]) -> TurnTimes {
-        TurnTimes { tool_spans: spans.to_vec(), ..Default::default() }
-    }
-
     #[test]
     fn added_latency_is_the_time_from_a_model_answer_to_the_next_request_less_the_tool_span() {
         let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
-        // Two turns of two tool steps: requests at 0, 10, 25 (answer) and 100, 104, 120 (answer),
-        // each answered 2 ms after it arrived.
+        let at = |us: u64| t0 + Duration::from_micros(us);
+        let turn = |calls: &[(u64, u64)]| TurnTimes {
+            tool_calls: calls.iter().map(|&(s, f)| (at(s), at(f))).collect(),
+            ..Default::default()
+        };
+        // Two turns of two tool steps: requests at 0, 10, 25 (answer) and 100, 104, 120 (answer)
+        // ms, each answered 2 ms after it arrived. The last call's `finished` reaches the client
+        // after the next request went out (its result still being committed): its span ends there.
         let arrivals: Vec<ModelCall> = [0, 10, 25, 100, 104, 120]
             .into_iter()
-            .map(|ms| ModelCall { arrived: at(ms), answered: at(ms + 2) })
+            .map(|ms| ModelCall { arrived: at(ms * 1000), answered: at(ms * 1000 + 2000) })
             .collect();
-        let turns = [turn(&[7.0, 12.0]), turn(&[1.0, 13.5])];
-        let added = added_latencies(&arrivals, &turns, 2).expect("lined up");
-        assert_eq!(added.len(), 4);
-        for (got, want) in added.iter().zip([1.0, 1.0, 1.0, 0.5]) {
-            assert!((got - want).abs() < 1e-9, "{added:?}");
+        let turns = [turn(&[(2500, 9500), (13000, 25000)]), turn(&[(102500, 103500), (107000, 121000)])];
+        let steps = step_latencies(&arrivals, &turns, 2).expect("lined up");
+        let want = [(1.0, 7.5), (1.0, 12.0), (1.0, 1.5), (1.0, 13.0)];
+        assert_eq!(steps.len(), want.len());
+        for (got, want) in steps.iter().zip(want) {
+            assert!((got.0 - want.0).abs() < 1e-9 && (got.1 - want.1).abs() < 1e-9, "{steps:?}");
         }
         // A model call more than the turns explain (a retry): left out, not guessed at.
-        assert!(added_latencies(&arrivals[..5], &turns, 2).is_none());
-        assert!(added_latencies(&arrivals, &[turn(&[7.0]), turn(&[1.0, 13.5])], 2).is_none());
+        assert!(step_latencies(&arrivals[..5], &turns, 2).is_none());
+        assert!(step_latencies(&arrivals, &[turn(&[(2500, 9500)]), turns[1].clone()], 2).is_none());
     }
 }
