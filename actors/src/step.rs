@@ -433,8 +433,9 @@ async fn run_and_record(
         events.push(EventBody::Message { message: results.clone() });
     }
     // The step's last commit, when another step follows it: the next model request need not
-    // wait for it (see `ChatShared::commit_ahead`). The relay's journal keeps the results should
-    // the process stop before the commit lands.
+    // wait for it (see `ChatShared::commit_ahead`). A stop before it lands leaves these calls
+    // without stored results, which recovery marks "outcome unknown", as it did when the stop
+    // came while the step waited for the same commit.
     let next_step_follows =
         results.as_ref().is_some_and(|r| !r.interrupted) && !ctx.cancel.is_cancelled() && !ctx.shared.queue_waiting();
     match &results {
