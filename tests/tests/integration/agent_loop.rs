@@ -10,7 +10,9 @@ use agentplane_schema::message::{Part, Role};
 use agentplane_tests::{Reply, ScriptedCall, ScriptedLlm};
 use serde_json::json;
 
-use crate::common::{Db, ProviderSetup, TestEnv, WAIT, is_status, reset_mid_stream_turn, tool_results};
+use crate::common::{
+    Db, ProviderSetup, TestEnv, WAIT, is_status, is_tool_started, reset_mid_stream_turn, tool_results,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_and_interrupt_frames_on_the_socket_work() {
@@ -258,13 +260,7 @@ async fn the_next_model_request_goes_out_while_the_results_land() {
         Reply::text("done"),
     ]);
     env.send(&chat.id, "wait a moment").await;
-    let mut events = stream
-        .wait_for(
-            |e| matches!(&e.body, EventBody::ToolCall { phase: ToolPhase::Started, name, .. } if name == "execute"),
-            WAIT,
-        )
-        .await
-        .expect("the execute call starts");
+    let mut events = stream.wait_for(is_tool_started("execute"), WAIT).await.expect("the execute call starts");
     let db = sqlite_beside(&env).await;
     let lock = db.begin().await.expect("begin");
     lock.execute_unprepared("DELETE FROM chats WHERE 0").await.expect("take the write lock");

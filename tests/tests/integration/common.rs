@@ -7,7 +7,7 @@ use std::time::Duration;
 use agentplane::server::{ModelLayer, ServerHandle, spawn_with};
 use agentplane_config::Settings;
 use agentplane_schema::api::{Chat, ChatStatus, CreateChat, CreateModel, CreateProvider, ProviderType, SendMessage};
-use agentplane_schema::event::{EventBody, StreamEvent};
+use agentplane_schema::event::{EventBody, StreamEvent, ToolPhase};
 use agentplane_schema::message::{Message, Part};
 use agentplane_tests::{ApiClient, EventStream, NatsServer, ScriptedLlm, TestDatabase};
 
@@ -290,6 +290,11 @@ pub fn retries(events: &[StreamEvent]) -> Vec<(u32, u64, agentplane_schema::api:
 
 pub fn is_status(status: ChatStatus) -> impl FnMut(&StreamEvent) -> bool {
     move |e| matches!(&e.body, EventBody::Status { status: s, .. } if *s == status)
+}
+
+/// Matches the `started` event of a call of the tool `tool`.
+pub fn is_tool_started(tool: &str) -> impl FnMut(&StreamEvent) -> bool + '_ {
+    move |e| matches!(&e.body, EventBody::ToolCall { phase: ToolPhase::Started, name, .. } if name == tool)
 }
 
 /// `(call_id, name, result, is_error)` of every tool result in `messages`.

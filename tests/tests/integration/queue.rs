@@ -2,12 +2,12 @@
 //! delivered at once with `interrupt`; queued messages can be deleted; nothing is lost.
 
 use agentplane_schema::api::{BusyBehavior, Chat, ChatStatus, SendMessage};
-use agentplane_schema::event::{DeltaKind, EventBody, ToolPhase};
+use agentplane_schema::event::{DeltaKind, EventBody};
 use agentplane_schema::message::{Part, Role};
 use agentplane_tests::{EventStream, Reply, ScriptedLlm};
 use serde_json::json;
 
-use crate::common::{Db, TestEnv, WAIT, is_status};
+use crate::common::{Db, TestEnv, WAIT, is_status, is_tool_started};
 
 fn msg(text: &str, busy: BusyBehavior) -> SendMessage {
     SendMessage { content: vec![Part::text(text)], busy_behavior: busy }
@@ -24,13 +24,7 @@ async fn queued_message_is_delivered_at_the_next_step_boundary() {
         Reply::text("handled both"),
     ]);
     env.send(&chat.id, "start working").await;
-    stream
-        .wait_for(
-            |e| matches!(&e.body, EventBody::ToolCall { phase: ToolPhase::Started, name, .. } if name == "execute"),
-            WAIT,
-        )
-        .await
-        .expect("execute starts");
+    stream.wait_for(is_tool_started("execute"), WAIT).await.expect("execute starts");
 
     let outcome = env.admin.send(&chat.id, &msg("also do this", BusyBehavior::Queue)).await.expect("send");
     assert!(outcome.queued);
