@@ -33,6 +33,40 @@ pub fn turn_progress(request: &agentplane_tests::RecordedRequest) -> (Option<Str
     (first, done)
 }
 
+/// The order of one chat's durable events on its stream: each numbered one after the one before,
+/// so a lost, repeated or reordered event shows as the first `seq` that does not follow. Events
+/// without a `seq` (deltas, statuses) are not counted.
+#[derive(Debug, Clone, Default)]
+pub struct SeqOrder {
+    last: Option<i64>,
+    problem: Option<String>,
+}
+
+impl SeqOrder {
+    /// For a stream that replays every event after `after` (`Some(0)`: the whole chat); `None`
+    /// when the first event seen may have any number.
+    pub fn after(after: Option<i64>) -> Self {
+        SeqOrder { last: after, problem: None }
+    }
+
+    /// Notes the next event's `seq`. Only the first problem since [`SeqOrder::take_problem`]
+    /// is kept; counting goes on from the event seen.
+    pub fn see(&mut self, seq: Option<i64>) {
+        let Some(seq) = seq else { return };
+        if let Some(last) = self.last
+            && seq != last + 1
+        {
+            self.problem.get_or_insert_with(|| format!("seq {seq} after {last}"));
+        }
+        self.last = Some(seq);
+    }
+
+    /// The first event out of order since the last call, if any.
+    pub fn take_problem(&mut self) -> Option<String> {
+        self.problem.take()
+    }
+}
+
 /// The scripted LLM as an OpenAI-compatible provider with the default model, on the server
 /// `admin` talks to (what every scenario against a server starts with).
 pub async fn setup_provider(
@@ -290,6 +324,30 @@ pub fn summarize(mut values: Vec<f64>) -> Summary {
 
 #[cfg(test)]
 mod tests {
+    use super::SeqOrder;
+
+    fn problem(after: Option<i64>, seqs: &[Option<i64>]) -> Option<String> {
+        let mut order = SeqOrder::after(after);
+        seqs.iter().for_each(|&seq| order.see(seq));
+        order.take_problem()
+    }
+
+    #[test]
+    fn events_out_of_order_are_found() {
+        assert_eq!(problem(Some(0), &[Some(1), None, Some(2), Some(3), None]), None);
+        assert_eq!(problem(None, &[Some(7), Some(8)]), None);
+        assert_eq!(problem(Some(0), &[Some(2), Some(3)]).as_deref(), Some("seq 2 after 0"), "the first lost");
+        assert_eq!(problem(Some(0), &[Some(1), Some(3)]).as_deref(), Some("seq 3 after 1"), "one lost");
+        assert_eq!(problem(Some(0), &[Some(1), Some(2), Some(2)]).as_deref(), Some("seq 2 after 2"), "repeated");
+        assert_eq!(problem(Some(0), &[Some(2), Some(1)]).as_deref(), Some("seq 2 after 0"), "reordered");
+        // The first problem is kept; once taken, counting goes on from the last event seen.
+        let mut order = SeqOrder::after(Some(0));
+        [1, 3, 5].into_iter().for_each(|seq| order.see(Some(seq)));
+        assert_eq!(order.take_problem().as_deref(), Some("seq 3 after 1"));
+        order.see(Some(6));
+        assert_eq!(order.take_problem(), None);
+    }
+
     #[test]
     fn percentiles_use_nearest_rank() {
         let s = super::summarize((1..=100).map(f64::from).collect());

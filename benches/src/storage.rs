@@ -25,7 +25,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::fleet::{nats_with_auth, server_relay_env};
-use crate::{ADMIN_TOKEN, ServerProcess, create_workspaces, delete_workspaces, machine, setup};
+use crate::{ADMIN_TOKEN, SeqOrder, ServerProcess, create_workspaces, delete_workspaces, machine, setup};
 
 pub const DEFAULT_CHATS: usize = 2;
 pub const DEFAULT_TOOL_STEPS: usize = 1;
@@ -255,7 +255,7 @@ struct ChatRun {
     id: String,
     stream: EventStream,
     turns: usize,
-    last_seq: Option<i64>,
+    order: SeqOrder,
     problems: Vec<String>,
 }
 
@@ -276,7 +276,8 @@ impl ChatRun {
             })
             .await?;
         let stream = EventStream::connect(&server.base_url, &chat.id, ADMIN_TOKEN, Some(0)).await?;
-        let mut run = ChatRun { index, id: chat.id, stream, turns: 1, last_seq: None, problems: Vec::new() };
+        let order = SeqOrder::after(Some(0));
+        let mut run = ChatRun { index, id: chat.id, stream, turns: 1, order, problems: Vec::new() };
         run.wait_idle().await?;
         Ok(run)
     }
@@ -295,28 +296,19 @@ impl ChatRun {
     /// Reads the stream to the end of the turn, noting durable events out of order and a turn
     /// that ended in an error.
     async fn wait_idle(&mut self) -> anyhow::Result<()> {
-        let mut last = self.last_seq;
-        let mut gap = None;
+        let order = &mut self.order;
         let events = self
             .stream
             .wait_for(
                 |e| {
-                    if let Some(seq) = e.seq {
-                        if let Some(before) = last
-                            && seq != before + 1
-                        {
-                            gap.get_or_insert_with(|| format!("seq {seq} after {before}"));
-                        }
-                        last = Some(seq);
-                    }
+                    order.see(e.seq);
                     matches!(&e.body, EventBody::Status { status: ChatStatus::Idle | ChatStatus::Error, .. })
                 },
                 WAIT,
             )
             .await
             .with_context(|| format!("chat {} turn {}", self.index, self.turns))?;
-        self.last_seq = last;
-        if let Some(gap) = gap {
+        if let Some(gap) = self.order.take_problem() {
             self.problems.push(format!("chat {} turn {}: event stream out of order: {gap}", self.index, self.turns));
         }
         if let Some(EventBody::Status { status: ChatStatus::Error, error }) = events.last().map(|e| &e.body) {
@@ -384,7 +376,8 @@ async fn measure(
         chats.push(store.chat_bytes(&run.id).await?);
         let messages = all_messages(admin, &run.id).await?;
         let label = format!("chat {} at {turns} turns", run.index);
-        run.problems.extend(check_history(&messages, run.index, turns, tool_steps).map(|p| format!("{label}: {p}")));
+        let expected = Turns { user_text: &|turn| user_text(run.index, turn), answer: ANSWER_TEXT, tool_steps };
+        run.problems.extend(check_history(&messages, turns, &expected).map(|p| format!("{label}: {p}")));
         run.problems
             .extend(store.check_rows(&run.id, turns, tool_steps).await?.into_iter().map(|p| format!("{label}: {p}")));
     }
@@ -416,10 +409,18 @@ pub async fn all_messages(admin: &ApiClient, chat_id: &str) -> anyhow::Result<Ve
     Ok(all)
 }
 
-/// Whether the history is exactly `turns` turns of chat `index` in order: each the turn's user
-/// message, `tool_steps` × (assistant with one tool call, its result), the answer.
-fn check_history(messages: &[Message], index: usize, turns: usize, tool_steps: usize) -> Option<String> {
-    let per_turn = 2 + 2 * tool_steps;
+/// What each turn of a scenario's chat holds: its user message (by turn, from 1), `tool_steps` ×
+/// (an assistant message with one tool call, its result), and the answer.
+pub struct Turns<'a> {
+    pub user_text: &'a dyn Fn(usize) -> String,
+    pub answer: &'a str,
+    pub tool_steps: usize,
+}
+
+/// Whether the history is exactly `turns` such turns in order, each message once: `None`, or the
+/// first thing wrong (a message lost, repeated or out of place).
+pub fn check_history(messages: &[Message], turns: usize, expected: &Turns<'_>) -> Option<String> {
+    let per_turn = 2 + 2 * expected.tool_steps;
     if messages.len() != turns * per_turn {
         return Some(format!("{} messages, expected {}", messages.len(), turns * per_turn));
     }
@@ -437,8 +438,8 @@ fn check_history(messages: &[Message], index: usize, turns: usize, tool_steps: u
         let calls = m.parts.iter().filter(|p| matches!(p, Part::ToolCall { .. })).count();
         let results = m.parts.iter().filter(|p| matches!(p, Part::ToolResult { is_error: false, .. })).count();
         let expected = match step {
-            0 => m.role == Role::User && m.text() == user_text(index, turn),
-            s if s == per_turn - 1 => m.role == Role::Assistant && calls == 0 && m.text() == ANSWER_TEXT,
+            0 => m.role == Role::User && m.text() == (expected.user_text)(turn),
+            s if s == per_turn - 1 => m.role == Role::Assistant && calls == 0 && m.text() == expected.answer,
             s if s % 2 == 1 => m.role == Role::Assistant && calls == 1,
             _ => m.role == Role::Tool && results == 1,
         };
@@ -798,18 +799,21 @@ mod tests {
 
     #[test]
     fn a_lost_or_repeated_message_is_found() {
-        assert_eq!(check_history(&history(3), 0, 3, 1), None);
+        let user = |turn| user_text(0, turn);
+        let expected = Turns { user_text: &user, answer: ANSWER_TEXT, tool_steps: 1 };
+        let check = |messages: &[Message], turns| check_history(messages, turns, &expected);
+        assert_eq!(check(&history(3), 3), None);
         let mut lost = history(3);
         lost.remove(5);
-        assert!(check_history(&lost, 0, 3, 1).is_some());
+        assert!(check(&lost, 3).is_some());
         // A repeated turn in place of another: the count is right, the turn numbers are not.
         let mut repeated = history(3);
         for (i, m) in repeated.iter_mut().enumerate().skip(4).take(4) {
             m.parts = history(1)[i - 4].parts.clone();
         }
-        assert!(check_history(&repeated, 0, 3, 1).is_some());
+        assert!(check(&repeated, 3).is_some());
         let mut same_id = history(3);
         same_id[7].id = same_id[3].id.clone();
-        assert!(check_history(&same_id, 0, 3, 1).is_some());
+        assert!(check(&same_id, 3).is_some());
     }
 }

@@ -1054,6 +1054,7 @@ async fn steps_scenario(
     database_url: Option<String>,
 ) -> anyhow::Result<(serde_json::Value, Option<String>)> {
     let StepsShape { chats, steps, turns, workspaces, model } = shape;
+    use agentplane_benches::storage::{Turns, check_history};
     use agentplane_schema::event::ToolPhase;
     use agentplane_tests::{RecordedRequest, Reply};
 
@@ -1108,9 +1109,8 @@ async fn steps_scenario(
                 .await?;
             let mut stream = EventStream::connect(&base, &chat.id, ADMIN_TOKEN, Some(0)).await?;
             let mut all = Vec::with_capacity(turns);
-            // Durable events arrive in order with no gap and no repeat.
-            let mut last_seq: Option<i64> = None;
-            let mut seq_problem: Option<String> = None;
+            // Durable events arrive in order with no gap and no repeat, from the chat's first.
+            let mut order = agentplane_benches::SeqOrder::after(Some(0));
             for turn in 0..turns {
                 if turn > 0 {
                     admin
@@ -1125,14 +1125,7 @@ async fn steps_scenario(
                     .wait_for(
                         |e| {
                             let now = Instant::now();
-                            if let Some(seq) = e.seq {
-                                if let Some(last) = last_seq
-                                    && seq != last + 1
-                                {
-                                    seq_problem.get_or_insert_with(|| format!("seq {seq} after {last}"));
-                                }
-                                last_seq = Some(seq);
-                            }
+                            order.see(e.seq);
                             match &e.body {
                                 EventBody::MessageDelta { .. } => {
                                     times.to_first_delta.get_or_insert_with(|| (now - t0).as_secs_f64() * 1000.0);
@@ -1156,7 +1149,7 @@ async fn steps_scenario(
                     .await?;
                 all.push(times);
             }
-            if let Some(problem) = seq_problem {
+            if let Some(problem) = order.take_problem() {
                 bail!("chat {c}: event stream out of order: {problem}");
             }
             anyhow::Ok((format!("chat {c}"), chat.id, all))
@@ -1175,19 +1168,17 @@ async fn steps_scenario(
     }
     let wall = started.elapsed();
     let sides = CpuBySide::read(server.pid(), nats_pid)?.since(&sides_before);
-    // Every turn is in the history exactly once: user, K × (call, result), answer. Read once the
-    // figures are taken: the reads are the generator's check, not part of the load.
+    // Every turn is in the history exactly once and in order: user, K × (call, result), answer.
+    // Read once the figures are taken: the reads are the generator's check, not part of the load.
     for result in &mut results {
         if let Ok((label, chat_id, _)) = result {
-            let expected = turns * (2 + 2 * steps);
+            let first = label.clone();
+            let user = move |turn| if turn == 1 { first.clone() } else { "again".to_string() };
+            let expected = Turns { user_text: &user, answer: "done", tool_steps: steps };
             match agentplane_benches::storage::all_messages(&admin, chat_id).await {
                 Ok(messages) => {
-                    let answers = messages.iter().filter(|m| m.text() == "done").count();
-                    if messages.len() != expected || answers != turns {
-                        *result = Err(anyhow::anyhow!(
-                            "{label}: {} messages ({answers} answers), expected {expected} ({turns} answers)",
-                            messages.len()
-                        ));
+                    if let Some(problem) = check_history(&messages, turns, &expected) {
+                        *result = Err(anyhow::anyhow!("{label}: {problem}"));
                     }
                 }
                 Err(error) => *result = Err(error.context(format!("{label}: reading its history"))),
