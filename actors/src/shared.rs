@@ -33,7 +33,7 @@ pub struct ChatShared {
     /// The commit lock, holding the last durable `seq`.
     last_seq: Arc<Mutex<i64>>,
     /// The results message a [`ChatShared::commit_ahead`] could not store, until the actor drops
-    /// it from its history ([`ChatShared::take_failed_ahead`]); with why.
+    /// it from its history ([`ChatShared::take_failed_ahead`]); with the error that ends the turn.
     failed_ahead: std::sync::Mutex<Option<(String, String)>>,
     /// The last durable `seq` handed to the bus. Ephemeral events are stamped with it under this
     /// lock, so each one comes after the durable event it names and before the next one.
@@ -140,20 +140,20 @@ impl ChatShared {
                 tracing::warn!(chat = %shared.chat_id, %error, "the tool results could not be stored");
                 // Set before the lock is released: whoever takes it next sees the failure.
                 *shared.failed_ahead.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                    Some((message_id, error.to_string()));
+                    Some((message_id, format!("the tool results could not be stored: {error}")));
             }
         });
     }
 
-    /// Waits until the commits before this call have landed; why the last
-    /// [`ChatShared::commit_ahead`] failed, if it did and the actor has not dropped its message yet.
+    /// Waits until the commits before this call have landed; the error that ends the turn if the
+    /// last [`ChatShared::commit_ahead`] failed and the actor has not dropped its message yet.
     pub async fn settle(&self) -> Option<String> {
         drop(self.last_seq.lock().await);
         self.failed_ahead.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(|(_, why)| why.clone())
     }
 
-    /// The id of the results message a failed [`ChatShared::commit_ahead`] did not store and
-    /// why, once: the actor drops it from its history and ends the turn.
+    /// The id of the results message a failed [`ChatShared::commit_ahead`] did not store and the
+    /// error that ends the turn, once: the actor drops the message from its history.
     pub fn take_failed_ahead(&self) -> Option<(String, String)> {
         self.failed_ahead.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }

@@ -436,11 +436,10 @@ async fn run_and_record(
     // wait for it (see `ChatShared::commit_ahead`). A stop before it lands leaves these calls
     // without stored results, which recovery marks "outcome unknown", as it did when the stop
     // came while the step waited for the same commit.
-    let next_step_follows =
-        results.as_ref().is_some_and(|r| !r.interrupted) && !ctx.cancel.is_cancelled() && !ctx.shared.queue_waiting();
-    match &results {
-        Some(results) if next_step_follows => ctx.shared.commit_ahead(results.id.clone(), ops, events).await,
-        _ => ctx.shared.commit(ops, events).await?,
+    let next_step_follows = !ctx.cancel.is_cancelled() && !ctx.shared.queue_waiting();
+    match results.as_ref().filter(|r| next_step_follows && !r.interrupted) {
+        Some(results) => ctx.shared.commit_ahead(results.id.clone(), ops, events).await,
+        None => ctx.shared.commit(ops, events).await?,
     }
     match results {
         Some(results) => *finishing.results.lock().unwrap_or_else(|p| p.into_inner()) = Some(results),
@@ -514,8 +513,8 @@ async fn stream_once(input: &StepInput, request: &ModelRequest, draft: &mut Draf
     };
     // The previous step's results may still be landing (`ChatShared::commit_ahead`): nothing of
     // this answer goes out before them, and nothing of it at all if they could not be stored.
-    if let Some(why) = input.shared.settle().await {
-        return Err(ModelError::new(ChatErrorKind::Internal, format!("the tool results could not be stored: {why}")));
+    if let Some(error) = input.shared.settle().await {
+        return Err(ModelError::new(ChatErrorKind::Internal, error));
     }
     // Pieces that arrive together reach watchers as one delta: one event to publish, serialise
     // and send instead of one per piece. Nothing waits for more than what has arrived.

@@ -859,9 +859,9 @@ impl Handler<StepDone> for ChatActor {
 /// from the history, which then ends as the database does, and returns the error that ends the
 /// turn.
 fn unstored_results(live: &mut Live) -> Option<ChatError> {
-    let (id, why) = live.shared.take_failed_ahead()?;
+    let (id, message) = live.shared.take_failed_ahead()?;
     Arc::make_mut(&mut live.history).retain(|m| m.id != id);
-    Some(ChatError { kind: ChatErrorKind::Internal, message: format!("the tool results could not be stored: {why}") })
+    Some(ChatError { kind: ChatErrorKind::Internal, message })
 }
 
 impl ChatActor {
