@@ -11,7 +11,8 @@ use agentplane_tests::{Reply, ScriptedCall, ScriptedLlm};
 use serde_json::json;
 
 use crate::common::{
-    Db, ProviderSetup, TestEnv, WAIT, is_status, is_tool_started, reset_mid_stream_turn, tool_results,
+    Db, ProviderSetup, TestEnv, WAIT, assert_seqs_follow, is_status, is_tool_started, reset_mid_stream_turn,
+    tool_results,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,17 +234,6 @@ async fn an_idle_chat_keeps_its_last_prompt_for_a_while_then_lets_it_go() {
     assert_eq!(prompt_kept_across(50, Duration::from_millis(400)).await, [false, false]);
 }
 
-/// The server's SQLite database, opened beside it (a second connection, as another process's).
-async fn sqlite_beside(env: &TestEnv) -> sea_orm::DatabaseConnection {
-    sea_orm::Database::connect(env.settings.database_url()).await.expect("open the database")
-}
-
-/// Every durable event of `events` follows the one before it without a gap.
-fn assert_seqs_follow(events: &[agentplane_schema::event::StreamEvent]) {
-    let seqs: Vec<i64> = events.iter().filter_map(|e| e.seq).collect();
-    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "durable seqs with a gap or repeat: {seqs:?}");
-}
-
 /// A step's results land while the next model request is already out. Another connection holds
 /// SQLite's write lock while a tool runs, so the results cannot be stored until it lets go: the
 /// next request still reaches the model meanwhile, nothing of its answer reaches watchers before
@@ -261,7 +251,7 @@ async fn the_next_model_request_goes_out_while_the_results_land() {
     ]);
     env.send(&chat.id, "wait a moment").await;
     let mut events = stream.wait_for(is_tool_started("execute"), WAIT).await.expect("the execute call starts");
-    let db = sqlite_beside(&env).await;
+    let db = env.database_beside().await;
     let lock = db.begin().await.expect("begin");
     lock.execute_unprepared("DELETE FROM chats WHERE 0").await.expect("take the write lock");
 
@@ -308,7 +298,7 @@ async fn results_that_cannot_be_stored_end_the_turn_and_the_chat_goes_on() {
     use sea_orm::ConnectionTrait;
     let env = TestEnv::start().await;
     let (chat, mut stream) = env.idle_chat("ready").await;
-    let db = sqlite_beside(&env).await;
+    let db = env.database_beside().await;
     db.execute_unprepared(
         "CREATE TRIGGER no_tool_results BEFORE INSERT ON messages WHEN NEW.role = 'tool' \
          BEGIN SELECT RAISE(ABORT, 'injected: no tool results'); END",

@@ -7,7 +7,7 @@ use agentplane_schema::message::{Part, Role};
 use agentplane_tests::Reply;
 use serde_json::json;
 
-use crate::common::{Db, TestEnv, WAIT, is_status, tool_results};
+use crate::common::{Db, TestEnv, WAIT, assert_seqs_follow, is_status, tool_results};
 
 pub async fn conversation_does_real_work(env: &TestEnv) {
     let (chat, mut stream) = env.idle_chat("Hi! What should I build?").await;
@@ -93,8 +93,7 @@ pub async fn conversation_does_real_work(env: &TestEnv) {
         .collect();
     assert!(deltas.ends_with("The file now says hello agentplane."), "deltas: {deltas}");
     // Durable events arrive with strictly increasing seq.
-    let seqs: Vec<i64> = events.iter().filter_map(|e| e.seq).collect();
-    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    assert_seqs_follow(&events);
     // Each ephemeral event names the durable event it follows.
     let (mut last_seq, mut stamped) = (None, 0);
     for event in &events {

@@ -250,6 +250,14 @@ impl TestEnv {
             .expect("send");
     }
 
+    /// The server's database, opened beside it: the test's own connection, as another
+    /// process's would be (to hold SQLite's write lock, or to change the schema under it).
+    pub async fn database_beside(&self) -> sea_orm::DatabaseConnection {
+        let mut options = sea_orm::ConnectOptions::new(self.settings.database_url());
+        options.max_connections(1).sqlx_logging(false);
+        sea_orm::Database::connect(options).await.expect("the test's connection to the server's database")
+    }
+
     pub async fn messages(&self, chat_id: &str) -> Vec<Message> {
         self.admin.messages(chat_id).await.expect("messages").messages
     }
@@ -295,6 +303,12 @@ pub fn is_status(status: ChatStatus) -> impl FnMut(&StreamEvent) -> bool {
 /// Matches the `started` event of a call of the tool `tool`.
 pub fn is_tool_started(tool: &str) -> impl FnMut(&StreamEvent) -> bool + '_ {
     move |e| matches!(&e.body, EventBody::ToolCall { phase: ToolPhase::Started, name, .. } if name == tool)
+}
+
+/// Every durable event of `events` follows the one before it: no gap, no repeat.
+pub fn assert_seqs_follow(events: &[StreamEvent]) {
+    let seqs: Vec<i64> = events.iter().filter_map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "durable seqs with a gap or repeat: {seqs:?}");
 }
 
 /// `(call_id, name, result, is_error)` of every tool result in `messages`.

@@ -101,10 +101,7 @@ async fn a_message_queued_after_the_answers_commit_ended_the_turn_starts_it_agai
     const SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
     let (env, chat, mut stream, mut arrived, release) = chat_with_held_answer().await;
     // The test's own connection to the server's database file, to hold the write lock.
-    let file = env.data_dir.path().join("agentplane.sqlite");
-    let mut options = sea_orm::ConnectOptions::new(format!("sqlite://{}?mode=rw", file.display()));
-    options.max_connections(1).sqlx_logging(false);
-    let locker = sea_orm::Database::connect(options).await.expect("the test's connection");
+    let locker = env.database_beside().await;
     let texts = |events: &[agentplane_schema::event::StreamEvent]| -> Vec<String> {
         events
             .iter()
